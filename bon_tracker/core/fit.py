@@ -1,0 +1,173 @@
+"""Overoptimization fits of Gao, Schulman & Hilton 2022 (arXiv 2210.10760).
+
+With d = sqrt(KL) and scores taken relative to the starting policy (n = 1):
+
+* best-of-n:      R(d) = d (alpha - beta d),      peak at d* = alpha / (2 beta)
+* RL checkpoints: R(d) = d (alpha - beta log d),  peak at d* = exp(alpha / beta - 1)
+
+Both forms are linear in (alpha, beta), so ordinary least squares solves them exactly.
+The fitted peak of the true score is the "Goodhart point": past that much
+optimisation, more proxy optimisation lowers the true reward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from bon_tracker.core.curve import BonCurve
+from bon_tracker.core.kl import kl_bon
+
+
+@dataclass(frozen=True)
+class FunctionalFit:
+    """One least-squares fit ``R(d) = d (alpha - beta g(d))``."""
+
+    form: str  # "bon": g(d) = d; "rl": g(d) = log d
+    alpha: float
+    beta: float
+    r2: float  # coefficient of determination (1 - SSE / SST about the mean)
+    rmse: float
+    n_points: int
+
+    @property
+    def has_peak(self) -> bool:
+        """True when the fitted curve rises then falls (alpha > 0 and beta > 0)."""
+        return self.alpha > 0 and self.beta > 0
+
+    @property
+    def peak_d(self) -> float:
+        """sqrt(KL) at the fitted maximum; NaN without a peak."""
+        if not self.has_peak:
+            return math.nan
+        return self.alpha / (2 * self.beta) if self.form == "bon" else math.exp(self.alpha / self.beta - 1)
+
+    @property
+    def peak_kl(self) -> float:
+        return self.peak_d**2
+
+    @property
+    def peak_gain(self) -> float:
+        """Fitted score gain over the start at the peak."""
+        return float(self.predict(self.peak_d)) if self.has_peak else math.nan
+
+    def predict(self, d: object) -> np.ndarray | float:
+        d_arr = np.asarray(d, dtype=np.float64)
+        shape = d_arr if self.form == "bon" else np.log(np.where(d_arr > 0, d_arr, 1.0))
+        out = d_arr * (self.alpha - self.beta * shape)
+        return float(out) if out.ndim == 0 else out
+
+
+@dataclass(frozen=True)
+class OveroptimizationFit:
+    """Fits of a best-of-n curve's true and proxy scores, and the Goodhart point."""
+
+    true: FunctionalFit
+    proxy: FunctionalFit
+    baseline_true: float  # true score at n = 1 (scores are relative to it)
+    baseline_proxy: float
+    goodhart_kl: float  # KL at the true-score peak, NaN if the fit has no peak
+    goodhart_n: float  # the n with that KL (interpolated on the curve's own KL), NaN if none
+    peak_within_range: bool  # the peak lies inside the measured KL range (not an extrapolation)
+
+    @property
+    def has_goodhart_point(self) -> bool:
+        return self.true.has_peak and math.isfinite(self.goodhart_n)
+
+
+def _least_squares(d: np.ndarray, y: np.ndarray, form: str) -> FunctionalFit:
+    if form == "bon":
+        design = np.column_stack([d, -(d**2)])
+    else:
+        design = np.column_stack([d, -d * np.log(np.where(d > 0, d, 1.0))])
+    keep = np.isfinite(y) & np.isfinite(d)
+    design, y, d = design[keep], y[keep], d[keep]
+    if np.count_nonzero(d > 0) < 2:
+        raise ValueError(
+            f"need at least two points with KL > 0 to fit the {form} form, got {int(np.count_nonzero(d > 0))}"
+        )
+    (alpha, beta), *_ = np.linalg.lstsq(design, y, rcond=None)
+    residual = y - design @ np.array([alpha, beta])
+    sse = float(residual @ residual)
+    sst = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else math.nan)
+    return FunctionalFit(form, float(alpha), float(beta), r2, math.sqrt(sse / len(y)), int(len(y)))
+
+
+def _n_at_kl(curve: BonCurve, kl_target: float) -> float:
+    """The (real-valued) n whose KL equals kl_target: log-linear interpolation on the
+    curve's own (KL, n) pairs; beyond them, the continuous formula inverted when the
+    proxy is tie-free (its KL grows without bound), else NaN."""
+    kl, n = np.asarray(curve.kl, dtype=np.float64), np.asarray(curve.n, dtype=np.float64)
+    order = np.argsort(kl)
+    kl, n = kl[order], n[order]
+    if kl[0] <= kl_target <= kl[-1]:
+        return float(np.exp(np.interp(kl_target, kl, np.log(n))))
+    if curve.has_ties or kl_target < 0:
+        return math.nan
+    low, high = 1.0, 2.0
+    while kl_bon(high) < kl_target:  # kl_bon is increasing in n
+        low, high = high, high * 2
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if kl_bon(mid) < kl_target else (low, mid)
+    return 0.5 * (low + high)
+
+
+def fit_overoptimization(curve: BonCurve) -> OveroptimizationFit:
+    """Fit Gao et al. 2022's best-of-n form ``R(d) = d (alpha - beta d)`` to a curve.
+
+    ``d = sqrt(KL)`` (the curve's ``kl``), and R is the score minus its value at
+    n = 1, for the true and for the proxy score. The Goodhart point is the peak of
+    the true-score fit: ``d* = alpha / (2 beta)``, its KL ``d*^2`` and the n with
+    that KL.
+
+    Example:
+        >>> from bon_tracker.core.curve import BonCurve
+        >>> d = np.sqrt(kl_bon(np.array([1, 2, 4, 8, 16])))
+        >>> curve = BonCurve(n=np.array([1, 2, 4, 8, 16]), kl=d**2, kl_bound=d**2,
+        ...     true_mean=d * (1.0 - 0.5 * d), true_se=np.zeros(5), proxy_mean=d,
+        ...     proxy_se=np.zeros(5), n_prompts=np.full(5, 10), N=16, has_ties=False)
+        >>> fit = fit_overoptimization(curve)
+        >>> round(fit.true.alpha, 6), round(fit.true.beta, 6), round(fit.goodhart_kl, 6)
+        (1.0, 0.5, 1.0)
+    """
+    if not isinstance(curve, BonCurve):
+        raise TypeError(f"fit_overoptimization expects a BonCurve, got {type(curve).__name__}")
+    at_one = np.flatnonzero(np.asarray(curve.n) == 1)
+    if at_one.size == 0:
+        raise ValueError("the curve's n grid must include n = 1 (scores are fitted relative to it)")
+    d = np.sqrt(np.asarray(curve.kl, dtype=np.float64))
+    base_true = float(curve.true_mean[at_one[0]])
+    base_proxy = float(curve.proxy_mean[at_one[0]])
+    true_fit = _least_squares(d, np.asarray(curve.true_mean) - base_true, "bon")
+    proxy_fit = _least_squares(d, np.asarray(curve.proxy_mean) - base_proxy, "bon")
+    goodhart_kl = true_fit.peak_kl
+    goodhart_n = _n_at_kl(curve, goodhart_kl) if true_fit.has_peak else math.nan
+    within = bool(true_fit.has_peak and goodhart_kl <= float(np.nanmax(curve.kl)))
+    return OveroptimizationFit(true_fit, proxy_fit, base_true, base_proxy, goodhart_kl, goodhart_n, within)
+
+
+def fit_rl_overoptimization(kl: object, score: object, baseline: float = 0.0) -> FunctionalFit:
+    """Fit Gao et al. 2022's RL form ``R(d) = d (alpha - beta log d)`` to checkpoints.
+
+    Args:
+        kl: KL(policy || initial policy) of each checkpoint, nats (>= 0).
+        score: the checkpoints' mean score.
+        baseline: the initial policy's score; the fit is to ``score - baseline``.
+
+    Example:
+        >>> d = np.array([0.5, 1.0, 2.0, 3.0])
+        >>> fit = fit_rl_overoptimization(d**2, d * (2.0 - 1.0 * np.log(d)))
+        >>> round(fit.alpha, 6), round(fit.beta, 6), round(fit.peak_d, 6)
+        (2.0, 1.0, 2.718282)
+    """
+    kl_arr = np.asarray(kl, dtype=np.float64).ravel()
+    score_arr = np.asarray(score, dtype=np.float64).ravel()
+    if kl_arr.shape != score_arr.shape:
+        raise ValueError(f"kl and score must have the same length, got {kl_arr.shape} and {score_arr.shape}")
+    if np.any(kl_arr < 0):
+        raise ValueError(f"kl must be >= 0, got {kl_arr[kl_arr < 0].tolist()}")
+    return _least_squares(np.sqrt(kl_arr), score_arr - float(baseline), "rl")

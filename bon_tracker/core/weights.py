@@ -1,0 +1,87 @@
+"""Weights of the unbiased all-subsets best-of-n estimator.
+
+For N samples sorted by proxy ascending (rank k = 1 is the worst), the probability
+that rank k is the best of a uniformly random n-subset is
+
+.. math:: w_k(n) = \\binom{k-1}{n-1} \\Big/ \\binom{N}{n}
+
+The binomials themselves overflow a float near N = 1030, so they are never formed:
+the weights are built from the top down with the ratio
+``w_{k-1} = w_k (k-n)/(k-1)`` starting at ``w_N = n/N`` (a cumulative product of
+exact ratios of small integers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Below exp(-737) (about 1e-320) a weight is subnormal: its contribution to any
+# weighted mean is below float64 resolution, so it is stored as exactly zero.
+_LOG_NEGLIGIBLE = -737.0
+
+
+def _lowest_nonzero_rank(N: int, n: int) -> int:
+    """Smallest rank whose weight can exceed ``exp(_LOG_NEGLIGIBLE)``.
+
+    Uses the bound w_k <= (n/N) ((k-1)/(N-1))^(n-1), so no weight at or above the
+    returned rank is wrongly dropped; ranks below n have weight exactly zero.
+    """
+    if n <= 1:
+        return 1
+    log_ratio = (_LOG_NEGLIGIBLE - math.log(n / N)) / (n - 1)
+    k_cut = 1 + math.floor((N - 1) * math.exp(log_ratio))
+    return max(n, k_cut)
+
+
+def bon_weight_tail(N: int, n: int) -> tuple[int, np.ndarray]:
+    """Non-negligible weights only: ``(k0, w)`` with ``w[i]`` the weight of rank ``k0 + i``.
+
+    Ranks below ``k0`` have weight zero (below 1e-320). For large n this is a short
+    tail, which keeps one prompt with N = 10^6 samples cheap.
+    """
+    k0 = _lowest_nonzero_rank(N, n)
+    ranks_desc = np.arange(N, k0, -1, dtype=np.float64)  # N, N-1, ..., k0+1
+    ratios = (ranks_desc - n) / (ranks_desc - 1.0)  # w_{j-1} / w_j for j = ranks_desc
+    weights_desc = np.empty(N - k0 + 1, dtype=np.float64)
+    weights_desc[0] = n / N
+    np.cumprod(ratios, out=weights_desc[1:])
+    weights_desc[1:] *= n / N
+    return k0, weights_desc[::-1].copy()
+
+
+def bon_weights(N: int, n: int) -> np.ndarray:
+    """Weights of the all-subsets best-of-n estimator, by proxy rank ascending.
+
+    .. math:: w_k(n) = \\binom{k-1}{n-1} / \\binom{N}{n}, \\quad k = 1, \\dots, N
+
+    ``w[k-1]`` is the probability that the sample of proxy rank k (1 = lowest) is the
+    best of a uniformly random n-subset of the N samples. The weights sum to 1,
+    ``w[N-1] = n/N`` and ``w[k-1] = 0`` for ``k < n``. They are computed without
+    forming binomials, so they stay finite and exact to rounding for N = 10^6;
+    weights below 1e-320 are stored as zero.
+
+    Args:
+        N: number of samples (>= 1).
+        n: best-of-n size, ``1 <= n <= N``.
+
+    Returns:
+        Array of shape ``(N,)``.
+
+    Example:
+        >>> bon_weights(4, 2)
+        array([0.        , 0.16666667, 0.33333333, 0.5       ])
+    """
+    for name, value in (("N", N), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    N, n = int(N), int(n)
+    if N < 1:
+        raise ValueError(f"N must be >= 1, got {N}")
+    if not 1 <= n <= N:
+        raise ValueError(f"n must satisfy 1 <= n <= N = {N}, got n = {n}")
+    k0, tail = bon_weight_tail(N, n)
+    weights = np.zeros(N, dtype=np.float64)
+    weights[k0 - 1 :] = tail
+    return weights
