@@ -1,0 +1,170 @@
+"""Charts that a reader takes in at a glance (matplotlib, rendered off-screen).
+
+Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so no
+global state or display is touched; backends save it as PNG (local, MLflow) or
+log it as an image. matplotlib is an optional dependency: ``pip install 'bon-tracker[charts]'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bon_tracker.core import fit_rl_overoptimization
+from bon_tracker.optional import require
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from bon_tracker.record import EvalRecord
+
+TRUE_COLOR = "#1f77b4"
+PROXY_COLOR = "#d62728"
+GOODHART_COLOR = "#2ca02c"
+
+
+def _figure(width: float = 7.5, height: float = 4.8) -> Figure:
+    require("matplotlib", "charts")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _x(kl: np.ndarray, sqrt_kl: bool) -> np.ndarray:
+    return np.sqrt(kl) if sqrt_kl else kl
+
+
+def _kl_label(sqrt_kl: bool) -> str:
+    return "√KL(best-of-n ‖ base)  [√nats]" if sqrt_kl else "KL(best-of-n ‖ base)  [nats]"
+
+
+def curve_chart(record: EvalRecord, *, sqrt_kl: bool = False, title: str | None = None) -> Figure:
+    """True and proxy score against KL for one eval step: ±1 SE bands, the fitted
+    Gao et al. curves, the Goodhart point, and n marked on the top axis."""
+    c = record.curve
+    fig = _figure()
+    ax = fig.add_subplot()
+    x = _x(c.kl, sqrt_kl)
+    for mean, se, color, label in (
+        (c.true_mean, c.true_se, TRUE_COLOR, "true reward"),
+        (c.proxy_mean, c.proxy_se, PROXY_COLOR, "proxy reward"),
+    ):
+        ax.plot(x, mean, "o-", color=color, label=label, markersize=4)
+        if np.isfinite(se).any():
+            ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.18, linewidth=0)
+    g = record.goodhart
+    if g is not None:
+        d = np.linspace(0.0, max(float(np.sqrt(c.kl.max())), np.sqrt(g.kl)) * 1.05, 200)
+        base = float(c.true_mean[list(c.n).index(1)])
+        ax.plot(_x(d**2, sqrt_kl), base + d * (g.true_alpha - g.true_beta * d), "--", color=TRUE_COLOR,
+                alpha=0.7, label=f"true fit  d(α−βd), R²={g.true_r2:.2f}")
+        peak_x = _x(np.array([g.kl]), sqrt_kl)[0]
+        ax.axvline(peak_x, color=GOODHART_COLOR, linestyle=":", linewidth=1.5)
+        ax.plot([peak_x], [base + g.peak_gain], "*", color=GOODHART_COLOR, markersize=14,
+                label=f"Goodhart point: n≈{g.n:.3g}, KL={g.kl:.2f}" + ("" if g.within_range else " (extrapolated)"))
+    ax.set_xlabel(_kl_label(sqrt_kl))
+    ax.set_ylabel("expected reward of best-of-n")
+    ax.set_title(title or f"Best-of-n at step {record.step}  ({int(c.n_prompts[0])} prompts, N={c.N})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(x, [str(int(n)) for n in c.n], fontsize=7)
+    top.set_xlabel("n (samples per best-of-n draw)")
+    return fig
+
+
+def _evenly_spaced(items: Sequence, limit: int) -> list:
+    """At most ``limit`` items, evenly spaced, always keeping the first and last."""
+    if len(items) <= limit:
+        return list(items)
+    picks = np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))
+    return [items[i] for i in picks]
+
+
+def overlay_chart(records: Sequence[EvalRecord], *, sqrt_kl: bool = False, max_curves: int = 20) -> Figure:
+    """Best-of-n curves of every eval step on one chart, coloured by training step
+    (true solid, proxy dashed); at most ``max_curves`` steps, evenly spaced."""
+    import matplotlib as mpl
+
+    shown = _evenly_spaced(list(records), max_curves)
+    fig = _figure()
+    ax = fig.add_subplot()
+    steps = [r.step for r in shown]
+    norm = mpl.colors.Normalize(vmin=min(steps), vmax=max(steps) if max(steps) > min(steps) else min(steps) + 1)
+    cmap = mpl.colormaps["viridis"]
+    for r in shown:
+        x = _x(r.curve.kl, sqrt_kl)
+        ax.plot(x, r.curve.true_mean, "-", color=cmap(norm(r.step)), linewidth=1.6)
+        ax.plot(x, r.curve.proxy_mean, "--", color=cmap(norm(r.step)), linewidth=1.0, alpha=0.8)
+    ax.plot([], [], "-", color="grey", label="true reward")
+    ax.plot([], [], "--", color="grey", label="proxy reward")
+    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="training step")
+    ax.set_xlabel(_kl_label(sqrt_kl))
+    ax.set_ylabel("expected reward of best-of-n")
+    ax.set_title(f"Best-of-n curves over training ({len(shown)} of {len(records)} eval steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def trend_chart(records: Sequence[EvalRecord], ns: Sequence[int] | None = None) -> Figure:
+    """True@n and proxy@n against training step (top) and the Goodhart point's n (bottom)."""
+    fig = _figure(7.5, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    steps = np.array([r.step for r in records])
+    grid = records[-1].curve.n.tolist()
+    ns = list(ns) if ns is not None else sorted({1, grid[len(grid) // 2], grid[-1]})
+    shades = np.linspace(0.35, 1.0, len(ns))
+    for n, shade in zip(ns, shades):
+        true = [r.curve.true_mean[r.curve.n.tolist().index(n)] if n in r.curve.n.tolist() else np.nan for r in records]
+        proxy = [r.curve.proxy_mean[r.curve.n.tolist().index(n)] if n in r.curve.n.tolist() else np.nan
+                 for r in records]
+        top.plot(steps, true, "o-", color=TRUE_COLOR, alpha=shade, markersize=3, label=f"true @ n={n}")
+        top.plot(steps, proxy, "s--", color=PROXY_COLOR, alpha=shade, markersize=3, label=f"proxy @ n={n}")
+    top.set_ylabel("expected reward")
+    top.set_title("Best-of-n reward over training")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=7, ncol=2, loc="best")
+    goodhart_n = [r.goodhart.n if r.goodhart is not None else np.nan for r in records]
+    bottom.plot(steps, goodhart_n, "*-", color=GOODHART_COLOR, markersize=7)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("Goodhart point n*")
+    bottom.set_xlabel("training step")
+    bottom.grid(alpha=0.3)
+    if np.all(np.isnan(goodhart_n)):
+        bottom.text(0.5, 0.5, "no peak fitted yet (true reward still rising with n)", ha="center", va="center",
+                    transform=bottom.transAxes, fontsize=8, color="grey")
+    return fig
+
+
+def rl_chart(records: Sequence[EvalRecord], *, sqrt_kl: bool = True) -> Figure:
+    """Gao et al. 2022's view: the RL policy's true score against its KL over training,
+    beside the best-of-n curve of the initial policy, with the RL-form fit."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    first = records[0].curve
+    ax.plot(_x(first.kl, sqrt_kl), first.true_mean, "o-", color=TRUE_COLOR, markersize=4,
+            label=f"best-of-n of the policy at step {records[0].step} (true)")
+    points = [(r.step, r.policy) for r in records if r.policy is not None]
+    if points:
+        kl = np.array([p.kl for _, p in points])
+        true = np.array([p.true_mean for _, p in points])
+        ax.plot(_x(kl, sqrt_kl), true, "D-", color="#9467bd", markersize=4, label="RL policy over training (true)")
+        base = float(first.true_mean[first.n.tolist().index(1)]) if 1 in first.n.tolist() else float(true[0])
+        if np.count_nonzero(kl > 0) >= 2:
+            fit = fit_rl_overoptimization(kl, true, baseline=base)
+            d = np.linspace(1e-6, np.sqrt(kl.max()) * 1.05, 200)
+            ax.plot(_x(d**2, sqrt_kl), base + fit.predict(d), ":", color="#9467bd",
+                    label=f"RL fit  d(α−β log d), R²={fit.r2:.2f}")
+    ax.set_xlabel(_kl_label(sqrt_kl).replace("best-of-n", "policy"))
+    ax.set_ylabel("true reward")
+    ax.set_title("RL vs best-of-n: true reward against KL")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def save_png(fig: Figure, path) -> None:
+    fig.savefig(path, format="png")

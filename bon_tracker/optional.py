@@ -1,0 +1,20 @@
+"""The one place optional dependencies are imported, with an error naming the extra."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+class MissingDependencyError(ImportError):
+    """An optional dependency is not installed."""
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import ``module`` or raise an error that tells how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"{module} is needed for this feature but is not installed: pip install 'bon-tracker[{extra}]'"
+        ) from err

@@ -1,0 +1,155 @@
+"""What one eval step produces: the record every backend writes, and its metric names.
+
+A record is plain data (JSON round-trips exactly), so the same record can be
+written by any backend, spooled to disk when a service is down and replayed later.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bon_tracker.core import BonCurve, OveroptimizationFit, fit_overoptimization
+
+TABLE_NAME = "bon_curves"
+TABLE_COLUMNS = (
+    "step",
+    "n",
+    "kl",
+    "kl_bound",
+    "true_mean",
+    "true_se",
+    "proxy_mean",
+    "proxy_se",
+    "gap",
+    "n_prompts",
+)
+
+
+@dataclass(frozen=True)
+class GoodhartPoint:
+    """Summary of the fitted best-of-n overoptimization curve at one step."""
+
+    n: float  # the n at the fitted true-score peak
+    kl: float  # its KL, nats
+    peak_gain: float  # fitted true-score gain over n = 1 at the peak
+    within_range: bool  # the peak lies inside the measured KL range
+    true_alpha: float
+    true_beta: float
+    true_r2: float
+
+    @classmethod
+    def from_fit(cls, fit: OveroptimizationFit) -> GoodhartPoint | None:
+        if not fit.has_goodhart_point:
+            return None
+        return cls(
+            n=fit.goodhart_n,
+            kl=fit.goodhart_kl,
+            peak_gain=fit.true.peak_gain,
+            within_range=fit.peak_within_range,
+            true_alpha=fit.true.alpha,
+            true_beta=fit.true.beta,
+            true_r2=fit.true.r2,
+        )
+
+
+@dataclass(frozen=True)
+class PolicyPoint:
+    """The trained policy itself at an eval step: its KL to the reference policy and
+    its own mean scores (n = 1). Points over training give Gao et al.'s RL curve."""
+
+    kl: float
+    true_mean: float
+    proxy_mean: float
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """Everything logged for one eval step."""
+
+    step: int
+    curve: BonCurve
+    goodhart: GoodhartPoint | None = None
+    policy: PolicyPoint | None = None
+    context: dict[str, Any] = field(default_factory=dict)  # user extras: scalars only
+    key_prefix: str = "bon"
+    timestamp: float = field(default_factory=time.time)
+
+    @classmethod
+    def build(
+        cls,
+        step: int,
+        curve: BonCurve,
+        *,
+        policy_kl: float | None = None,
+        context: dict[str, Any] | None = None,
+        key_prefix: str = "bon",
+    ) -> EvalRecord:
+        goodhart = None
+        if len(curve.n) >= 3 and 1 in curve.n.tolist():
+            try:
+                goodhart = GoodhartPoint.from_fit(fit_overoptimization(curve))
+            except ValueError:  # too few points with KL > 0 to fit
+                goodhart = None
+        policy = None
+        if policy_kl is not None:
+            at_one = curve.n.tolist().index(1) if 1 in curve.n.tolist() else None
+            if at_one is not None:
+                policy = PolicyPoint(
+                    float(policy_kl), float(curve.true_mean[at_one]), float(curve.proxy_mean[at_one])
+                )
+        return cls(step=int(step), curve=curve, goodhart=goodhart, policy=policy, context=dict(context or {}),
+                   key_prefix=key_prefix)
+
+    # ---- what appears in the tracking UI -------------------------------------------
+    def scalars(self) -> dict[str, float]:
+        """Scalars at this step: ``{prefix}/true/n{n}``, ``{prefix}/proxy/n{n}``,
+        ``{prefix}/gap/n{n}``, ``{prefix}/kl/n{n}``, the Goodhart point and policy point."""
+        pre, c = self.key_prefix, self.curve
+        out: dict[str, float] = {}
+        for i, n in enumerate(c.n.tolist()):
+            out[f"{pre}/true/n{n}"] = float(c.true_mean[i])
+            out[f"{pre}/proxy/n{n}"] = float(c.proxy_mean[i])
+            out[f"{pre}/gap/n{n}"] = float(c.proxy_mean[i] - c.true_mean[i])
+            out[f"{pre}/kl/n{n}"] = float(c.kl[i])
+        if self.goodhart is not None:
+            out[f"{pre}/goodhart/n"] = float(self.goodhart.n)
+            out[f"{pre}/goodhart/kl"] = float(self.goodhart.kl)
+        if self.policy is not None:
+            out[f"{pre}/policy/kl"] = self.policy.kl
+            out[f"{pre}/policy/true"] = self.policy.true_mean
+            out[f"{pre}/policy/proxy"] = self.policy.proxy_mean
+        for key, value in self.context.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[f"{pre}/context/{key}"] = float(value)
+        return out
+
+    def table_rows(self) -> list[dict[str, float | int]]:
+        """Rows of the ``bon_curves`` table for this step (columns ``TABLE_COLUMNS``)."""
+        return [{"step": self.step, **row, "gap": row["proxy_mean"] - row["true_mean"]} for row in self.curve.rows()]
+
+    # ---- spooling --------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "curve": self.curve.to_dict(),
+            "goodhart": None if self.goodhart is None else vars(self.goodhart),
+            "policy": None if self.policy is None else vars(self.policy),
+            "context": self.context,
+            "key_prefix": self.key_prefix,
+            "timestamp": self.timestamp,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvalRecord:
+        return cls(
+            step=int(data["step"]),
+            curve=BonCurve.from_dict(data["curve"]),
+            goodhart=None if data.get("goodhart") is None else GoodhartPoint(**data["goodhart"]),
+            policy=None if data.get("policy") is None else PolicyPoint(**data["policy"]),
+            context=dict(data.get("context") or {}),
+            key_prefix=data.get("key_prefix", "bon"),
+            timestamp=float(data.get("timestamp", 0.0)),
+        )

@@ -1,0 +1,49 @@
+"""Test-wide setup: every tracking service offline and inside a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+# Set before any test imports wandb/mlflow/transformers, so nothing reaches the network
+# or the user's home folder. A session-wide temporary folder holds W&B's state.
+_SESSION_DIR = tempfile.mkdtemp(prefix="bon_tracker_tests_")
+for _key, _value in {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "WANDB_DISABLE_GIT": "true",
+    "WANDB_DIR": os.path.join(_SESSION_DIR, "wandb"),
+    "WANDB_CACHE_DIR": os.path.join(_SESSION_DIR, "wandb_cache"),
+    "WANDB_DATA_DIR": os.path.join(_SESSION_DIR, "wandb_data"),
+    "WANDB_CONFIG_DIR": os.path.join(_SESSION_DIR, "wandb_config"),
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DO_NOT_TRACK": "1",
+    "MPLBACKEND": "Agg",
+    "BON_TRACKER_SPOOL_DIR": os.path.join(_SESSION_DIR, "spool"),
+}.items():
+    os.environ[_key] = _value
+for _dir in ("wandb", "wandb_cache", "wandb_data", "wandb_config"):
+    os.makedirs(os.path.join(_SESSION_DIR, _dir), exist_ok=True)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20221019)
+
+
+@pytest.fixture
+def goodhart_scores(rng):
+    """(proxy, true) for 64 prompts x 32 samples where proxy = true + heavy-tailed error."""
+    true = rng.normal(size=(64, 32))
+    proxy = true + rng.standard_t(df=2, size=(64, 32))
+    return proxy, true
