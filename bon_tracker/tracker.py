@@ -74,7 +74,7 @@ class BonTracker:
         >>> with BonTracker("local", root=tempfile.mkdtemp(), run_name="demo") as tracker:
         ...     curve = tracker.log_scores(0, [[0.1, 0.5, 0.9, 0.3]], [[1.0, 0.0, 2.0, 0.5]])
         >>> curve.true_mean.round(3).tolist()
-        [0.875, 1.083, 2.0, 2.0]
+        [0.875, 1.083, 2.0]
     """
 
     def __init__(

@@ -115,7 +115,7 @@ def bon_curve(
     Example:
         >>> curve = bon_curve([[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]], [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
         >>> curve.n.tolist(), curve.true_mean.round(4).tolist()
-        ([1, 2, 3], [0.5, 0.5, 0.5])
+        ([1, 2, 3], [0.5, 0.6667, 0.5])
     """
     p, t, _ = paired_scores(proxy, true, nan_policy=nan_policy, names=("proxy", "true"))
     counts = sample_counts(p)

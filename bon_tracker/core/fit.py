@@ -97,22 +97,30 @@ def _least_squares(d: np.ndarray, y: np.ndarray, form: str) -> FunctionalFit:
 
 
 def _n_at_kl(curve: BonCurve, kl_target: float) -> float:
-    """The (real-valued) n whose KL equals kl_target: log-linear interpolation on the
-    curve's own (KL, n) pairs; beyond them, the continuous formula inverted when the
-    proxy is tie-free (its KL grows without bound), else NaN."""
-    kl, n = np.asarray(curve.kl, dtype=np.float64), np.asarray(curve.n, dtype=np.float64)
-    order = np.argsort(kl)
-    kl, n = kl[order], n[order]
-    if kl[0] <= kl_target <= kl[-1]:
-        return float(np.exp(np.interp(kl_target, kl, np.log(n))))
-    if curve.has_ties or kl_target < 0:
+    """The (real-valued) n whose KL equals ``kl_target``.
+
+    Tie-free proxies: the curve's KL is exactly log n - (n-1)/n, which is increasing
+    in n, so it is inverted by bisection (also beyond the measured grid). With ties
+    the KL has no closed form in n: log n is interpolated linearly in KL between the
+    curve's own points, and NaN is returned outside them.
+    """
+    if kl_target < 0:
         return math.nan
+    if curve.has_ties:
+        kl, n = np.asarray(curve.kl, dtype=np.float64), np.asarray(curve.n, dtype=np.float64)
+        order = np.argsort(kl)
+        kl, n = kl[order], n[order]
+        if not kl[0] <= kl_target <= kl[-1]:
+            return math.nan
+        return float(np.exp(np.interp(kl_target, kl, np.log(n))))
     low, high = 1.0, 2.0
-    while kl_bon(high) < kl_target:  # kl_bon is increasing in n
+    while kl_bon(high) < kl_target:
         low, high = high, high * 2
     for _ in range(200):
         mid = 0.5 * (low + high)
         low, high = (mid, high) if kl_bon(mid) < kl_target else (low, mid)
+        if high - low <= 1e-12 * high:
+            break
     return 0.5 * (low + high)
 
 
