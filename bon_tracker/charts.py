@@ -58,12 +58,24 @@ def curve_chart(record: EvalRecord, *, sqrt_kl: bool = False, title: str | None 
     if g is not None:
         d = np.linspace(0.0, max(float(np.sqrt(c.kl.max())), np.sqrt(g.kl)) * 1.05, 200)
         base = float(c.true_mean[list(c.n).index(1)])
-        ax.plot(_x(d**2, sqrt_kl), base + d * (g.true_alpha - g.true_beta * d), "--", color=TRUE_COLOR,
-                alpha=0.7, label=f"true fit  d(α−βd), R²={g.true_r2:.2f}")
+        ax.plot(
+            _x(d**2, sqrt_kl),
+            base + d * (g.true_alpha - g.true_beta * d),
+            "--",
+            color=TRUE_COLOR,
+            alpha=0.7,
+            label=f"true fit  d(α−βd), R²={g.true_r2:.2f}",
+        )
         peak_x = _x(np.array([g.kl]), sqrt_kl)[0]
         ax.axvline(peak_x, color=GOODHART_COLOR, linestyle=":", linewidth=1.5)
-        ax.plot([peak_x], [base + g.peak_gain], "*", color=GOODHART_COLOR, markersize=14,
-                label=f"Goodhart point: n≈{g.n:.3g}, KL={g.kl:.2f}" + ("" if g.within_range else " (extrapolated)"))
+        ax.plot(
+            [peak_x],
+            [base + g.peak_gain],
+            "*",
+            color=GOODHART_COLOR,
+            markersize=14,
+            label=f"Goodhart point: n≈{g.n:.3g}, KL={g.kl:.2f}" + ("" if g.within_range else " (extrapolated)"),
+        )
     ax.set_xlabel(_kl_label(sqrt_kl))
     ax.set_ylabel("expected reward of best-of-n")
     ax.set_title(title or f"Best-of-n at step {record.step}  ({int(c.n_prompts[0])} prompts, N={c.N})")
@@ -119,8 +131,9 @@ def trend_chart(records: Sequence[EvalRecord], ns: Sequence[int] | None = None) 
     shades = np.linspace(0.35, 1.0, len(ns))
     for n, shade in zip(ns, shades):
         true = [r.curve.true_mean[r.curve.n.tolist().index(n)] if n in r.curve.n.tolist() else np.nan for r in records]
-        proxy = [r.curve.proxy_mean[r.curve.n.tolist().index(n)] if n in r.curve.n.tolist() else np.nan
-                 for r in records]
+        proxy = [
+            r.curve.proxy_mean[r.curve.n.tolist().index(n)] if n in r.curve.n.tolist() else np.nan for r in records
+        ]
         top.plot(steps, true, "o-", color=TRUE_COLOR, alpha=shade, markersize=3, label=f"true @ n={n}")
         top.plot(steps, proxy, "s--", color=PROXY_COLOR, alpha=shade, markersize=3, label=f"proxy @ n={n}")
     top.set_ylabel("expected reward")
@@ -134,8 +147,16 @@ def trend_chart(records: Sequence[EvalRecord], ns: Sequence[int] | None = None) 
     bottom.set_xlabel("training step")
     bottom.grid(alpha=0.3)
     if np.all(np.isnan(goodhart_n)):
-        bottom.text(0.5, 0.5, "no peak fitted yet (true reward still rising with n)", ha="center", va="center",
-                    transform=bottom.transAxes, fontsize=8, color="grey")
+        bottom.text(
+            0.5,
+            0.5,
+            "no peak fitted yet (true reward still rising with n)",
+            ha="center",
+            va="center",
+            transform=bottom.transAxes,
+            fontsize=8,
+            color="grey",
+        )
     return fig
 
 
@@ -145,8 +166,14 @@ def rl_chart(records: Sequence[EvalRecord], *, sqrt_kl: bool = True) -> Figure:
     fig = _figure()
     ax = fig.add_subplot()
     first = records[0].curve
-    ax.plot(_x(first.kl, sqrt_kl), first.true_mean, "o-", color=TRUE_COLOR, markersize=4,
-            label=f"best-of-n of the policy at step {records[0].step} (true)")
+    ax.plot(
+        _x(first.kl, sqrt_kl),
+        first.true_mean,
+        "o-",
+        color=TRUE_COLOR,
+        markersize=4,
+        label=f"best-of-n of the policy at step {records[0].step} (true)",
+    )
     points = [(r.step, r.policy) for r in records if r.policy is not None]
     if points:
         kl = np.array([p.kl for _, p in points])
@@ -156,8 +183,13 @@ def rl_chart(records: Sequence[EvalRecord], *, sqrt_kl: bool = True) -> Figure:
         if np.count_nonzero(kl > 0) >= 2:
             fit = fit_rl_overoptimization(kl, true, baseline=base)
             d = np.linspace(1e-6, np.sqrt(kl.max()) * 1.05, 200)
-            ax.plot(_x(d**2, sqrt_kl), base + fit.predict(d), ":", color="#9467bd",
-                    label=f"RL fit  d(α−β log d), R²={fit.r2:.2f}")
+            ax.plot(
+                _x(d**2, sqrt_kl),
+                base + fit.predict(d),
+                ":",
+                color="#9467bd",
+                label=f"RL fit  d(α−β log d), R²={fit.r2:.2f}",
+            )
     ax.set_xlabel(_kl_label(sqrt_kl).replace("best-of-n", "policy"))
     ax.set_ylabel("true reward")
     ax.set_title("RL vs best-of-n: true reward against KL")

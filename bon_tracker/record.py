@@ -97,11 +97,15 @@ class EvalRecord:
         if policy_kl is not None:
             at_one = curve.n.tolist().index(1) if 1 in curve.n.tolist() else None
             if at_one is not None:
-                policy = PolicyPoint(
-                    float(policy_kl), float(curve.true_mean[at_one]), float(curve.proxy_mean[at_one])
-                )
-        return cls(step=int(step), curve=curve, goodhart=goodhart, policy=policy, context=dict(context or {}),
-                   key_prefix=key_prefix)
+                policy = PolicyPoint(float(policy_kl), float(curve.true_mean[at_one]), float(curve.proxy_mean[at_one]))
+        return cls(
+            step=int(step),
+            curve=curve,
+            goodhart=goodhart,
+            policy=policy,
+            context=dict(context or {}),
+            key_prefix=key_prefix,
+        )
 
     # ---- what appears in the tracking UI -------------------------------------------
     def scalars(self) -> dict[str, float]:

@@ -44,8 +44,12 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
         f"<h1>Best-of-n report: {html.escape(title or Path(run_dir).name)}</h1>",
         f"<p class='note'>{len(records)} eval step(s); latest step {last.step}: "
         f"{int(c.n_prompts[0])} prompts, N = {c.N} samples per prompt"
-        + ("; proxy has ties, so KL is the exact value over proxy levels (kl_bound is the continuous formula)"
-           if c.has_ties else "") + ".</p>",
+        + (
+            "; proxy has ties, so KL is the exact value over proxy levels (kl_bound is the continuous formula)"
+            if c.has_ties
+            else ""
+        )
+        + ".</p>",
     ]
     g = last.goodhart
     if g is not None:
@@ -65,17 +69,23 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
     parts.append("".join(f"<th>{col}</th>" for col in columns) + "</tr>")
     for row in c.rows():
         parts.append("<tr>" + "".join(f"<td>{_fmt(row[col])}</td>" for col in columns) + "</tr>")
-    parts.append("</table><h2>Over training</h2><table><tr><th>step</th><th>true@1</th>"
-                 f"<th>true@{c.n[-1]}</th><th>proxy@{c.n[-1]}</th><th>Goodhart n*</th><th>Goodhart KL*</th></tr>")
+    parts.append(
+        "</table><h2>Over training</h2><table><tr><th>step</th><th>true@1</th>"
+        f"<th>true@{c.n[-1]}</th><th>proxy@{c.n[-1]}</th><th>Goodhart n*</th><th>Goodhart KL*</th></tr>"
+    )
     for r in records:
         ns = r.curve.n.tolist()
         top = len(ns) - 1
         t1 = _fmt(float(r.curve.true_mean[ns.index(1)])) if 1 in ns else "–"
         gn = _fmt(r.goodhart.n, 3) if r.goodhart else "–"
         gk = _fmt(r.goodhart.kl, 3) if r.goodhart else "–"
-        parts.append(f"<tr><td>{r.step}</td><td>{t1}</td><td>{_fmt(float(r.curve.true_mean[top]))}</td>"
-                     f"<td>{_fmt(float(r.curve.proxy_mean[top]))}</td><td>{gn}</td><td>{gk}</td></tr>")
-    parts.append("</table><p class='note'>Tables: bon_curves.csv / bon_curves.jsonl in the run folder. "
-                 "Estimator: unbiased all-subsets best-of-n (Nakano et al. 2021); fit: Gao et al. 2022.</p>")
+        parts.append(
+            f"<tr><td>{r.step}</td><td>{t1}</td><td>{_fmt(float(r.curve.true_mean[top]))}</td>"
+            f"<td>{_fmt(float(r.curve.proxy_mean[top]))}</td><td>{gn}</td><td>{gk}</td></tr>"
+        )
+    parts.append(
+        "</table><p class='note'>Tables: bon_curves.csv / bon_curves.jsonl in the run folder. "
+        "Estimator: unbiased all-subsets best-of-n (Nakano et al. 2021); fit: Gao et al. 2022.</p>"
+    )
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)

@@ -195,8 +195,9 @@ class BonTracker:
         if not self.is_writer:
             return None
         if self.last_step is not None and step <= self.last_step:
-            logger.warning("bon_tracker: step %d was already logged (last logged step %d); skipped", step,
-                           self.last_step)
+            logger.warning(
+                "bon_tracker: step %d was already logged (last logged step %d); skipped", step, self.last_step
+            )
             return None
 
         rows_p = [row for item in gathered for row in item[1]]
@@ -223,7 +224,10 @@ class BonTracker:
             logger.warning(
                 "bon_tracker: %d eval record(s) could not reach %s and are kept in %s; "
                 "replay them later with: bon-tracker sync %s",
-                len(self.spool), self._backend_name, self.spool.path, self.spool.path,
+                len(self.spool),
+                self._backend_name,
+                self.spool.path,
+                self.spool.path,
             )
         if self._backend is not None:
             try:
@@ -269,15 +273,16 @@ class BonTracker:
         largest = max(lengths)
         too_big = [n for n in self.ns if n > largest]
         if too_big:
-            raise ValueError(f"ns {too_big} exceed the number of samples per prompt ({largest}); lower them "
-                             "or sample more completions")
+            raise ValueError(
+                f"ns {too_big} exceed the number of samples per prompt ({largest}); lower them "
+                "or sample more completions"
+            )
         return self.ns
 
     def _validated_local(self, proxy: Any, true: Any) -> tuple:
         """This rank's scores as lists of 1-D float rows, or the reason they are bad."""
         try:
-            p, t, _ = paired_scores(_rows(proxy), _rows(true), nan_policy=self.nan_policy,
-                                             names=("proxy", "true"))
+            p, t, _ = paired_scores(_rows(proxy), _rows(true), nan_policy=self.nan_policy, names=("proxy", "true"))
         except (TypeError, ValueError) as err:
             return ("error", str(err))
         rows_p = list(p) if isinstance(p, np.ndarray) else p
@@ -326,12 +331,17 @@ class BonTracker:
             logger.warning(
                 "bon_tracker: the %s backend failed (%s: %s); eval records are spooled to %s and "
                 "will be replayed on the next eval step, at finish(), or by: bon-tracker sync %s",
-                self._backend_name, type(err).__name__, err, self.spool.path, self.spool.path,
+                self._backend_name,
+                type(err).__name__,
+                err,
+                self.spool.path,
+                self.spool.path,
             )
         self._failing = True
 
     def _recovered(self) -> None:
         if self._failing:
-            logger.warning("bon_tracker: the %s backend is reachable again; spooled records replayed",
-                           self._backend_name)
+            logger.warning(
+                "bon_tracker: the %s backend is reachable again; spooled records replayed", self._backend_name
+            )
         self._failing = False

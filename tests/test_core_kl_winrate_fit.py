@@ -123,8 +123,9 @@ def test_ragged_curve_counts_prompts_per_n(rng):
     curve = bon_curve(proxy, true)
     assert curve.n.tolist() == [1, 2, 4, 8]
     assert curve.n_prompts.tolist() == [4, 4, 3, 2]
-    per = np.array([[bon_estimate(p, t, n) if n <= len(p) else np.nan for n in (1, 2, 4, 8)]
-                    for p, t in zip(proxy, true)])
+    per = np.array(
+        [[bon_estimate(p, t, n) if n <= len(p) else np.nan for n in (1, 2, 4, 8)] for p, t in zip(proxy, true)]
+    )
     np.testing.assert_allclose(curve.true_mean, np.nanmean(per, axis=0), rtol=1e-13)
     np.testing.assert_allclose(curve.true_se[3], np.nanstd(per[:, 3], ddof=1) / math.sqrt(2), rtol=1e-12)
 
@@ -139,9 +140,18 @@ def _synthetic_curve(alpha: float, beta: float) -> BonCurve:
     n = default_ns(1024)
     kl = kl_bon(n)
     d = np.sqrt(kl)
-    return BonCurve(n=n, kl=kl, kl_bound=kl, true_mean=0.3 + d * (alpha - beta * d), true_se=np.zeros(len(n)),
-                    proxy_mean=0.3 + 1.5 * d, proxy_se=np.zeros(len(n)), n_prompts=np.full(len(n), 8), N=1024,
-                    has_ties=False)
+    return BonCurve(
+        n=n,
+        kl=kl,
+        kl_bound=kl,
+        true_mean=0.3 + d * (alpha - beta * d),
+        true_se=np.zeros(len(n)),
+        proxy_mean=0.3 + 1.5 * d,
+        proxy_se=np.zeros(len(n)),
+        n_prompts=np.full(len(n), 8),
+        N=1024,
+        has_ties=False,
+    )
 
 
 def test_bon_fit_recovers_parameters_and_goodhart_point():

@@ -105,8 +105,13 @@ class LocalBackend(Backend):
         return self._run_id
 
     def spec(self) -> dict[str, Any]:
-        return {"backend": self.name, "root": str(self.root.resolve()), "run_id": self._run_id,
-                "run_name": self.run_name, "charts": self.charts}
+        return {
+            "backend": self.name,
+            "root": str(self.root.resolve()),
+            "run_id": self._run_id,
+            "run_name": self.run_name,
+            "charts": self.charts,
+        }
 
     def log_eval(self, record: EvalRecord) -> None:
         run_dir = self._open()
@@ -156,11 +161,14 @@ class LocalBackend(Backend):
     def _rebuild_tables(self, run_dir: Path) -> None:
         rows = [row for r in self._history for row in r.table_rows()]
         atomic_write_text(run_dir / f"{TABLE_NAME}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_text(run_dir / f"{TABLE_NAME}.csv",
-                          _csv_line(list(TABLE_COLUMNS)) + "".join(_csv_line([r[c] for c in TABLE_COLUMNS])
-                                                                   for r in rows))
-        atomic_write_text(run_dir / "scalars.jsonl",
-                          "".join(json.dumps({"step": r.step, **r.scalars()}) + "\n" for r in self._history))
+        atomic_write_text(
+            run_dir / f"{TABLE_NAME}.csv",
+            _csv_line(list(TABLE_COLUMNS)) + "".join(_csv_line([r[c] for c in TABLE_COLUMNS]) for r in rows),
+        )
+        atomic_write_text(
+            run_dir / "scalars.jsonl",
+            "".join(json.dumps({"step": r.step, **r.scalars()}) + "\n" for r in self._history),
+        )
 
     def _write_meta(self, record: EvalRecord) -> None:
         import bon_tracker
@@ -227,5 +235,6 @@ def read_records(run_dir: str | Path) -> list[EvalRecord]:
     records_dir = Path(run_dir) / "records"
     if not records_dir.is_dir():
         return []
-    return [EvalRecord.from_json(json.loads(p.read_text(encoding="utf-8")))
-            for p in sorted(records_dir.glob("step_*.json"))]
+    return [
+        EvalRecord.from_json(json.loads(p.read_text(encoding="utf-8"))) for p in sorted(records_dir.glob("step_*.json"))
+    ]

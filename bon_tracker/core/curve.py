@@ -6,10 +6,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from bon_tracker.core.estimators import estimate_from_ranked, ranked_blocks
 from bon_tracker.core.kl import _discrete_kl_sorted, kl_bon
-from bon_tracker.core.ranking import rank_by_proxy
+from bon_tracker.core.ranking import ranked_groups
 from bon_tracker.core.validation import NanPolicy, check_ns, paired_scores, sample_counts
+from bon_tracker.core.weights import RankWeights
 
 
 def default_ns(N: int) -> np.ndarray:
@@ -46,7 +46,11 @@ class BonCurve:
     def to_dict(self) -> dict:
         """Plain Python values (lists, ints, floats), for JSON and tables."""
         return {
-            f.name: (getattr(self, f.name).tolist() if isinstance(getattr(self, f.name), np.ndarray) else getattr(self, f.name))
+            f.name: (
+                getattr(self, f.name).tolist()
+                if isinstance(getattr(self, f.name), np.ndarray)
+                else getattr(self, f.name)
+            )
             for f in fields(self)
         }
 
@@ -94,9 +98,7 @@ def _mean_and_se(per_prompt: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray
     return mean, se
 
 
-def bon_curve(
-    proxy: object, true: object, ns: object | None = None, *, nan_policy: NanPolicy = "raise"
-) -> BonCurve:
+def bon_curve(proxy: object, true: object, ns: object | None = None, *, nan_policy: NanPolicy = "raise") -> BonCurve:
     """Best-of-n curves of the true and proxy score, averaged over prompts.
 
     Per prompt, the all-subsets estimator (:func:`bon_estimate`) gives the expected
@@ -125,23 +127,24 @@ def bon_curve(
     P = len(counts)
     true_pp = np.full((P, len(n_arr)), np.nan)
     proxy_pp = np.full_like(true_pp, np.nan)
-    kl_pp = np.full_like(true_pp, np.nan)
     bound = np.asarray(kl_bon(n_arr), dtype=np.float64)
+    kl_pp = np.broadcast_to(bound, true_pp.shape).copy()  # tie-free prompts: the formula is exact
     has_ties = False
-    for idx, ranked in ranked_blocks(p, t):
-        usable = n_arr <= ranked.N
-        ns_here = n_arr[usable]
-        cols = np.flatnonzero(usable)
-        rows = np.arange(P)[idx]
-        true_pp[np.ix_(rows, cols)] = estimate_from_ranked(ranked.score, ns_here)
-        proxy_pp[np.ix_(rows, cols)] = estimate_from_ranked(ranked.proxy, ns_here)
-        kl_block = np.broadcast_to(bound[usable], (len(rows), len(cols))).copy()
+    for rows, ranked in ranked_groups(p, t):
+        cols = np.flatnonzero(n_arr <= ranked.N)
+        true_est, proxy_est = RankWeights(ranked.N, n_arr[cols]).apply(ranked.score, ranked.proxy)
+        if len(rows) == P and len(cols) == len(n_arr):  # dense input: plain assignment
+            true_pp, proxy_pp = true_est, proxy_est
+        else:
+            true_pp[np.ix_(rows, cols)] = true_est
+            proxy_pp[np.ix_(rows, cols)] = proxy_est
         if ranked.tied_rows.any():
             has_ties = True
             tied = np.flatnonzero(ranked.tied_rows)
-            sorted_proxy, _, new_group = rank_by_proxy(ranked.proxy[tied])
-            kl_block[tied] = _discrete_kl_sorted(sorted_proxy, new_group, ns_here)
-        kl_pp[np.ix_(rows, cols)] = kl_block
+            kl_pp[np.ix_(rows[tied], cols)] = _discrete_kl_sorted(
+                ranked.proxy[tied], ranked.new_group[tied], n_arr[cols]
+            )
+    kl_pp[np.isnan(true_pp)] = np.nan
 
     n_prompts = (counts[:, None] >= n_arr[None, :]).sum(axis=0)
     true_mean, true_se = _mean_and_se(true_pp, n_prompts)

@@ -4,45 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from bon_tracker.core.ranking import RankedScores, blocks_by_length, rank_scores
+from bon_tracker.core.ranking import ranked_groups
 from bon_tracker.core.validation import NanPolicy, check_ns, paired_scores, sample_counts
-from bon_tracker.core.weights import bon_weight_tail
-
-
-def estimate_from_ranked(sorted_scores: np.ndarray, ns: np.ndarray) -> np.ndarray:
-    """``(P, N)`` rank-sorted scores -> ``(P, len(ns))`` all-subsets estimates.
-
-    Weights depend on rank only, so each n is one matrix-vector product over the
-    ranks whose weight is not negligible.
-    """
-    N = sorted_scores.shape[1]
-    out = np.empty((sorted_scores.shape[0], len(ns)), dtype=np.float64)
-    for j, n in enumerate(ns):
-        k0, tail = bon_weight_tail(N, int(n))
-        out[:, j] = sorted_scores[:, k0 - 1 :] @ tail
-    return out
-
-
-def ranked_blocks(proxy, score) -> list[tuple[np.ndarray | slice, RankedScores]]:
-    """Dense input -> one block; ragged input -> one block per distinct N."""
-    if isinstance(proxy, np.ndarray):
-        return [(slice(None), rank_scores(proxy, score))]
-    return [
-        (idx, rank_scores(np.stack([proxy[i] for i in idx]), np.stack([score[i] for i in idx])))
-        for idx in blocks_by_length(proxy).values()
-    ]
+from bon_tracker.core.weights import RankWeights
 
 
 def estimate_per_prompt(proxy, score, ns: np.ndarray) -> np.ndarray:
     """Validated (dense or ragged) input -> ``(P, len(ns))``, NaN where n > N_p."""
-    counts = sample_counts(proxy)
-    out = np.full((len(counts), len(ns)), np.nan)
-    for idx, ranked in ranked_blocks(proxy, score):
-        usable = ns <= ranked.N
-        block = estimate_from_ranked(ranked.score, ns[usable])
-        rows = out[idx]
-        rows[:, usable] = block
-        out[idx] = rows
+    out = np.full((len(sample_counts(proxy)), len(ns)), np.nan)
+    for rows, ranked in ranked_groups(proxy, score):
+        cols = np.flatnonzero(ns <= ranked.N)
+        (estimates,) = RankWeights(ranked.N, ns[cols]).apply(ranked.score)
+        out[np.ix_(rows, cols)] = estimates
     return out
 
 

@@ -93,7 +93,7 @@ def _least_squares(d: np.ndarray, y: np.ndarray, form: str) -> FunctionalFit:
     sse = float(residual @ residual)
     sst = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else math.nan)
-    return FunctionalFit(form, float(alpha), float(beta), r2, math.sqrt(sse / len(y)), int(len(y)))
+    return FunctionalFit(form, float(alpha), float(beta), r2, math.sqrt(sse / len(y)), len(y))
 
 
 def _n_at_kl(curve: BonCurve, kl_target: float) -> float:

@@ -10,12 +10,11 @@ maths modules never see a list, a tensor or a NaN:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
 NanPolicy = Literal["raise", "omit"]
-ScoreMatrix = Union[np.ndarray, list]  # (P, N) array, or list of 1-D arrays
 
 
 def _to_float_array(values: object, name: str) -> np.ndarray:
@@ -26,13 +25,20 @@ def _to_float_array(values: object, name: str) -> np.ndarray:
         array = np.asarray(values)
     except (TypeError, ValueError) as err:  # e.g. inhomogeneous nested lists
         raise TypeError(f"{name} could not be converted to a numeric array: {err}") from err
-    if array.dtype == object or not (
-        np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)
-    ):
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)):
         raise TypeError(f"{name} must be numeric, got an array of dtype {array.dtype}")
     if np.issubdtype(array.dtype, np.complexfloating):
         raise TypeError(f"{name} must be real-valued, got dtype {array.dtype}")
     return array.astype(np.float64, copy=False)
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """Fast path: a finite sum means every value is finite (NaN and inf propagate);
+    only an overflowing sum needs the element-wise check."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(array, axis=None)):
+            return True
+    return bool(np.isfinite(array).all())
 
 
 def _is_ragged(values: object) -> bool:
@@ -52,8 +58,7 @@ def _describe_bad(mask: np.ndarray, name: str, ragged_row: int | None = None) ->
     where = np.argwhere(mask)
     count = int(mask.sum())
     shown = ", ".join(
-        str(tuple(int(i) for i in idx)) if ragged_row is None else str((ragged_row, int(idx[0])))
-        for idx in where[:5]
+        str(tuple(int(i) for i in idx)) if ragged_row is None else str((ragged_row, int(idx[0]))) for idx in where[:5]
     )
     more = f" (first 5 of {count})" if count > 5 else ""
     return f"{name} has {count} non-finite value(s) (NaN or inf) at (prompt, sample) {shown}{more}"
@@ -91,6 +96,8 @@ def paired_scores(
     if p.size == 0:
         raise ValueError(f"{p_name} and {s_name} are empty (shape {p.shape}): need at least one sample")
 
+    if _all_finite(p) and _all_finite(s):
+        return p, s, one_prompt
     bad = ~(np.isfinite(p) & np.isfinite(s))
     if bad.any():
         if nan_policy == "raise":
@@ -159,9 +166,8 @@ def check_ns(ns: object, max_n: int) -> tuple[np.ndarray, bool]:
         raise ValueError("ns is empty: give at least one n")
     if arr.dtype == object or not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_):
         raise TypeError(f"ns must be integers, got dtype {arr.dtype}")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            raise TypeError(f"ns must be whole numbers, got {arr.tolist()}")
+    if np.issubdtype(arr.dtype, np.floating) and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))):
+        raise TypeError(f"ns must be whole numbers, got {arr.tolist()}")
     arr = arr.astype(np.int64)
     if arr.ndim != 1:
         raise ValueError(f"ns must be 1-D, got shape {arr.shape}")

@@ -35,20 +35,66 @@ def _lowest_nonzero_rank(N: int, n: int) -> int:
     return max(n, k_cut)
 
 
-def bon_weight_tail(N: int, n: int) -> tuple[int, np.ndarray]:
-    """Non-negligible weights only: ``(k0, w)`` with ``w[i]`` the weight of rank ``k0 + i``.
+def bon_weight_tail_desc(N: int, n: int, ranks_desc: np.ndarray | None = None) -> np.ndarray:
+    """Non-negligible weights from rank N downwards: ``w[i]`` is the weight of rank ``N - i``.
 
-    Ranks below ``k0`` have weight zero (below 1e-320). For large n this is a short
-    tail, which keeps one prompt with N = 10^6 samples cheap.
+    Ranks below ``N - len(w) + 1`` have weight zero (below 1e-320). For large n this
+    is a short tail, which keeps one prompt with N = 10^6 samples cheap.
+    ``ranks_desc`` (``N, N-1, ..., 1`` as floats) may be passed to reuse it across n.
     """
     k0 = _lowest_nonzero_rank(N, n)
-    ranks_desc = np.arange(N, k0, -1, dtype=np.float64)  # N, N-1, ..., k0+1
-    ratios = (ranks_desc - n) / (ranks_desc - 1.0)  # w_{j-1} / w_j for j = ranks_desc
-    weights_desc = np.empty(N - k0 + 1, dtype=np.float64)
-    weights_desc[0] = n / N
-    np.cumprod(ratios, out=weights_desc[1:])
-    weights_desc[1:] *= n / N
-    return k0, weights_desc[::-1].copy()
+    length = N - k0 + 1
+    if ranks_desc is None:
+        ranks_desc = np.arange(N, 0, -1, dtype=np.float64)
+    weights = np.empty(length, dtype=np.float64)
+    weights[0] = n / N
+    # w_{j-1} = w_j (j - n) / (j - 1): a cumulative product of exact small-integer ratios.
+    ratios = weights[1:]
+    np.subtract(ranks_desc[: length - 1], n, out=ratios)
+    np.divide(ratios, ranks_desc[: length - 1] - 1.0, out=ratios)
+    return np.cumprod(weights, out=weights)
+
+
+def bon_weight_tail(N: int, n: int) -> tuple[int, np.ndarray]:
+    """Non-negligible weights in ascending rank order: ``(k0, w)``, ``w[i]`` the weight of rank ``k0 + i``."""
+    desc = bon_weight_tail_desc(N, n)
+    return N - len(desc) + 1, desc[::-1].copy()
+
+
+class RankWeights:
+    """The weights of every n of a grid for one N, applied to rank-sorted scores.
+
+    Small grids keep one dense ``(N, len(ns))`` matrix (one matrix product for all
+    prompts); a huge N keeps only each n's non-negligible tail.
+    """
+
+    DENSE_LIMIT = 1 << 21  # N * len(ns) up to this: one dense matrix
+
+    def __init__(self, N: int, ns: np.ndarray):
+        self.N = int(N)
+        self.ns = np.asarray(ns, dtype=np.int64)
+        self.dense = None
+        if self.N * len(self.ns) <= self.DENSE_LIMIT:
+            self.dense = np.zeros((self.N, len(self.ns)), order="F")  # Fortran order: BLAS's fast path
+            for j, n in enumerate(self.ns):
+                k0, tail = bon_weight_tail(self.N, int(n))
+                self.dense[k0 - 1 :, j] = tail
+
+    def apply(self, *sorted_scores: np.ndarray) -> list[np.ndarray]:
+        """Each ``(P, N)`` matrix of scores sorted by proxy rank -> ``(P, len(ns))`` estimates."""
+        if self.dense is not None:
+            return [s @ self.dense for s in sorted_scores]
+        # Huge N: build each n's tail once (never all at once: 8 MB each at N = 10^6)
+        # and apply it to every matrix, reversed once so tails line up from rank N down;
+        # einsum stays on this thread, unlike a BLAS call.
+        ranks_desc = np.arange(self.N, 0, -1, dtype=np.float64)
+        reversed_scores = [np.ascontiguousarray(s[:, ::-1]) for s in sorted_scores]
+        outs = [np.empty((s.shape[0], len(self.ns))) for s in sorted_scores]
+        for j, n in enumerate(self.ns):
+            tail = bon_weight_tail_desc(self.N, int(n), ranks_desc)
+            for s, out in zip(reversed_scores, outs):
+                out[:, j] = np.einsum("ij,j->i", s[:, : len(tail)], tail)
+        return outs
 
 
 def bon_weights(N: int, n: int) -> np.ndarray:
