@@ -22,11 +22,17 @@ from bon_tracker.core import (
     kl_bon_discrete,
     mc_bon_estimate,
 )
+from bon_tracker.backends.base import Backend
+from bon_tracker.record import EvalRecord
+from bon_tracker.tracker import BonTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backend",
     "BonCurve",
+    "BonTracker",
+    "EvalRecord",
     "BonWinRate",
     "FunctionalFit",
     "OveroptimizationFit",

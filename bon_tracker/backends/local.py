@@ -151,11 +151,16 @@ class LocalBackend(Backend):
         self._steps = {r.step for r in self._history}
         for name in (f"{TABLE_NAME}.jsonl", f"{TABLE_NAME}.csv", "scalars.jsonl"):
             _cut_torn_tail(run_dir / name)
+        expected = [(r.step, int(n)) for r in self._history for n in r.curve.n]
         table = run_dir / f"{TABLE_NAME}.jsonl"
-        logged_steps = set()
+        logged = []
         if table.exists():
-            logged_steps = {json.loads(line)["step"] for line in table.read_text().splitlines() if line.strip()}
-        if logged_steps != self._steps or not (run_dir / f"{TABLE_NAME}.csv").exists():
+            logged = [(row["step"], row["n"]) for row in map(json.loads, table.read_text().splitlines())]
+        scalars = run_dir / "scalars.jsonl"
+        scalar_steps = [json.loads(line)["step"] for line in scalars.read_text().splitlines()] if scalars.exists() else []
+        csv_path = run_dir / f"{TABLE_NAME}.csv"
+        csv_rows = len(csv_path.read_text().splitlines()) - 1 if csv_path.exists() else -1
+        if logged != expected or scalar_steps != [r.step for r in self._history] or csv_rows != len(expected):
             self._rebuild_tables(run_dir)
 
     def _rebuild_tables(self, run_dir: Path) -> None:

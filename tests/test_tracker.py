@@ -1,0 +1,174 @@
+"""BonTracker on the local backend: values read back, durability, resuming, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from bon_tracker import Backend, BonTracker, EvalRecord, bon_curve
+from bon_tracker.backends.local import LocalBackend, read_records
+from bon_tracker.spool import Spool
+
+
+def _scores(rng, prompts=16, samples=16):
+    true = rng.normal(size=(prompts, samples))
+    return true + rng.standard_t(2, size=true.shape), true
+
+
+def test_local_run_folder_holds_exactly_the_curves(tmp_path, rng):
+    logged = []
+    with BonTracker("local", root=tmp_path, run_name="exp 1", ns=[1, 2, 4, 16]) as tracker:
+        for step in (0, 50, 100):
+            proxy, true = _scores(rng)
+            tracker.log_scores(step, proxy, true, lr=0.1)
+            logged.append((step, bon_curve(proxy, true, ns=[1, 2, 4, 16])))
+    run_dir = tmp_path / "exp-1"
+    records = read_records(run_dir)
+    assert [r.step for r in records] == [0, 50, 100]
+    for record, (step, curve) in zip(records, logged):
+        assert record.curve.to_dict() == curve.to_dict()
+    scalars = [json.loads(line) for line in (run_dir / "scalars.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in scalars] == [0, 50, 100]
+    for row, (_, curve) in zip(scalars, logged):
+        assert row["bon/true/n16"] == curve.true_mean[-1]
+        assert row["bon/proxy/n4"] == curve.proxy_mean[2]
+        assert row["bon/gap/n2"] == curve.proxy_mean[1] - curve.true_mean[1]
+        assert row["bon/context/lr"] == 0.1
+    with open(run_dir / "bon_curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 4
+    assert float(rows[5]["true_mean"]) == logged[1][1].true_mean[1]
+    assert {int(r["step"]) for r in rows} == {0, 50, 100}
+    jsonl = [json.loads(line) for line in (run_dir / "bon_curves.jsonl").read_text().splitlines()]
+    assert jsonl[11]["proxy_se"] == logged[2][1].proxy_se[3]
+    for name in ("curve_step_000000050.png", "overlay.png", "trend.png"):
+        assert (run_dir / "charts" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64" in html and "Curve at step 100" in html
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["N"] == 16 and meta["P"] == 16 and meta["ns"] == [1, 2, 4, 16]
+
+
+def test_scores_as_lists_tensors_and_ragged_rows(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    proxy, true = _scores(rng, 4, 8)
+    ragged_p = [proxy[0, :5], proxy[1], proxy[2, :3], proxy[3]]
+    ragged_t = [true[0, :5], true[1], true[2, :3], true[3]]
+    with BonTracker("local", root=tmp_path) as tracker:
+        a = tracker.log_scores(1, torch.tensor(proxy), torch.tensor(true))
+        b = tracker.log_scores(2, proxy.tolist(), true.tolist())
+        c = tracker.log_scores(3, [torch.tensor(r) for r in ragged_p], ragged_t)
+    assert a.to_dict() == bon_curve(proxy, true).to_dict() == b.to_dict()
+    assert c.to_dict() == bon_curve(ragged_p, ragged_t).to_dict()
+    assert c.n_prompts.tolist() == [4, 4, 3, 2]
+
+
+def test_bad_input_raises_and_writes_nothing(tmp_path, rng):
+    proxy, true = _scores(rng)
+    proxy[3, 4] = np.nan
+    tracker = BonTracker("local", root=tmp_path)
+    with pytest.raises(ValueError, match=r"step 7: proxy has 1 non-finite value\(s\) .*\(3, 4\)"):
+        tracker.log_scores(7, proxy, true)
+    with pytest.raises(ValueError, match=r"same shape, got \(16, 16\) and \(16, 15\)"):
+        tracker.log_scores(7, true, true[:, :15])
+    with pytest.raises(TypeError, match="step must be an integer"):
+        tracker.log_scores(1.5, true, true)
+    with pytest.raises(ValueError, match="exceed the number of samples"):
+        BonTracker("local", root=tmp_path, ns=[64]).log_scores(0, true, true)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="unknown backend 'tensorboard'"):
+        BonTracker("tensorboard")
+
+
+def test_nan_policy_omit_drops_samples(tmp_path, rng):
+    proxy, true = _scores(rng)
+    proxy[3, 4] = np.nan
+    with BonTracker("local", root=tmp_path, nan_policy="omit") as tracker:
+        curve = tracker.log_scores(0, proxy, true)
+    assert curve.to_dict() == bon_curve(proxy, true, nan_policy="omit").to_dict()
+    assert curve.n_prompts[-1] == 15  # the prompt with 15 samples has no n = 16
+
+
+class FlakyService(Backend):
+    """A spec'd fake service that is down for a while: raises, then accepts."""
+
+    name = "flaky"
+
+    def __init__(self, down_for_calls: int):
+        self.down_for_calls = down_for_calls
+        self.calls = 0
+        self.received: list[int] = []
+
+    def log_eval(self, record: EvalRecord) -> None:
+        self.calls += 1
+        if self.calls <= self.down_for_calls:
+            raise ConnectionError("service unavailable")
+        self.received.append(record.step)
+
+
+def test_outage_spools_then_replays_each_record_once_in_order(tmp_path, rng, caplog):
+    service = FlakyService(down_for_calls=3)
+    tracker = BonTracker(service, spool_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="bon_tracker"):
+        for step in range(1, 6):
+            start = time.perf_counter()
+            tracker.log_scores(step, *_scores(rng))  # never raises into training
+            assert time.perf_counter() - start < 5
+            if step <= 3:
+                assert len(Spool(tracker.spool.path)) == step  # each failed call adds one record
+    tracker.finish()
+    assert service.received == [1, 2, 3, 4, 5]
+    assert not tracker.spool.path.exists()
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 1  # reported once per outage, not once per step
+    assert "bon-tracker sync" in failures[0].getMessage()
+
+
+def test_still_down_at_finish_keeps_the_spool_for_sync(tmp_path, rng):
+    service = FlakyService(down_for_calls=10**6)
+    tracker = BonTracker(service, spool_dir=tmp_path)
+    for step in (10, 20):
+        tracker.log_scores(step, *_scores(rng))
+    tracker.finish()
+    pending = Spool(tracker.spool.path).entries()
+    assert [record.step for _, record in pending] == [10, 20]
+    assert pending[0][0] == {"backend": "flaky"}
+
+
+def test_resume_continues_the_run_and_never_logs_a_step_twice(tmp_path, rng):
+    with BonTracker("local", root=tmp_path, run_name="resumable") as first:
+        first.log_scores(10, *_scores(rng))
+        first.log_scores(20, *_scores(rng))
+        first.save_state(tmp_path / "checkpoint")
+    with BonTracker("local", resume=tmp_path / "checkpoint") as second:
+        assert second.log_scores(20, *_scores(rng)) is None  # replayed by the trainer: skipped
+        assert second.log_scores(30, *_scores(rng)) is not None
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "checkpoint"] == ["resumable"]
+    assert [r.step for r in read_records(tmp_path / "resumable")] == [10, 20, 30]
+    assert len((tmp_path / "resumable" / "bon_curves.csv").read_text().splitlines()) == 1 + 3 * 5
+
+
+def test_local_backend_rebuilds_tables_after_a_torn_write(tmp_path, rng):
+    backend = LocalBackend(root=tmp_path, run_id="run")
+    tracker = BonTracker(backend)
+    tracker.log_scores(1, *_scores(rng))
+    tracker.log_scores(2, *_scores(rng))
+    table = tmp_path / "run" / "bon_curves.jsonl"
+    table.write_bytes(table.read_bytes()[:-25])  # a crash mid-append
+    reopened = BonTracker(LocalBackend(root=tmp_path, run_id="run"))
+    reopened.log_scores(3, *_scores(rng))
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] * 5 + [2] * 5 + [3] * 5
+
+
+def test_log_eval_is_idempotent_per_step(tmp_path, rng):
+    backend = LocalBackend(root=tmp_path, run_id="run", charts=False)
+    record = EvalRecord.build(5, bon_curve(*_scores(rng)))
+    backend.log_eval(record)
+    backend.log_eval(record)
+    assert len((tmp_path / "run" / "scalars.jsonl").read_text().splitlines()) == 1
