@@ -47,3 +47,10 @@ def goodhart_scores(rng):
     true = rng.normal(size=(64, 32))
     proxy = true + rng.standard_t(df=2, size=(64, 32))
     return proxy, true
+
+
+@pytest.fixture(autouse=True)
+def _work_in_a_temporary_folder(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder, so nothing (./mlruns, ./bon_runs, ./wandb)
+    is left in the repository."""
+    monkeypatch.chdir(tmp_path)
