@@ -157,7 +157,9 @@ class LocalBackend(Backend):
         if table.exists():
             logged = [(row["step"], row["n"]) for row in map(json.loads, table.read_text().splitlines())]
         scalars = run_dir / "scalars.jsonl"
-        scalar_steps = [json.loads(line)["step"] for line in scalars.read_text().splitlines()] if scalars.exists() else []
+        scalar_steps = (
+            [json.loads(line)["step"] for line in scalars.read_text().splitlines()] if scalars.exists() else []
+        )
         csv_path = run_dir / f"{TABLE_NAME}.csv"
         csv_rows = len(csv_path.read_text().splitlines()) - 1 if csv_path.exists() else -1
         if logged != expected or scalar_steps != [r.step for r in self._history] or csv_rows != len(expected):

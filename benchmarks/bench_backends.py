@@ -1,0 +1,56 @@
+"""Wall time per eval step for each backend, and whether it grows with the run's length.
+
+    python benchmarks/bench_backends.py [--steps 200] [--backends local mlflow wandb]
+
+Logs `--steps` eval steps (P = 64 prompts x N = 32 samples, charts on) through
+BonTracker to each backend in a temporary folder (MLflow on a sqlite file, W&B in
+offline mode) and prints the mean time per step, the mean of the first and last 10
+steps, and last / first (goal: about 1, i.e. the per-step cost does not grow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from bon_tracker import BonTracker
+
+
+def options_for(backend: str, folder: str) -> dict:
+    if backend == "local":
+        return {"root": os.path.join(folder, "runs")}
+    if backend == "mlflow":
+        return {"tracking_uri": f"sqlite:///{folder}/mlflow.db", "experiment": "bench"}
+    return {"project": "bench", "dir": folder, "mode": "offline"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--backends", nargs="+", default=["local", "mlflow", "wandb"])
+    args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    rng = np.random.default_rng(0)
+    print(f"{'backend':<8}{'steps':>7}{'mean s/step':>13}{'first 10':>10}{'last 10':>10}{'last/first':>12}")
+    for backend in args.backends:
+        with tempfile.TemporaryDirectory() as folder:
+            times = []
+            with BonTracker(backend, run_name="bench", spool_dir=os.path.join(folder, "spool"),
+                            **options_for(backend, folder)) as tracker:
+                for step in range(args.steps):
+                    true = rng.normal(size=(64, 32))
+                    proxy = true + rng.standard_t(2, size=true.shape)
+                    start = time.perf_counter()
+                    tracker.log_scores(step, proxy, true)
+                    times.append(time.perf_counter() - start)
+            first, last = np.mean(times[:10]), np.mean(times[-10:])
+            print(f"{backend:<8}{len(times):>7}{np.mean(times):>13.3f}{first:>10.3f}{last:>10.3f}{last / first:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()

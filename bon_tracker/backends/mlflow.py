@@ -1,0 +1,526 @@
+"""MLflow backend: metrics, per-step tables, record artifacts and charts in one MLflow run.
+
+Every MLflow quirk lives here:
+
+* key rules (``/``, ``\\w``, ``.``, ``-``, space; at most 250 characters; no ``..`` path
+  tricks) and batch limits (1000 metrics and 100 tags per ``log_batch``);
+* the HTTP client retries for minutes by default (7 retries with exponential backoff
+  and a 120 s timeout per request); our own calls are bounded to a few seconds so a
+  dead server makes ``log_eval`` fail fast and the tracker spools the record instead;
+* ``log_table`` appends to an existing file (a replayed step would duplicate rows) and
+  registers every table in the ``mlflow.loggedArtifacts`` run tag, which MLflow caps at
+  8000 characters and then truncates into invalid JSON. So tables are written as files
+  in ``log_table``'s own format (pandas ``split`` JSON, overwritten by path on a replay)
+  and registered in that tag within a bounded budget;
+* metric history has no "upsert": a replayed step is checked against the run's latest
+  metrics before logging, and metric timestamps come from the record, so a store that
+  deduplicates identical rows (SQL stores do) drops any leftover duplicate as well.
+
+Artifacts of a run (``step`` zero-padded to 9 digits)::
+
+    bon_curves/step_000000100.json               this step's curve table (UI table view)
+    bon_curves.json                              every step's rows, written at finish()
+    bon_tracker/records/step_000000100.json      the full EvalRecord (read_records())
+    bon_tracker/charts/curve/step_000000100.png  true and proxy vs KL at this step
+    bon_tracker/charts/overlay.png, trend.png, rl.png   latest views over training
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import bon_tracker
+from bon_tracker.backends.base import Backend
+from bon_tracker.optional import require
+from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+logger = logging.getLogger("bon_tracker")
+
+DEFAULT_EXPERIMENT = "bon_tracker"
+RECORDS_DIR = "bon_tracker/records"
+CHARTS_DIR = "bon_tracker/charts"
+CUMULATIVE_TABLE = f"{TABLE_NAME}.json"
+
+# MLflow's limits (mlflow/utils/validation.py): MAX_METRICS_PER_BATCH,
+# MAX_PARAMS_TAGS_PER_BATCH, MAX_ENTITY_KEY_LENGTH, MAX_TAG_VAL_LENGTH. A full metric
+# batch stays far below MAX_BATCH_LOG_REQUEST_SIZE (1 MB): 1000 x (250-char key + ~70 B).
+MAX_METRICS_PER_BATCH = 1000
+MAX_TAGS_PER_BATCH = 100
+MAX_KEY_LENGTH = 250
+MAX_TAG_VALUE_LENGTH = 8000
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # mlflow.utils.mlflow_tags.MLFLOW_LOGGED_ARTIFACTS
+# Per-step tables are registered in that tag up to this many characters (oldest of ours
+# dropped first), leaving room for the cumulative table and for tables other code logs.
+STEP_TABLES_TAG_BUDGET = 6000
+MAX_CHART_RECORDS = 500  # trend and RL charts plot at most this many steps (constant cost)
+OVERLAY_CURVES = 20
+
+_KEY_BAD_CHARS = re.compile(r"[^/\w.\- ]")  # MLflow's rule, minus ":" (refused on Windows)
+
+
+def mlflow_key(key: str) -> str:
+    """A metric or tag key MLflow accepts: bad characters become ``_``, empty, ``.``
+    and ``..`` path parts are dropped, at most 250 characters.
+
+    >>> mlflow_key("bon/true/n16"), mlflow_key("bon/context/lr (x)"), mlflow_key("a//../b:c")
+    ('bon/true/n16', 'bon/context/lr _x_', 'a/b_c')
+    """
+    parts = [part for part in _KEY_BAD_CHARS.sub("_", key).split("/") if part not in ("", ".", "..")]
+    cleaned = "/".join(parts) or "_"
+    if cleaned.startswith(".."):  # MLflow refuses keys that read as a parent path
+        cleaned = "_" + cleaned
+    return cleaned[:MAX_KEY_LENGTH].rstrip("/")
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:09d}.json"
+
+
+def step_table_path(step: int) -> str:
+    """Artifact path of one step's ``bon_curves`` table."""
+    return f"{TABLE_NAME}/{_step_name(step)}"
+
+
+def record_path(step: int) -> str:
+    """Artifact path of one step's full record (JSON of :meth:`EvalRecord.to_json`)."""
+    return f"{RECORDS_DIR}/{_step_name(step)}"
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` (``mlflow.set_tracking_uri`` sets it too), else
+    ``sqlite:///<working dir>/mlflow.db``, MLflow 3's own default, made absolute."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath("mlflow.db")
+
+
+def _local_sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URI (None for other stores)."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri[len("sqlite:///") :].split("?", 1)[0])
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts beside a local sqlite database (``<db dir>/mlartifacts``), so they never
+    land in ``./mlruns`` of whatever directory the process runs in; None (the server
+    decides) for other stores."""
+    db = _local_sqlite_path(tracking_uri)
+    return None if db is None else (db.absolute().parent / "mlartifacts").as_uri()
+
+
+@contextlib.contextmanager
+def bounded_http(max_retries: int, timeout: float) -> Iterator[None]:
+    """Bound MLflow's HTTP retries and timeout (and mute its progress bars) for the
+    calls made inside this block.
+
+    MLflow reads ``MLFLOW_HTTP_REQUEST_*`` from the environment on every request
+    (``mlflow/utils/rest_utils.py``), with defaults that keep a call retrying for
+    minutes. They are set here only for the duration of the block and restored after,
+    so the user's own MLflow calls keep their settings. (Another thread calling MLflow
+    during the block sees the bounded values too: the environment is process-wide.)
+    """
+    bounded = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(max_retries)),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",  # the spool is the slow retry
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),  # MLflow parses an int
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no tqdm bars on the user's stderr
+    }
+    saved = {key: os.environ.get(key) for key in bounded}
+    os.environ.update(bounded)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    mlflow = require("mlflow", "mlflow")
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def _json_number(value: Any) -> Any:
+    """NaN and infinities as JSON null, as pandas writes them (the UI parses strict JSON)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def table_json(rows: Sequence[dict[str, Any]]) -> str:
+    """``bon_curves`` rows in the format of MLflow's ``log_table`` (pandas ``split``
+    orient), so the UI shows them as a table and ``MlflowClient.load_table`` reads them."""
+    data = [[_json_number(row[column]) for column in TABLE_COLUMNS] for row in rows]
+    return json.dumps({"columns": list(TABLE_COLUMNS), "data": data})
+
+
+def _registered_tables(current: str | None, path: str, budget: int) -> str | None:
+    """New value of the ``mlflow.loggedArtifacts`` tag with ``path`` registered as a
+    table, or None when nothing should change (already there, tag unreadable, no room).
+
+    Our oldest per-step tables are dropped to stay within ``budget`` characters; entries
+    written by other code are never touched, and the tag is never truncated (MLflow
+    would cut it into invalid JSON, which breaks every later ``log_table`` on the run).
+    """
+    try:
+        entries = json.loads(current) if current else []
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(entries, list):
+        return None
+    entry = {"path": path, "type": "table"}
+    if entry in entries:
+        return None
+    entries.append(entry)
+    ours = [e for e in entries[:-1] if isinstance(e, dict) and str(e.get("path", "")).startswith(f"{TABLE_NAME}/")]
+    while len(json.dumps(entries)) > budget:
+        if not ours:
+            return None
+        entries.remove(ours.pop(0))
+    return json.dumps(entries)
+
+
+class MlflowBackend(Backend):
+    """Logs best-of-n eval records to an MLflow run.
+
+    Nothing is touched until the first :meth:`log_eval`: then the backend attaches to
+    ``run_id`` if given, else to the active fluent run (``mlflow.active_run()``, e.g.
+    the one transformers' ``MLflowCallback`` started), else to ``$MLFLOW_RUN_ID``,
+    else starts a new run in ``experiment``. :meth:`finish` ends only a run it started.
+
+    Args:
+        tracking_uri: where to log; default ``$MLFLOW_TRACKING_URI``, else
+            ``sqlite:///<working dir>/mlflow.db`` (artifacts in ``mlartifacts`` beside it).
+        experiment: experiment name for a new run (default ``"bon_tracker"``; created
+            if missing).
+        run_id: an existing run to log into (e.g. Lightning's ``MLFlowLogger.run_id``).
+        run_name: name of a new run.
+        artifact_location: artifact root for a new experiment; default beside a local
+            sqlite database, else the server's choice.
+        max_retries: HTTP retries per MLflow request made by this backend (MLflow's
+            default is 7 with exponential backoff).
+        timeout: seconds per HTTP request made by this backend (MLflow's default: 120).
+        charts: log PNG charts (curve per step; overlay, trend, RL views).
+
+    Example:
+        >>> backend = MlflowBackend(tracking_uri="sqlite:////tmp/demo/mlflow.db", experiment="demo")
+        >>> backend.run_id is None, backend.spec()["experiment"]
+        (True, 'demo')
+    """
+
+    name = "mlflow"
+
+    def __init__(
+        self,
+        *,
+        tracking_uri: str | None = None,
+        experiment: str | None = None,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        artifact_location: str | None = None,
+        max_retries: int = 1,
+        timeout: float = 10.0,
+        charts: bool = True,
+    ):
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 10:
+            raise ValueError(f"max_retries must be an integer from 0 to 10 (MLflow's limit), got {max_retries!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._tracking_uri = tracking_uri
+        self._experiment = experiment
+        self._run_id = run_id
+        self._run_name = run_name
+        self._artifact_location = artifact_location
+        self.max_retries = max_retries
+        self.timeout = float(timeout)
+        self.charts = charts
+        self._client_obj: MlflowClient | None = None
+        self._owns_run = False
+        self._finished = False
+        self._history: dict[int, EvalRecord] = {}  # this process's records, by step
+        self._chart_failures: set[str] = set()
+
+    # ---- identity ----------------------------------------------------------------------
+    @property
+    def tracking_uri(self) -> str:
+        """The tracking URI in use (resolved on first use, then fixed)."""
+        if self._tracking_uri is None:
+            self._tracking_uri = default_tracking_uri()
+        return self._tracking_uri
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    def spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "backend": self.name,
+            "tracking_uri": self.tracking_uri,
+            "run_id": self._run_id,
+            "experiment": self._experiment or DEFAULT_EXPERIMENT,
+        }
+        # Only what differs from the defaults, so a rebuilt backend behaves the same.
+        for key, value, default in (
+            ("run_name", self._run_name, None),
+            ("artifact_location", self._artifact_location, None),
+            ("max_retries", self.max_retries, 1),
+            ("timeout", self.timeout, 10.0),
+            ("charts", self.charts, True),
+        ):
+            if value != default:
+                spec[key] = value
+        return spec
+
+    # ---- logging -------------------------------------------------------------------------
+    def log_eval(self, record: EvalRecord) -> None:
+        """Write one eval step: record, table and chart artifacts, run tags, then metrics.
+
+        Artifacts and tags overwrite by path and key; metrics are the only append-only
+        write, so they go last, each key logged only if the run lacks it at this step.
+        A failure anywhere leaves a state that calling again with the same record
+        completes, writing each metric exactly once.
+        """
+        if self._finished:
+            raise RuntimeError("this MlflowBackend is finished; create a new one to log more")
+        self._history[record.step] = record
+        with bounded_http(self.max_retries, self.timeout):
+            client, run_id = self._open()
+            run = client.get_run(run_id)  # latest metrics and tags: constant size per step
+            client.log_text(run_id, json.dumps(record.to_json(), allow_nan=True), record_path(record.step))
+            client.log_text(run_id, table_json(record.table_rows()), step_table_path(record.step))
+            if self.charts:
+                self._log_charts(client, run_id, record)
+            tags = self._changed_tags(run, record)
+            registered = _registered_tables(
+                run.data.tags.get(LOGGED_ARTIFACTS_TAG), step_table_path(record.step), STEP_TABLES_TAG_BUDGET
+            )
+            if registered is not None:
+                tags[LOGGED_ARTIFACTS_TAG] = registered
+            self._log_tags(client, run_id, tags)
+            self._log_metrics(client, run, record)
+
+    def finish(self) -> None:
+        """Write the cumulative ``bon_curves.json`` table, then end the run if this
+        backend started it. Safe to call twice; touches nothing if nothing was logged."""
+        if self._finished or self._client_obj is None or self._run_id is None:
+            self._finished = True
+            return
+        client, run_id = self._client_obj, self._run_id
+        with bounded_http(self.max_retries, self.timeout):
+            try:
+                if self._history:
+                    self._write_cumulative_table(client, run_id)
+            finally:
+                if self._owns_run:
+                    client.set_terminated(run_id, "FINISHED")
+        self._finished = True
+
+    # ---- internals -----------------------------------------------------------------------
+    def _open(self) -> tuple[MlflowClient, str]:
+        """The client and the run: attach to a run or start one (once)."""
+        if self._client_obj is not None and self._run_id is not None:
+            return self._client_obj, self._run_id
+        mlflow = require("mlflow", "mlflow")
+        client = self._client_obj or _client(self.tracking_uri)
+        self._client_obj = client
+        if self._run_id is not None:  # given: must exist (get_run raises otherwise)
+            run = client.get_run(self._run_id)
+            self._experiment = self._experiment or client.get_experiment(run.info.experiment_id).name
+            return client, self._run_id
+        active = mlflow.active_run()
+        candidate = active.info.run_id if active is not None else os.environ.get("MLFLOW_RUN_ID")
+        if candidate:
+            try:
+                run = client.get_run(candidate)
+            except mlflow.exceptions.MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                logger.warning(
+                    "bon_tracker: MLflow run %s (the active run or $MLFLOW_RUN_ID) is not in %s; starting a new run",
+                    candidate,
+                    self.tracking_uri,
+                )
+            else:
+                self._run_id = run.info.run_id
+                self._experiment = self._experiment or client.get_experiment(run.info.experiment_id).name
+                return client, self._run_id
+        run = client.create_run(
+            self._experiment_id(client),
+            run_name=self._run_name,
+            tags={"bon_tracker.version": bon_tracker.__version__},
+        )
+        self._run_id, self._owns_run = run.info.run_id, True
+        return client, self._run_id
+
+    def _experiment_id(self, client: MlflowClient) -> str:
+        mlflow = require("mlflow", "mlflow")
+        name = self._experiment = self._experiment or DEFAULT_EXPERIMENT
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = self._artifact_location or default_artifact_location(self.tracking_uri)
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it first
+                raise
+            return client.get_experiment_by_name(name).experiment_id
+
+    def _changed_tags(self, run: Run, record: EvalRecord) -> dict[str, str]:
+        curve = record.curve
+        ns = curve.n.tolist()
+        prompts = int(curve.n_prompts[ns.index(1)] if 1 in ns else curve.n_prompts.max())
+        wanted = {
+            "bon_tracker.version": bon_tracker.__version__,
+            "bon_tracker.N": str(curve.N),
+            "bon_tracker.P": str(prompts),
+            "bon_tracker.ns": ",".join(str(n) for n in ns)[:MAX_TAG_VALUE_LENGTH],
+            "bon_tracker.key_prefix": record.key_prefix,
+        }
+        return {key: value for key, value in wanted.items() if run.data.tags.get(key) != value}
+
+    @staticmethod
+    def _log_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(key, value) for key, value in tags.items()]
+        for start in range(0, len(items), MAX_TAGS_PER_BATCH):
+            client.log_batch(run_id, tags=items[start : start + MAX_TAGS_PER_BATCH], synchronous=True)
+
+    def _log_metrics(self, client: MlflowClient, run: Run, record: EvalRecord) -> None:
+        from mlflow.entities import Metric
+
+        step = record.step
+        values = {mlflow_key(key): value for key, value in record.scalars().items()}
+        missing = self._missing_keys(client, run, list(values), step)
+        # The record's own time: identical rows on a replay, which SQL stores deduplicate.
+        timestamp = int(record.timestamp * 1000)
+        metrics = [Metric(key, float(values[key]), timestamp, step) for key in missing]
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            # synchronous=True: MLFLOW_ENABLE_ASYNC_LOGGING would hide failures from the spool.
+            client.log_batch(run.info.run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH], synchronous=True)
+
+    @staticmethod
+    def _missing_keys(client: MlflowClient, run: Run, keys: list[str], step: int) -> list[str]:
+        """Keys without a value at ``step`` yet, from the run's latest metrics.
+
+        MLflow keeps, per key, the metric with the largest (step, timestamp, value): a
+        latest step equal to ``step`` means logged, smaller or absent means not. Only a
+        key whose latest step is later (a replay after later steps were written) needs
+        its history read.
+        """
+        latest_objs = getattr(run.data, "_metric_objs", None)  # Metric objects, with their step
+        if latest_objs is None:  # no such view in this MLflow version: unknown, read histories
+            latest: dict[str, int | None] = {key: None for key in keys if key in run.data.metrics}
+        else:
+            latest = {m.key: m.step for m in latest_objs}
+        missing = []
+        for key in keys:
+            if latest.get(key, math.nan) == step:
+                continue
+            before = key not in latest or (latest[key] is not None and latest[key] < step)
+            if before or all(m.step != step for m in client.get_metric_history(run.info.run_id, key)):
+                missing.append(key)
+        return missing
+
+    def _log_charts(self, client: MlflowClient, run_id: str, record: EvalRecord) -> None:
+        from bon_tracker import charts
+
+        records = [self._history[step] for step in sorted(self._history)]
+        spaced = _evenly_spaced(records, MAX_CHART_RECORDS)
+        builders = [
+            ("curve", f"curve/{_step_name(record.step).removesuffix('.json')}.png", lambda: charts.curve_chart(record)),
+            ("overlay", "overlay.png", lambda: charts.overlay_chart(records, max_curves=OVERLAY_CURVES)),
+            ("trend", "trend.png", lambda: charts.trend_chart(spaced)),
+        ]
+        if any(r.policy is not None for r in records):
+            builders.append(("rl", "rl.png", lambda: charts.rl_chart(spaced)))
+        for kind, path, build in builders:
+            figure = self._render(kind, build)
+            if figure is None:
+                continue
+            try:
+                client.log_figure(run_id, figure, f"{CHARTS_DIR}/{path}")
+            finally:
+                figure.clear()  # built without pyplot: nothing global to close; free it now
+
+    def _render(self, kind: str, build: Callable[[], Figure]) -> Figure | None:
+        """Build a chart; a chart bug (or missing matplotlib) is logged once and skipped,
+        never raised, or the tracker would spool and retry it forever like an outage."""
+        try:
+            return build()
+        except Exception as err:
+            if kind not in self._chart_failures:
+                self._chart_failures.add(kind)
+                logger.warning(
+                    "bon_tracker: the %s chart could not be drawn (%s: %s); skipped", kind, type(err).__name__, err
+                )
+            return None
+
+    def _write_cumulative_table(self, client: MlflowClient, run_id: str) -> None:
+        """``bon_curves.json``: rows of every step, merged with a table an earlier process
+        wrote to this run (its steps that this process re-logged are replaced)."""
+        rows: dict[int, list[dict[str, Any]]] = {}
+        existing = [f.path for f in client.list_artifacts(run_id)]
+        if CUMULATIVE_TABLE in existing:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = client.download_artifacts(run_id, CUMULATIVE_TABLE, tmp)
+                data = json.loads(Path(local).read_text(encoding="utf-8"))
+            for values in data.get("data", []):
+                row = dict(zip(data["columns"], values, strict=True))
+                rows.setdefault(int(row["step"]), []).append(row)
+        for step, record in self._history.items():
+            rows[step] = record.table_rows()
+        client.log_text(run_id, table_json([row for step in sorted(rows) for row in rows[step]]), CUMULATIVE_TABLE)
+        registered = _registered_tables(
+            client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG), CUMULATIVE_TABLE, MAX_TAG_VALUE_LENGTH
+        )
+        if registered is not None:
+            client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, registered)
+
+
+def _evenly_spaced(items: list, limit: int) -> list:
+    """At most ``limit`` items, evenly spaced, keeping the first and the last."""
+    if len(items) <= limit:
+        return items
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))]
+
+
+def read_records(
+    run_id: str, tracking_uri: str | None = None, *, max_retries: int = 2, timeout: float = 30.0
+) -> list[EvalRecord]:
+    """The eval records an :class:`MlflowBackend` wrote to a run, in step order.
+
+    Args:
+        run_id: the MLflow run.
+        tracking_uri: where it lives; default as for :class:`MlflowBackend`.
+        max_retries: HTTP retries per request.
+        timeout: seconds per HTTP request.
+    """
+    client = _client(tracking_uri or default_tracking_uri())
+    with bounded_http(max_retries, timeout):
+        if not client.list_artifacts(run_id, RECORDS_DIR):
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(client.download_artifacts(run_id, RECORDS_DIR, tmp))
+            records = [
+                EvalRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
+                for path in folder.glob("step_*.json")
+            ]
+    return sorted(records, key=lambda r: r.step)

@@ -1,0 +1,300 @@
+"""Weights & Biases backend: scalars, tables and native charts in the user's W&B run.
+
+What one eval step writes (``pre`` is the record's key prefix, ``bon`` by default),
+as one ``run.log`` call so a step is all there or not there:
+
+* ``{step_metric}``: the training step (``bon/step`` unless you pick another); every
+  ``{pre}/*`` key is plotted against it (``define_metric``), never against W&B's
+  ``_step``, which belongs to the trainer;
+* every scalar of :meth:`EvalRecord.scalars` (``{pre}/true/n16``, ``{pre}/kl/n16``, ...);
+* ``{pre}/bon_curves``: the step's curve table (columns ``TABLE_COLUMNS``);
+* ``{pre}/curve_chart``: a native line chart of true and proxy reward against KL
+  (its table, ``{pre}/curve_chart_table``, has an ``n`` column for each point);
+* ``{pre}/overlay/true`` and ``{pre}/overlay/proxy``: one line per eval step, at most
+  ``overlay_steps`` evenly spaced steps, so each step's cost stays bounded;
+* ``{pre}/curve_plot``: the matplotlib chart of :func:`bon_tracker.charts.curve_chart`;
+* ``{pre}/eval_record``: the record as JSON (hidden), which
+  :func:`bon_tracker.backends.wandb_offline.read_records` reads back exactly.
+
+The latest Goodhart point also goes to ``run.summary`` (``{pre}/goodhart/n``, ``/kl``,
+``/peak_gain``, ``/within_range`` and ``/step``, the eval step it was fitted at).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bon_tracker.backends.base import Backend
+from bon_tracker.backends.wandb_offline import RECORD_KEY, wait_until_complete
+from bon_tracker.optional import require
+from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
+
+logger = logging.getLogger("bon_tracker")
+
+CURVE_CHART_KEY = "curve_chart"
+CURVE_PLOT_KEY = "curve_plot"
+OVERLAY_KEY = "overlay"
+_MODES = {
+    "online": "online",
+    "run": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+    "shared": "shared",
+}
+
+
+def _evenly_spaced(items: Sequence[Any], limit: int) -> list[Any]:
+    """At most ``limit`` items, evenly spaced, always keeping the first and last."""
+    if len(items) <= limit:
+        return list(items)
+    picks = np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))
+    return [items[i] for i in picks]
+
+
+class WandbBackend(Backend):
+    """Logs eval records to a Weights & Biases run.
+
+    It writes into the active ``wandb.run`` when there is one (the run that
+    transformers' ``WandbCallback`` or Lightning's ``WandbLogger`` started), or into
+    ``run`` when given; otherwise it starts its own run on the first :meth:`log_eval`
+    and finishes it in :meth:`finish`. A run it attached to is never finished here.
+
+    Args:
+        project: W&B project of a run this backend starts.
+        entity: W&B entity (user or team) of a run this backend starts.
+        run: a ``wandb`` run object to write into.
+        run_name: display name of a run this backend starts.
+        run_id: id of a run to continue (``resume="allow"``), e.g. from :meth:`spec`.
+        mode: ``"online"``, ``"offline"`` or ``"disabled"``; default: W&B's own
+            (``WANDB_MODE``).
+        dir: folder under which W&B writes its ``wandb/`` run folders.
+        step_metric: the key that carries the training step and is the x-axis of
+            every ``{prefix}/*`` chart; default ``{prefix}/step``. Pass the trainer's
+            step key (e.g. ``train/global_step``) to share its x-axis.
+        images: also log the matplotlib curve chart as an image (needs matplotlib).
+        overlay_steps: most eval steps drawn in the overlay charts.
+        init_kwargs: more arguments for ``wandb.init`` (``tags``, ``group``, ``config``...).
+        finish_timeout: seconds :meth:`finish` waits, after finishing a run it started,
+            for W&B to close the run's local log (``run-<id>.wandb``); 0: do not wait.
+    """
+
+    name = "wandb"
+
+    def __init__(
+        self,
+        *,
+        project: str | None = None,
+        entity: str | None = None,
+        run: Any = None,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        mode: str | None = None,
+        dir: str | Path | None = None,  # the name wandb.init uses
+        step_metric: str | None = None,
+        images: bool = True,
+        overlay_steps: int = 20,
+        init_kwargs: Mapping[str, Any] | None = None,
+        finish_timeout: float = 30.0,
+    ):
+        if mode is not None and mode not in _MODES.values():
+            raise ValueError(f"mode must be 'online', 'offline', 'disabled', 'shared' or None, got {mode!r}")
+        if isinstance(overlay_steps, bool) or not isinstance(overlay_steps, int) or overlay_steps < 1:
+            raise ValueError(f"overlay_steps must be a positive integer, got {overlay_steps!r}")
+        self.project = project
+        self.entity = entity
+        self.run_name = run_name
+        self.mode = mode
+        self.dir = None if dir is None else str(dir)
+        self.step_metric = step_metric
+        self.images = images
+        self.overlay_steps = overlay_steps
+        self.init_kwargs = dict(init_kwargs or {})
+        self.finish_timeout = float(finish_timeout)
+        self._given_run = run
+        self._run: Any = None
+        self._run_id = run_id
+        self._owns_run = False
+        self._defined: set[str] = set()  # key prefixes whose define_metric calls are done
+        self._logged: set[tuple[str, int]] = set()  # (prefix, step) written by this process
+        self._history: dict[str, list[EvalRecord]] = {}  # per prefix, for the overlay charts
+
+    # ---- Backend interface ----------------------------------------------------------
+    @property
+    def run(self) -> Any:
+        """The W&B run written to (None before the first :meth:`log_eval`)."""
+        return self._run
+
+    @property
+    def run_id(self) -> str | None:
+        run = self._run if self._run is not None else self._given_run
+        return run.id if run is not None else self._run_id
+
+    def spec(self) -> dict[str, Any]:
+        run = self._run if self._run is not None else self._given_run
+        mode, root = self.mode, self.dir
+        if run is not None:
+            # Older SDKs call the modes "run" and "dryrun".
+            mode = mode or _MODES.get(getattr(run.settings, "mode", None))
+            root = root or getattr(run.settings, "root_dir", None)
+        return {
+            "backend": self.name,
+            "project": (run.project if run is not None else None) or self.project,
+            "entity": (run.entity if run is not None else None) or self.entity,
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "mode": mode,
+            "dir": None if root is None else str(root),
+            "step_metric": self.step_metric,
+            "images": self.images,
+            "overlay_steps": self.overlay_steps,
+        }
+
+    def log_eval(self, record: EvalRecord) -> None:
+        pre = record.key_prefix
+        if (pre, record.step) in self._logged:  # a replay of a step already written: keep one copy
+            logger.debug("bon_tracker: wandb already has %s step %d; skipped", pre, record.step)
+            return
+        wandb = require("wandb", "wandb")
+        run = self._open(wandb)
+        self._define_metrics(run, pre)
+        history = [r for r in self._history.get(pre, []) if r.step != record.step] + [record]
+        history.sort(key=lambda r: r.step)
+
+        # Summary first: setting it again on a retry is harmless, logging a row twice is not.
+        if record.goodhart is not None:
+            g = record.goodhart
+            run.summary.update(
+                {
+                    f"{pre}/goodhart/n": float(g.n),
+                    f"{pre}/goodhart/kl": float(g.kl),
+                    f"{pre}/goodhart/peak_gain": float(g.peak_gain),
+                    f"{pre}/goodhart/within_range": bool(g.within_range),
+                    f"{pre}/goodhart/step": record.step,
+                }
+            )
+        # One call, and no step=: the trainer owns W&B's step; ours is the step metric.
+        run.log(self._row(wandb, record, history))
+        self._logged.add((pre, record.step))
+        self._history[pre] = history
+
+    def finish(self) -> None:
+        run, self._run = self._run, None
+        self._defined.clear()
+        if run is not None:
+            self._run_id = run.id  # a later log_eval continues this same run
+            if self._owns_run:
+                run.finish()
+                self._wait_for_log(run)
+        self._owns_run = False
+
+    # ---- internals ------------------------------------------------------------------
+    def _wait_for_log(self, run: Any) -> None:
+        """Return from finish() only once the run's local log is whole, so that the run
+        folder can be read (``bon-tracker compare``) right away in this process."""
+        log = getattr(run.settings, "sync_file", None)
+        if not log or not Path(log).is_file() or self.finish_timeout <= 0:
+            return
+        if not wait_until_complete(log, timeout=self.finish_timeout):
+            logger.warning("bon_tracker: W&B had not closed %s %.0f s after finish()", log, self.finish_timeout)
+
+    def _open(self, wandb: Any) -> Any:
+        """The run to write into: the one given, the active one, or a new one."""
+        if self._run is not None:
+            if not getattr(self._run, "_is_finished", False):
+                return self._run
+            # Its owner (e.g. a trainer callback at train end) finished it: continue it by id.
+            self._run_id, self._run = self._run.id, None
+            self._defined.clear()
+        run = self._given_run if self._given_run is not None else wandb.run
+        if run is not None and getattr(run, "_is_finished", False):
+            self._run_id, run = self._run_id or run.id, None
+        if run is not None:
+            if self._run_id is not None and run.id != self._run_id:
+                # The trainer's run decides where its metrics go; the curves belong beside them.
+                logger.warning("bon_tracker: writing to the active W&B run %s, not to run_id %s", run.id, self._run_id)
+            self._run, self._owns_run = run, False
+            return run
+        options: dict[str, Any] = {
+            "project": self.project,
+            "entity": self.entity,
+            "name": self.run_name,
+            "mode": self.mode,
+            **self.init_kwargs,
+        }
+        if self.dir is not None:
+            Path(self.dir).mkdir(parents=True, exist_ok=True)  # wandb ignores a missing dir
+            options["dir"] = self.dir
+        if self._run_id is not None:
+            options.update(id=self._run_id, resume="allow")
+        self._run = wandb.init(**{k: v for k, v in options.items() if v is not None})
+        self._owns_run = True
+        return self._run
+
+    def _define_metrics(self, run: Any, pre: str) -> None:
+        if pre in self._defined:
+            return
+        step_metric = self.step_metric or f"{pre}/step"
+        run.define_metric(step_metric)
+        run.define_metric(f"{pre}/*", step_metric=step_metric)
+        run.define_metric(f"{pre}/{RECORD_KEY}", hidden=True, summary="none")
+        self._defined.add(pre)
+
+    def _row(self, wandb: Any, record: EvalRecord, history: list[EvalRecord]) -> dict[str, Any]:
+        pre, c = record.key_prefix, record.curve
+        row: dict[str, Any] = {self.step_metric or f"{pre}/step": record.step, **record.scalars()}
+        table_rows = record.table_rows()
+        row[f"{pre}/{TABLE_NAME}"] = wandb.Table(
+            columns=list(TABLE_COLUMNS), data=[[r[col] for col in TABLE_COLUMNS] for r in table_rows]
+        )
+        # Long format so that one line-series chart draws both curves, each point keeping its n.
+        points = [
+            [float(c.kl[i]), series, float(mean[i]), int(c.n[i])]
+            for series, mean in (("true", c.true_mean), ("proxy", c.proxy_mean))
+            for i in range(len(c.n))
+        ]
+        row[f"{pre}/{CURVE_CHART_KEY}"] = wandb.plot_table(
+            "wandb/lineseries/v0",
+            wandb.Table(columns=["kl", "series", "reward", "n"], data=points),
+            fields={"step": "kl", "lineKey": "series", "lineVal": "reward"},
+            string_fields={"title": f"best-of-n at step {record.step}: reward vs KL", "xname": "KL (nats)"},
+        )
+        shown = _evenly_spaced(history, self.overlay_steps)
+        for series in ("true", "proxy"):
+            row[f"{pre}/{OVERLAY_KEY}/{series}"] = wandb.plot.line_series(
+                xs=[r.curve.kl.tolist() for r in shown],
+                ys=[getattr(r.curve, f"{series}_mean").tolist() for r in shown],
+                keys=[f"step {r.step}" for r in shown],
+                title=f"{series} reward vs KL by eval step ({len(shown)} of {len(history)} steps)",
+                xname="KL (nats)",
+            )
+        image = self._curve_image(wandb, record)
+        if image is not None:
+            row[f"{pre}/{CURVE_PLOT_KEY}"] = image
+        row[f"{pre}/{RECORD_KEY}"] = json.dumps(record.to_json(), separators=(",", ":"))
+        return row
+
+    def _curve_image(self, wandb: Any, record: EvalRecord) -> Any:
+        if not self.images:
+            return None
+        try:
+            from bon_tracker.charts import curve_chart
+
+            fig = curve_chart(record)
+            from PIL import Image  # matplotlib depends on pillow
+        except ImportError as err:
+            logger.warning("bon_tracker: no curve images in W&B (%s)", err)
+            self.images = False  # say it once
+            return None
+        # Render the PNG ourselves: wandb.Image(figure) would patch matplotlib globally.
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        buffer.seek(0)
+        return wandb.Image(Image.open(buffer), caption=f"step {record.step}")

@@ -1,0 +1,282 @@
+"""WandbBackend against the real wandb SDK in offline mode (tests/conftest.py sets
+WANDB_MODE=offline). Every assertion reads back what the run wrote to its own
+transaction log (``run-<id>.wandb``) and files folder, never a mock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+wandb = pytest.importorskip("wandb")
+
+from bon_tracker.backends import wandb_offline  # noqa: E402
+from bon_tracker.backends.wandb import WandbBackend  # noqa: E402
+from bon_tracker.core import bon_curve  # noqa: E402
+from bon_tracker.record import TABLE_COLUMNS, EvalRecord  # noqa: E402
+from bon_tracker.tracker import BonTracker, backend_from_spec  # noqa: E402
+
+STEPS = (10, 20, 30)
+
+
+@pytest.fixture(autouse=True)
+def _no_run_left_open():
+    yield
+    if wandb.run is not None:  # a failed test must not leave its run to the next one
+        wandb.run.finish()
+
+
+def _goodhart_scores(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """proxy = true + heavy-tailed error: true reward of best-of-n peaks, then falls."""
+    true = rng.normal(size=(64, 32))
+    return true + rng.standard_t(df=2, size=(64, 32)), true
+
+
+def _as_json(records: list[EvalRecord]) -> list[str]:
+    return [json.dumps(r.to_json(), sort_keys=True) for r in records]
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """Three eval steps logged through BonTracker("wandb", ...) into a new offline run."""
+    rng = np.random.default_rng(20221019)
+    root = tmp_path_factory.mktemp("wandb_root")
+    scores = {step: _goodhart_scores(rng) for step in STEPS}
+    tracker = BonTracker("wandb", project="test", dir=root, run_name="bon-test")
+    for step, (proxy, true) in scores.items():
+        tracker.log_scores(step, proxy, true, policy_kl=step / 10, lr=1e-4)
+    run = tracker.backend.run
+    state = tracker.state()
+    tracker.finish()
+    run_dir = Path(run.settings.sync_dir)
+    return SimpleNamespace(
+        root=root,
+        run=run,
+        run_dir=run_dir,
+        scores=scores,
+        records=list(tracker.history),
+        state=state,
+        history=wandb_offline.read_history(run_dir),
+    )
+
+
+def test_the_backend_started_the_run_and_finished_it(logged):
+    assert logged.run._is_finished
+    assert wandb.run is None
+    assert wandb_offline.is_complete(logged.run_dir)  # finish() waited for W&B to close the log
+    assert wandb_offline.find_transaction_log(logged.run_dir).name == f"run-{logged.run.id}.wandb"
+    assert wandb_offline.find_transaction_log(logged.root) == wandb_offline.find_transaction_log(logged.run_dir)
+
+
+def test_history_holds_the_exact_curves_at_the_training_step(logged):
+    rows = logged.history
+    assert [row["_step"] for row in rows] == [0, 1, 2]  # W&B's own counter: we never passed step=
+    assert [row["bon/step"] for row in rows] == list(STEPS)
+    for row, (proxy, true), record in zip(rows, logged.scores.values(), logged.records, strict=True):
+        curve = bon_curve(proxy, true)
+        for i, n in enumerate(curve.n.tolist()):
+            assert row[f"bon/true/n{n}"] == float(curve.true_mean[i])
+            assert row[f"bon/proxy/n{n}"] == float(curve.proxy_mean[i])
+            assert row[f"bon/kl/n{n}"] == float(curve.kl[i])
+        assert {key: row[key] for key in record.scalars()} == record.scalars()
+
+
+def test_curve_table_is_written_with_its_columns_and_rows(logged):
+    for row, record in zip(logged.history, logged.records, strict=True):
+        ref = row["bon/bon_curves"]
+        assert ref["_type"] == "table-file"
+        assert (logged.run_dir / "files" / ref["path"]).is_file()
+        assert (ref["ncols"], ref["nrows"]) == (len(TABLE_COLUMNS), len(record.curve.n))
+        rows = wandb_offline.read_table(logged.run_dir, ref)
+        assert [list(r) for r in rows] == [list(TABLE_COLUMNS)] * len(rows)
+        assert rows == record.table_rows()
+
+
+def test_native_charts_and_image_are_logged(logged):
+    visualize = wandb_offline.read_config(logged.run_dir)["_wandb"]["visualize"]
+    assert set(visualize) == {"bon/curve_chart", "bon/overlay/true", "bon/overlay/proxy"}
+    chart = visualize["bon/curve_chart"]["panel_config"]
+    assert chart["panelDefId"] == "wandb/lineseries/v0"
+    assert chart["fieldSettings"] == {"step": "kl", "lineKey": "series", "lineVal": "reward"}
+    assert json.dumps(chart["userQuery"]).count('"bon/curve_chart_table"') == 1
+
+    last, record = logged.history[-1], logged.records[-1]
+    points = wandb_offline.read_table(logged.run_dir, last["bon/curve_chart_table"])
+    c = record.curve
+    for series, mean in (("true", c.true_mean), ("proxy", c.proxy_mean)):
+        got = [(p["n"], p["kl"], p["reward"]) for p in points if p["series"] == series]
+        assert got == list(zip(c.n.tolist(), c.kl.tolist(), mean.tolist(), strict=True))
+
+    # The overlay at the last step draws one line per eval step so far.
+    for series in ("true", "proxy"):
+        lines = wandb_offline.read_table(logged.run_dir, last[f"bon/overlay/{series}_table"])
+        for r in logged.records:
+            mine = [(p["step"], p["lineVal"]) for p in lines if p["lineKey"] == f"step {r.step}"]
+            assert mine == list(zip(r.curve.kl.tolist(), getattr(r.curve, f"{series}_mean").tolist(), strict=True))
+    first_overlay = wandb_offline.read_table(logged.run_dir, logged.history[0]["bon/overlay/true_table"])
+    assert {p["lineKey"] for p in first_overlay} == {"step 10"}
+
+    image = last["bon/curve_plot"]
+    assert image["_type"] == "image-file"
+    assert (logged.run_dir / "files" / image["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_use_the_step_metric(logged):
+    metrics = [r.metric for r in wandb_offline.iter_records(logged.run_dir) if r.WhichOneof("record_type") == "metric"]
+    assert any(m.name == "bon/step" for m in metrics)
+    assert any(m.glob_name == "bon/*" and m.step_metric == "bon/step" for m in metrics)
+    assert any(m.name == "bon/eval_record" and m.options.hidden for m in metrics)
+
+
+def test_goodhart_point_is_in_the_summary(logged):
+    goodhart = logged.records[-1].goodhart
+    assert goodhart is not None  # the heavy-tailed proxy makes true reward peak
+    summary = wandb_offline.read_summary(logged.run_dir)
+    assert summary["bon/goodhart/n"] == goodhart.n
+    assert summary["bon/goodhart/kl"] == goodhart.kl
+    assert summary["bon/goodhart/peak_gain"] == goodhart.peak_gain
+    assert summary["bon/goodhart/step"] == STEPS[-1]
+
+
+def test_read_records_round_trips_exactly(logged):
+    assert _as_json(wandb_offline.read_records(logged.run_dir)) == _as_json(logged.records)
+
+
+def test_spec_resumes_the_same_run(logged, tmp_path):
+    spec = logged.state["backend"]
+    assert spec["backend"] == "wandb"
+    assert (spec["project"], spec["run_id"], spec["mode"]) == ("test", logged.run.id, "offline")
+    assert spec["dir"] == str(logged.root)
+    json.dumps(spec)  # a saved state must be JSON
+
+    backend = backend_from_spec({**spec, "dir": str(tmp_path)})  # own folder: offline resume is a new one
+    assert backend.run_id == logged.run.id
+    record = EvalRecord.build(40, bon_curve(*logged.scores[STEPS[-1]]))
+    backend.log_eval(record)
+    assert backend.run.id == logged.run.id
+    backend.finish()
+    assert _as_json(wandb_offline.read_records(tmp_path)) == _as_json([record])
+
+
+def test_attaches_to_the_active_run_and_leaves_it_open(tmp_path, rng):
+    run = wandb.init(project="test", dir=tmp_path)
+    run.log({"train/loss": 1.0, "user/eval_record": "the user's own text"})  # read_records skips it
+    tracker = BonTracker(WandbBackend())
+    tracker.log_scores(5, *_goodhart_scores(rng))
+    assert tracker.backend.run is run
+    given = WandbBackend(run=run)  # a run object passed in explicitly
+    extra = EvalRecord.build(7, bon_curve(*_goodhart_scores(rng)))
+    given.log_eval(extra)
+    assert given.run is run
+    tracker.finish()
+    given.finish()
+    assert wandb.run is run and not run._is_finished
+
+    run.log({"train/loss": 0.5})  # the trainer carries on
+    run_dir = Path(run.settings.sync_dir)
+    run.finish()
+    assert wandb_offline.wait_until_complete(run_dir)  # finish() returns before the log is closed
+    rows = wandb_offline.read_history(run_dir)
+    assert [row["_step"] for row in rows] == [0, 1, 2, 3]
+    assert [row.get("bon/step") for row in rows] == [None, 5, 7, None]
+    assert [row.get("train/loss") for row in rows] == [1.0, None, None, 0.5]
+    assert _as_json(wandb_offline.read_records(run_dir)) == _as_json([*tracker.history, extra])
+
+
+def test_a_step_is_logged_once(tmp_path, rng):
+    backend = WandbBackend(project="test", dir=tmp_path, images=False)
+    record = EvalRecord.build(3, bon_curve(*_goodhart_scores(rng)))
+    backend.log_eval(record)
+    backend.log_eval(record)  # the tracker's replay after a failure it could not see through
+    one_prompt = EvalRecord.build(4, bon_curve([[0.3, 0.1, 0.2, 0.9]], [[1.0, 0.0, 0.5, 0.25]]))  # NaN SEs
+    backend.log_eval(one_prompt)
+    run_dir = Path(backend.run.settings.sync_dir)
+    backend.finish()
+    rows = wandb_offline.read_history(run_dir)
+    assert [row["bon/step"] for row in rows] == [3, 4]
+    assert "bon/curve_plot" not in rows[0]
+    assert _as_json(wandb_offline.read_records(run_dir)) == _as_json([record, one_prompt])
+    assert all(np.isnan(r["true_se"]) for r in wandb_offline.read_table(run_dir, rows[1]["bon/bon_curves"]))
+
+
+def test_custom_step_metric_and_bounded_overlay(tmp_path, rng):
+    backend = WandbBackend(project="test", dir=tmp_path, step_metric="train/global_step", images=False, overlay_steps=2)
+    for step in (8, 9, 10):
+        backend.log_eval(EvalRecord.build(step, bon_curve(*_goodhart_scores(rng))))
+    run_dir = Path(backend.run.settings.sync_dir)
+    backend.finish()
+    rows = wandb_offline.read_history(run_dir)
+    assert [row["train/global_step"] for row in rows] == [8, 9, 10]
+    assert all("bon/step" not in row for row in rows)
+    metrics = [r.metric for r in wandb_offline.iter_records(run_dir) if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "bon/*" and m.step_metric == "train/global_step" for m in metrics)
+    overlay = wandb_offline.read_table(run_dir, rows[-1]["bon/overlay/true_table"])
+    assert {p["lineKey"] for p in overlay} == {"step 8", "step 10"}  # first and last of 3 steps
+
+
+def test_reopens_the_run_when_its_owner_finished_it(tmp_path, rng):
+    run = wandb.init(project="test", dir=tmp_path / "trainer")
+    backend = WandbBackend(dir=tmp_path / "ours")
+    backend.log_eval(EvalRecord.build(1, bon_curve(*_goodhart_scores(rng))))
+    run.finish()  # e.g. transformers' WandbCallback at the end of train()
+    late = EvalRecord.build(2, bon_curve(*_goodhart_scores(rng)))
+    backend.log_eval(late)  # continues the same run (resume="allow"), which it now owns
+    assert backend.run is not run and backend.run.id == run.id
+    backend.finish()
+    assert wandb.run is None
+    assert _as_json(wandb_offline.read_records(tmp_path / "ours")) == _as_json([late])
+
+
+def test_reader_follows_records_across_blocks_and_rejects_corruption(tmp_path):
+    rng = np.random.default_rng(1)
+    blob = "".join(rng.choice(list('abcdefghij"\\é'), size=80_000))  # > 2 blocks: FIRST, MIDDLE, LAST chunks
+    run = wandb.init(project="test", dir=tmp_path)
+    for i in range(50):
+        run.log({"i": i, "x": float(rng.normal())} if i != 25 else {"i": i, "blob": blob})
+    run_dir = Path(run.settings.sync_dir)
+    run.finish()
+    assert wandb_offline.wait_until_complete(run_dir)
+    log = wandb_offline.find_transaction_log(run_dir)
+    assert log.stat().st_size > 3 * wandb_offline.BLOCK_SIZE
+    rows = wandb_offline.read_history(run_dir)
+    assert [row["i"] for row in rows] == list(range(50))
+    assert rows[25]["blob"] == blob
+
+    torn = tmp_path / "torn" / log.name  # a run killed mid-write: its complete records still read
+    torn.parent.mkdir()
+    torn.write_bytes(log.read_bytes()[: wandb_offline.BLOCK_SIZE + 1000])
+    assert 0 < len(wandb_offline.read_history(torn)) < 50
+    assert wandb_offline.is_complete(log) and not wandb_offline.is_complete(torn)
+    assert not wandb_offline.wait_until_complete(torn, timeout=0.05)
+
+    corrupt = tmp_path / "corrupt" / log.name
+    corrupt.parent.mkdir()
+    data = bytearray(log.read_bytes())
+    data[wandb_offline.BLOCK_SIZE // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        list(wandb_offline.iter_records(corrupt))
+
+    (tmp_path / "not_a_log.wandb").write_bytes(b"nonsense" + log.read_bytes())
+    with pytest.raises(ValueError, match="not a W&B transaction log"):
+        list(wandb_offline.iter_records(tmp_path / "not_a_log.wandb"))
+
+
+def test_constructing_touches_nothing(tmp_path):
+    code = (
+        "import sys; from bon_tracker.backends.wandb import WandbBackend; "
+        f"b = WandbBackend(project='p', dir={str(tmp_path / 'never')!r}); "
+        "assert b.run is None and b.run_id is None, b.run_id; "
+        "assert b.spec()['backend'] == 'wandb'; "
+        "assert 'wandb' not in sys.modules, 'wandb imported before the first log_eval'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ValueError, match="mode"):
+        WandbBackend(mode="sometimes")
