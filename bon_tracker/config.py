@@ -1,0 +1,481 @@
+"""One YAML config for the tracker and the ``bon-tracker`` command.
+
+A config file (``--config``, ``$BON_TRACKER_CONFIG``, or ``bon_tracker.yaml`` in the
+working directory) sets the backend and its options, the n grid, the key prefix,
+the evaluation cadence, the reward names and the NaN policy::
+
+    backend: mlflow            # local (default), mlflow or wandb
+    ns: [1, 2, 4, 8, 16, 32]   # best-of-n grid (default: powers of two up to N, plus N)
+    key_prefix: bon            # metric keys: bon/true/n16, ...
+    eval_every: 500            # trainer integrations compute curves every 500 steps
+    proxy_name: reward model   # labels in charts and reports
+    true_name: gold RM
+    nan_policy: raise          # or omit: drop NaN/inf samples
+    run_name: ppo-lr1e-5
+    spool_dir: /scratch/bon_spool
+    mlflow:                    # options of each backend, used when it is selected
+      tracking_uri: sqlite:///mlflow.db
+      experiment: goodhart
+    wandb:
+      project: goodhart
+    local:
+      root: bon_runs
+
+Precedence, highest first: explicit arguments (Python keywords, command-line
+options) > environment variables (``BON_TRACKER_BACKEND``, ``BON_TRACKER_NS``,
+``BON_TRACKER_KEY_PREFIX``, ``BON_TRACKER_EVAL_EVERY``, ``BON_TRACKER_PROXY_NAME``,
+``BON_TRACKER_TRUE_NAME``, ``BON_TRACKER_NAN_POLICY``, ``BON_TRACKER_RUN_NAME``,
+``BON_TRACKER_SPOOL_DIR``, and ``BON_TRACKER_DIR`` for the local root) > the config
+file > defaults.
+
+Files are read with ``yaml.safe_load`` semantics only (no Python objects). Unknown
+keys, duplicate keys and values of the wrong type are errors naming the key and its
+line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import yaml
+
+    from bon_tracker.tracker import BonTracker
+
+DEFAULT_CONFIG_FILE = "bon_tracker.yaml"
+CONFIG_ENV = "BON_TRACKER_CONFIG"
+BACKEND_NAMES = ("local", "mlflow", "wandb")
+ENV_PREFIX = "BON_TRACKER_"
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown or of the wrong type; the message says where."""
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """Settings shared by :class:`~bon_tracker.tracker.BonTracker`, trainer integrations
+    and the ``bon-tracker`` command. Build one with :func:`resolve_config`.
+
+    ``local``, ``mlflow`` and ``wandb`` hold the options of each backend (the keyword
+    arguments of its class); only the selected backend's are used. ``sources`` says
+    where each value set came from (``"default"`` when absent), for messages.
+    """
+
+    backend: str = "local"
+    ns: tuple[int, ...] | None = None
+    key_prefix: str = "bon"
+    eval_every: int = 1
+    proxy_name: str = "proxy"
+    true_name: str = "true"
+    nan_policy: str = "raise"
+    run_name: str | None = None
+    spool_dir: str | None = None
+    local: Mapping[str, Any] = field(default_factory=dict)
+    mlflow: Mapping[str, Any] = field(default_factory=dict)
+    wandb: Mapping[str, Any] = field(default_factory=dict)
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def backend_options(self, backend: str | None = None) -> dict[str, Any]:
+        """Options of ``backend`` (default: the selected one), with ``run_name`` added."""
+        backend = backend or self.backend
+        options = dict(getattr(self, backend))
+        if self.run_name is not None and backend in ("local", "mlflow", "wandb"):
+            options.setdefault("run_name", self.run_name)
+        return options
+
+    def tracker_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``BonTracker(**kwargs)`` for these settings."""
+        options = self.backend_options()
+        run_name = options.pop("run_name", None)
+        return {
+            "backend": self.backend,
+            "ns": None if self.ns is None else list(self.ns),
+            "run_name": run_name,
+            "key_prefix": self.key_prefix,
+            "nan_policy": self.nan_policy,
+            "spool_dir": self.spool_dir,
+            **options,
+        }
+
+    def is_eval_step(self, step: int) -> bool:
+        """Whether a trainer integration computes curves at ``step`` (every ``eval_every``)."""
+        return int(step) % self.eval_every == 0
+
+
+# ---- validation of one value ---------------------------------------------------------------------------
+
+
+def _check_str(value: Any, what: str = "a string") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected {what}, got {value!r}")
+    return value
+
+
+def _check_backend(value: Any) -> str:
+    if value not in BACKEND_NAMES:
+        raise ValueError(f"expected one of {', '.join(BACKEND_NAMES)}, got {value!r}")
+    return value
+
+
+def _check_ns(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    items = value
+    if isinstance(value, str):
+        items = [part for part in value.replace(",", " ").split() if part]
+        try:
+            items = [int(part) for part in items]
+        except ValueError:
+            raise ValueError(f"expected a list of integers >= 1 (e.g. [1, 2, 4, 8]), got {value!r}") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    if not isinstance(items, (list, tuple)) and not hasattr(items, "tolist"):
+        raise ValueError(f"expected a list of integers >= 1 (e.g. [1, 2, 4, 8]), got {value!r}")
+    items = list(items.tolist() if hasattr(items, "tolist") else items)
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad or not items:
+        raise ValueError(f"expected a list of integers >= 1 (e.g. [1, 2, 4, 8]), got {value!r}")
+    return tuple(items)
+
+
+def _check_positive_int(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _check_prefix(value: Any) -> str:
+    value = _check_str(value, "a non-empty string such as 'bon'")
+    if not value.strip("/"):
+        raise ValueError(f"expected a non-empty string such as 'bon', got {value!r}")
+    return value
+
+
+def _check_nan_policy(value: Any) -> str:
+    if value not in ("raise", "omit"):
+        raise ValueError(f"expected 'raise' or 'omit', got {value!r}")
+    return value
+
+
+def _check_optional_str(value: Any) -> str | None:
+    return None if value is None else _check_str(value)
+
+
+def _check_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return _check_str(value, "a path")
+
+
+_CHECKS = {
+    "backend": _check_backend,
+    "ns": _check_ns,
+    "key_prefix": _check_prefix,
+    "eval_every": _check_positive_int,
+    "proxy_name": _check_str,
+    "true_name": _check_str,
+    "nan_policy": _check_nan_policy,
+    "run_name": _check_optional_str,
+    "spool_dir": _check_path,
+}
+KNOWN_KEYS = (*_CHECKS, *BACKEND_NAMES)
+_ENV_KEYS = {key: ENV_PREFIX + key.upper() for key in _CHECKS}  # BON_TRACKER_NS, ...
+_SCALAR_OPTION_TYPES = (str, int, float, bool, type(None))
+
+
+def _backend_parameters(backend: str) -> dict[str, inspect.Parameter] | None:
+    """The keyword arguments the backend class accepts; None if it cannot be imported
+    here (an optional dependency missing): its options are then checked when it is built."""
+    from bon_tracker.tracker import BACKENDS
+
+    module_name, class_name = BACKENDS[backend].split(":")
+    try:
+        import importlib
+
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return None
+    params = inspect.signature(cls.__init__).parameters
+    return {name: p for name, p in params.items() if name != "self" and p.kind is p.KEYWORD_ONLY}
+
+
+def _check_option(backend: str, key: str, value: Any, known: dict[str, inspect.Parameter] | None) -> Any:
+    if known is not None and key not in known:
+        raise KeyError(_unknown(key, list(known), f"option of the {backend} backend"))
+    if known is not None:
+        default = known[key].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        if (
+            isinstance(default, int)
+            and not isinstance(default, bool)
+            and (isinstance(value, bool) or not isinstance(value, int))
+        ):
+            raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _unknown(key: str, known: list[str], what: str = "key") -> str:
+    guess = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    return f"unknown {what} {key!r}{hint} (known: {', '.join(known)})"
+
+
+# ---- the YAML file ---------------------------------------------------------------------------------------
+
+
+def _where(path: Path, line: int | None) -> str:
+    return f"{path} line {line}" if line is not None else str(path)
+
+
+def _mapping_lines(path: Path, node: yaml.MappingNode) -> dict[str, tuple[int, Any]]:
+    """{key: (line, value node)} of a YAML mapping; duplicate or non-string keys are errors."""
+    import yaml
+
+    out: dict[str, tuple[int, Any]] = {}
+    for key_node, value_node in node.value:
+        line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"{_where(path, line)}: keys must be plain names, not a {key_node.id}")
+        key = key_node.value
+        if key in out:
+            raise ConfigError(f"{_where(path, line)}: key {key!r} repeats line {out[key][0]}; keep one")
+        out[key] = (line, value_node)
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, Any]]]:
+    import yaml  # imported when a config is read, not when bon_tracker is
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(f"{_where(path, line)}: invalid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    finally:
+        loader.dispose()
+    if node is None:
+        return {}, {}
+    if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
+        raise ConfigError(
+            f"{_where(path, node.start_mark.line + 1)}: the config must be a mapping of keys "
+            f"(such as 'backend: mlflow'), not a {type(data).__name__}"
+        )
+    return data, _mapping_lines(path, node)
+
+
+def load_config(path: str | os.PathLike[str], base: TrackerConfig | None = None) -> TrackerConfig:
+    """Read a YAML config file over ``base`` (default: the defaults).
+
+    Raises:
+        ConfigError: unreadable YAML, an unknown or repeated key, or a value of the
+            wrong type; the message names the file, the line and the key.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "bon_tracker.yaml"
+        >>> _ = path.write_text("backend: local\\nns: [1, 2, 4]\\nlocal:\\n  root: runs\\n")
+        >>> config = load_config(path)
+        >>> config.ns, config.backend_options()
+        ((1, 2, 4), {'root': 'runs'})
+        >>> _ = path.write_text("backend: local\\neval_evry: 10\\n")
+        >>> load_config(path)
+        Traceback (most recent call last):
+        ...
+        bon_tracker.config.ConfigError: ... line 2: unknown key 'eval_evry'; did you mean 'eval_every'? ...
+    """
+    path = Path(path)
+    data, lines = _read_yaml(path)
+    config = base or TrackerConfig()
+    values: dict[str, Any] = {}
+    sources = dict(config.sources)
+    for key, (line, value_node) in lines.items():
+        where = _where(path, line)
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"{where}: {_unknown(key, list(KNOWN_KEYS))}")
+        value = data[key]
+        if key in BACKEND_NAMES:
+            values[key] = {**getattr(config, key), **_backend_section(path, key, value, value_node)}
+            sources[key] = where
+            continue
+        try:
+            values[key] = _CHECKS[key](value)
+        except ValueError as err:
+            raise ConfigError(f"{where}, key {key!r}: {err}") from None
+        sources[key] = where
+    return replace(config, **values, sources=sources)
+
+
+def _backend_section(path: Path, backend: str, value: Any, node: Any) -> dict[str, Any]:
+    import yaml
+
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not isinstance(node, yaml.MappingNode):
+        raise ConfigError(
+            f"{_where(path, node.start_mark.line + 1)}, key {backend!r}: expected a mapping of "
+            f"{backend} backend options (such as 'root: bon_runs'), got {value!r}"
+        )
+    known = _backend_parameters(backend)
+    out = {}
+    for key, (line, _) in _mapping_lines(path, node).items():
+        try:
+            out[key] = _check_option(backend, key, value[key], known)
+        except KeyError as err:
+            raise ConfigError(f"{_where(path, line)}: {err.args[0]}") from None
+        except ValueError as err:
+            raise ConfigError(f"{_where(path, line)}, key '{backend}.{key}': {err}") from None
+        if not isinstance(out[key], (*_SCALAR_OPTION_TYPES, list, dict)):
+            raise ConfigError(f"{_where(path, line)}, key '{backend}.{key}': unsupported value {value[key]!r}")
+    return out
+
+
+# ---- layering -------------------------------------------------------------------------------------------------
+
+
+def find_config_file(
+    config_path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Path | None:
+    """The config file to use: ``config_path``, else ``$BON_TRACKER_CONFIG``, else
+    ``./bon_tracker.yaml`` if it exists, else None. A named file must exist."""
+    environ = os.environ if environ is None else environ
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        return path
+    if environ.get(CONFIG_ENV):
+        path = Path(environ[CONFIG_ENV])
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file (named by ${CONFIG_ENV})")
+        return path
+    path = Path(DEFAULT_CONFIG_FILE)
+    return path if path.is_file() else None
+
+
+def _from_environment(config: TrackerConfig, environ: Mapping[str, str]) -> TrackerConfig:
+    values: dict[str, Any] = {}
+    sources = dict(config.sources)
+    for key, name in _ENV_KEYS.items():
+        raw = environ.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[key] = _CHECKS[key](raw)
+        except ValueError as err:
+            raise ConfigError(f"environment variable {name}: {err}") from None
+        sources[key] = f"${name}"
+    if environ.get("BON_TRACKER_DIR"):
+        values["local"] = {**config.local, "root": environ["BON_TRACKER_DIR"]}
+        sources["local.root"] = "$BON_TRACKER_DIR"
+    return replace(config, **values, sources=sources)
+
+
+def _from_arguments(config: TrackerConfig, explicit: Mapping[str, Any]) -> TrackerConfig:
+    values: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    sources = dict(config.sources)
+    for key, value in explicit.items():
+        if value is None:
+            continue  # not given
+        if key in _CHECKS:
+            try:
+                values[key] = _CHECKS[key](value)
+            except ValueError as err:
+                raise ConfigError(f"argument {key}: {err}") from None
+            sources[key] = "argument"
+        elif key in BACKEND_NAMES:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"argument {key}: expected a mapping of {key} backend options, got {value!r}")
+            values[key] = {**getattr(config, key), **value}
+            sources[key] = "argument"
+        else:
+            options[key] = value
+    backend = values.get("backend", config.backend)
+    if options:
+        known = _backend_parameters(backend)
+        for key, value in options.items():
+            try:
+                options[key] = _check_option(backend, key, value, known)
+            except KeyError as err:
+                raise ConfigError(f"argument {key}: {err.args[0]}") from None
+            except ValueError as err:
+                raise ConfigError(f"argument {key}: {err}") from None
+            sources[f"{backend}.{key}"] = "argument"
+        values[backend] = {**values.get(backend, getattr(config, backend)), **options}
+    return replace(config, **values, sources=sources)
+
+
+def resolve_config(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    **explicit: Any,
+) -> TrackerConfig:
+    """Settings from every layer: explicit arguments > environment > config file > defaults.
+
+    Args:
+        config_path: a YAML file; default ``$BON_TRACKER_CONFIG``, else
+            ``./bon_tracker.yaml`` when it exists, else none.
+        environ: the environment to read (default ``os.environ``).
+        **explicit: config keys (``backend``, ``ns``, ``key_prefix``, ...; None means
+            "not given"), a backend section (``mlflow={...}``), or options of the
+            selected backend (``tracking_uri=...``, ``root=...``).
+
+    Example:
+        >>> config = resolve_config(environ={"BON_TRACKER_NS": "1,2,4"}, backend="local", root="/tmp/runs")
+        >>> config.ns, config.backend_options()["root"], config.sources["ns"]
+        ((1, 2, 4), '/tmp/runs', '$BON_TRACKER_NS')
+    """
+    environ = os.environ if environ is None else environ
+    config = TrackerConfig(sources={f.name: "default" for f in fields(TrackerConfig) if f.name != "sources"})
+    path = find_config_file(config_path, environ)
+    if path is not None:
+        config = load_config(path, config)
+    config = _from_environment(config, environ)
+    return _from_arguments(config, explicit)
+
+
+def tracker_from_config(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    resume: str | os.PathLike[str] | None = None,
+    **explicit: Any,
+) -> BonTracker:
+    """A :class:`~bon_tracker.tracker.BonTracker` built from :func:`resolve_config`.
+
+    Example:
+        >>> import tempfile
+        >>> tracker = tracker_from_config(backend="local", root=tempfile.mkdtemp(), ns=[1, 2])
+        >>> tracker.ns, tracker.key_prefix
+        ([1, 2], 'bon')
+    """
+    from bon_tracker.tracker import BonTracker
+
+    config = resolve_config(config_path, **explicit)
+    kwargs = config.tracker_kwargs()
+    return BonTracker(kwargs.pop("backend"), resume=resume, **kwargs)

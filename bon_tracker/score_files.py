@@ -1,0 +1,572 @@
+"""Read per-sample score tables (JSONL, CSV, Parquet) in bounded batches.
+
+A score table has one row per sample: a prompt id, a proxy score and a true score,
+and optionally a training step and a run name. Files are read in batches of at most
+``batch_rows`` rows (Parquet with ``pyarrow.parquet.ParquetFile.iter_batches``,
+text files line by line), so a file of any size streams through in bounded memory.
+
+Every bad row, value or file raises :class:`ScoreFileError` with a message that
+names the file, the line (text files: physical line, counted from 1 with the header
+as line 1) or row (Parquet: data rows counted from 1) and the column, e.g.
+``scores.csv line 17, column 'proxy': 'abc' is not a number``.
+
+Normalisation, the same for every format: prompt ids and run names are compared as
+text in JSONL and CSV (``3`` and ``"3"`` are the same prompt); Parquet keeps the
+column's own type. Steps are integers. Scores are float64; JSON booleans count as
+0/1. Non-finite scores (NaN, inf, empty cells, JSON null) are an error with
+``nan_policy="raise"`` and are dropped with ``"omit"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from bon_tracker.core.validation import NanPolicy, check_nan_policy
+
+FORMATS = ("jsonl", "csv", "parquet")
+_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+DEFAULT_BATCH_ROWS = 1 << 16
+
+
+class ScoreFileError(ValueError):
+    """A score file that cannot be read as a score table; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Column names of a score table.
+
+    ``step`` and ``run`` are optional columns: used when the file has them, else every
+    row is step 0 of one run. ``require_step`` / ``require_run`` make a missing one an
+    error (the user named the column explicitly).
+    """
+
+    prompt: str = "prompt_id"
+    proxy: str = "proxy"
+    true: str = "true"
+    step: str = "step"
+    run: str = "run"
+    require_step: bool = False
+    require_run: bool = False
+
+
+@dataclass
+class ScoreBatch:
+    """Consecutive rows of one file, as arrays of equal length."""
+
+    prompt: np.ndarray  # str (object) or integer ids
+    proxy: np.ndarray  # float64, finite
+    true: np.ndarray  # float64, finite
+    step: np.ndarray | None  # int64; None when the file has no step column
+    run: np.ndarray | None  # str (object); None when the file has no run column
+    omitted: int = 0  # rows of this batch dropped for a non-finite score (nan_policy="omit")
+
+    def __len__(self) -> int:
+        return len(self.proxy)
+
+
+def detect_format(path: str | Path) -> str:
+    """``jsonl``, ``csv`` or ``parquet`` from the file name (``.gz`` allowed for text)."""
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    fmt = _SUFFIXES.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        raise ScoreFileError(
+            f"{path}: cannot tell the format from the name; use a .jsonl, .csv or .parquet "
+            "file (or .jsonl.gz, .csv.gz), or pass --format"
+        )
+    if fmt == "parquet" and path.suffix.lower() == ".gz":
+        raise ScoreFileError(f"{path}: Parquet files are compressed internally; do not gzip them")
+    return fmt
+
+
+def read_score_batches(
+    path: str | Path,
+    columns: Columns | None = None,
+    *,
+    fmt: str | None = None,
+    nan_policy: NanPolicy = "raise",
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[ScoreBatch]:
+    """Yield the rows of one score file in batches of at most ``batch_rows`` rows.
+
+    Args:
+        path: the file (``.jsonl``, ``.csv``, optionally gzipped, or ``.parquet``).
+        columns: which columns hold the prompt id, scores, step and run (default :class:`Columns`).
+        fmt: the format, if the file name does not tell it.
+        nan_policy: ``"raise"`` on a non-finite score, or ``"omit"`` that sample.
+        batch_rows: rows per batch (bounds memory).
+        progress: called with the number of bytes of the file consumed since the last call.
+
+    Raises:
+        ScoreFileError: the file is missing, malformed, or a row holds a bad value.
+    """
+    check_nan_policy(nan_policy)
+    columns = columns or Columns()
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt not in FORMATS:
+        raise ScoreFileError(f"{path}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise ScoreFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[fmt]
+    yield from reader(path, columns, nan_policy, max(1, int(batch_rows)), progress or (lambda _: None))
+
+
+# ---- shared helpers ------------------------------------------------------------------------
+
+
+def _located(path: Path, where: str, column: str, problem: str) -> ScoreFileError:
+    return ScoreFileError(f"{path.name} {where}, column {column!r}: {problem}")
+
+
+def _finite_or_drop(
+    path: Path, proxy: np.ndarray, true: np.ndarray, columns: Columns, nan_policy: str, where: Callable[[int], str]
+) -> np.ndarray | None:
+    """Indices to keep (None: keep all); raise on a non-finite score under ``"raise"``."""
+    good = np.isfinite(proxy) & np.isfinite(true)
+    if good.all():
+        return None
+    if nan_policy == "omit":
+        return np.flatnonzero(good)
+    i = int(np.flatnonzero(~good)[0])
+    column, value = (columns.proxy, proxy[i]) if not np.isfinite(proxy[i]) else (columns.true, true[i])
+    shown = "missing or NaN (an empty cell, null or 'nan')" if math.isnan(value) else f"{value} is not finite"
+    raise _located(path, where(i), column, f"{shown}; clean the file, or pass --nan-policy omit to drop such samples")
+
+
+def _select(batch: ScoreBatch, keep: np.ndarray | None) -> ScoreBatch:
+    if keep is None:
+        return batch
+    return ScoreBatch(
+        prompt=batch.prompt[keep],
+        proxy=batch.proxy[keep],
+        true=batch.true[keep],
+        step=None if batch.step is None else batch.step[keep],
+        run=None if batch.run is None else batch.run[keep],
+        omitted=len(batch) - len(keep),
+    )
+
+
+def _object_array(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+# ---- text formats ------------------------------------------------------------------------------
+
+
+def _open_binary(path: Path) -> tuple[IO[bytes], Callable[[], int]]:
+    """The file as bytes, and a function returning how many bytes of the file on disk
+    have been consumed (the compressed position for .gz, for progress)."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    if path.suffix.lower() == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw.tell
+    return raw, raw.tell
+
+
+def _decoded_lines(path: Path, stream: IO[bytes]) -> Iterator[str]:
+    for number, line in enumerate(stream, start=1):
+        try:
+            yield line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise ScoreFileError(f"{path.name} line {number}: not valid UTF-8 text ({err.reason})") from None
+
+
+_NUMBER_TYPES = (int, float, bool)
+
+
+def _text_floats(
+    path: Path, values: list[Any], lines: list[int], column: str, nan_policy: str, *, json_values: bool
+) -> np.ndarray:
+    """Convert one column of a text batch to float64, naming the line of a bad value."""
+    if json_values:
+        if all(type(v) in _NUMBER_TYPES for v in values):
+            return np.array(values, dtype=np.float64)
+    else:
+        try:
+            return np.array(values, dtype=np.float64)
+        except ValueError:
+            pass
+    out = np.empty(len(values), dtype=np.float64)
+    for i, value in enumerate(values):
+        if json_values:
+            if type(value) in _NUMBER_TYPES:
+                out[i] = float(value)
+                continue
+            if value is None:
+                out[i] = math.nan  # missing: an error or dropped, by nan_policy (checked later)
+                continue
+            shown = json.dumps(value)[:40]
+            if isinstance(value, str):
+                shown = repr(value[:40])
+            raise _located(path, f"line {lines[i]}", column, f"{shown} is not a number")
+        try:
+            out[i] = float(value)
+        except ValueError:
+            if value.strip() == "":
+                out[i] = math.nan
+                continue
+            raise _located(path, f"line {lines[i]}", column, f"{value[:40]!r} is not a number") from None
+    return out
+
+
+def _text_steps(path: Path, values: list[Any], lines: list[int], column: str, *, json_values: bool) -> np.ndarray:
+    if not json_values:
+        try:
+            return np.array(values, dtype=np.int64)
+        except (ValueError, OverflowError):
+            pass
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        if json_values and type(value) is int:
+            out[i] = value
+            continue
+        if json_values and type(value) is float and value.is_integer():
+            out[i] = int(value)
+            continue
+        if not json_values:
+            try:
+                out[i] = int(value.strip())
+                continue
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    as_float = math.nan
+                if as_float.is_integer():
+                    out[i] = int(as_float)
+                    continue
+        shown = json.dumps(value)[:40] if json_values and not isinstance(value, str) else repr(str(value)[:40])
+        raise _located(path, f"line {lines[i]}", column, f"{shown} is not an integer step")
+    return out
+
+
+class _TextBatch:
+    """Rows of a text file gathered column by column until a batch is full."""
+
+    def __init__(self, has_step: bool, has_run: bool):
+        self.prompt: list[Any] = []
+        self.proxy: list[Any] = []
+        self.true: list[Any] = []
+        self.step: list[Any] | None = [] if has_step else None
+        self.run: list[Any] | None = [] if has_run else None
+        self.lines: list[int] = []
+
+    def build(self, path: Path, columns: Columns, nan_policy: str, *, json_values: bool) -> ScoreBatch:
+        lines = self.lines
+        batch = ScoreBatch(
+            prompt=_object_array(self.prompt),
+            proxy=_text_floats(path, self.proxy, lines, columns.proxy, nan_policy, json_values=json_values),
+            true=_text_floats(path, self.true, lines, columns.true, nan_policy, json_values=json_values),
+            step=None
+            if self.step is None
+            else _text_steps(path, self.step, lines, columns.step, json_values=json_values),
+            run=None if self.run is None else _object_array(self.run),
+        )
+        keep = _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, lambda i: f"line {lines[i]}")
+        return _select(batch, keep)
+
+
+def _read_csv(
+    path: Path, columns: Columns, nan_policy: str, batch_rows: int, progress: Callable[[int], None]
+) -> Iterator[ScoreBatch]:
+    stream, position = _open_binary(path)
+    with stream:
+        reader = csv.reader(_decoded_lines(path, stream))
+        try:
+            header = next(reader)
+            while not any(cell.strip() for cell in header):  # blank lines before the header
+                header = next(reader)
+        except StopIteration:
+            raise ScoreFileError(f"{path.name}: empty file (expected a header line naming the columns)") from None
+        except csv.Error as err:
+            raise ScoreFileError(f"{path.name} line 1: malformed CSV header ({err})") from None
+        except (EOFError, OSError, gzip.BadGzipFile) as err:
+            raise ScoreFileError(f"{path.name}: cannot read ({err})") from None
+        names = [h.strip() for h in header]
+        index = _column_index(path, names, columns)
+        i_prompt, i_proxy, i_true, i_step, i_run = index
+        width = len(names)
+        batch = _TextBatch(i_step is not None, i_run is not None)
+        reported = 0
+        try:
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # a blank line
+                line = reader.line_num
+                if len(row) != width:
+                    raise ScoreFileError(
+                        f"{path.name} line {line}: expected {width} fields (as in the header), got {len(row)}"
+                    )
+                prompt = row[i_prompt]
+                if not prompt.strip():
+                    raise _located(path, f"line {line}", columns.prompt, "empty prompt id")
+                batch.prompt.append(prompt)
+                batch.proxy.append(row[i_proxy])
+                batch.true.append(row[i_true])
+                if i_step is not None:
+                    batch.step.append(row[i_step])  # type: ignore[union-attr]
+                if i_run is not None:
+                    batch.run.append(row[i_run])  # type: ignore[union-attr]
+                batch.lines.append(line)
+                if len(batch.lines) >= batch_rows:
+                    yield batch.build(path, columns, nan_policy, json_values=False)
+                    batch = _TextBatch(i_step is not None, i_run is not None)
+                    done = position()
+                    progress(done - reported)
+                    reported = done
+        except csv.Error as err:
+            raise ScoreFileError(f"{path.name} line {reader.line_num}: malformed CSV ({err})") from None
+        except (EOFError, OSError, gzip.BadGzipFile) as err:
+            raise ScoreFileError(f"{path.name}: cannot read past line {reader.line_num} ({err})") from None
+        if batch.lines:
+            yield batch.build(path, columns, nan_policy, json_values=False)
+        progress(position() - reported)
+
+
+def _column_index(path: Path, names: list[str], columns: Columns) -> tuple[int, int, int, int | None, int | None]:
+    def find(name: str, option: str, required: bool) -> int | None:
+        if name in names:
+            return names.index(name)
+        if required:
+            shown = ", ".join(repr(n) for n in names[:20])
+            raise ScoreFileError(
+                f"{path.name}: no column {name!r} (the columns are {shown}); name the right one with {option}"
+            )
+        return None
+
+    return (
+        find(columns.prompt, "--prompt-col", True),  # type: ignore[return-value]
+        find(columns.proxy, "--proxy-col", True),
+        find(columns.true, "--true-col", True),
+        find(columns.step, "--step-col", columns.require_step),
+        find(columns.run, "--run-col", columns.require_run),
+    )
+
+
+def _read_jsonl(
+    path: Path, columns: Columns, nan_policy: str, batch_rows: int, progress: Callable[[int], None]
+) -> Iterator[ScoreBatch]:
+    stream, position = _open_binary(path)
+    has_step = has_run = None  # decided by the first row (the columns of a table are fixed)
+    batch: _TextBatch | None = None
+    reported = 0
+    line = 0
+    with stream:
+        try:
+            for line, text in enumerate(_decoded_lines(path, stream), start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise ScoreFileError(
+                        f"{path.name} line {line}: not valid JSON ({err.msg} at column {err.colno})"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise ScoreFileError(
+                        f"{path.name} line {line}: expected a JSON object per line, got {type(row).__name__}"
+                    )
+                if batch is None:
+                    has_step = columns.step in row or columns.require_step
+                    has_run = columns.run in row or columns.require_run
+                    batch = _TextBatch(bool(has_step), bool(has_run))
+                for name, present in (
+                    (columns.prompt, True),
+                    (columns.proxy, True),
+                    (columns.true, True),
+                    (columns.step, has_step),
+                    (columns.run, has_run),
+                ):
+                    if present and name not in row:
+                        keys = ", ".join(repr(k) for k in list(row)[:20])
+                        raise _located(path, f"line {line}", name, f"missing (the row has {keys})")
+                prompt = row[columns.prompt]
+                if prompt is None or isinstance(prompt, (dict, list)) or prompt == "":
+                    raise _located(
+                        path,
+                        f"line {line}",
+                        columns.prompt,
+                        f"{json.dumps(prompt)[:40]} is not a prompt id (use a string or an integer)",
+                    )
+                batch.prompt.append(prompt if isinstance(prompt, str) else str(prompt))
+                batch.proxy.append(row[columns.proxy])
+                batch.true.append(row[columns.true])
+                if has_step:
+                    batch.step.append(row[columns.step])  # type: ignore[union-attr]
+                if has_run:
+                    run = row[columns.run]
+                    batch.run.append(run if isinstance(run, str) else json.dumps(run))  # type: ignore[union-attr]
+                batch.lines.append(line)
+                if len(batch.lines) >= batch_rows:
+                    yield batch.build(path, columns, nan_policy, json_values=True)
+                    batch = _TextBatch(bool(has_step), bool(has_run))
+                    done = position()
+                    progress(done - reported)
+                    reported = done
+        except (EOFError, OSError, gzip.BadGzipFile) as err:
+            raise ScoreFileError(f"{path.name}: cannot read past line {line} ({err})") from None
+        if batch is None:
+            raise ScoreFileError(f"{path.name}: no rows (an empty JSONL file)")
+        if batch.lines:
+            yield batch.build(path, columns, nan_policy, json_values=True)
+        progress(position() - reported)
+
+
+# ---- Parquet ---------------------------------------------------------------------------------------
+
+
+def _read_parquet(
+    path: Path, columns: Columns, nan_policy: str, batch_rows: int, progress: Callable[[int], None]
+) -> Iterator[ScoreBatch]:
+    from bon_tracker.optional import require
+
+    require("pyarrow", "parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        # No pre-buffering and no reader threads: either reads ahead several row groups
+        # at once; this way memory holds one row group, whatever the file's size.
+        parquet = pq.ParquetFile(path, pre_buffer=False)
+    except (pa.ArrowException, OSError) as err:
+        raise ScoreFileError(f"{path.name}: not a readable Parquet file ({err})") from None
+    with parquet:
+        names = list(parquet.schema_arrow.names)
+        index = _column_index(path, names, columns)
+        wanted = [names[i] for i in index if i is not None]
+        total_rows = parquet.metadata.num_rows
+        size = path.stat().st_size
+        reported = 0
+        first_row = 0  # rows before this batch
+        try:
+            for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted, use_threads=False):
+                n = record_batch.num_rows
+                if n == 0:
+                    continue
+                where = (lambda start: lambda i: f"row {start + i + 1}")(first_row)
+                batch = ScoreBatch(
+                    prompt=_arrow_ids(path, record_batch.column(columns.prompt), columns.prompt, where),
+                    proxy=_arrow_floats(path, record_batch.column(columns.proxy), columns.proxy, where),
+                    true=_arrow_floats(path, record_batch.column(columns.true), columns.true, where),
+                    step=(
+                        _arrow_steps(path, record_batch.column(columns.step), columns.step, where)
+                        if index[3] is not None
+                        else None
+                    ),
+                    run=(
+                        _arrow_runs(path, record_batch.column(columns.run), columns.run, where)
+                        if index[4] is not None
+                        else None
+                    ),
+                )
+                keep = _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, where)
+                first_row += n
+                yield _select(batch, keep)
+                done = int(size * first_row / total_rows) if total_rows else size
+                progress(done - reported)
+                reported = done
+        except pa.ArrowException as err:
+            raise ScoreFileError(f"{path.name}: cannot read past row {first_row} ({err})") from None
+
+
+def _first_null(array: Any) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.index(pc.is_null(array), True).as_py())
+
+
+def _arrow_floats(path: Path, array: Any, column: str, where: Callable[[int], str]) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        array, kind = array.dictionary_decode(), kind.value_type
+    if (
+        pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_decimal(kind)
+    ):
+        out = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
+        return np.asarray(out, dtype=np.float64)  # nulls became NaN: checked by nan_policy
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        values = array.to_pylist()
+        out = np.empty(len(values), dtype=np.float64)
+        for i, value in enumerate(values):
+            if value is None or not value.strip():
+                out[i] = math.nan
+                continue
+            try:
+                out[i] = float(value)
+            except ValueError:
+                raise _located(path, where(i), column, f"{value[:40]!r} is not a number") from None
+        return out
+    raise ScoreFileError(f"{path.name}, column {column!r}: has type {kind}, not a number type")
+
+
+def _arrow_steps(path: Path, array: Any, column: str, where: Callable[[int], str]) -> np.ndarray:
+    import pyarrow as pa
+
+    kind = array.type
+    if array.null_count:
+        raise _located(path, where(_first_null(array)), column, "missing step (null)")
+    if pa.types.is_integer(kind):
+        return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64)
+    if pa.types.is_floating(kind):
+        values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)
+        bad = ~(np.isfinite(values) & (values == np.round(values)))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise _located(path, where(i), column, f"{values[i]!r} is not an integer step")
+        return values.astype(np.int64)
+    raise ScoreFileError(f"{path.name}, column {column!r}: has type {kind}; steps must be integers")
+
+
+def _arrow_ids(path: Path, array: Any, column: str, where: Callable[[int], str]) -> np.ndarray:
+    import pyarrow as pa
+
+    if array.null_count:
+        raise _located(path, where(_first_null(array)), column, "missing prompt id (null)")
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if pa.types.is_integer(array.type):
+        return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64)
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return np.asarray(array.to_numpy(zero_copy_only=False), dtype=object)
+    raise ScoreFileError(
+        f"{path.name}, column {column!r}: has type {array.type}; prompt ids must be strings or integers"
+    )
+
+
+def _arrow_runs(path: Path, array: Any, column: str, where: Callable[[int], str]) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if array.null_count:
+        raise _located(path, where(_first_null(array)), column, "missing run name (null)")
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    return np.asarray(pc.cast(array, pa.string()).to_numpy(zero_copy_only=False), dtype=object)
