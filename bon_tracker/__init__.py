@@ -6,6 +6,7 @@
 [1.0, 0.6667, 0.0]
 """
 
+from bon_tracker.backends.base import Backend
 from bon_tracker.core import (
     BonCurve,
     BonWinRate,
@@ -22,7 +23,6 @@ from bon_tracker.core import (
     kl_bon_discrete,
     mc_bon_estimate,
 )
-from bon_tracker.backends.base import Backend
 from bon_tracker.record import EvalRecord
 from bon_tracker.tracker import BonTracker
 
@@ -32,8 +32,8 @@ __all__ = [
     "Backend",
     "BonCurve",
     "BonTracker",
-    "EvalRecord",
     "BonWinRate",
+    "EvalRecord",
     "FunctionalFit",
     "OveroptimizationFit",
     "__version__",

@@ -14,6 +14,7 @@ import numpy as np
 
 from bon_tracker.core import fit_rl_overoptimization
 from bon_tracker.optional import require
+from bon_tracker.record import evenly_spaced
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -103,14 +104,6 @@ def curve_chart(
     return fig
 
 
-def _evenly_spaced(items: Sequence, limit: int) -> list:
-    """At most ``limit`` items, evenly spaced, always keeping the first and last."""
-    if len(items) <= limit:
-        return list(items)
-    picks = np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))
-    return [items[i] for i in picks]
-
-
 def overlay_chart(
     records: Sequence[EvalRecord],
     *,
@@ -123,7 +116,7 @@ def overlay_chart(
     (true solid, proxy dashed); at most ``max_curves`` steps, evenly spaced."""
     import matplotlib as mpl
 
-    shown = _evenly_spaced(list(records), max_curves)
+    shown = evenly_spaced(list(records), max_curves)
     fig = _figure()
     ax = fig.add_subplot()
     steps = [r.step for r in shown]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bon_tracker.record import EvalRecord
+from bon_tracker.record import EvalRecord, evenly_spaced
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -261,13 +261,6 @@ def _save(fig: Figure, path: Path) -> None:
     tmp.replace(path)
 
 
-def _evenly_spaced(items: Sequence[Any], limit: int) -> list[Any]:
-    if len(items) <= limit:
-        return list(items)
-    step = (len(items) - 1) / (limit - 1)
-    return [items[round(i * step)] for i in range(limit)]
-
-
 def write_run_report(
     records: Sequence[EvalRecord],
     out_dir: str | Path,
@@ -289,7 +282,7 @@ def write_run_report(
     records = sorted(records, key=lambda r: r.step)
     out_dir = Path(out_dir)
     names = {"proxy_name": proxy_name, "true_name": true_name}
-    for record in _evenly_spaced(records, max_step_charts):
+    for record in evenly_spaced(records, max_step_charts):
         _save(charts.curve_chart(record, **names), out_dir / "charts" / f"curve_step_{record.step:09d}.png")
     _save(charts.overlay_chart(records, **names), out_dir / "charts" / "overlay.png")
     _save(charts.trend_chart(records, **names), out_dir / "charts" / "trend.png")
@@ -323,7 +316,7 @@ def write_comparison(
     ``step``), ``runs_over_steps.png`` (true@n and the Goodhart point against training
     step) and ``compare.html`` with both and a summary table, in ``out_dir``."""
     from bon_tracker import charts
-    from bon_tracker.report import _STYLE
+    from bon_tracker.report import REPORT_STYLE
     from bon_tracker.spool import atomic_write_text
 
     if not runs:
@@ -383,7 +376,7 @@ def write_comparison(
     title = f"Best-of-n comparison of {len(runs)} run{'s' if len(runs) != 1 else ''}"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)} — bon_tracker</title><style>{_STYLE}</style></head><body>",
+        f"<title>{html.escape(title)} — bon_tracker</title><style>{REPORT_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<p class='note'>Curves: each run at "
         + ("its latest eval step" if step is None else f"its latest eval step at or before step {step}")

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from bon_tracker.core import BonCurve, OveroptimizationFit, fit_overoptimization
 
@@ -26,6 +29,21 @@ TABLE_COLUMNS = (
     "gap",
     "n_prompts",
 )
+
+
+def evenly_spaced(items: Sequence[Any], limit: int) -> list[Any]:
+    """At most ``limit`` items, evenly spaced, always keeping the first and the last.
+
+    Charts over many eval steps show a bounded number of curves, so a step's cost
+    does not grow with the length of the run.
+
+    >>> evenly_spaced(list(range(10)), 4)
+    [0, 3, 6, 9]
+    """
+    if len(items) <= limit:
+        return list(items)
+    picks = np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))
+    return [items[i] for i in picks]
 
 
 @dataclass(frozen=True)

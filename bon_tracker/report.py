@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bon_tracker.record import EvalRecord
 
-_STYLE = """
+REPORT_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
@@ -38,9 +38,10 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
     charts = Path(run_dir) / "charts"
     last = records[-1]
     c = last.curve
+    name = html.escape(title or Path(run_dir).name)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title or Path(run_dir).name)} — bon_tracker</title><style>{_STYLE}</style></head><body>",
+        f"<title>{name} — bon_tracker</title><style>{REPORT_STYLE}</style></head><body>",
         f"<h1>Best-of-n report: {html.escape(title or Path(run_dir).name)}</h1>",
         f"<p class='note'>{len(records)} eval step(s); latest step {last.step}: "
         f"{int(c.n_prompts[0])} prompts, N = {c.N} samples per prompt"

@@ -15,6 +15,7 @@ from bon_tracker.backends.base import Backend
 from bon_tracker.core import BonCurve, bon_curve
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, paired_scores
 from bon_tracker.distributed import all_gather, rank_and_world_size
+from bon_tracker.optional import MissingDependencyError
 from bon_tracker.record import EvalRecord
 from bon_tracker.spool import Spool, atomic_write_text
 
@@ -198,7 +199,7 @@ class BonTracker:
             logger.warning(
                 "bon_tracker: step %d was already logged (last logged step %d); skipped", step, self.last_step
             )
-            return None
+            return None  # checked before computing, so a replayed step costs nothing
 
         rows_p = [row for item in gathered for row in item[1]]
         rows_t = [row for item in gathered for row in item[2]]
@@ -207,10 +208,28 @@ class BonTracker:
             rows_p, rows_t = np.stack(rows_p), np.stack(rows_t)
         curve = bon_curve(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
         record = EvalRecord.build(step, curve, policy_kl=policy_kl, context=context, key_prefix=self.key_prefix)
-        self.history.append(record)
-        self.last_step = step
-        self._deliver(record)
+        self.log_record(record)
         return curve
+
+    def log_record(self, record: EvalRecord) -> bool:
+        """Log an already computed :class:`EvalRecord` (e.g. built from a score file).
+
+        Same guarantees as :meth:`log_scores`: a step already logged is skipped (returns
+        False), and a service failure spools the record instead of raising.
+        """
+        if self._closed:
+            raise RuntimeError("this tracker is finished; create a new BonTracker to log more")
+        if not self.is_writer:
+            return False
+        if self.last_step is not None and record.step <= self.last_step:
+            logger.warning(
+                "bon_tracker: step %d was already logged (last logged step %d); skipped", record.step, self.last_step
+            )
+            return False
+        self.history.append(record)
+        self.last_step = record.step
+        self._deliver(record)
+        return True
 
     def finish(self) -> None:
         """Replay anything spooled, then close the backend. Safe to call twice."""
@@ -297,6 +316,8 @@ class BonTracker:
                 backend.log_eval(record)
                 self._recovered()
                 return
+            except MissingDependencyError:
+                raise  # a configuration error, not an outage: retrying later cannot help
             except Exception as err:
                 self._report_failure(err)
         self.spool.append(self._spec(), record)
@@ -310,6 +331,8 @@ class BonTracker:
         for _, record in pending:
             try:
                 self.backend.log_eval(record)
+            except MissingDependencyError:
+                raise
             except Exception as err:
                 self._report_failure(err)
                 break

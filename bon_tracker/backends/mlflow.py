@@ -38,12 +38,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 import bon_tracker
 from bon_tracker.backends.base import Backend
 from bon_tracker.optional import require
-from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
+from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, evenly_spaced
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -443,7 +441,7 @@ class MlflowBackend(Backend):
         from bon_tracker import charts
 
         records = [self._history[step] for step in sorted(self._history)]
-        spaced = _evenly_spaced(records, MAX_CHART_RECORDS)
+        spaced = evenly_spaced(records, MAX_CHART_RECORDS)
         builders = [
             ("curve", f"curve/{_step_name(record.step).removesuffix('.json')}.png", lambda: charts.curve_chart(record)),
             ("overlay", "overlay.png", lambda: charts.overlay_chart(records, max_curves=OVERLAY_CURVES)),
@@ -493,13 +491,6 @@ class MlflowBackend(Backend):
         )
         if registered is not None:
             client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, registered)
-
-
-def _evenly_spaced(items: list, limit: int) -> list:
-    """At most ``limit`` items, evenly spaced, keeping the first and the last."""
-    if len(items) <= limit:
-        return items
-    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))]
 
 
 def read_records(

@@ -25,16 +25,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from bon_tracker.backends.base import Backend
 from bon_tracker.backends.wandb_offline import RECORD_KEY, wait_until_complete
 from bon_tracker.optional import require
-from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
+from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, evenly_spaced
 
 logger = logging.getLogger("bon_tracker")
 
@@ -49,14 +47,6 @@ _MODES = {
     "disabled": "disabled",
     "shared": "shared",
 }
-
-
-def _evenly_spaced(items: Sequence[Any], limit: int) -> list[Any]:
-    """At most ``limit`` items, evenly spaced, always keeping the first and last."""
-    if len(items) <= limit:
-        return list(items)
-    picks = np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))
-    return [items[i] for i in picks]
 
 
 class WandbBackend(Backend):
@@ -266,7 +256,7 @@ class WandbBackend(Backend):
             fields={"step": "kl", "lineKey": "series", "lineVal": "reward"},
             string_fields={"title": f"best-of-n at step {record.step}: reward vs KL", "xname": "KL (nats)"},
         )
-        shown = _evenly_spaced(history, self.overlay_steps)
+        shown = evenly_spaced(history, self.overlay_steps)
         for series in ("true", "proxy"):
             row[f"{pre}/{OVERLAY_KEY}/{series}"] = wandb.plot.line_series(
                 xs=[r.curve.kl.tolist() for r in shown],
