@@ -40,8 +40,9 @@ def main() -> None:
     for backend in args.backends:
         with tempfile.TemporaryDirectory() as folder:
             times = []
-            with BonTracker(backend, run_name="bench", spool_dir=os.path.join(folder, "spool"),
-                            **options_for(backend, folder)) as tracker:
+            with BonTracker(
+                backend, run_name="bench", spool_dir=os.path.join(folder, "spool"), **options_for(backend, folder)
+            ) as tracker:
                 for step in range(args.steps):
                     true = rng.normal(size=(64, 32))
                     proxy = true + rng.standard_t(2, size=true.shape)

@@ -34,7 +34,7 @@ def _figure(width: float = 7.5, height: float = 4.8) -> Figure:
 
 
 def _x(kl: np.ndarray, sqrt_kl: bool) -> np.ndarray:
-    return np.sqrt(kl) if sqrt_kl else kl
+    return np.sqrt(np.clip(kl, 0.0, None)) if sqrt_kl else kl
 
 
 def _kl_label(sqrt_kl: bool) -> str:
@@ -63,7 +63,7 @@ def curve_chart(
     fig = _figure()
     ax = fig.add_subplot()
     x = _x(c.kl, sqrt_kl)
-    proxy_label, true_label = _reward_labels(proxy_name, true_name)
+    proxy_label, true_label = _reward_labels(proxy_name or record.proxy_name, true_name or record.true_name)
     for mean, se, color, label in (
         (c.true_mean, c.true_se, TRUE_COLOR, true_label),
         (c.proxy_mean, c.proxy_se, PROXY_COLOR, proxy_label),
@@ -126,7 +126,7 @@ def overlay_chart(
         x = _x(r.curve.kl, sqrt_kl)
         ax.plot(x, r.curve.true_mean, "-", color=cmap(norm(r.step)), linewidth=1.6)
         ax.plot(x, r.curve.proxy_mean, "--", color=cmap(norm(r.step)), linewidth=1.0, alpha=0.8)
-    proxy_label, true_label = _reward_labels(proxy_name, true_name)
+    proxy_label, true_label = _reward_labels(proxy_name or records[-1].proxy_name, true_name or records[-1].true_name)
     ax.plot([], [], "-", color="grey", label=true_label)
     ax.plot([], [], "--", color="grey", label=proxy_label)
     fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="training step")
@@ -146,7 +146,10 @@ def trend_chart(
     true_name: str | None = None,
 ) -> Figure:
     """True@n and proxy@n against training step (top) and the Goodhart point's n (bottom)."""
-    proxy_label, true_label = (label.replace(" reward", "") for label in _reward_labels(proxy_name, true_name))
+    proxy_label, true_label = (
+        label.replace(" reward", "")
+        for label in _reward_labels(proxy_name or records[-1].proxy_name, true_name or records[-1].true_name)
+    )
     fig = _figure(7.5, 6.0)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     steps = np.array([r.step for r in records])
@@ -200,7 +203,7 @@ def rl_chart(records: Sequence[EvalRecord], *, sqrt_kl: bool = True) -> Figure:
     )
     points = [(r.step, r.policy) for r in records if r.policy is not None]
     if points:
-        kl = np.array([p.kl for _, p in points])
+        kl = np.clip([p.kl for _, p in points], 0.0, None)  # estimators of KL can dip below 0 early on
         true = np.array([p.true_mean for _, p in points])
         ax.plot(_x(kl, sqrt_kl), true, "D-", color="#9467bd", markersize=4, label="RL policy over training (true)")
         base = float(first.true_mean[first.n.tolist().index(1)]) if 1 in first.n.tolist() else float(true[0])

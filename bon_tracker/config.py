@@ -100,6 +100,8 @@ class TrackerConfig:
             "run_name": run_name,
             "key_prefix": self.key_prefix,
             "nan_policy": self.nan_policy,
+            "proxy_name": self.proxy_name,
+            "true_name": self.true_name,
             "spool_dir": self.spool_dir,
             **options,
         }

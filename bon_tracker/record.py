@@ -94,6 +94,8 @@ class EvalRecord:
     context: dict[str, Any] = field(default_factory=dict)  # user extras: scalars only
     key_prefix: str = "bon"
     timestamp: float = field(default_factory=time.time)
+    proxy_name: str = "proxy"  # reward names, for chart labels
+    true_name: str = "true"
 
     @classmethod
     def build(
@@ -104,6 +106,8 @@ class EvalRecord:
         policy_kl: float | None = None,
         context: dict[str, Any] | None = None,
         key_prefix: str = "bon",
+        proxy_name: str = "proxy",
+        true_name: str = "true",
     ) -> EvalRecord:
         goodhart = None
         if len(curve.n) >= 3 and 1 in curve.n.tolist():
@@ -123,6 +127,8 @@ class EvalRecord:
             policy=policy,
             context=dict(context or {}),
             key_prefix=key_prefix,
+            proxy_name=proxy_name,
+            true_name=true_name,
         )
 
     # ---- what appears in the tracking UI -------------------------------------------
@@ -162,6 +168,8 @@ class EvalRecord:
             "context": self.context,
             "key_prefix": self.key_prefix,
             "timestamp": self.timestamp,
+            "proxy_name": self.proxy_name,
+            "true_name": self.true_name,
         }
 
     @classmethod
@@ -174,4 +182,6 @@ class EvalRecord:
             context=dict(data.get("context") or {}),
             key_prefix=data.get("key_prefix", "bon"),
             timestamp=float(data.get("timestamp", 0.0)),
+            proxy_name=data.get("proxy_name", "proxy"),
+            true_name=data.get("true_name", "true"),
         )

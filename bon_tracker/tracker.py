@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,11 @@ class BonTracker:
         run_name: a name for the run the backend opens.
         key_prefix: prefix of every metric key (default ``bon``).
         nan_policy: ``"raise"`` (default) or ``"omit"`` non-finite samples.
+        proxy_name, true_name: names of the two rewards, for chart labels.
         spool_dir: where records are kept while a service is down (default
             ``$BON_TRACKER_SPOOL_DIR`` or ``~/.cache/bon_tracker/spool``).
-        resume: a folder or file holding a saved tracker state (:meth:`save_state`):
-            continue that tracking run and skip steps it already logged.
+        resume: a saved tracker state (:meth:`state`), or a folder or file holding one
+            (:meth:`save_state`): continue that tracking run and skip steps it already logged.
         **backend_options: passed to the backend (``root`` for local;
             ``tracking_uri``, ``experiment``, ``run_id`` for MLflow; ``project``,
             ``entity``, ``run`` for W&B).
@@ -86,8 +88,10 @@ class BonTracker:
         run_name: str | None = None,
         key_prefix: str = "bon",
         nan_policy: NanPolicy = "raise",
+        proxy_name: str = "proxy",
+        true_name: str = "true",
         spool_dir: str | Path | None = None,
-        resume: str | Path | None = None,
+        resume: str | Path | Mapping[str, Any] | None = None,
         **backend_options: Any,
     ):
         check_nan_policy(nan_policy)
@@ -96,13 +100,14 @@ class BonTracker:
         self.ns = None if ns is None else [int(n) for n in np.atleast_1d(ns)]
         self.key_prefix = key_prefix.strip("/")
         self.nan_policy = nan_policy
+        self.proxy_name, self.true_name = str(proxy_name), str(true_name)
         self.last_step: int | None = None
         self.history: list[EvalRecord] = []
         self._closed = False
         self._failing = False
 
         if resume is not None:
-            state = self.load_state(resume)
+            state = dict(resume) if isinstance(resume, Mapping) else self.load_state(resume)
             if state is not None:
                 if isinstance(backend, str) and backend != state["backend"]["backend"]:
                     raise ValueError(
@@ -207,7 +212,15 @@ class BonTracker:
         if len(lengths) == 1:
             rows_p, rows_t = np.stack(rows_p), np.stack(rows_t)
         curve = bon_curve(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
-        record = EvalRecord.build(step, curve, policy_kl=policy_kl, context=context, key_prefix=self.key_prefix)
+        record = EvalRecord.build(
+            step,
+            curve,
+            policy_kl=policy_kl,
+            context=context,
+            key_prefix=self.key_prefix,
+            proxy_name=self.proxy_name,
+            true_name=self.true_name,
+        )
         self.log_record(record)
         return curve
 

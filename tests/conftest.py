@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -54,3 +55,24 @@ def _work_in_a_temporary_folder(tmp_path, monkeypatch):
     """Every test runs in its own empty folder, so nothing (./mlruns, ./bon_runs, ./wandb)
     is left in the repository."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_tracking_services():
+    """Undo process-wide state that trackers keep between tests: the environment
+    (``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI``), MLflow's global
+    tracking URI and active runs, and a W&B run left open."""
+    environment = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environment)
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        tracking_utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+        if tracking_utils is not None and hasattr(tracking_utils, "_tracking_uri"):
+            tracking_utils._tracking_uri = None  # private, but the only way back to "not set"
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish()

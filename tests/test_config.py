@@ -58,6 +58,8 @@ def test_load_full_config(tmp_path):
         "run_name": "ppo-1",
         "key_prefix": "rm",
         "nan_policy": "omit",
+        "proxy_name": "reward model",
+        "true_name": "gold RM",
         "spool_dir": "/tmp/spool",
         "tracking_uri": "sqlite:///mlflow.db",
         "experiment": "goodhart",

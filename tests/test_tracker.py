@@ -31,6 +31,7 @@ def test_local_run_folder_holds_exactly_the_curves(tmp_path, rng):
     records = read_records(run_dir)
     assert [r.step for r in records] == [0, 50, 100]
     for record, (step, curve) in zip(records, logged):
+        assert record.step == step
         assert record.curve.to_dict() == curve.to_dict()
     scalars = [json.loads(line) for line in (run_dir / "scalars.jsonl").read_text().splitlines()]
     assert [s["step"] for s in scalars] == [0, 50, 100]

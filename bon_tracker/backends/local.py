@@ -98,6 +98,7 @@ class LocalBackend(Backend):
         self._steps: set[int] = set()
         self._history: list[EvalRecord] = []
         self._warned_no_charts = False
+        self._failed_charts: set[str] = set()
 
     # ---- Backend interface --------------------------------------------------------------
     @property
@@ -208,14 +209,21 @@ class LocalBackend(Backend):
 
         assert self.run_dir is not None
         out = self.run_dir / "charts"
-        figures = {
-            f"curve_step_{record.step:09d}.png": charts.curve_chart(record),
-            "overlay.png": charts.overlay_chart(self._history, max_curves=MAX_OVERLAY_CURVES),
-            "trend.png": charts.trend_chart(self._history),
+        drawers = {
+            f"curve_step_{record.step:09d}.png": lambda: charts.curve_chart(record),
+            "overlay.png": lambda: charts.overlay_chart(self._history, max_curves=MAX_OVERLAY_CURVES),
+            "trend.png": lambda: charts.trend_chart(self._history),
         }
         if any(r.policy is not None for r in self._history):
-            figures["rl.png"] = charts.rl_chart(self._history)
-        for name, fig in figures.items():
+            drawers["rl.png"] = lambda: charts.rl_chart(self._history)
+        for name, draw in drawers.items():
+            try:
+                fig = draw()
+            except Exception as err:  # a chart that cannot be drawn must not make the step fail and retry forever
+                if name not in self._failed_charts:
+                    logger.warning("bon_tracker: could not draw %s: %s: %s", name, type(err).__name__, err)
+                    self._failed_charts.add(name)
+                continue
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png")
             _atomic_write_bytes(out / name, buffer.getvalue())
