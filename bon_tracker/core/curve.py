@@ -6,8 +6,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from bon_tracker.core.estimators import put_rows
 from bon_tracker.core.kl import _discrete_kl_sorted, kl_bon
-from bon_tracker.core.ranking import ranked_groups
+from bon_tracker.core.ranking import iter_ranked_blocks
 from bon_tracker.core.validation import NanPolicy, check_ns, paired_scores, sample_counts
 from bon_tracker.core.weights import RankWeights
 
@@ -130,20 +131,20 @@ def bon_curve(proxy: object, true: object, ns: object | None = None, *, nan_poli
     bound = np.asarray(kl_bon(n_arr), dtype=np.float64)
     kl_pp = np.broadcast_to(bound, true_pp.shape).copy()  # tie-free prompts: the formula is exact
     has_ties = False
-    for rows, ranked in ranked_groups(p, t):
-        cols = np.flatnonzero(n_arr <= ranked.N)
-        true_est, proxy_est = RankWeights(ranked.N, n_arr[cols]).apply(ranked.score, ranked.proxy)
-        if len(rows) == P and len(cols) == len(n_arr):  # dense input: plain assignment
-            true_pp, proxy_pp = true_est, proxy_est
-        else:
-            true_pp[np.ix_(rows, cols)] = true_est
-            proxy_pp[np.ix_(rows, cols)] = proxy_est
+    weights: dict[int, tuple[np.ndarray, RankWeights]] = {}
+    for prompts, ranked in iter_ranked_blocks(p, t):
+        if ranked.N not in weights:  # one set of weights per N, shared by true and proxy
+            cols = np.flatnonzero(n_arr <= ranked.N)
+            weights[ranked.N] = (cols, RankWeights(ranked.N, n_arr[cols]))
+        cols, rank_weights = weights[ranked.N]
+        true_est, proxy_est = rank_weights.apply(ranked.score, ranked.proxy)
+        put_rows(true_pp, prompts, cols, true_est)
+        put_rows(proxy_pp, prompts, cols, proxy_est)
         if ranked.tied_rows.any():
             has_ties = True
             tied = np.flatnonzero(ranked.tied_rows)
-            kl_pp[np.ix_(rows[tied], cols)] = _discrete_kl_sorted(
-                ranked.proxy[tied], ranked.new_group[tied], n_arr[cols]
-            )
+            kl_tied = _discrete_kl_sorted(ranked.proxy[tied], ranked.new_group[tied], n_arr[cols])
+            put_rows(kl_pp, np.arange(P)[prompts][tied], cols, kl_tied)
     kl_pp[np.isnan(true_pp)] = np.nan
 
     n_prompts = (counts[:, None] >= n_arr[None, :]).sum(axis=0)

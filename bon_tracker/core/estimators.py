@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bon_tracker.core.ranking import ranked_groups
+from bon_tracker.core.ranking import iter_ranked_blocks
 from bon_tracker.core.validation import NanPolicy, check_ns, paired_scores, sample_counts
 from bon_tracker.core.weights import RankWeights
 
@@ -12,11 +12,24 @@ from bon_tracker.core.weights import RankWeights
 def estimate_per_prompt(proxy, score, ns: np.ndarray) -> np.ndarray:
     """Validated (dense or ragged) input -> ``(P, len(ns))``, NaN where n > N_p."""
     out = np.full((len(sample_counts(proxy)), len(ns)), np.nan)
-    for rows, ranked in ranked_groups(proxy, score):
-        cols = np.flatnonzero(ns <= ranked.N)
-        (estimates,) = RankWeights(ranked.N, ns[cols]).apply(ranked.score)
-        out[np.ix_(rows, cols)] = estimates
+    weights: dict[int, tuple[np.ndarray, RankWeights]] = {}
+    for prompts, ranked in iter_ranked_blocks(proxy, score):
+        if ranked.N not in weights:
+            cols = np.flatnonzero(ns <= ranked.N)
+            weights[ranked.N] = (cols, RankWeights(ranked.N, ns[cols]))
+        cols, rank_weights = weights[ranked.N]
+        (estimates,) = rank_weights.apply(ranked.score)
+        put_rows(out, prompts, cols, estimates)
     return out
+
+
+def put_rows(out: np.ndarray, prompts: slice | np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+    """``out[prompts, cols] = values`` for a slice or an index array of prompts."""
+    if isinstance(prompts, slice) and len(cols) == out.shape[1]:
+        out[prompts] = values
+    else:
+        rows = np.arange(out.shape[0])[prompts]
+        out[np.ix_(rows, cols)] = values
 
 
 def bon_estimate(proxy: object, score: object, ns: object, *, nan_policy: NanPolicy = "raise") -> np.ndarray:

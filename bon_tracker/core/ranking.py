@@ -8,6 +8,7 @@ over tie-breaks and becomes exact (and independent of the sort's tie order).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,47 +58,49 @@ def average_within_ties(sorted_values: np.ndarray, new_group: np.ndarray) -> np.
     return (sums / counts)[group_id].reshape(sorted_values.shape)
 
 
-def rank_scores(proxy: np.ndarray, score: np.ndarray) -> RankedScores:
-    """Rank every row of a dense ``(P, N)`` pair by proxy; average scores within ties.
+def iter_ranked_blocks(proxy, score) -> Iterator[tuple[slice | np.ndarray, RankedScores]]:
+    """Rank validated input block by block: yields ``(prompts, RankedScores)``.
 
-    Rows are sorted in blocks that fit in cache; the results land in full-size
-    arrays so the weights are applied afterwards in one matrix product.
+    ``prompts`` is a slice (dense input) or an index array (ragged input, grouped by N)
+    into the input's prompts. Each block holds about ``BLOCK_SAMPLES`` samples, sorted
+    into buffers that are reused for the next block, so the sort, the gathers and the
+    weights all work in cache: use a block before asking for the next one.
     """
-    proxy, score = np.ascontiguousarray(proxy), np.ascontiguousarray(score)
+    if isinstance(proxy, np.ndarray):
+        yield from _blocks(np.ascontiguousarray(proxy), np.ascontiguousarray(score), None)
+        return
+    for idx in blocks_by_length(proxy).values():
+        yield from _blocks(np.stack([proxy[i] for i in idx]), np.stack([score[i] for i in idx]), idx)
+
+
+def _blocks(proxy: np.ndarray, score: np.ndarray, index: np.ndarray | None):
     P, N = proxy.shape
-    sorted_proxy = np.empty((P, N))
-    sorted_score = np.empty((P, N))
-    new_group = np.empty((P, N), dtype=bool)
-    rows = max(1, BLOCK_SAMPLES // N)
+    # One row of a huge N is already a block; then take every row at once, so that the
+    # weights (the costly part at that size) are built once for all prompts.
+    rows = P if N > BLOCK_SAMPLES else max(1, BLOCK_SAMPLES // N)
+    rows = min(rows, P)
+    sorted_proxy = np.empty((rows, N))
+    sorted_score = np.empty((rows, N))
+    new_group = np.empty((rows, N), dtype=bool)
     offsets = np.arange(0, rows * N, N, dtype=np.intp)[:, None]
     for start in range(0, P, rows):
         stop = min(P, start + rows)
+        m = stop - start
         order = np.argsort(proxy[start:stop], axis=1)
         # Flat gathers are several times faster than take_along_axis; mode="clip" (the
         # indices are valid by construction) avoids take's buffered copy into `out`.
-        order += offsets[: stop - start]
-        block_proxy = sorted_proxy[start:stop]
+        order += offsets[:m]
+        block_proxy, block_score, block_new = sorted_proxy[:m], sorted_score[:m], new_group[:m]
         proxy[start:stop].ravel().take(order, out=block_proxy, mode="clip")
-        score[start:stop].ravel().take(order, out=sorted_score[start:stop], mode="clip")
-        block_new = new_group[start:stop]
+        score[start:stop].ravel().take(order, out=block_score, mode="clip")
         block_new[:, 0] = True
         np.not_equal(block_proxy[:, 1:], block_proxy[:, :-1], out=block_new[:, 1:])
-    tied_rows = ~new_group.all(axis=1)
-    if tied_rows.any():
-        tied = np.flatnonzero(tied_rows)
-        sorted_score[tied] = average_within_ties(sorted_score[tied], new_group[tied])
-    return RankedScores(sorted_proxy, sorted_score, new_group, tied_rows)
-
-
-def ranked_groups(proxy, score) -> list[tuple[np.ndarray, RankedScores]]:
-    """Rank validated input: ``[(prompt indices, RankedScores)]``, one entry per distinct N
-    (dense input has one)."""
-    if isinstance(proxy, np.ndarray):
-        return [(np.arange(proxy.shape[0]), rank_scores(proxy, score))]
-    return [
-        (idx, rank_scores(np.stack([proxy[i] for i in idx]), np.stack([score[i] for i in idx])))
-        for idx in blocks_by_length(proxy).values()
-    ]
+        tied_rows = ~block_new.all(axis=1)
+        if tied_rows.any():
+            tied = np.flatnonzero(tied_rows)
+            block_score[tied] = average_within_ties(block_score[tied], block_new[tied])
+        prompts = slice(start, stop) if index is None else index[start:stop]
+        yield prompts, RankedScores(block_proxy, block_score, block_new, tied_rows)
 
 
 def blocks_by_length(rows: list[np.ndarray]) -> dict[int, np.ndarray]:

@@ -69,6 +69,7 @@ class RankWeights:
     """
 
     DENSE_LIMIT = 1 << 21  # N * len(ns) up to this: one dense matrix
+    CHUNK = 1 << 15  # huge N: ranks per chunk of weights (256 KiB, stays in cache)
 
     def __init__(self, N: int, ns: np.ndarray):
         self.N = int(N)
@@ -84,16 +85,31 @@ class RankWeights:
         """Each ``(P, N)`` matrix of scores sorted by proxy rank -> ``(P, len(ns))`` estimates."""
         if self.dense is not None:
             return [s @ self.dense for s in sorted_scores]
-        # Huge N: build each n's tail once (never all at once: 8 MB each at N = 10^6)
-        # and apply it to every matrix, reversed once so tails line up from rank N down;
-        # einsum stays on this thread, unlike a BLAS call.
+        # Huge N (one prompt with 10^6 samples): each n's weights are built from rank N
+        # down in cache-sized chunks, continuing the same cumulative product across chunks
+        # (bit for bit the weights of bon_weight_tail_desc), and applied to every matrix
+        # as they are built; einsum stays on this thread, unlike a BLAS call.
         ranks_desc = np.arange(self.N, 0, -1, dtype=np.float64)
+        ranks_below = ranks_desc - 1.0
         reversed_scores = [np.ascontiguousarray(s[:, ::-1]) for s in sorted_scores]
         outs = [np.empty((s.shape[0], len(self.ns))) for s in sorted_scores]
+        buffer = np.empty(self.CHUNK + 1)
         for j, n in enumerate(self.ns):
-            tail = bon_weight_tail_desc(self.N, int(n), ranks_desc)
-            for s, out in zip(reversed_scores, outs):
-                out[:, j] = np.einsum("ij,j->i", s[:, : len(tail)], tail)
+            length = self.N - _lowest_nonzero_rank(self.N, int(n)) + 1
+            carry = n / self.N  # the weight of rank N
+            totals = [carry * s[:, 0] for s in reversed_scores]
+            for start in range(1, length, self.CHUNK):
+                stop = min(length, start + self.CHUNK)
+                weights = buffer[: stop - start + 1]
+                weights[0] = carry
+                np.subtract(ranks_desc[start - 1 : stop - 1], n, out=weights[1:])
+                np.divide(weights[1:], ranks_below[start - 1 : stop - 1], out=weights[1:])
+                np.cumprod(weights, out=weights)
+                for total, s in zip(totals, reversed_scores):
+                    total += np.einsum("ij,j->i", s[:, start:stop], weights[1:])
+                carry = weights[-1]
+            for total, out in zip(totals, outs):
+                out[:, j] = total
         return outs
 
 
