@@ -48,7 +48,7 @@ def logged(tmp_path_factory):
     rng = np.random.default_rng(20221019)
     root = tmp_path_factory.mktemp("wandb_root")
     scores = {step: _goodhart_scores(rng) for step in STEPS}
-    tracker = BonTracker("wandb", project="test", dir=root, run_name="bon-test")
+    tracker = BonTracker("wandb", project="test", dir=root, run_name="bon-test", images=True)
     for step, (proxy, true) in scores.items():
         tracker.log_scores(step, proxy, true, policy_kl=step / 10, lr=1e-4)
     run = tracker.backend.run

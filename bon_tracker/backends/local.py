@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bon_tracker.backends.base import Backend
+from bon_tracker.backends.chart_worker import ChartWorker
 from bon_tracker.optional import MissingDependencyError, require
 from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
 from bon_tracker.spool import atomic_write_text
@@ -78,6 +79,8 @@ class LocalBackend(Backend):
             ``<run_name>-<suffix>``.
         run_id: reopen an existing run folder ``<root>/<run_id>`` (resuming).
         charts: draw PNG charts and inline them in the report (needs matplotlib).
+        background_charts: draw them on a background thread, so a step does not wait
+            for matplotlib; :meth:`finish` waits for them (up to ``chart_timeout`` s).
     """
 
     name = "local"
@@ -89,6 +92,8 @@ class LocalBackend(Backend):
         run_name: str | None = None,
         run_id: str | None = None,
         charts: bool = True,
+        background_charts: bool = True,
+        chart_timeout: float = 120.0,
     ):
         self.root = Path(root) if root is not None else default_root()
         self.run_name = run_name
@@ -98,7 +103,8 @@ class LocalBackend(Backend):
         self._steps: set[int] = set()
         self._history: list[EvalRecord] = []
         self._warned_no_charts = False
-        self._failed_charts: set[str] = set()
+        self.chart_timeout = chart_timeout
+        self._worker = ChartWorker("local", background=background_charts)
 
     # ---- Backend interface --------------------------------------------------------------
     @property
@@ -129,8 +135,9 @@ class LocalBackend(Backend):
         self._draw(record)
 
     def finish(self) -> None:
+        self._worker.close(timeout=self.chart_timeout)
         if self.run_dir is not None and self._history:
-            self._write_report()
+            self._write_report(self._history)
 
     # ---- internals -----------------------------------------------------------------------
     def _open(self) -> Path:
@@ -196,6 +203,7 @@ class LocalBackend(Backend):
         atomic_write_text(self.run_dir / "run.json", json.dumps(meta, indent=2))
 
     def _draw(self, record: EvalRecord) -> None:
+        """Queue this step's chart and the overview charts and report (drawn off-thread)."""
         if not self.charts:
             return
         try:
@@ -208,32 +216,32 @@ class LocalBackend(Backend):
         from bon_tracker import charts
 
         assert self.run_dir is not None
-        out = self.run_dir / "charts"
-        drawers = {
-            f"curve_step_{record.step:09d}.png": lambda: charts.curve_chart(record),
-            "overlay.png": lambda: charts.overlay_chart(self._history, max_curves=MAX_OVERLAY_CURVES),
-            "trend.png": lambda: charts.trend_chart(self._history),
-        }
-        if any(r.policy is not None for r in self._history):
-            drawers["rl.png"] = lambda: charts.rl_chart(self._history)
-        for name, draw in drawers.items():
-            try:
-                fig = draw()
-            except Exception as err:  # a chart that cannot be drawn must not make the step fail and retry forever
-                if name not in self._failed_charts:
-                    logger.warning("bon_tracker: could not draw %s: %s: %s", name, type(err).__name__, err)
-                    self._failed_charts.add(name)
-                continue
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png")
-            _atomic_write_bytes(out / name, buffer.getvalue())
-        self._write_report()
+        out, history = self.run_dir / "charts", list(self._history)
+        self._worker.submit(
+            f"curve:{record.step}",
+            lambda: _save_png(charts.curve_chart(record), out / f"curve_step_{record.step:09d}.png"),
+        )
 
-    def _write_report(self) -> None:
+        def overview() -> None:
+            _save_png(charts.overlay_chart(history, max_curves=MAX_OVERLAY_CURVES), out / "overlay.png")
+            _save_png(charts.trend_chart(history), out / "trend.png")
+            if any(r.policy is not None for r in history):
+                _save_png(charts.rl_chart(history), out / "rl.png")
+            self._write_report(history)
+
+        self._worker.submit("overview", overview)
+
+    def _write_report(self, history: list[EvalRecord]) -> None:
         from bon_tracker.report import html_report
 
         assert self.run_dir is not None
-        atomic_write_text(self.run_dir / "report.html", html_report(self.run_dir, self._history))
+        atomic_write_text(self.run_dir / "report.html", html_report(self.run_dir, history))
+
+
+def _save_png(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _atomic_write_bytes(path, buffer.getvalue())
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

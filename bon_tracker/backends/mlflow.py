@@ -34,12 +34,14 @@ import math
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bon_tracker
 from bon_tracker.backends.base import Backend
+from bon_tracker.backends.chart_worker import ChartWorker
 from bon_tracker.optional import require
 from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, evenly_spaced
 
@@ -121,6 +123,11 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None if db is None else (db.absolute().parent / "mlartifacts").as_uri()
 
 
+_BOUNDED_LOCK = threading.Lock()
+_bounded_users = 0
+_saved_environment: dict[str, str | None] = {}
+
+
 @contextlib.contextmanager
 def bounded_http(max_retries: int, timeout: float) -> Iterator[None]:
     """Bound MLflow's HTTP retries and timeout (and mute its progress bars) for the
@@ -128,10 +135,13 @@ def bounded_http(max_retries: int, timeout: float) -> Iterator[None]:
 
     MLflow reads ``MLFLOW_HTTP_REQUEST_*`` from the environment on every request
     (``mlflow/utils/rest_utils.py``), with defaults that keep a call retrying for
-    minutes. They are set here only for the duration of the block and restored after,
-    so the user's own MLflow calls keep their settings. (Another thread calling MLflow
-    during the block sees the bounded values too: the environment is process-wide.)
+    minutes. They are set while any bon_tracker call is inside such a block (the chart
+    thread's too: the first to enter sets them, the last to leave restores the
+    user's values), so the user's own MLflow calls keep their settings. (Another
+    thread calling MLflow meanwhile sees the bounded values: the environment is
+    process-wide.)
     """
+    global _bounded_users
     bounded = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(max_retries)),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",  # the spool is the slow retry
@@ -139,16 +149,23 @@ def bounded_http(max_retries: int, timeout: float) -> Iterator[None]:
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),  # MLflow parses an int
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no tqdm bars on the user's stderr
     }
-    saved = {key: os.environ.get(key) for key in bounded}
-    os.environ.update(bounded)
+    with _BOUNDED_LOCK:
+        if _bounded_users == 0:
+            _saved_environment.clear()
+            _saved_environment.update({key: os.environ.get(key) for key in bounded})
+            os.environ.update(bounded)
+        _bounded_users += 1
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        with _BOUNDED_LOCK:
+            _bounded_users -= 1
+            if _bounded_users == 0:
+                for key, value in _saved_environment.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -215,6 +232,8 @@ class MlflowBackend(Backend):
             default is 7 with exponential backoff).
         timeout: seconds per HTTP request made by this backend (MLflow's default: 120).
         charts: log PNG charts (curve per step; overlay, trend, RL views).
+        background_charts: draw and upload them on a background thread, so a step does
+            not wait for matplotlib; :meth:`finish` waits for them (up to ``chart_timeout`` s).
 
     Example:
         >>> backend = MlflowBackend(tracking_uri="sqlite:////tmp/demo/mlflow.db", experiment="demo")
@@ -235,6 +254,8 @@ class MlflowBackend(Backend):
         max_retries: int = 1,
         timeout: float = 10.0,
         charts: bool = True,
+        background_charts: bool = True,
+        chart_timeout: float = 120.0,
     ):
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 10:
             raise ValueError(f"max_retries must be an integer from 0 to 10 (MLflow's limit), got {max_retries!r}")
@@ -252,7 +273,8 @@ class MlflowBackend(Backend):
         self._owns_run = False
         self._finished = False
         self._history: dict[int, EvalRecord] = {}  # this process's records, by step
-        self._chart_failures: set[str] = set()
+        self.chart_timeout = chart_timeout
+        self._worker = ChartWorker("mlflow", background=background_charts)
 
     # ---- identity ----------------------------------------------------------------------
     @property
@@ -303,7 +325,7 @@ class MlflowBackend(Backend):
             client.log_text(run_id, json.dumps(record.to_json(), allow_nan=True), record_path(record.step))
             client.log_text(run_id, table_json(record.table_rows()), step_table_path(record.step))
             if self.charts:
-                self._log_charts(client, run_id, record)
+                self._queue_charts(client, run_id, record)
             tags = self._changed_tags(run, record)
             registered = _registered_tables(
                 run.data.tags.get(LOGGED_ARTIFACTS_TAG), step_table_path(record.step), STEP_TABLES_TAG_BUDGET
@@ -320,6 +342,7 @@ class MlflowBackend(Backend):
             self._finished = True
             return
         client, run_id = self._client_obj, self._run_id
+        self._worker.close(timeout=self.chart_timeout)
         with bounded_http(self.max_retries, self.timeout):
             try:
                 if self._history:
@@ -437,39 +460,31 @@ class MlflowBackend(Backend):
                 missing.append(key)
         return missing
 
-    def _log_charts(self, client: MlflowClient, run_id: str, record: EvalRecord) -> None:
+    def _queue_charts(self, client: MlflowClient, run_id: str, record: EvalRecord) -> None:
+        """Draw and upload this step's chart and the overview charts on the chart thread."""
         from bon_tracker import charts
 
         records = [self._history[step] for step in sorted(self._history)]
         spaced = evenly_spaced(records, MAX_CHART_RECORDS)
-        builders = [
-            ("curve", f"curve/{_step_name(record.step).removesuffix('.json')}.png", lambda: charts.curve_chart(record)),
-            ("overlay", "overlay.png", lambda: charts.overlay_chart(records, max_curves=OVERLAY_CURVES)),
-            ("trend", "trend.png", lambda: charts.trend_chart(spaced)),
-        ]
-        if any(r.policy is not None for r in records):
-            builders.append(("rl", "rl.png", lambda: charts.rl_chart(spaced)))
-        for kind, path, build in builders:
-            figure = self._render(kind, build)
-            if figure is None:
-                continue
+
+        def upload(build: Callable[[], Figure], path: str) -> None:
+            figure = build()
             try:
-                client.log_figure(run_id, figure, f"{CHARTS_DIR}/{path}")
+                with bounded_http(self.max_retries, self.timeout):
+                    client.log_figure(run_id, figure, f"{CHARTS_DIR}/{path}")
             finally:
                 figure.clear()  # built without pyplot: nothing global to close; free it now
 
-    def _render(self, kind: str, build: Callable[[], Figure]) -> Figure | None:
-        """Build a chart; a chart bug (or missing matplotlib) is logged once and skipped,
-        never raised, or the tracker would spool and retry it forever like an outage."""
-        try:
-            return build()
-        except Exception as err:
-            if kind not in self._chart_failures:
-                self._chart_failures.add(kind)
-                logger.warning(
-                    "bon_tracker: the %s chart could not be drawn (%s: %s); skipped", kind, type(err).__name__, err
-                )
-            return None
+        curve_path = f"curve/{_step_name(record.step).removesuffix('.json')}.png"
+        self._worker.submit(f"curve:{record.step}", lambda: upload(lambda: charts.curve_chart(record), curve_path))
+
+        def overview() -> None:
+            upload(lambda: charts.overlay_chart(records, max_curves=OVERLAY_CURVES), "overlay.png")
+            upload(lambda: charts.trend_chart(spaced), "trend.png")
+            if any(r.policy is not None for r in records):
+                upload(lambda: charts.rl_chart(spaced), "rl.png")
+
+        self._worker.submit("overview", overview)
 
     def _write_cumulative_table(self, client: MlflowClient, run_id: str) -> None:
         """``bon_curves.json``: rows of every step, merged with a table an earlier process
