@@ -4,8 +4,10 @@
 
 Logs `--steps` eval steps (P = 64 prompts x N = 32 samples, charts on) through
 BonTracker to each backend in a temporary folder (MLflow on a sqlite file, W&B in
-offline mode) and prints the mean time per step, the mean of the first and last 10
-steps, and last / first (goal: about 1, i.e. the per-step cost does not grow).
+offline mode) and prints the mean time per step, the mean of steps 11-20 and of the
+last 10 steps, last / early (goal: about 1, i.e. the per-step cost does not grow with
+the run's length; step 1 opens the run and is left out), and how long finish() takes
+(it waits for the charts drawn on the background thread).
 """
 
 from __future__ import annotations
