@@ -120,3 +120,14 @@ def test_fit_resumed_from_checkpoint_continues_the_run(tmp_path):
     assert [r.step for r in records] == [4, 8]
     _check_against_returned(records[:1], first)
     _check_against_returned(records[1:], resumed)
+
+
+def test_eval_every_and_reward_names_come_from_the_config_file(tmp_path):
+    (tmp_path / "bon_tracker.yaml").write_text("eval_every: 8\nproxy_name: linear RM\ntrue_name: gold\n")
+    callback = BonTrackerCallback(root=tmp_path / "runs", run_name="lit")  # the working dir is tmp_path
+    module = _fit(tmp_path, [callback], max_epochs=3)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    records = read_records(run_dir)
+    assert [r.step for r in records] == [8]  # epochs end at steps 4, 8, 12: only multiples of 8
+    assert (records[0].proxy_name, records[0].true_name) == ("linear RM", "gold")
+    _check_against_returned(records, module)
