@@ -423,7 +423,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     from bon_tracker.spool import Spool, default_spool_dir, spool_files
-    from bon_tracker.tracker import backend_from_spec
 
     config = _config(args)
     if args.spool_files:
@@ -441,43 +440,57 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     replayed = remaining = 0
     for path in paths:
         spool = Spool(path)
-        pending = spool.entries()
-        if not pending:
-            if not args.dry_run:
-                spool.keep_only([])  # an empty or torn-only file
+        if not args.dry_run and not spool.claim():
+            print(f"{path}: in use by a running tracker (it replays its own records); skipped")
             continue
-        if args.dry_run:
-            steps = ", ".join(str(r.step) for _, r in pending)
-            print(f"{path}: {len(pending)} record(s) for {pending[0][0].get('backend')} (steps {steps})")
-            remaining += len(pending)
-            continue
-        done, backends, failure = 0, {}, None
-        for spec, record in pending:
-            key = json.dumps(spec, sort_keys=True, default=str)
-            try:
-                backend = backends.get(key) or backends.setdefault(key, backend_from_spec(spec))
-                backend.log_eval(record)
-            except Exception as err:
-                failure = f"step {record.step}: {type(err).__name__}: {err}"
-                break
-            done += 1
-            spool.keep_only(pending[done:])  # each record leaves the spool once it is written
-        for backend in backends.values():
-            try:
-                backend.finish()
-            except Exception as err:
-                logger.warning("bon_tracker: closing the %s backend failed: %s", backend.name, err)
-        replayed += done
-        remaining += len(pending) - done
-        target = ", ".join(sorted({f"{b.name} run {b.run_id}" for b in backends.values()})) or "the backend"
-        print(f"{path}: replayed {done} of {len(pending)} record(s) to {target}")
-        if failure:
-            print(f"{path}: stopped at {failure}; {len(pending) - done} record(s) remain", file=sys.stderr)
+        try:
+            replayed_here, remaining_here = _sync_one(spool, args.dry_run)
+        finally:
+            spool.release()
+        replayed += replayed_here
+        remaining += remaining_here
     if args.dry_run:
         print(f"{remaining} record(s) pending in {len(paths)} spool file(s)")
         return EXIT_OK
     print(f"replayed {replayed} record(s); {remaining} remain")
     return EXIT_PENDING if remaining else EXIT_OK
+
+
+def _sync_one(spool: Any, dry_run: bool) -> tuple[int, int]:
+    """Replay one spool file in order (each record leaves it once written); returns
+    (replayed, remaining)."""
+    from bon_tracker.tracker import backend_from_spec
+
+    path, pending = spool.path, spool.entries()
+    if not pending:
+        if not dry_run:
+            spool.keep_only([])  # an empty or torn-only file
+        return 0, 0
+    if dry_run:
+        steps = ", ".join(str(r.step) for _, r in pending)
+        print(f"{path}: {len(pending)} record(s) for {pending[0][0].get('backend')} (steps {steps})")
+        return 0, len(pending)
+    done, backends, failure = 0, {}, None
+    for spec, record in pending:
+        key = json.dumps(spec, sort_keys=True, default=str)
+        try:
+            backend = backends.get(key) or backends.setdefault(key, backend_from_spec(spec))
+            backend.log_eval(record)
+        except Exception as err:
+            failure = f"step {record.step}: {type(err).__name__}: {err}"
+            break
+        done += 1
+        spool.keep_only(pending[done:])
+    for backend in backends.values():
+        try:
+            backend.finish()
+        except Exception as err:
+            logger.warning("bon_tracker: closing the %s backend failed: %s", backend.name, err)
+    target = ", ".join(sorted({f"{b.name} run {b.run_id}" for b in backends.values()})) or "the backend"
+    print(f"{path}: replayed {done} of {len(pending)} record(s) to {target}")
+    if failure:
+        print(f"{path}: stopped at {failure}; {len(pending) - done} record(s) remain", file=sys.stderr)
+    return done, len(pending) - done
 
 
 # ---- the parser ------------------------------------------------------------------------------------------------

@@ -6,15 +6,19 @@ written by any backend, spooled to disk when a service is down and replayed late
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from bon_tracker.core import BonCurve, OveroptimizationFit, fit_overoptimization
+
+logger = logging.getLogger("bon_tracker")
 
 TABLE_NAME = "bon_curves"
 TABLE_COLUMNS = (
@@ -29,6 +33,24 @@ TABLE_COLUMNS = (
     "gap",
     "n_prompts",
 )
+
+
+_PER_N_FIELDS = ("n", "kl", "kl_bound", "true_mean", "true_se", "proxy_mean", "proxy_se", "n_prompts")
+
+
+def _plain_context(context: dict[str, Any]) -> dict[str, Any]:
+    """Context values as plain JSON values: numpy scalars and 0-d tensors become Python
+    numbers (``.item()``); strings, bools and None stay; anything else is dropped."""
+    out: dict[str, Any] = {}
+    for key, value in context.items():
+        if hasattr(value, "item"):  # numpy scalars, one-element arrays and tensors
+            with contextlib.suppress(ValueError, RuntimeError):  # several elements: dropped below
+                value = value.item()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[str(key)] = value
+        else:
+            logger.warning("bon_tracker: context value %r=%r is not a number or string; not logged", key, value)
+    return out
 
 
 def evenly_spaced(items: Sequence[Any], limit: int) -> list[Any]:
@@ -110,9 +132,13 @@ class EvalRecord:
         true_name: str = "true",
     ) -> EvalRecord:
         goodhart = None
-        if len(curve.n) >= 3 and 1 in curve.n.tolist():
+        # Ragged prompts: fit only the n that every prompt reaches, so that all points of
+        # the fitted curve average the same prompts.
+        full = curve.n_prompts == curve.n_prompts.max()
+        fitted = curve if full.all() else replace(curve, **{k: getattr(curve, k)[full] for k in _PER_N_FIELDS})
+        if len(fitted.n) >= 3 and 1 in fitted.n.tolist():
             try:
-                goodhart = GoodhartPoint.from_fit(fit_overoptimization(curve))
+                goodhart = GoodhartPoint.from_fit(fit_overoptimization(fitted))
             except ValueError:  # too few points with KL > 0 to fit
                 goodhart = None
         policy = None
@@ -125,7 +151,7 @@ class EvalRecord:
             curve=curve,
             goodhart=goodhart,
             policy=policy,
-            context=dict(context or {}),
+            context=_plain_context(context or {}),
             key_prefix=key_prefix,
             proxy_name=proxy_name,
             true_name=true_name,

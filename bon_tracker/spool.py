@@ -16,6 +16,11 @@ from typing import Any
 
 from bon_tracker.record import EvalRecord
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
 
 def default_spool_dir() -> Path:
     """``$BON_TRACKER_SPOOL_DIR``, else ``$XDG_CACHE_HOME/bon_tracker/spool`` (``~/.cache``)."""
@@ -37,10 +42,43 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class Spool:
-    """Pending records of one tracker, in logging order."""
+    """Pending records of one tracker, in logging order.
+
+    The process that writes a spool holds an exclusive lock on ``<spool>.lock`` while it
+    lives (:meth:`claim`), so ``bon-tracker sync`` leaves the spool of a running tracker
+    alone instead of racing it (POSIX ``flock``; no locking where it is missing).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def claim(self) -> bool:
+        """Take the spool's lock for this process; False if another process holds it."""
+        if self._lock_fd is not None or fcntl is None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def release(self) -> None:
+        """Give the lock back (and tidy the lock file away when the spool is gone)."""
+        if self._lock_fd is None:
+            return
+        if not self.path.exists():
+            self.lock_path.unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     @classmethod
     def new(cls, backend_name: str, directory: Path | None = None) -> Spool:

@@ -14,7 +14,7 @@ import numpy as np
 
 from bon_tracker.backends.base import Backend
 from bon_tracker.core import BonCurve, bon_curve
-from bon_tracker.core.validation import NanPolicy, check_nan_policy, paired_scores
+from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores
 from bon_tracker.distributed import all_gather, rank_and_world_size
 from bon_tracker.optional import MissingDependencyError
 from bon_tracker.record import EvalRecord
@@ -47,9 +47,9 @@ def backend_from_spec(spec: dict[str, Any]) -> Backend:
 def _rows(values: Any) -> list[np.ndarray] | np.ndarray:
     """Tensors (CPU or CUDA), arrays and lists -> a 2-D array or a list of 1-D rows."""
     if hasattr(values, "detach") and hasattr(values, "cpu"):
-        return values.detach().cpu().numpy()
+        return values.detach().cpu().double().numpy()  # also bfloat16, which numpy lacks
     if isinstance(values, (list, tuple)):
-        return [v.detach().cpu().numpy() if hasattr(v, "detach") else v for v in values]
+        return [v.detach().cpu().double().numpy() if hasattr(v, "detach") else v for v in values]
     return values
 
 
@@ -97,7 +97,7 @@ class BonTracker:
         check_nan_policy(nan_policy)
         if not isinstance(key_prefix, str) or not key_prefix.strip("/"):
             raise ValueError(f"key_prefix must be a non-empty string, got {key_prefix!r}")
-        self.ns = None if ns is None else [int(n) for n in np.atleast_1d(ns)]
+        self.ns = None if ns is None else check_ns(ns, max_n=np.iinfo(np.int64).max)[0].tolist()
         self.key_prefix = key_prefix.strip("/")
         self.nan_policy = nan_policy
         self.proxy_name, self.true_name = str(proxy_name), str(true_name)
@@ -105,6 +105,8 @@ class BonTracker:
         self.history: list[EvalRecord] = []
         self._closed = False
         self._failing = False
+        self._unspooled: list[EvalRecord] = []  # records the spool itself could not take (disk full)
+        resumed_spool = None
 
         if resume is not None:
             state = dict(resume) if isinstance(resume, Mapping) else self.load_state(resume)
@@ -115,6 +117,7 @@ class BonTracker:
                     )
                 backend_options = {**{k: v for k, v in state["backend"].items() if k != "backend"}, **backend_options}
                 self.last_step = state.get("last_step")
+                resumed_spool = state.get("spool")
 
         if isinstance(backend, Backend):
             self._backend_name = backend.name
@@ -130,7 +133,11 @@ class BonTracker:
                 self._backend_options["run_name"] = run_name
         else:
             raise TypeError(f"backend must be a name or a Backend instance, got {type(backend).__name__}")
-        self.spool = Spool.new(self._backend_name, Path(spool_dir) if spool_dir is not None else None)
+        adopted = Spool(Path(resumed_spool)) if resumed_spool and Path(resumed_spool).exists() else None
+        if adopted is not None and adopted.claim():
+            self.spool = adopted  # what the process this one continues could not deliver
+        else:
+            self.spool = Spool.new(self._backend_name, Path(spool_dir) if spool_dir is not None else None)
 
     # ---- public API -------------------------------------------------------------------
     @property
@@ -239,9 +246,9 @@ class BonTracker:
                 "bon_tracker: step %d was already logged (last logged step %d); skipped", record.step, self.last_step
             )
             return False
+        self._deliver(record)  # raises only for a configuration error: then the step is not marked
         self.history.append(record)
         self.last_step = record.step
-        self._deliver(record)
         return True
 
     def finish(self) -> None:
@@ -251,7 +258,19 @@ class BonTracker:
         self._closed = True
         if not self.is_writer:
             return
-        self._replay_spool()
+        try:
+            self._replay_spool()
+            self._spool_unspooled()
+        except Exception as err:  # e.g. the backend cannot be built: still close what is open
+            logger.warning("bon_tracker: replaying spooled records at finish failed: %s", err)
+        if self._unspooled:
+            logger.error(
+                "bon_tracker: %d eval record(s) (steps %s) could neither reach %s nor be written to the spool %s",
+                len(self._unspooled),
+                [r.step for r in self._unspooled],
+                self._backend_name,
+                self.spool.path,
+            )
         if len(self.spool):
             logger.warning(
                 "bon_tracker: %d eval record(s) could not reach %s and are kept in %s; "
@@ -261,6 +280,7 @@ class BonTracker:
                 self.spool.path,
                 self.spool.path,
             )
+        self.spool.release()
         if self._backend is not None:
             try:
                 self._backend.finish()
@@ -275,9 +295,9 @@ class BonTracker:
 
     # ---- resuming ------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """What a resumed process needs to continue this tracking run."""
+        """What a resumed process needs to continue this tracking run (and its spool)."""
         spec = self.backend.spec() if self.is_writer else {"backend": self._backend_name}
-        return {"backend": spec, "last_step": self.last_step}
+        return {"backend": spec, "last_step": self.last_step, "spool": str(self.spool.path)}
 
     def save_state(self, directory: str | Path) -> Path | None:
         """Write :meth:`state` to ``directory/bon_tracker_state.json`` (rank 0 only)."""
@@ -322,8 +342,9 @@ class BonTracker:
         return ("ok", rows_p, rows_t)
 
     def _deliver(self, record: EvalRecord) -> None:
-        """Replay the spool first (order matters), then write this record; spool it on failure."""
-        backend = self.backend  # a configuration error (bad option, missing extra) raises here
+        """Replay what is pending first (order matters), then write this record; spool it on
+        failure. Raises only for a configuration error (bad option, missing extra)."""
+        backend = self.backend  # a configuration error raises here
         if self._replay_spool():
             try:
                 backend.log_eval(record)
@@ -333,28 +354,64 @@ class BonTracker:
                 raise  # a configuration error, not an outage: retrying later cannot help
             except Exception as err:
                 self._report_failure(err)
-        self.spool.append(self._spec(), record)
+        self._spool(record)
+
+    def _spool(self, record: EvalRecord) -> None:
+        """Keep a record for later; if even the spool fails (disk full, read-only), keep it in
+        memory and try the spool again at the next step: never raise into training."""
+        self._spool_unspooled()
+        if self._unspooled:
+            self._unspooled.append(record)
+            return
+        try:
+            self.spool.claim()  # held while this tracker lives: `bon-tracker sync` leaves it alone
+            self.spool.append(self._spec(), record)
+        except Exception as err:
+            logger.error(
+                "bon_tracker: cannot write the spool %s (%s); keeping step %d in memory",
+                self.spool.path,
+                err,
+                record.step,
+            )
+            self._unspooled.append(record)
+
+    def _spool_unspooled(self) -> None:
+        while self._unspooled:
+            try:
+                self.spool.append(self._spec(), self._unspooled[0])
+            except Exception:
+                return
+            self._unspooled.pop(0)
 
     def _replay_spool(self) -> bool:
-        """Write spooled records in order; True when the spool is empty afterwards."""
+        """Write pending records in order, each removed from the spool once written;
+        True when nothing is pending afterwards."""
+        self._spool_unspooled()
         pending = self.spool.entries()
-        if not pending:
-            return True
-        done = 0
-        for _, record in pending:
+        for i, (_, record) in enumerate(pending):
             try:
                 self.backend.log_eval(record)
             except MissingDependencyError:
                 raise
             except Exception as err:
                 self._report_failure(err)
-                break
-            done += 1
-        self.spool.keep_only(pending[done:])
-        if done == len(pending):
+                self.spool.keep_only(pending[i:])
+                return False
+        if pending:
+            self.spool.keep_only([])
+        # records held in memory are newer than the spool's: once one is held, all later ones are
+        while self._unspooled:
+            try:
+                self.backend.log_eval(self._unspooled[0])
+            except MissingDependencyError:
+                raise
+            except Exception as err:
+                self._report_failure(err)
+                return False
+            self._unspooled.pop(0)
+        if pending:
             self._recovered()
-            return True
-        return False
+        return True
 
     def _spec(self) -> dict[str, Any]:
         try:

@@ -192,3 +192,18 @@ def test_rl_fit_recovers_parameters():
     assert fit.peak_d == pytest.approx(math.exp(0.9 / 0.3 - 1))
     with pytest.raises(ValueError, match="same length"):
         fit_rl_overoptimization([1.0, 2.0], [1.0])
+
+
+def test_edge_cases_found_in_review():
+    # a prompt whose samples are all NaN, omitted: the mean is over the other prompts
+    assert kl_bon_discrete(np.array([[np.nan, np.nan], [1.0, 0.0]]), 2, nan_policy="omit") == pytest.approx(
+        kl_bon_discrete([1.0, 0.0], 2)
+    )
+    # a nearly linear true curve: the fitted peak is absurdly far, not an overflow
+    curve = _synthetic_curve(alpha=1.0, beta=0.0001)
+    fit = fit_overoptimization(curve)
+    assert fit.goodhart_n == math.inf and not fit.peak_within_range
+    # the RL form peaks for any alpha once beta > 0 (slope +inf at d -> 0)
+    d = np.linspace(0.05, 0.3, 8)
+    rl = fit_rl_overoptimization(d**2, d * (-0.5 - 0.4 * np.log(d)))
+    assert rl.has_peak and rl.peak_d == pytest.approx(math.exp(-0.5 / 0.4 - 1))

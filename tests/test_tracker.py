@@ -173,3 +173,104 @@ def test_log_eval_is_idempotent_per_step(tmp_path, rng):
     backend.log_eval(record)
     backend.log_eval(record)
     assert len((tmp_path / "run" / "scalars.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_full_disk_for_the_spool_keeps_records_in_memory(tmp_path, rng, monkeypatch):
+    service = FlakyService(down_for_calls=2)
+    tracker = BonTracker(service, spool_dir=tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Spool, "append", disk_full)
+    tracker.log_scores(1, *_scores(rng))  # service down, spool unwritable: held in memory
+    tracker.log_scores(2, *_scores(rng))
+    assert tracker.last_step == 2 and not tracker.spool.path.exists()
+    tracker.log_scores(3, *_scores(rng))  # service back: 1, 2 then 3, in order
+    tracker.finish()
+    assert service.received == [1, 2, 3]
+
+
+def test_a_configuration_error_raises_and_does_not_mark_the_step(tmp_path, rng):
+    from bon_tracker.optional import MissingDependencyError
+
+    class NotInstalled(Backend):
+        name = "not-installed"
+
+        def log_eval(self, record):
+            raise MissingDependencyError("pip install 'bon-tracker[x]'")
+
+    tracker = BonTracker(NotInstalled(), spool_dir=tmp_path)
+    with pytest.raises(MissingDependencyError):
+        tracker.log_scores(5, *_scores(rng))
+    assert tracker.last_step is None and not tracker.history
+    assert not tracker.spool.path.exists()
+
+
+def test_resume_replays_what_the_crashed_process_spooled(tmp_path, rng):
+    service = FlakyService(down_for_calls=10**6)
+    first = BonTracker(service, spool_dir=tmp_path / "spool")
+    first.log_scores(1, *_scores(rng))
+    state = first.state()  # saved with a checkpoint; then the process dies without finish()
+    first.spool.release()  # (dying releases the spool's lock)
+    healthy = FlakyService(down_for_calls=0)
+    second = BonTracker(healthy, resume=state)
+    second.log_scores(2, *_scores(rng))
+    second.finish()
+    assert healthy.received == [1, 2]
+
+
+def test_numpy_and_tensor_context_values_are_logged_as_plain_numbers(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    with BonTracker("local", root=tmp_path, run_name="ctx") as tracker:
+        tracker.log_scores(1, *_scores(rng), epoch=np.int64(2), lr=np.float32(0.5), loss=torch.tensor(1.5))
+    (row,) = [json.loads(line) for line in (tmp_path / "ctx" / "scalars.jsonl").read_text().splitlines()]
+    assert (row["bon/context/epoch"], row["bon/context/lr"], row["bon/context/loss"]) == (2.0, 0.5, 1.5)
+
+
+def test_bfloat16_tensors_are_accepted(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    proxy, true = _scores(rng)
+    with BonTracker("local", root=tmp_path, charts=False) as tracker:
+        curve = tracker.log_scores(1, torch.tensor(proxy, dtype=torch.bfloat16), torch.tensor(true))
+    rounded = torch.tensor(proxy, dtype=torch.bfloat16).double().numpy()
+    assert curve.to_dict() == bon_curve(rounded, true).to_dict()
+
+
+def test_local_tables_stay_exact_after_a_failed_append(tmp_path, rng, monkeypatch):
+    import bon_tracker.backends.local as local
+
+    backend = LocalBackend(root=tmp_path, run_id="run", charts=False)
+    tracker = BonTracker(backend, spool_dir=tmp_path / "spool")
+    tracker.log_scores(1, *_scores(rng))
+    real_append, calls = local._append_lines, {"n": 0}
+
+    def csv_disk_full(path, lines):
+        if path.name.endswith(".csv") and calls["n"] == 0:
+            calls["n"] += 1
+            raise OSError(28, "No space left on device")
+        real_append(path, lines)
+
+    monkeypatch.setattr(local, "_append_lines", csv_disk_full)
+    tracker.log_scores(2, *_scores(rng))  # jsonl appended, csv failed: spooled
+    tracker.log_scores(3, *_scores(rng))  # replays 2, then 3
+    tracker.finish()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "bon_curves.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] * 5 + [2] * 5 + [3] * 5
+    assert len((tmp_path / "run" / "bon_curves.csv").read_text().splitlines()) == 1 + 15
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
+
+
+def test_sync_leaves_the_spool_of_a_running_tracker_alone(tmp_path, rng):
+    service = FlakyService(down_for_calls=10**6)
+    tracker = BonTracker(service, spool_dir=tmp_path)
+    tracker.log_scores(1, *_scores(rng))  # spooled, and the spool is claimed by this tracker
+    other = Spool(tracker.spool.path)
+    assert not other.claim()
+    tracker.finish()  # still down: the spool stays, unclaimed
+    assert other.claim()
+    other.release()

@@ -54,7 +54,11 @@ class ChartWorker:
             return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Finish the queued jobs (up to ``timeout`` seconds) and stop the thread."""
+        """Finish the queued jobs (waiting up to ``timeout`` seconds) and let the thread end.
+
+        Returns False if jobs were still running when the time ran out: the daemon thread
+        then finishes them on its own (or dies with the process); no new job is taken.
+        """
         done = self.drain(timeout)
         with self._cond:
             self._closed = True

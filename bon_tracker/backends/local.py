@@ -103,6 +103,7 @@ class LocalBackend(Backend):
         self._steps: set[int] = set()
         self._history: list[EvalRecord] = []
         self._warned_no_charts = False
+        self._tables_suspect = False
         self.chart_timeout = chart_timeout
         self._worker = ChartWorker("local", background=background_charts)
 
@@ -122,13 +123,18 @@ class LocalBackend(Backend):
 
     def log_eval(self, record: EvalRecord) -> None:
         run_dir = self._open()
+        if self._tables_suspect:  # an earlier write failed midway: rebuild from the record files
+            self._resume_existing(run_dir)
+            self._tables_suspect = False
         if record.step not in self._steps:
             # The record file first: it is the source of truth if we crash below.
             atomic_write_text(run_dir / "records" / f"step_{record.step:09d}.json", json.dumps(record.to_json()))
             rows = record.table_rows()
+            self._tables_suspect = True  # until all three appends are done
             _append_lines(run_dir / f"{TABLE_NAME}.jsonl", [json.dumps(r) + "\n" for r in rows])
             _append_lines(run_dir / f"{TABLE_NAME}.csv", [_csv_line([r[c] for c in TABLE_COLUMNS]) for r in rows])
             _append_lines(run_dir / "scalars.jsonl", [json.dumps({"step": record.step, **record.scalars()}) + "\n"])
+            self._tables_suspect = False
             self._steps.add(record.step)
             self._history.append(record)
             self._write_meta(record)

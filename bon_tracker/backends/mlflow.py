@@ -468,10 +468,11 @@ class MlflowBackend(Backend):
         spaced = evenly_spaced(records, MAX_CHART_RECORDS)
 
         def upload(build: Callable[[], Figure], path: str) -> None:
+            # Off the training thread, so MLflow's own retries are fine here, and the
+            # process-wide bounded settings are not held while the user's calls run.
             figure = build()
             try:
-                with bounded_http(self.max_retries, self.timeout):
-                    client.log_figure(run_id, figure, f"{CHARTS_DIR}/{path}")
+                client.log_figure(run_id, figure, f"{CHARTS_DIR}/{path}")
             finally:
                 figure.clear()  # built without pyplot: nothing global to close; free it now
 

@@ -34,8 +34,9 @@ class FunctionalFit:
 
     @property
     def has_peak(self) -> bool:
-        """True when the fitted curve rises then falls (alpha > 0 and beta > 0)."""
-        return self.alpha > 0 and self.beta > 0
+        """True when the fitted curve rises then falls: beta > 0, and for the best-of-n
+        form alpha > 0 too (the RL form's slope is +inf at d -> 0, so beta > 0 suffices)."""
+        return self.beta > 0 and (self.alpha > 0 or self.form == "rl")
 
     @property
     def peak_d(self) -> float:
@@ -113,6 +114,8 @@ def _n_at_kl(curve: BonCurve, kl_target: float) -> float:
         if not kl[0] <= kl_target <= kl[-1]:
             return math.nan
         return float(np.exp(np.interp(kl_target, kl, np.log(n))))
+    if kl_target > 700:  # n = e^(KL+1) overflows a float: the peak is unreachably far
+        return math.inf
     low, high = 1.0, 2.0
     while kl_bon(high) < kl_target:
         low, high = high, high * 2

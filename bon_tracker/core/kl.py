@@ -63,6 +63,9 @@ def discrete_kl_per_prompt(proxy: np.ndarray | list[np.ndarray], ns: np.ndarray)
         return _discrete_kl_sorted(sorted_proxy, new_group, ns)
     out = np.empty((len(proxy), len(ns)))
     for i, row in enumerate(proxy):
+        if len(row) == 0:  # every sample omitted as NaN
+            out[i] = np.nan
+            continue
         sorted_proxy, _, new_group = rank_by_proxy(row[None, :])
         out[i] = _discrete_kl_sorted(sorted_proxy, new_group, ns)[0]
     return out
@@ -90,5 +93,5 @@ def kl_bon_discrete(proxy: object, n: object, *, nan_policy: NanPolicy = "raise"
     if np.any(~np.isfinite(n_arr)) or np.any(n_arr < 1):
         raise ValueError(f"n must be finite and >= 1, got {n!r}")
     per_prompt = discrete_kl_per_prompt(p, n_arr)
-    out = per_prompt[0] if one_prompt else per_prompt.mean(axis=0)
+    out = per_prompt[0] if one_prompt else np.nanmean(per_prompt, axis=0)
     return float(out[0]) if np.ndim(n) == 0 else out

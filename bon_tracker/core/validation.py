@@ -20,7 +20,7 @@ NanPolicy = Literal["raise", "omit"]
 def _to_float_array(values: object, name: str) -> np.ndarray:
     """Convert array-likes (lists, numpy, CPU/CUDA tensors) to a float64 array."""
     if hasattr(values, "detach") and hasattr(values, "cpu"):  # torch tensors, duck-typed
-        values = values.detach().cpu().numpy()
+        values = values.detach().cpu().double().numpy()  # also bfloat16, which numpy lacks
     try:
         array = np.asarray(values)
     except (TypeError, ValueError) as err:  # e.g. inhomogeneous nested lists
