@@ -215,6 +215,8 @@ class BonTracker:
 
         rows_p = [row for item in gathered for row in item[1]]
         rows_t = [row for item in gathered for row in item[2]]
+        if not rows_p:
+            raise ValueError(f"log_scores at step {step}: no rank passed any scores")
         lengths = {len(r) for r in rows_p}
         if len(lengths) == 1:
             rows_p, rows_t = np.stack(rows_p), np.stack(rows_t)
@@ -333,8 +335,11 @@ class BonTracker:
 
     def _validated_local(self, proxy: Any, true: Any) -> tuple:
         """This rank's scores as lists of 1-D float rows, or the reason they are bad."""
+        proxy, true = _rows(proxy), _rows(true)
+        if self.world_size > 1 and len(proxy) == 0 and len(true) == 0:
+            return ("ok", [], [])  # a rank may get no eval prompts; the gathered whole is checked
         try:
-            p, t, _ = paired_scores(_rows(proxy), _rows(true), nan_policy=self.nan_policy, names=("proxy", "true"))
+            p, t, _ = paired_scores(proxy, true, nan_policy=self.nan_policy, names=("proxy", "true"))
         except (TypeError, ValueError) as err:
             return ("error", str(err))
         rows_p = list(p) if isinstance(p, np.ndarray) else p

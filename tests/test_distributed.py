@@ -21,15 +21,17 @@ torch = pytest.importorskip("torch")
 
 from bon_tracker import bon_curve  # noqa: E402
 
-STEPS = (10, 20)
-PROMPTS_PER_RANK = (3, 2)  # ranks hold different numbers of prompts
+STEPS = (10, 20, 30)
+PROMPTS_PER_RANK = (3, 2)  # ranks hold different numbers of prompts ...
+EMPTY_ON_RANK_1 = 30  # ... and at this step rank 1 has none at all
 N = 8
 WRITE_EVENTS = ("os.mkdir", "os.rename", "os.replace", "os.remove", "os.symlink", "sqlite3.connect", "shutil.")
 
 
 def scores(rank: int, step: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(1000 * step + rank)
-    true = rng.normal(size=(PROMPTS_PER_RANK[rank], N))
+    prompts = 0 if (rank, step) == (1, EMPTY_ON_RANK_1) else PROMPTS_PER_RANK[rank]
+    true = rng.normal(size=(prompts, N))
     return true + rng.standard_t(df=2, size=true.shape), true
 
 
@@ -121,7 +123,8 @@ def test_two_ranks_one_writer(tmp_path, backend):
     for record, step in zip(records, STEPS, strict=True):
         rows = [scores(rank, step) for rank in range(2)]
         expected = bon_curve(np.vstack([p for p, _ in rows]), np.vstack([t for _, t in rows]))
-        assert record.curve.n_prompts.tolist() == [5] * len(expected.n)  # both ranks' prompts
+        both = 3 if step == EMPTY_ON_RANK_1 else 5
+        assert record.curve.n_prompts.tolist() == [both] * len(expected.n)  # both ranks' prompts
         np.testing.assert_allclose(record.curve.true_mean, expected.true_mean)
         np.testing.assert_allclose(record.curve.proxy_mean, expected.proxy_mean)
         np.testing.assert_allclose(record.curve.true_se, expected.true_se)
