@@ -140,7 +140,7 @@ def bon_curve(proxy: object, true: object, ns: object | None = None, *, nan_poli
         true_est, proxy_est = rank_weights.apply(ranked.score, ranked.proxy)
         put_rows(true_pp, prompts, cols, true_est)
         put_rows(proxy_pp, prompts, cols, proxy_est)
-        if ranked.tied_rows.any():
+        if ranked.tied_rows.any() and len(cols):  # ties matter where the prompt reaches some n
             has_ties = True
             tied = np.flatnonzero(ranked.tied_rows)
             kl_tied = _discrete_kl_sorted(ranked.proxy[tied], ranked.new_group[tied], n_arr[cols])
