@@ -41,6 +41,11 @@ def _kl_label(sqrt_kl: bool) -> str:
     return "√KL(best-of-n ‖ base)  [√nats]" if sqrt_kl else "KL(best-of-n ‖ base)  [nats]"
 
 
+def _placeholder(ax, text: str) -> None:
+    """A grey note in the middle of an empty panel."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8, color="grey")
+
+
 def _reward_labels(proxy_name: str | None, true_name: str | None) -> tuple[str, str]:
     """Legend labels of the (proxy, true) reward: the user's names, if any, with their role."""
     proxy = "proxy reward" if proxy_name in (None, "proxy") else f"{proxy_name} (proxy)"
@@ -174,16 +179,7 @@ def trend_chart(
     bottom.set_xlabel("training step")
     bottom.grid(alpha=0.3)
     if np.all(np.isnan(goodhart_n)):
-        bottom.text(
-            0.5,
-            0.5,
-            "no peak fitted yet (true reward still rising with n)",
-            ha="center",
-            va="center",
-            transform=bottom.transAxes,
-            fontsize=8,
-            color="grey",
-        )
+        _placeholder(bottom, "no peak fitted yet (true reward still rising with n)")
     return fig
 
 
@@ -393,18 +389,5 @@ def runs_trend_chart(
         bottom.plot([], [], "*", color="grey", markersize=8, markerfacecolor="none", label="extrapolated past it")
         bottom.legend(loc="best", fontsize=7)
     else:
-        bottom.text(
-            0.5,
-            0.5,
-            "no Goodhart point fitted (true reward still rising with n)",
-            ha="center",
-            va="center",
-            transform=bottom.transAxes,
-            fontsize=8,
-            color="grey",
-        )
+        _placeholder(bottom, "no Goodhart point fitted (true reward still rising with n)")
     return fig
-
-
-def save_png(fig: Figure, path) -> None:
-    fig.savefig(path, format="png")
