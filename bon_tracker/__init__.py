@@ -24,9 +24,8 @@ from bon_tracker.core import (
     mc_bon_estimate,
 )
 from bon_tracker.record import EvalRecord
-from bon_tracker.tracker import BonTracker
-
-__version__ = "0.1.0"
+from bon_tracker.tracking.tracker import BonTracker
+from bon_tracker.version import __version__
 
 __all__ = [
     "Backend",

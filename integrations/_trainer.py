@@ -10,9 +10,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from bon_tracker.config import resolve_config
 from bon_tracker.optional import require
-from bon_tracker.tracker import BonTracker
+from bon_tracker.tracking.config import resolve_config
+from bon_tracker.tracking.tracker import BonTracker
 
 transformers = require("transformers", "transformers")
 

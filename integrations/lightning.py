@@ -22,9 +22,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from bon_tracker.config import resolve_config
 from bon_tracker.optional import require
-from bon_tracker.tracker import BonTracker
+from bon_tracker.tracking.config import resolve_config
+from bon_tracker.tracking.tracker import BonTracker
 
 pl = require("lightning.pytorch", "lightning")
 

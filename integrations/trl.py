@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from bon_tracker.optional import require
-from bon_tracker.tracker import BonTracker
+from bon_tracker.tracking.tracker import BonTracker
 
 from ._trainer import KL_KEYS, TrainerTracking, finite_number
 

@@ -47,18 +47,18 @@ def _read_mlflow(tracker: BonTracker, tmp_path: Path):
 
 
 def _read_wandb(tracker: BonTracker, tmp_path: Path):
-    from bon_tracker.backends import wandb_offline
+    from bon_tracker.backends import wandb_transaction_log
 
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    history = wandb_offline.read_history(run_dir)
+    history = wandb_transaction_log.read_history(run_dir)
     scalars = {
         int(row["bon/step"]): {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for row in history
     }
     rows = []
     for row in history:
-        rows += wandb_offline.read_table(run_dir, row["bon/bon_curves"])
-    return wandb_offline.read_records(run_dir), scalars, rows
+        rows += wandb_transaction_log.read_table(run_dir, row["bon/bon_curves"])
+    return wandb_transaction_log.read_records(run_dir), scalars, rows
 
 
 BACKENDS = {

@@ -21,6 +21,7 @@ from mlflow.entities import Metric  # noqa: E402
 
 import bon_tracker  # noqa: E402
 from bon_tracker import bon_curve  # noqa: E402
+from bon_tracker.backends import backend_from_spec  # noqa: E402
 from bon_tracker.backends.mlflow import (  # noqa: E402
     LOGGED_ARTIFACTS_TAG,
     MAX_TAG_VALUE_LENGTH,
@@ -33,7 +34,7 @@ from bon_tracker.backends.mlflow import (  # noqa: E402
     step_table_path,
 )
 from bon_tracker.record import TABLE_COLUMNS, EvalRecord  # noqa: E402
-from bon_tracker.tracker import BonTracker, backend_from_spec  # noqa: E402
+from bon_tracker.tracking.tracker import BonTracker  # noqa: E402
 from tests.mlflow_server import MlflowServer, free_port  # noqa: E402
 
 P, N = 24, 16  # prompts x samples per eval step: small, the maths is tested elsewhere

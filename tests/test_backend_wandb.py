@@ -16,11 +16,12 @@ import pytest
 
 wandb = pytest.importorskip("wandb")
 
-from bon_tracker.backends import wandb_offline  # noqa: E402
+from bon_tracker.backends import backend_from_spec  # noqa: E402
+from bon_tracker.backends import wandb_transaction_log as txlog  # noqa: E402
 from bon_tracker.backends.wandb import WandbBackend  # noqa: E402
 from bon_tracker.core import bon_curve  # noqa: E402
 from bon_tracker.record import TABLE_COLUMNS, EvalRecord  # noqa: E402
-from bon_tracker.tracker import BonTracker, backend_from_spec  # noqa: E402
+from bon_tracker.tracking.tracker import BonTracker  # noqa: E402
 
 STEPS = (10, 20, 30)
 
@@ -62,16 +63,16 @@ def logged(tmp_path_factory):
         scores=scores,
         records=list(tracker.history),
         state=state,
-        history=wandb_offline.read_history(run_dir),
+        history=txlog.read_history(run_dir),
     )
 
 
 def test_the_backend_started_the_run_and_finished_it(logged):
     assert logged.run._is_finished
     assert wandb.run is None
-    assert wandb_offline.is_complete(logged.run_dir)  # finish() waited for W&B to close the log
-    assert wandb_offline.find_transaction_log(logged.run_dir).name == f"run-{logged.run.id}.wandb"
-    assert wandb_offline.find_transaction_log(logged.root) == wandb_offline.find_transaction_log(logged.run_dir)
+    assert txlog.is_complete(logged.run_dir)  # finish() waited for W&B to close the log
+    assert txlog.find_transaction_log(logged.run_dir).name == f"run-{logged.run.id}.wandb"
+    assert txlog.find_transaction_log(logged.root) == txlog.find_transaction_log(logged.run_dir)
 
 
 def test_history_holds_the_exact_curves_at_the_training_step(logged):
@@ -93,13 +94,13 @@ def test_curve_table_is_written_with_its_columns_and_rows(logged):
         assert ref["_type"] == "table-file"
         assert (logged.run_dir / "files" / ref["path"]).is_file()
         assert (ref["ncols"], ref["nrows"]) == (len(TABLE_COLUMNS), len(record.curve.n))
-        rows = wandb_offline.read_table(logged.run_dir, ref)
+        rows = txlog.read_table(logged.run_dir, ref)
         assert [list(r) for r in rows] == [list(TABLE_COLUMNS)] * len(rows)
         assert rows == record.table_rows()
 
 
 def test_native_charts_and_image_are_logged(logged):
-    visualize = wandb_offline.read_config(logged.run_dir)["_wandb"]["visualize"]
+    visualize = txlog.read_config(logged.run_dir)["_wandb"]["visualize"]
     assert set(visualize) == {"bon/curve_chart", "bon/overlay/true", "bon/overlay/proxy"}
     chart = visualize["bon/curve_chart"]["panel_config"]
     assert chart["panelDefId"] == "wandb/lineseries/v0"
@@ -107,7 +108,7 @@ def test_native_charts_and_image_are_logged(logged):
     assert json.dumps(chart["userQuery"]).count('"bon/curve_chart_table"') == 1
 
     last, record = logged.history[-1], logged.records[-1]
-    points = wandb_offline.read_table(logged.run_dir, last["bon/curve_chart_table"])
+    points = txlog.read_table(logged.run_dir, last["bon/curve_chart_table"])
     c = record.curve
     for series, mean in (("true", c.true_mean), ("proxy", c.proxy_mean)):
         got = [(p["n"], p["kl"], p["reward"]) for p in points if p["series"] == series]
@@ -115,11 +116,11 @@ def test_native_charts_and_image_are_logged(logged):
 
     # The overlay at the last step draws one line per eval step so far.
     for series in ("true", "proxy"):
-        lines = wandb_offline.read_table(logged.run_dir, last[f"bon/overlay/{series}_table"])
+        lines = txlog.read_table(logged.run_dir, last[f"bon/overlay/{series}_table"])
         for r in logged.records:
             mine = [(p["step"], p["lineVal"]) for p in lines if p["lineKey"] == f"step {r.step}"]
             assert mine == list(zip(r.curve.kl.tolist(), getattr(r.curve, f"{series}_mean").tolist(), strict=True))
-    first_overlay = wandb_offline.read_table(logged.run_dir, logged.history[0]["bon/overlay/true_table"])
+    first_overlay = txlog.read_table(logged.run_dir, logged.history[0]["bon/overlay/true_table"])
     assert {p["lineKey"] for p in first_overlay} == {"step 10"}
 
     image = last["bon/curve_plot"]
@@ -128,7 +129,7 @@ def test_native_charts_and_image_are_logged(logged):
 
 
 def test_metrics_use_the_step_metric(logged):
-    metrics = [r.metric for r in wandb_offline.iter_records(logged.run_dir) if r.WhichOneof("record_type") == "metric"]
+    metrics = [r.metric for r in txlog.iter_records(logged.run_dir) if r.WhichOneof("record_type") == "metric"]
     assert any(m.name == "bon/step" for m in metrics)
     assert any(m.glob_name == "bon/*" and m.step_metric == "bon/step" for m in metrics)
     assert any(m.name == "bon/eval_record" and m.options.hidden for m in metrics)
@@ -137,7 +138,7 @@ def test_metrics_use_the_step_metric(logged):
 def test_goodhart_point_is_in_the_summary(logged):
     goodhart = logged.records[-1].goodhart
     assert goodhart is not None  # the heavy-tailed proxy makes true reward peak
-    summary = wandb_offline.read_summary(logged.run_dir)
+    summary = txlog.read_summary(logged.run_dir)
     assert summary["bon/goodhart/n"] == goodhart.n
     assert summary["bon/goodhart/kl"] == goodhart.kl
     assert summary["bon/goodhart/peak_gain"] == goodhart.peak_gain
@@ -145,7 +146,7 @@ def test_goodhart_point_is_in_the_summary(logged):
 
 
 def test_read_records_round_trips_exactly(logged):
-    assert _as_json(wandb_offline.read_records(logged.run_dir)) == _as_json(logged.records)
+    assert _as_json(txlog.read_records(logged.run_dir)) == _as_json(logged.records)
 
 
 def test_spec_resumes_the_same_run(logged, tmp_path):
@@ -161,7 +162,7 @@ def test_spec_resumes_the_same_run(logged, tmp_path):
     backend.log_eval(record)
     assert backend.run.id == logged.run.id
     backend.finish()
-    assert _as_json(wandb_offline.read_records(tmp_path)) == _as_json([record])
+    assert _as_json(txlog.read_records(tmp_path)) == _as_json([record])
 
 
 def test_attaches_to_the_active_run_and_leaves_it_open(tmp_path, rng):
@@ -181,12 +182,12 @@ def test_attaches_to_the_active_run_and_leaves_it_open(tmp_path, rng):
     run.log({"train/loss": 0.5})  # the trainer carries on
     run_dir = Path(run.settings.sync_dir)
     run.finish()
-    assert wandb_offline.wait_until_complete(run_dir)  # finish() returns before the log is closed
-    rows = wandb_offline.read_history(run_dir)
+    assert txlog.wait_until_complete(run_dir)  # finish() returns before the log is closed
+    rows = txlog.read_history(run_dir)
     assert [row["_step"] for row in rows] == [0, 1, 2, 3]
     assert [row.get("bon/step") for row in rows] == [None, 5, 7, None]
     assert [row.get("train/loss") for row in rows] == [1.0, None, None, 0.5]
-    assert _as_json(wandb_offline.read_records(run_dir)) == _as_json([*tracker.history, extra])
+    assert _as_json(txlog.read_records(run_dir)) == _as_json([*tracker.history, extra])
 
 
 def test_a_step_is_logged_once(tmp_path, rng):
@@ -198,11 +199,11 @@ def test_a_step_is_logged_once(tmp_path, rng):
     backend.log_eval(one_prompt)
     run_dir = Path(backend.run.settings.sync_dir)
     backend.finish()
-    rows = wandb_offline.read_history(run_dir)
+    rows = txlog.read_history(run_dir)
     assert [row["bon/step"] for row in rows] == [3, 4]
     assert "bon/curve_plot" not in rows[0]
-    assert _as_json(wandb_offline.read_records(run_dir)) == _as_json([record, one_prompt])
-    assert all(np.isnan(r["true_se"]) for r in wandb_offline.read_table(run_dir, rows[1]["bon/bon_curves"]))
+    assert _as_json(txlog.read_records(run_dir)) == _as_json([record, one_prompt])
+    assert all(np.isnan(r["true_se"]) for r in txlog.read_table(run_dir, rows[1]["bon/bon_curves"]))
 
 
 def test_custom_step_metric_and_bounded_overlay(tmp_path, rng):
@@ -211,12 +212,12 @@ def test_custom_step_metric_and_bounded_overlay(tmp_path, rng):
         backend.log_eval(EvalRecord.build(step, bon_curve(*_goodhart_scores(rng))))
     run_dir = Path(backend.run.settings.sync_dir)
     backend.finish()
-    rows = wandb_offline.read_history(run_dir)
+    rows = txlog.read_history(run_dir)
     assert [row["train/global_step"] for row in rows] == [8, 9, 10]
     assert all("bon/step" not in row for row in rows)
-    metrics = [r.metric for r in wandb_offline.iter_records(run_dir) if r.WhichOneof("record_type") == "metric"]
+    metrics = [r.metric for r in txlog.iter_records(run_dir) if r.WhichOneof("record_type") == "metric"]
     assert any(m.glob_name == "bon/*" and m.step_metric == "train/global_step" for m in metrics)
-    overlay = wandb_offline.read_table(run_dir, rows[-1]["bon/overlay/true_table"])
+    overlay = txlog.read_table(run_dir, rows[-1]["bon/overlay/true_table"])
     assert {p["lineKey"] for p in overlay} == {"step 8", "step 10"}  # first and last of 3 steps
 
 
@@ -230,7 +231,7 @@ def test_reopens_the_run_when_its_owner_finished_it(tmp_path, rng):
     assert backend.run is not run and backend.run.id == run.id
     backend.finish()
     assert wandb.run is None
-    assert _as_json(wandb_offline.read_records(tmp_path / "ours")) == _as_json([late])
+    assert _as_json(txlog.read_records(tmp_path / "ours")) == _as_json([late])
 
 
 def test_reader_follows_records_across_blocks_and_rejects_corruption(tmp_path):
@@ -241,31 +242,31 @@ def test_reader_follows_records_across_blocks_and_rejects_corruption(tmp_path):
         run.log({"i": i, "x": float(rng.normal())} if i != 25 else {"i": i, "blob": blob})
     run_dir = Path(run.settings.sync_dir)
     run.finish()
-    assert wandb_offline.wait_until_complete(run_dir)
-    log = wandb_offline.find_transaction_log(run_dir)
-    assert log.stat().st_size > 3 * wandb_offline.BLOCK_SIZE
-    rows = wandb_offline.read_history(run_dir)
+    assert txlog.wait_until_complete(run_dir)
+    log = txlog.find_transaction_log(run_dir)
+    assert log.stat().st_size > 3 * txlog.BLOCK_SIZE
+    rows = txlog.read_history(run_dir)
     assert [row["i"] for row in rows] == list(range(50))
     assert rows[25]["blob"] == blob
 
     torn = tmp_path / "torn" / log.name  # a run killed mid-write: its complete records still read
     torn.parent.mkdir()
-    torn.write_bytes(log.read_bytes()[: wandb_offline.BLOCK_SIZE + 1000])
-    assert 0 < len(wandb_offline.read_history(torn)) < 50
-    assert wandb_offline.is_complete(log) and not wandb_offline.is_complete(torn)
-    assert not wandb_offline.wait_until_complete(torn, timeout=0.05)
+    torn.write_bytes(log.read_bytes()[: txlog.BLOCK_SIZE + 1000])
+    assert 0 < len(txlog.read_history(torn)) < 50
+    assert txlog.is_complete(log) and not txlog.is_complete(torn)
+    assert not txlog.wait_until_complete(torn, timeout=0.05)
 
     corrupt = tmp_path / "corrupt" / log.name
     corrupt.parent.mkdir()
     data = bytearray(log.read_bytes())
-    data[wandb_offline.BLOCK_SIZE // 2] ^= 0xFF
+    data[txlog.BLOCK_SIZE // 2] ^= 0xFF
     corrupt.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt"):
-        list(wandb_offline.iter_records(corrupt))
+        list(txlog.iter_records(corrupt))
 
     (tmp_path / "not_a_log.wandb").write_bytes(b"nonsense" + log.read_bytes())
     with pytest.raises(ValueError, match="not a W&B transaction log"):
-        list(wandb_offline.iter_records(tmp_path / "not_a_log.wandb"))
+        list(txlog.iter_records(tmp_path / "not_a_log.wandb"))
 
 
 def test_constructing_touches_nothing(tmp_path):

@@ -10,8 +10,9 @@ import pytest
 pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg
 
-from bon_tracker import bon_curve, charts
+from bon_tracker import bon_curve
 from bon_tracker.record import EvalRecord
+from bon_tracker.reports import charts
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -18,11 +18,11 @@ import pytest
 
 from bon_tracker import bon_curve
 from bon_tracker.backends.local import read_records
-from bon_tracker.cli import EXIT_OK, EXIT_PENDING, EXIT_USAGE, main
-from bon_tracker.compare import resolve_run
+from bon_tracker.cli.main import EXIT_OK, EXIT_PENDING, EXIT_USAGE, main
 from bon_tracker.record import EvalRecord
-from bon_tracker.spool import Spool, spool_files
-from bon_tracker.tracker import BonTracker
+from bon_tracker.reports.compare import resolve_run
+from bon_tracker.tracking.tracker import BonTracker
+from bon_tracker.tracking.wal import Spool, spool_files
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -380,7 +380,7 @@ def _peak_rss_kib(args: list[str], cwd: Path) -> tuple[int, dict]:
     """Run the installed ``bon-tracker`` in a fresh parent process; return the child's
     peak resident memory (KiB) and its JSON summary."""
     script = shutil.which("bon-tracker", path=str(Path(sys.executable).parent))
-    command = [script] if script else [sys.executable, "-m", "bon_tracker.cli"]
+    command = [script] if script else [sys.executable, "-m", "bon_tracker.cli.main"]
     probe = (
         "import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, "
         "text=True); print(json.dumps({'rc': r.returncode, 'out': r.stdout, 'err': r.stderr, "
@@ -557,7 +557,7 @@ def test_analyze_logs_to_mlflow(tmp_path, capsys, rng, mlflow_uri):
 
 
 @pytest.mark.slow
-def test_compare_a_wandb_offline_run_with_a_local_run(tmp_path, capsys, rng):
+def test_compare_a_wandb_transaction_log_run_with_a_local_run(tmp_path, capsys, rng):
     pytest.importorskip("wandb")
     w = log_run(
         rng,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bon_tracker.backends.local import read_records
-from bon_tracker.config import ConfigError, TrackerConfig, load_config, resolve_config, tracker_from_config
+from bon_tracker.tracking.config import ConfigError, TrackerConfig, load_config, resolve_config, tracker_from_config
 
 
 def write(path: Path, text: str) -> Path:

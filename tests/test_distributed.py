@@ -44,7 +44,7 @@ def _free_port() -> int:
 def _worker(rank: int, world_size: int, backend: str, root: str) -> None:
     import torch.distributed as dist
 
-    from bon_tracker.tracker import BonTracker
+    from bon_tracker.tracking.tracker import BonTracker
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     writes: list[str] = []

@@ -175,7 +175,7 @@ def test_mlflow_curves_go_into_the_trainers_run(tmp_path, monkeypatch):
 
 def test_wandb_curves_go_into_the_trainers_run(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from bon_tracker.backends import wandb_offline
+    from bon_tracker.backends import wandb_transaction_log
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # offline mode (conftest): run folders land here
     monkeypatch.setenv("WANDB_PROJECT", "hf-trainer")
@@ -198,9 +198,9 @@ def test_wandb_curves_go_into_the_trainers_run(tmp_path, monkeypatch):
             wandb.run.finish()
 
     assert callback.tracker.backend.run_id == trainers_run  # one run: the Trainer's
-    wandb_offline.wait_until_complete(wandb_offline.find_transaction_log(run_dir))
-    records = wandb_offline.read_records(run_dir)
+    wandb_transaction_log.wait_until_complete(wandb_transaction_log.find_transaction_log(run_dir))
+    records = wandb_transaction_log.read_records(run_dir)
     assert [r.step for r in records] == [2, 4]
     for call, record in enumerate(records):
         np.testing.assert_allclose(record.curve.true_mean, _expected(proxy, true, call).true_mean)
-    assert any("train/loss" in row for row in wandb_offline.read_history(run_dir))  # the Trainer's metrics
+    assert any("train/loss" in row for row in wandb_transaction_log.read_history(run_dir))  # the Trainer's metrics

@@ -33,7 +33,7 @@ def test_core_imports_only_numpy_scipy_and_stdlib():
 
 def test_importing_the_package_loads_no_framework_and_writes_nothing(tmp_path):
     code = (
-        "import sys, bon_tracker, bon_tracker.tracker, bon_tracker.backends.local; "
+        "import sys, bon_tracker, bon_tracker.tracking.tracker, bon_tracker.backends.local; "
         f"bad = [m for m in {FORBIDDEN_AT_IMPORT!r} if m in sys.modules]; "
         "assert not bad, bad"
     )

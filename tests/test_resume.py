@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from bon_tracker.backends.local import read_records  # noqa: E402
 from bon_tracker.integrations.transformers import BonTrackerCallback  # noqa: E402
-from bon_tracker.tracker import STATE_FILE, BonTracker  # noqa: E402
+from bon_tracker.tracking.tracker import STATE_FILE, BonTracker  # noqa: E402
 from tests.tiny_models import PROMPTS, lm_dataset, proxy_reward, tiny_gpt2, tiny_tokenizer, true_reward  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from bon_tracker import Backend, BonTracker, EvalRecord, bon_curve
 from bon_tracker.backends.local import LocalBackend, read_records
-from bon_tracker.spool import Spool
+from bon_tracker.tracking.wal import Spool
 
 
 def _scores(rng, prompts=16, samples=16):

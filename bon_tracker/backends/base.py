@@ -1,38 +1,71 @@
-"""The one interface every tracking backend implements."""
+"""The one interface every tracking backend implements: a writer and a reader."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 from bon_tracker.record import EvalRecord
 
 
-class Backend(ABC):
-    """Writes eval records to one tracking service.
+class ConfigurationError(ValueError):
+    """The backend is set up wrongly (a missing extra, an invalid setting, a run that does
+    not exist, refused credentials): retrying cannot help, so it is reported, never spooled."""
 
-    Lifecycle: the tracker calls :meth:`log_eval` once per eval step (only on rank 0
-    of a multi-process run) and :meth:`finish` at the end. A backend opens its run
-    lazily on the first :meth:`log_eval`, so constructing one touches nothing.
+
+class RejectedRecord(ValueError):
+    """The service refused this one record as invalid: it goes to the dead-letter file and
+    never blocks the records after it."""
+
+
+class TransientError(RuntimeError):
+    """The service is unreachable or overloaded (connection, timeout, 5xx, 429): retry later."""
+
+
+class Backend(ABC):
+    """Writes eval records to one tracking service, and reads them back.
+
+    Lifecycle: the delivery worker calls :meth:`log_eval` once per eval step, in step
+    order, on its own thread (never the training thread), and :meth:`finish` at the end.
+    A backend opens its run lazily on the first :meth:`log_eval`, so constructing one
+    touches nothing; :meth:`check` validates what can be checked without the network.
 
     Contract:
 
-    * ``log_eval`` may raise on a service failure; the tracker then spools the
-      record and calls ``log_eval`` again with the same record later. A backend must
-      therefore be idempotent per step: writing a step that is already (fully or
-      partly) there must not duplicate anything.
-    * every service quirk (key rules, batch limits, step handling) stays in the
-      backend's own module.
+    * ``log_eval`` raises on failure; :meth:`classify` sorts the error into an outage
+      (retried with back-off), a rejected record (dead-lettered) or a configuration error
+      (reported loudly). The same record may therefore be written again: a backend must be
+      idempotent per step (writing a step that is already, fully or partly, there must not
+      duplicate anything).
+    * every service quirk (key rules, batch limits, step handling, which errors are
+      transient) stays in the backend's own module.
+    * :meth:`read_records` reads back what :meth:`log_eval` wrote, so comparing runs and
+      reports are dispatch over backends, not a second copy of each storage format.
     """
 
-    name: str = "backend"
+    name: ClassVar[str] = "backend"
+    extra: ClassVar[str | None] = None  # the pip extra that installs this backend's service client
 
     @abstractmethod
     def log_eval(self, record: EvalRecord) -> None:
         """Write scalars, the ``bon_curves`` table rows and charts for one eval step."""
 
-    def finish(self) -> None:  # noqa: B027 - a no-op default, as in Lightning's loggers
+    def check(self) -> None:  # noqa: B027 - a no-op default, as in Lightning's loggers
+        """Raise :class:`ConfigurationError` for a setup that cannot work; no network."""
+
+    def finish(self) -> None:  # noqa: B027
         """Flush and close what this backend opened (never a run it attached to)."""
+
+    def alert(self, title: str, text: str, level: str = "WARN") -> None:  # noqa: B027
+        """Raise the service's native alert, where it has one (W&B, trackio)."""
+
+    def classify(self, error: BaseException) -> str:
+        """``"config"``, ``"rejected"`` or ``"transient"`` for an error of :meth:`log_eval`.
+
+        Backends refine this for their service's exceptions; unknown errors count as an
+        outage (retried, never dropped).
+        """
+        return classify_common(error)
 
     @property
     def run_id(self) -> str | None:
@@ -43,3 +76,26 @@ class Backend(ABC):
         """JSON-able ``{"backend": name, **options}`` to rebuild this backend for a replay
         (``bon-tracker sync``), pointing at the same run."""
         return {"backend": self.name}
+
+    @classmethod
+    def read_records(cls, ref: str, **options: Any) -> tuple[str, list[EvalRecord]]:
+        """``(label, records)`` of the run ``ref`` (the backend's own form of a run
+        reference), records in step order. Raises ``LookupError`` when there is no such run."""
+        raise NotImplementedError(f"the {cls.name} backend cannot read runs back")
+
+    @classmethod
+    def claims(cls, ref: str) -> bool:
+        """Whether ``ref`` names a run of this backend without the ``name:`` prefix (e.g. a
+        local run folder); used by ``compare`` and ``report`` to dispatch bare references."""
+        return False
+
+
+def classify_common(error: BaseException) -> str:
+    """What holds for every backend: our own typed errors, a missing extra, the network."""
+    from bon_tracker.optional import MissingDependencyError
+
+    if isinstance(error, (ConfigurationError, MissingDependencyError)):
+        return "config"
+    if isinstance(error, RejectedRecord):
+        return "rejected"
+    return "transient"

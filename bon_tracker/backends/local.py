@@ -32,7 +32,8 @@ from bon_tracker.backends.base import Backend
 from bon_tracker.backends.chart_worker import ChartWorker
 from bon_tracker.optional import MissingDependencyError, require
 from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
-from bon_tracker.spool import atomic_write_text
+from bon_tracker.tracking.wal import atomic_write_text
+from bon_tracker.version import __version__
 
 logger = logging.getLogger("bon_tracker")
 
@@ -192,13 +193,11 @@ class LocalBackend(Backend):
         )
 
     def _write_meta(self, record: EvalRecord) -> None:
-        import bon_tracker
-
         assert self.run_dir is not None
         meta = {
             "run_id": self._run_id,
             "run_name": self.run_name,
-            "bon_tracker_version": bon_tracker.__version__,
+            "bon_tracker_version": __version__,
             "N": record.curve.N,
             "P": int(record.curve.n_prompts[0]),
             "ns": record.curve.n.tolist(),
@@ -219,7 +218,7 @@ class LocalBackend(Backend):
                 logger.warning("bon_tracker: no charts in the local run folder: %s", err)
                 self._warned_no_charts = True
             return
-        from bon_tracker import charts
+        from bon_tracker.reports import charts
 
         assert self.run_dir is not None
         out, history = self.run_dir / "charts", list(self._history)
@@ -238,7 +237,7 @@ class LocalBackend(Backend):
         self._worker.submit("overview", overview)
 
     def _write_report(self, history: list[EvalRecord]) -> None:
-        from bon_tracker.report import html_report
+        from bon_tracker.reports.html import html_report
 
         assert self.run_dir is not None
         atomic_write_text(self.run_dir / "report.html", html_report(self.run_dir, history))

@@ -39,11 +39,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import bon_tracker
 from bon_tracker.backends.base import Backend
 from bon_tracker.backends.chart_worker import ChartWorker
 from bon_tracker.optional import require
 from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, evenly_spaced
+from bon_tracker.version import __version__
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -384,7 +384,7 @@ class MlflowBackend(Backend):
         run = client.create_run(
             self._experiment_id(client),
             run_name=self._run_name,
-            tags={"bon_tracker.version": bon_tracker.__version__},
+            tags={"bon_tracker.version": __version__},
         )
         self._run_id, self._owns_run = run.info.run_id, True
         return client, self._run_id
@@ -408,7 +408,7 @@ class MlflowBackend(Backend):
         ns = curve.n.tolist()
         prompts = int(curve.n_prompts[ns.index(1)] if 1 in ns else curve.n_prompts.max())
         wanted = {
-            "bon_tracker.version": bon_tracker.__version__,
+            "bon_tracker.version": __version__,
             "bon_tracker.N": str(curve.N),
             "bon_tracker.P": str(prompts),
             "bon_tracker.ns": ",".join(str(n) for n in ns)[:MAX_TAG_VALUE_LENGTH],
@@ -462,7 +462,7 @@ class MlflowBackend(Backend):
 
     def _queue_charts(self, client: MlflowClient, run_id: str, record: EvalRecord) -> None:
         """Draw and upload this step's chart and the overview charts on the chart thread."""
-        from bon_tracker import charts
+        from bon_tracker.reports import charts
 
         records = [self._history[step] for step in sorted(self._history)]
         spaced = evenly_spaced(records, MAX_CHART_RECORDS)

@@ -12,9 +12,9 @@ as one ``run.log`` call so a step is all there or not there:
   (its table, ``{pre}/curve_chart_table``, has an ``n`` column for each point);
 * ``{pre}/overlay/true`` and ``{pre}/overlay/proxy``: one line per eval step, at most
   ``overlay_steps`` evenly spaced steps, so each step's cost stays bounded;
-* ``{pre}/curve_plot``: the matplotlib chart of :func:`bon_tracker.charts.curve_chart`;
+* ``{pre}/curve_plot``: the matplotlib chart of :func:`bon_tracker.reports.charts.curve_chart`;
 * ``{pre}/eval_record``: the record as JSON (hidden), which
-  :func:`bon_tracker.backends.wandb_offline.read_records` reads back exactly.
+  :func:`bon_tracker.backends.wandb_transaction_log.read_records` reads back exactly.
 
 The latest Goodhart point also goes to ``run.summary`` (``{pre}/goodhart/n``, ``/kl``,
 ``/peak_gain``, ``/within_range`` and ``/step``, the eval step it was fitted at).
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bon_tracker.backends.base import Backend
-from bon_tracker.backends.wandb_offline import RECORD_KEY, wait_until_complete
+from bon_tracker.backends.wandb_transaction_log import RECORD_KEY, wait_until_complete
 from bon_tracker.optional import require
 from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, evenly_spaced
 
@@ -276,7 +276,7 @@ class WandbBackend(Backend):
         if not self.images:
             return None
         try:
-            from bon_tracker.charts import curve_chart
+            from bon_tracker.reports.charts import curve_chart
 
             fig = curve_chart(record)
             from PIL import Image  # matplotlib depends on pillow

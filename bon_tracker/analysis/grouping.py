@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from bon_tracker.analysis.score_files import ScoreBatch, ScoreFileError
 from bon_tracker.core import BonCurve, bon_curve, default_ns, kl_bon
-from bon_tracker.score_files import ScoreBatch, ScoreFileError
 
 DEFAULT_CHUNK_SAMPLES = 1 << 18
 

@@ -20,7 +20,7 @@ this module. Media that history rows point to (tables, images) are files in the
 run folder's ``files/``; :func:`read_table` loads a logged table.
 
 Example:
-    >>> from bon_tracker.backends.wandb_offline import read_records  # doctest: +SKIP
+    >>> from bon_tracker.backends.wandb_transaction_log import read_records  # doctest: +SKIP
     >>> records = read_records("wandb/offline-run-20250101_120000-abc123")  # doctest: +SKIP
 """
 

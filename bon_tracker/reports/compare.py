@@ -122,15 +122,15 @@ def read_wandb_run(target: str, key_prefix: str | None = None) -> tuple[str, lis
     an online run), else ``entity/project/run_id`` through the public API."""
     path = Path(target)
     if path.exists():
-        from bon_tracker.backends import wandb_offline
+        from bon_tracker.backends import wandb_transaction_log
 
-        log = wandb_offline.find_transaction_log(path)
+        log = wandb_transaction_log.find_transaction_log(path)
         label = log.stem[len("run-") :] if log.stem.startswith("run-") else log.stem  # the run id
-        for record in wandb_offline.iter_records(log):  # the run's display name, from its "run" record
+        for record in wandb_transaction_log.iter_records(log):  # the run's display name, from its "run" record
             if record.WhichOneof("record_type") == "run":
                 label = record.run.display_name or label
                 break
-        return label, wandb_offline.read_records(path)
+        return label, wandb_transaction_log.read_records(path)
     return _read_wandb_online(target, key_prefix or "bon")
 
 
@@ -273,9 +273,9 @@ def write_run_report(
     """Draw a run's charts into ``out_dir/charts`` (the curve of at most
     ``max_step_charts`` evenly spaced steps, the latest always; overlay; trend; RL when
     the policy KL was logged) and write ``out_dir/report.html``. Returns the report path."""
-    from bon_tracker import charts
-    from bon_tracker.report import html_report
-    from bon_tracker.spool import atomic_write_text
+    from bon_tracker.reports import charts
+    from bon_tracker.reports.html import html_report
+    from bon_tracker.tracking.wal import atomic_write_text
 
     if not records:
         raise ValueError("no eval records to report")
@@ -315,9 +315,9 @@ def write_comparison(
     """Compare runs: ``compare_curves.png`` (each run's curve at its latest step, or at
     ``step``), ``runs_over_steps.png`` (true@n and the Goodhart point against training
     step) and ``compare.html`` with both and a summary table, in ``out_dir``."""
-    from bon_tracker import charts
-    from bon_tracker.report import REPORT_STYLE
-    from bon_tracker.spool import atomic_write_text
+    from bon_tracker.reports import charts
+    from bon_tracker.reports.html import REPORT_STYLE
+    from bon_tracker.tracking.wal import atomic_write_text
 
     if not runs:
         raise ValueError("no runs to compare")

@@ -3,7 +3,7 @@
 ``main(argv)`` returns the exit code (see ``EXIT_*``); the console script passes it to
 ``sys.exit``. Settings come from the options, then the environment, then a config file
 (``--config``, ``$BON_TRACKER_CONFIG`` or ``./bon_tracker.yaml``; see
-:mod:`bon_tracker.config`), then defaults.
+:mod:`bon_tracker.tracking.config`), then defaults.
 """
 
 from __future__ import annotations
@@ -19,12 +19,19 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import bon_tracker
-from bon_tracker.compare import RunNotFoundError, resolve_run, write_comparison, write_run_report
-from bon_tracker.config import ConfigError, TrackerConfig, resolve_config
+from bon_tracker.analysis.score_files import (
+    FORMATS,
+    Columns,
+    ScoreBatch,
+    ScoreFileError,
+    detect_format,
+    read_score_batches,
+)
 from bon_tracker.optional import MissingDependencyError
 from bon_tracker.record import EvalRecord
-from bon_tracker.score_files import FORMATS, Columns, ScoreBatch, ScoreFileError, detect_format, read_score_batches
+from bon_tracker.reports.compare import RunNotFoundError, resolve_run, write_comparison, write_run_report
+from bon_tracker.tracking.config import ConfigError, TrackerConfig, resolve_config
+from bon_tracker.version import __version__
 
 logger = logging.getLogger("bon_tracker")
 
@@ -190,7 +197,7 @@ def _open_batches(
 def _deliver(backend: Any, records: Sequence[EvalRecord], config: TrackerConfig) -> tuple[int, Path | None, str]:
     """Log records in order; on the first failure spool the rest. Returns (delivered,
     spool path or None, error text)."""
-    from bon_tracker.spool import Spool
+    from bon_tracker.tracking.wal import Spool
 
     for i, record in enumerate(records):
         try:
@@ -210,9 +217,9 @@ def _deliver(backend: Any, records: Sequence[EvalRecord], config: TrackerConfig)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from bon_tracker.analysis.grouping import curves_from_batches
+    from bon_tracker.backends import make_backend
     from bon_tracker.backends.local import LocalBackend, default_root
-    from bon_tracker.streaming import curves_from_batches
-    from bon_tracker.tracker import make_backend
 
     config = _config(args)
     files = [Path(f) for f in args.files]
@@ -422,7 +429,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    from bon_tracker.spool import Spool, default_spool_dir, spool_files
+    from bon_tracker.tracking.wal import Spool, default_spool_dir, spool_files
 
     config = _config(args)
     if args.spool_files:
@@ -459,7 +466,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 def _sync_one(spool: Any, dry_run: bool) -> tuple[int, int]:
     """Replay one spool file in order (each record leaves it once written); returns
     (replayed, remaining)."""
-    from bon_tracker.tracker import backend_from_spec
+    from bon_tracker.backends import backend_from_spec
 
     path, pending = spool.path, spool.entries()
     if not pending:
@@ -565,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run 'bon-tracker COMMAND --help' for a command's options.\n\n" + EXIT_CODES_HELP
         ),
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {bon_tracker.__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="more messages; tracebacks on failures")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -12,36 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from bon_tracker.backends.base import Backend
+from bon_tracker.backends import BACKENDS, Backend, make_backend
 from bon_tracker.core import BonCurve, bon_curve
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores
-from bon_tracker.distributed import all_gather, rank_and_world_size
 from bon_tracker.optional import MissingDependencyError
 from bon_tracker.record import EvalRecord
-from bon_tracker.spool import Spool, atomic_write_text
+from bon_tracker.tracking.distributed import all_gather, rank_and_world_size
+from bon_tracker.tracking.wal import Spool, atomic_write_text
 
 logger = logging.getLogger("bon_tracker")
 
-BACKENDS = {
-    "local": "bon_tracker.backends.local:LocalBackend",
-    "mlflow": "bon_tracker.backends.mlflow:MlflowBackend",
-    "wandb": "bon_tracker.backends.wandb:WandbBackend",
-}
 STATE_FILE = "bon_tracker_state.json"
-
-
-def make_backend(name: str, **options: Any) -> Backend:
-    """Build a backend by name (``local``, ``mlflow`` or ``wandb``); touches nothing yet."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: choose one of {sorted(BACKENDS)} or pass a Backend instance")
-    module_name, class_name = BACKENDS[name].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**options)
-
-
-def backend_from_spec(spec: dict[str, Any]) -> Backend:
-    options = dict(spec)
-    return make_backend(options.pop("backend"), **options)
 
 
 def _rows(values: Any) -> list[np.ndarray] | np.ndarray:

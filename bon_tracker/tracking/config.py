@@ -43,14 +43,16 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bon_tracker.backends import BACKENDS, backend_class
+
 if TYPE_CHECKING:
     import yaml
 
-    from bon_tracker.tracker import BonTracker
+    from bon_tracker.tracking.tracker import BonTracker
 
 DEFAULT_CONFIG_FILE = "bon_tracker.yaml"
 CONFIG_ENV = "BON_TRACKER_CONFIG"
-BACKEND_NAMES = ("local", "mlflow", "wandb")
+BACKEND_NAMES = tuple(BACKENDS)  # the registry decides
 ENV_PREFIX = "BON_TRACKER_"
 
 
@@ -60,7 +62,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrackerConfig:
-    """Settings shared by :class:`~bon_tracker.tracker.BonTracker`, trainer integrations
+    """Settings shared by :class:`~bon_tracker.tracking.tracker.BonTracker`, trainer integrations
     and the ``bon-tracker`` command. Build one with :func:`resolve_config`.
 
     ``local``, ``mlflow`` and ``wandb`` hold the options of each backend (the keyword
@@ -199,13 +201,8 @@ _SCALAR_OPTION_TYPES = (str, int, float, bool, type(None))
 def _backend_parameters(backend: str) -> dict[str, inspect.Parameter] | None:
     """The keyword arguments the backend class accepts; None if it cannot be imported
     here (an optional dependency missing): its options are then checked when it is built."""
-    from bon_tracker.tracker import BACKENDS
-
-    module_name, class_name = BACKENDS[backend].split(":")
     try:
-        import importlib
-
-        cls = getattr(importlib.import_module(module_name), class_name)
+        cls = backend_class(backend)
     except (ImportError, AttributeError):
         return None
     params = inspect.signature(cls.__init__).parameters
@@ -308,7 +305,7 @@ def load_config(path: str | os.PathLike[str], base: TrackerConfig | None = None)
         >>> load_config(path)
         Traceback (most recent call last):
         ...
-        bon_tracker.config.ConfigError: ... line 2: unknown key 'eval_evry'; did you mean 'eval_every'? ...
+        bon_tracker.tracking.config.ConfigError: ... line 2: unknown key 'eval_evry'; did you mean 'eval_every'? ...
     """
     path = Path(path)
     data, lines = _read_yaml(path)
@@ -468,7 +465,7 @@ def tracker_from_config(
     resume: str | os.PathLike[str] | None = None,
     **explicit: Any,
 ) -> BonTracker:
-    """A :class:`~bon_tracker.tracker.BonTracker` built from :func:`resolve_config`.
+    """A :class:`~bon_tracker.tracking.tracker.BonTracker` built from :func:`resolve_config`.
 
     Example:
         >>> import tempfile
@@ -476,7 +473,7 @@ def tracker_from_config(
         >>> tracker.ns, tracker.key_prefix
         ([1, 2], 'bon')
     """
-    from bon_tracker.tracker import BonTracker
+    from bon_tracker.tracking.tracker import BonTracker
 
     config = resolve_config(config_path, **explicit)
     kwargs = config.tracker_kwargs()

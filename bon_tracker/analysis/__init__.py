@@ -1,0 +1,1 @@
+"""Score files to curves: JSONL/CSV/Parquet readers and grouping rows into prompts."""

@@ -1,0 +1,1 @@
+"""Charts, the HTML report and run comparison (runs are read back through each backend's reader)."""
