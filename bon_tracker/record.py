@@ -38,6 +38,42 @@ TABLE_COLUMNS = (
 _PER_N_FIELDS = ("n", "kl", "kl_bound", "true_mean", "true_se", "proxy_mean", "proxy_se", "n_prompts")
 
 
+# Metric sections, in the order the tracking UIs should show them. MLflow's metrics view
+# and W&B's workspace sort panels by name, so each section is numbered: the true reward
+# comes first, and ``n`` is zero-padded (:func:`n_label`) so that n = 2 sorts before 16.
+METRIC_SECTIONS = {
+    "true": "1_true",  # true reward of best-of-n, per n
+    "proxy": "2_proxy",  # proxy reward of best-of-n, per n
+    "gap": "3_gap",  # proxy − true, per n
+    "goodhart": "4_goodhart",  # the fitted Goodhart point: n, kl
+    "policy": "5_policy",  # the trained policy itself: kl, true, proxy
+    "kl": "6_kl",  # KL of best-of-n per n: only when the proxy has ties
+}
+N_DIGITS = 4  # n0001 ... n9999 sort numerically as text; a larger n keeps all its digits
+
+
+def n_label(n: int) -> str:
+    """The per-n part of a metric name: ``n`` zero-padded to four digits.
+
+    >>> n_label(1), n_label(16), n_label(1024)
+    ('n0001', 'n0016', 'n1024')
+    """
+    return f"n{int(n):0{N_DIGITS}d}"
+
+
+def metric_key(kind: str, leaf: int | str, prefix: str = "bon") -> str:
+    """The name of one scalar: ``{prefix}/{section}/{leaf}``, ``leaf`` an n (see
+    :func:`n_label`) or a name. One scheme for every backend.
+
+    >>> metric_key("true", 16), metric_key("goodhart", "kl", "rm")
+    ('bon/1_true/n0016', 'rm/4_goodhart/kl')
+    """
+    if kind not in METRIC_SECTIONS:
+        raise ValueError(f"unknown metric kind {kind!r}; expected one of {', '.join(METRIC_SECTIONS)}")
+    name = n_label(leaf) if isinstance(leaf, int) and not isinstance(leaf, bool) else str(leaf)
+    return f"{prefix}/{METRIC_SECTIONS[kind]}/{name}"
+
+
 def _plain_context(context: dict[str, Any]) -> dict[str, Any]:
     """Context values as plain JSON values: numpy scalars and 0-d tensors become Python
     numbers (``.item()``); strings, bools and None stay; anything else is dropped."""
@@ -159,22 +195,28 @@ class EvalRecord:
 
     # ---- what appears in the tracking UI -------------------------------------------
     def scalars(self) -> dict[str, float]:
-        """Scalars at this step: ``{prefix}/true/n{n}``, ``{prefix}/proxy/n{n}``,
-        ``{prefix}/gap/n{n}``, ``{prefix}/kl/n{n}``, the Goodhart point and policy point."""
+        """Scalars at this step, named by :func:`metric_key` (see :data:`METRIC_SECTIONS`):
+        ``{prefix}/1_true/n0016``, ``{prefix}/2_proxy/n0016``, ``{prefix}/3_gap/n0016`` for
+        every n of the grid; ``{prefix}/4_goodhart/n`` and ``/kl`` when the fit has a peak;
+        ``{prefix}/5_policy/kl``, ``/true``, ``/proxy`` when the policy's KL is known;
+        ``{prefix}/6_kl/n0016`` only when the proxy has ties (otherwise KL is the formula
+        ``log n − (n−1)/n``, a function of n alone, and it is in the curve table anyway);
+        ``{prefix}/context/{key}`` for the user's numeric extras."""
         pre, c = self.key_prefix, self.curve
         out: dict[str, float] = {}
-        for i, n in enumerate(c.n.tolist()):
-            out[f"{pre}/true/n{n}"] = float(c.true_mean[i])
-            out[f"{pre}/proxy/n{n}"] = float(c.proxy_mean[i])
-            out[f"{pre}/gap/n{n}"] = float(c.proxy_mean[i] - c.true_mean[i])
-            out[f"{pre}/kl/n{n}"] = float(c.kl[i])
+        for kind, values in (("true", c.true_mean), ("proxy", c.proxy_mean), ("gap", c.proxy_mean - c.true_mean)):
+            for n, value in zip(c.n.tolist(), values.tolist()):
+                out[metric_key(kind, n, pre)] = float(value)
         if self.goodhart is not None:
-            out[f"{pre}/goodhart/n"] = float(self.goodhart.n)
-            out[f"{pre}/goodhart/kl"] = float(self.goodhart.kl)
+            out[metric_key("goodhart", "n", pre)] = float(self.goodhart.n)
+            out[metric_key("goodhart", "kl", pre)] = float(self.goodhart.kl)
         if self.policy is not None:
-            out[f"{pre}/policy/kl"] = self.policy.kl
-            out[f"{pre}/policy/true"] = self.policy.true_mean
-            out[f"{pre}/policy/proxy"] = self.policy.proxy_mean
+            out[metric_key("policy", "kl", pre)] = self.policy.kl
+            out[metric_key("policy", "true", pre)] = self.policy.true_mean
+            out[metric_key("policy", "proxy", pre)] = self.policy.proxy_mean
+        if c.has_ties:
+            for n, value in zip(c.n.tolist(), c.kl.tolist()):
+                out[metric_key("kl", n, pre)] = float(value)
         for key, value in self.context.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 out[f"{pre}/context/{key}"] = float(value)

@@ -90,8 +90,8 @@ def test_every_backend_writes_the_same_values(backend, tmp_path, rng):
     for step, record in expected.items():
         for key, value in record.scalars().items():
             assert scalars[step][key] == pytest.approx(value, rel=1e-12, abs=1e-12), (backend, step, key)
-        assert scalars[step]["bon/true/n32"] == pytest.approx(float(record.curve.true_mean[-1]), rel=1e-12)
-        assert scalars[step]["bon/policy/kl"] == pytest.approx(step / 10)
+        assert scalars[step]["bon/1_true/n0032"] == pytest.approx(float(record.curve.true_mean[-1]), rel=1e-12)
+        assert scalars[step]["bon/5_policy/kl"] == pytest.approx(step / 10)
     assert len(rows) == len(STEPS) * len(NS)
     for row in rows:
         assert set(TABLE_COLUMNS) <= set(row)

@@ -79,8 +79,8 @@ def expected_rows(step: int, curve: bon_tracker.BonCurve) -> list[list]:
 def assert_one_value_per_step(client: MlflowClient, run_id: str, curves: dict[int, bon_tracker.BonCurve]) -> None:
     """Every curve metric has exactly one entry per logged step, equal to the curve."""
     for i, n in enumerate(next(iter(curves.values())).n.tolist()):
-        for kind, values in (("true", "true_mean"), ("proxy", "proxy_mean"), ("kl", "kl")):
-            got = history(client, run_id, f"bon/{kind}/n{n}")
+        for kind, values in (("1_true", "true_mean"), ("2_proxy", "proxy_mean"), ("3_gap", "gap")):
+            got = history(client, run_id, f"bon/{kind}/n{n:04d}")
             assert got == [(step, float(getattr(c, values)[i])) for step, c in sorted(curves.items())], (kind, n)
 
 
@@ -137,11 +137,11 @@ def test_constructing_touches_nothing(tmp_path, monkeypatch):
 def test_keys_follow_mlflow_rules():
     from mlflow.utils.validation import _validate_metric_name
 
-    for raw in ("bon/true/n16", "bon/context/lr (x)", "a//../b:c", "..x", "/lead", "é/ü", "x" * 400, "bad?key"):
+    for raw in ("bon/1_true/n0016", "bon/context/lr (x)", "a//../b:c", "..x", "/lead", "é/ü", "x" * 400, "bad?key"):
         key = mlflow_key(raw)
         _validate_metric_name(key)  # raises on a key MLflow refuses
         assert len(key) <= 250
-    assert mlflow_key("bon/true/n16") == "bon/true/n16"
+    assert mlflow_key("bon/1_true/n0016") == "bon/1_true/n0016"
 
 
 # ---- a local sqlite store -------------------------------------------------------------------
@@ -179,11 +179,11 @@ def test_sqlite_run_reads_back_exactly(sqlite_uri, tmp_path, rng, monkeypatch):
     # metrics: one value per step and key, exactly the curve's
     assert_one_value_per_step(client, run_id, curves)
     ns = curves[100].n.tolist()
-    assert history(client, run_id, f"bon/gap/n{ns[-1]}") == [
+    assert history(client, run_id, f"bon/3_gap/n{ns[-1]:04d}") == [
         (s, float(c.proxy_mean[-1] - c.true_mean[-1])) for s, c in curves.items()
     ]
-    assert history(client, run_id, "bon/policy/kl") == list(policy_kls.items())
-    assert history(client, run_id, "bon/policy/true") == [(s, float(c.true_mean[0])) for s, c in curves.items()]
+    assert history(client, run_id, "bon/5_policy/kl") == list(policy_kls.items())
+    assert history(client, run_id, "bon/5_policy/true") == [(s, float(c.true_mean[0])) for s, c in curves.items()]
     assert history(client, run_id, "bon/context/lr _x_") == [(s, 0.01 * s) for s in curves]
 
     # tags
@@ -267,7 +267,7 @@ def test_more_metrics_than_one_batch(sqlite_uri, rng):
     backend.finish()
     run = MlflowClient(sqlite_uri).get_run(backend.run_id)
     assert run.data.metrics == record.scalars()
-    assert run.data.metrics["bon/true/n300"] == float(record.curve.true_mean[-1])
+    assert run.data.metrics["bon/1_true/n0300"] == float(record.curve.true_mean[-1])
 
 
 def test_attaches_to_the_active_run_and_leaves_it_open(sqlite_uri, rng, tmp_path, monkeypatch):
@@ -305,7 +305,7 @@ def test_attaches_to_a_given_run_id(sqlite_uri, rng, tmp_path, monkeypatch):
     by_env.finish()
     assert by_env.run_id == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
-    assert history(client, run_id, "bon/true/n16") == [(r.step, float(r.curve.true_mean[-1])) for r in records]
+    assert history(client, run_id, "bon/1_true/n0016") == [(r.step, float(r.curve.true_mean[-1])) for r in records]
 
 
 def test_spec_rebuilds_a_backend_on_the_same_run(sqlite_uri, rng):
@@ -430,5 +430,5 @@ def test_active_run_of_another_store_is_left_alone(server, sqlite_uri, rng, tmp_
     assert backend.run_id != active.info.run_id
     remote = MlflowClient(server.url)
     assert remote.get_run(backend.run_id).info.status == "FINISHED"  # its own run: ended
-    assert "bon/true/n1" in remote.get_run(backend.run_id).data.metrics
+    assert "bon/1_true/n0001" in remote.get_run(backend.run_id).data.metrics
     assert local.get_run(active.info.run_id).data.metrics == {}

@@ -706,7 +706,7 @@ def test_sync_replays_to_an_mlflow_server_that_came_back(tmp_path, capsys, rng):
         client = mlflow.MlflowClient(tracking_uri=server.url)
         (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
         assert_same_records(read_mlflow(run.info.run_id, server.url), reference(rows))
-        history = client.get_metric_history(run.info.run_id, "bon/true/n1")
+        history = client.get_metric_history(run.info.run_id, "bon/1_true/n0001")
         assert sorted(m.step for m in history) == [0, 10]  # each step exactly once
         code, out, _ = cli(capsys, "sync")
         assert code == EXIT_OK and "nothing to replay" in out

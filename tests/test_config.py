@@ -193,7 +193,7 @@ def test_tracker_from_config_logs_with_the_configured_settings(tmp_path, monkeyp
     (record,) = read_records(run_dir)
     assert record.step == 5 and record.curve.n.tolist() == [1, 2, 8] and record.key_prefix == "rm"
     scalars = json.loads((run_dir / "scalars.jsonl").read_text().splitlines()[0])
-    assert "rm/true/n8" in scalars
+    assert "rm/1_true/n0008" in scalars
     assert not (run_dir / "charts" / "trend.png").exists()  # local.charts: false reached the backend
 
 

@@ -100,7 +100,7 @@ def test_curves_go_into_the_mlflow_loggers_run(tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])  # one run
     assert run.info.run_id == mlflow_logger.run_id
     assert "train_loss" in run.data.metrics  # Lightning's metrics and the curves side by side
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "bon/true/n1")) == [4, 8]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "bon/1_true/n0001")) == [4, 8]
 
 
 def test_fit_resumed_from_checkpoint_continues_the_run(tmp_path):

@@ -163,12 +163,12 @@ def test_mlflow_curves_go_into_the_trainers_run(tmp_path, monkeypatch):
     assert len(runs) == 1  # one run: the Trainer's, holding its metrics and the curves
     run = runs[0]
     assert "train_loss" in run.data.metrics and "eval_loss" in run.data.metrics
-    history = client.get_metric_history(run.info.run_id, "bon/true/n1")
+    history = client.get_metric_history(run.info.run_id, "bon/1_true/n0001")
     assert sorted(m.step for m in history) == [2, 4]
     for call, step in enumerate((2, 4)):
         expected = _expected(proxy, true, call)
         for i, n in enumerate(expected.n.tolist()):
-            metric = client.get_metric_history(run.info.run_id, f"bon/true/n{n}")
+            metric = client.get_metric_history(run.info.run_id, f"bon/1_true/n{n:04d}")
             (logged,) = [m.value for m in metric if m.step == step]
             assert logged == pytest.approx(expected.true_mean[i])
 

@@ -36,9 +36,9 @@ def test_local_run_folder_holds_exactly_the_curves(tmp_path, rng):
     scalars = [json.loads(line) for line in (run_dir / "scalars.jsonl").read_text().splitlines()]
     assert [s["step"] for s in scalars] == [0, 50, 100]
     for row, (_, curve) in zip(scalars, logged):
-        assert row["bon/true/n16"] == curve.true_mean[-1]
-        assert row["bon/proxy/n4"] == curve.proxy_mean[2]
-        assert row["bon/gap/n2"] == curve.proxy_mean[1] - curve.true_mean[1]
+        assert row["bon/1_true/n0016"] == curve.true_mean[-1]
+        assert row["bon/2_proxy/n0004"] == curve.proxy_mean[2]
+        assert row["bon/3_gap/n0002"] == curve.proxy_mean[1] - curve.true_mean[1]
         assert row["bon/context/lr"] == 0.1
     with open(run_dir / "bon_curves.csv") as f:
         rows = list(csv.DictReader(f))
