@@ -49,6 +49,7 @@ METRIC_SECTIONS = {
     "policy": "5_policy",  # the trained policy itself: kl, true, proxy
     "kl": "6_kl",  # KL of best-of-n per n: only when the proxy has ties
 }
+EXTRAPOLATION_LIMIT = 1.5  # a Goodhart point past 1.5x the largest measured KL is "beyond the measured range"
 N_DIGITS = 4  # n0001 ... n9999 sort numerically as text; a larger n keeps all its digits
 
 
@@ -221,6 +222,26 @@ class EvalRecord:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 out[f"{pre}/context/{key}"] = float(value)
         return out
+
+    def goodhart_status(self) -> str:
+        """Where the fitted Goodhart point lies, for charts and reports:
+
+        * ``"none"``: no fitted peak (the true reward still rises with n);
+        * ``"measured"``: the peak lies within the measured KL range;
+        * ``"extrapolated"``: past the largest n, but within ``EXTRAPOLATION_LIMIT`` times
+          the largest measured KL, close enough to draw;
+        * ``"beyond"``: farther (a fit can put it at n ≈ 1e200): say "beyond the measured
+          range" instead of plotting it.
+        """
+        g = self.goodhart
+        if g is None:
+            return "none"
+        if g.within_range:
+            return "measured"
+        max_kl = float(np.nanmax(self.curve.kl)) if len(self.curve.kl) else math.nan
+        if math.isfinite(g.kl) and math.isfinite(g.n) and g.kl <= EXTRAPOLATION_LIMIT * max_kl:
+            return "extrapolated"
+        return "beyond"
 
     def table_rows(self) -> list[dict[str, float | int]]:
         """Rows of the ``bon_curves`` table for this step (columns ``TABLE_COLUMNS``)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 
 import numpy as np
 import pytest
@@ -68,49 +70,131 @@ def legend_texts(fig) -> list[str]:
     return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
 
 
+def band_heights_px(ax) -> np.ndarray:
+    """Pixel heights of the ±1 SE bands (fill_between polygons) drawn on ``ax``."""
+    ax.figure.canvas.draw()
+    heights = []
+    for collection in ax.collections:
+        for path in collection.get_paths():
+            y = ax.transData.transform(path.vertices)[:, 1]
+            heights.append(y.max() - y.min())
+    return np.array(heights)
+
+
+def with_goodhart(record: EvalRecord, **changes) -> EvalRecord:
+    return dataclasses.replace(record, goodhart=dataclasses.replace(record.goodhart, **changes))
+
+
 @pytest.mark.parametrize("sqrt_kl", [False, True])
 def test_curve_chart(history, sqrt_kl):
-    record = next(r for r in history if r.goodhart is not None)
+    record = next(r for r in history if r.goodhart is not None and r.goodhart.within_range)
     fig = charts.curve_chart(record, sqrt_kl=sqrt_kl)
     assert_legible(fig)
-    ax = fig.axes[0]
-    assert ("√KL" in ax.get_xlabel()) == sqrt_kl and "nats" in ax.get_xlabel()
-    assert any("Goodhart point" in t for t in legend_texts(fig))
-    assert f"step {record.step}" in ax.get_title()
-
-
-def test_curve_chart_uses_reward_names(history):
-    fig = charts.curve_chart(history[0], proxy_name="reward model", true_name="gold RM")
+    ax_true, ax_proxy = fig.axes[:2]
+    assert ax_true.get_shared_x_axes().joined(ax_true, ax_proxy)  # one KL axis, two reward scales
+    assert ("√KL" in ax_proxy.get_xlabel()) == sqrt_kl and "nats" in ax_proxy.get_xlabel()
+    assert "true reward" in ax_true.get_ylabel() and "proxy reward" in ax_proxy.get_ylabel()
+    assert f"step {record.step}" in fig.get_suptitle()
     texts = legend_texts(fig)
-    assert "reward model (proxy)" in texts and "gold RM (true)" in texts
+    assert "Goodhart point" in texts and any(t.startswith("fit d(α−βd)") for t in texts)
+    g = record.goodhart
+    (label,) = [t.get_text() for t in ax_true.texts if "n* ≈" in t.get_text()]
+    assert f"KL* = {g.kl:.2f} nats" in label
 
 
-def test_curve_chart_with_ties_and_no_goodhart_point(rng):
-    true = rng.integers(0, 2, size=(30, 16)).astype(float)
-    record = record_at(0, true, true)  # proxy = true: pass@n, monotone, no peak
-    assert record.curve.has_ties
-    assert_legible(charts.curve_chart(record))
+def test_curve_chart_gives_each_reward_a_readable_scale(rng):
+    """Proxy spanning ~0-12 and true ~0-0.8 (the issue's case): each panel's y range fits
+    its own curve, and the SE bands are visible (several pixels) at the default size."""
+    true = 0.3 * rng.normal(size=(256, 64)) + 0.3
+    proxy = 10 * true + 3 * rng.standard_t(df=2, size=(256, 64))
+    record = record_at(0, proxy, true)
+    fig = charts.curve_chart(record)
+    ax_true, ax_proxy = fig.axes[:2]
+    c = record.curve
+    for ax, mean in ((ax_true, c.true_mean), (ax_proxy, c.proxy_mean)):
+        low, high = ax.get_ylim()
+        assert (mean.max() - mean.min()) / (high - low) > 0.5  # the curve fills its panel
+    assert np.median(band_heights_px(ax_true)) >= 3
+    assert band_heights_px(ax_proxy).max() >= 3
+
+
+def test_curve_chart_marks_the_extrapolated_fit(history):
+    record = next(r for r in history if r.goodhart is not None)
+    extrapolated = with_goodhart(record, kl=float(record.curve.kl.max()) * 1.3, within_range=False)
+    assert extrapolated.goodhart_status() == "extrapolated"
+    fig = charts.curve_chart(extrapolated)
+    texts = legend_texts(fig)
+    assert "fit, extrapolated" in texts and "Goodhart point (extrapolated)" in texts
+    ax_true = fig.axes[0]
+    assert ax_true.get_xlim()[1] >= extrapolated.goodhart.kl  # the star is on the chart
+
+
+@pytest.mark.parametrize("n_star, kl_star", [(7e235, 543.0), (math.inf, 800.0)])
+def test_charts_survive_an_absurd_goodhart_point(history, n_star, kl_star):
+    """A fit whose peak is astronomically far: no crash, not plotted, said in words."""
+    absurd = [with_goodhart(r, n=n_star, kl=kl_star, within_range=False) if r.goodhart else r for r in history]
+    assert any(r.goodhart_status() == "beyond" for r in absurd)
+    last = next(r for r in reversed(absurd) if r.goodhart_status() == "beyond")
+    fig = charts.curve_chart(last)
+    assert_legible(fig)
+    assert fig.axes[0].get_xlim()[1] < 10  # the axis was not stretched to the fitted KL
+    assert any("beyond the measured range" in t.get_text() for t in fig.axes[0].texts)
+    for fig in (
+        charts.trend_chart(absurd),
+        charts.runs_trend_chart({"a": absurd, "b": history}),
+        charts.compare_chart({"a": last, "b": history[-1]}),
+    ):
+        assert_legible(fig)
+    fig = charts.trend_chart(absurd)
+    assert "beyond the measured range" in legend_texts(fig) or any("beyond" in t.get_text() for t in fig.axes[2].texts)
+    assert fig.axes[2].get_ylim()[1] < 1e6
 
 
 @pytest.mark.parametrize("sqrt_kl", [False, True])
 def test_overlay_chart(history, sqrt_kl):
     fig = charts.overlay_chart(history, sqrt_kl=sqrt_kl, true_name="gold")
     assert_legible(fig)
-    assert "gold (true)" in legend_texts(fig)
+    assert fig.axes[0].get_ylabel() == "gold (true)" and fig.axes[1].get_ylabel() == "proxy reward"
     assert any(ax.get_label() == "<colorbar>" and "training step" in ax.get_ylabel() for ax in fig.axes)
 
 
 def test_trend_chart(history):
     fig = charts.trend_chart(history)
     assert_legible(fig)
-    assert fig.axes[1].get_xlabel() == "training step"
-    assert any("true @ n=" in t for t in legend_texts(fig))
+    ax_true, ax_proxy, ax_n = fig.axes[:3]
+    assert ax_n.get_xlabel() == "training step" and "n*" in ax_n.get_ylabel()
+    assert "true reward" in ax_true.get_ylabel() and "proxy reward" in ax_proxy.get_ylabel()
+    labels = [t.get_text() for t in ax_true.get_legend().get_texts()]
+    assert labels == ["n = 1", "n = 8", "n = 32"]
+    colours = {line.get_color() for line in ax_true.lines if line.get_label().startswith("n = ")}
+    assert len(colours) == 3  # one hue per n, not shades of one
+    assert len(band_heights_px(ax_true)) == 3 and len(band_heights_px(ax_proxy)) == 3
+
+
+def test_goodhart_axis_reads_in_plain_numbers(history):
+    """n* between 9 and 20: tick labels such as 10, 12, 15, never 2×10¹ or 9×10⁰."""
+    narrow = [with_goodhart(r, n=9.0 + 2 * i, within_range=True) if r.goodhart else r for i, r in enumerate(history)]
+    fig = charts.trend_chart(narrow)
+    fig.canvas.draw()
+    ax_n = fig.axes[2]
+    labels = [t.get_text() for t in ax_n.get_yticklabels() if t.get_text()]
+    assert labels and all(label.replace(",", "").replace(".", "").isdigit() for label in labels), labels
+    wide = [with_goodhart(r, n=3.0 * 10**i, within_range=True) if r.goodhart else r for i, r in enumerate(history)]
+    fig = charts.trend_chart(wide)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[2].get_yticklabels() if t.get_text()]
+    assert fig.axes[2].get_yscale() == "log"
+    assert labels and all(label.replace(",", "").isdigit() for label in labels), labels
 
 
 def test_rl_chart(history):
     fig = charts.rl_chart(history)
     assert_legible(fig)
+    ax = fig.axes[0]
     assert any("RL fit" in t for t in legend_texts(fig))
+    assert ax.get_xlabel().startswith("KL(") and "√" not in ax.get_xlabel() + ax.get_title()
+    steps = {t.get_text() for t in ax.texts}
+    assert {str(r.step) for r in history if r.policy is not None} <= steps
 
 
 def test_compare_chart(history, rng):
@@ -118,9 +202,10 @@ def test_compare_chart(history, rng):
     fig = charts.compare_chart({"run A": history[-1], "run B": other[-1]}, proxy_name="RM")
     assert_legible(fig)
     texts = legend_texts(fig)
-    assert "run A (step 300)" in texts and "run B (step 300)" in texts and "RM (proxy)" in texts
-    ax = fig.axes[0]
-    assert "nats" in ax.get_xlabel() and "reward" in ax.get_ylabel() and "2 runs" in ax.get_title()
+    assert texts[0].startswith("run A (step 300)") and "run B (step 300)" in texts
+    ax_true, ax_proxy = fig.axes[:2]
+    assert "nats" in ax_proxy.get_xlabel() and "true reward" in ax_true.get_ylabel() and "2 runs" in fig.get_suptitle()
+    assert "RM (proxy)" in ax_proxy.get_ylabel()
 
 
 @pytest.mark.parametrize("sqrt_kl", [False, True])
@@ -143,8 +228,8 @@ def test_runs_trend_chart(history, rng):
     assert charts.common_n(runs) == 16  # run B only has n up to 16
     fig = charts.runs_trend_chart(runs, show_proxy=True, true_name="gold")
     assert_legible(fig)
-    top, bottom = fig.axes[:2]
-    assert "n=16" in top.get_ylabel() and "gold" in top.get_ylabel()
+    top, middle, bottom = fig.axes[:3]
+    assert "n=16" in top.get_ylabel() and "gold" in top.get_ylabel() and "proxy" in middle.get_ylabel()
     assert bottom.get_xlabel() == "training step" and "Goodhart" in bottom.get_ylabel()
     assert {"run A", "run B"} <= set(legend_texts(fig))
 

@@ -3,12 +3,26 @@
 Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so no
 global state or display is touched; backends save it as PNG (local, MLflow) or
 log it as an image. matplotlib is an optional dependency: ``pip install 'bon-tracker[charts]'``.
+
+Conventions shared by every chart:
+
+* x is KL(best-of-n ‖ base) in nats (``sqrt_kl=True`` gives Gao et al.'s d = √KL);
+* true and proxy reward each get their own panel (their scales differ by an order of
+  magnitude in practice), stacked on a shared KL axis, the true reward on top;
+* bands are ±1 standard error over prompts;
+* the fitted curve is drawn dashed over the measured KL range and dotted where it is
+  extrapolated, on a grey background past the largest n measured;
+* the Goodhart point (the fitted peak of true reward) is a star labelled with its n and
+  KL: filled within the measured range, hollow when extrapolated, and not drawn at all
+  when it lies far beyond (:meth:`EvalRecord.goodhart_status` ``"beyond"``): a note
+  says so instead.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +31,7 @@ from bon_tracker.optional import require
 from bon_tracker.record import evenly_spaced
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from bon_tracker.record import EvalRecord
@@ -24,203 +39,12 @@ if TYPE_CHECKING:
 TRUE_COLOR = "#1f77b4"
 PROXY_COLOR = "#d62728"
 GOODHART_COLOR = "#2ca02c"
+RL_COLOR = "#9467bd"
+BAND_ALPHA = 0.28
+EXTRAPOLATED_SHADE = "#f0f0f0"
+MAX_STEP_LABELS = 12  # the RL chart labels at most this many of its points with their step
 
-
-def _figure(width: float = 7.5, height: float = 4.8) -> Figure:
-    require("matplotlib", "charts")
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _x(kl: np.ndarray, sqrt_kl: bool) -> np.ndarray:
-    return np.sqrt(np.clip(kl, 0.0, None)) if sqrt_kl else kl
-
-
-def _kl_label(sqrt_kl: bool) -> str:
-    return "√KL(best-of-n ‖ base)  [√nats]" if sqrt_kl else "KL(best-of-n ‖ base)  [nats]"
-
-
-def _placeholder(ax, text: str) -> None:
-    """A grey note in the middle of an empty panel."""
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8, color="grey")
-
-
-def _reward_labels(proxy_name: str | None, true_name: str | None) -> tuple[str, str]:
-    """Legend labels of the (proxy, true) reward: the user's names, if any, with their role."""
-    proxy = "proxy reward" if proxy_name in (None, "proxy") else f"{proxy_name} (proxy)"
-    true = "true reward" if true_name in (None, "true") else f"{true_name} (true)"
-    return proxy, true
-
-
-def curve_chart(
-    record: EvalRecord,
-    *,
-    sqrt_kl: bool = False,
-    title: str | None = None,
-    proxy_name: str | None = None,
-    true_name: str | None = None,
-) -> Figure:
-    """True and proxy score against KL for one eval step: ±1 SE bands, the fitted
-    Gao et al. curves, the Goodhart point, and n marked on the top axis.
-    ``proxy_name`` / ``true_name`` label the rewards (default "proxy" / "true")."""
-    c = record.curve
-    fig = _figure()
-    ax = fig.add_subplot()
-    x = _x(c.kl, sqrt_kl)
-    proxy_label, true_label = _reward_labels(proxy_name or record.proxy_name, true_name or record.true_name)
-    for mean, se, color, label in (
-        (c.true_mean, c.true_se, TRUE_COLOR, true_label),
-        (c.proxy_mean, c.proxy_se, PROXY_COLOR, proxy_label),
-    ):
-        ax.plot(x, mean, "o-", color=color, label=label, markersize=4)
-        if np.isfinite(se).any():
-            ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.18, linewidth=0)
-    g = record.goodhart
-    if g is not None:
-        d = np.linspace(0.0, max(float(np.sqrt(c.kl.max())), np.sqrt(g.kl)) * 1.05, 200)
-        base = float(c.true_mean[list(c.n).index(1)])
-        ax.plot(
-            _x(d**2, sqrt_kl),
-            base + d * (g.true_alpha - g.true_beta * d),
-            "--",
-            color=TRUE_COLOR,
-            alpha=0.7,
-            label=f"true fit  d(α−βd), R²={g.true_r2:.2f}",
-        )
-        peak_x = _x(np.array([g.kl]), sqrt_kl)[0]
-        ax.axvline(peak_x, color=GOODHART_COLOR, linestyle=":", linewidth=1.5)
-        ax.plot(
-            [peak_x],
-            [base + g.peak_gain],
-            "*",
-            color=GOODHART_COLOR,
-            markersize=14,
-            label=f"Goodhart point: n≈{g.n:.3g}, KL={g.kl:.2f}" + ("" if g.within_range else " (extrapolated)"),
-        )
-    ax.set_xlabel(_kl_label(sqrt_kl))
-    ax.set_ylabel("expected reward of best-of-n")
-    ax.set_title(title or f"Best-of-n at step {record.step}  ({int(c.n_prompts[0])} prompts, N={c.N})")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    top = ax.secondary_xaxis("top")
-    top.set_xticks(x, [str(int(n)) for n in c.n], fontsize=7)
-    top.set_xlabel("n (samples per best-of-n draw)")
-    return fig
-
-
-def overlay_chart(
-    records: Sequence[EvalRecord],
-    *,
-    sqrt_kl: bool = False,
-    max_curves: int = 20,
-    proxy_name: str | None = None,
-    true_name: str | None = None,
-) -> Figure:
-    """Best-of-n curves of every eval step on one chart, coloured by training step
-    (true solid, proxy dashed); at most ``max_curves`` steps, evenly spaced."""
-    import matplotlib as mpl
-
-    shown = evenly_spaced(list(records), max_curves)
-    fig = _figure()
-    ax = fig.add_subplot()
-    steps = [r.step for r in shown]
-    norm = mpl.colors.Normalize(vmin=min(steps), vmax=max(steps) if max(steps) > min(steps) else min(steps) + 1)
-    cmap = mpl.colormaps["viridis"]
-    for r in shown:
-        x = _x(r.curve.kl, sqrt_kl)
-        ax.plot(x, r.curve.true_mean, "-", color=cmap(norm(r.step)), linewidth=1.6)
-        ax.plot(x, r.curve.proxy_mean, "--", color=cmap(norm(r.step)), linewidth=1.0, alpha=0.8)
-    proxy_label, true_label = _reward_labels(proxy_name or records[-1].proxy_name, true_name or records[-1].true_name)
-    ax.plot([], [], "-", color="grey", label=true_label)
-    ax.plot([], [], "--", color="grey", label=proxy_label)
-    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="training step")
-    ax.set_xlabel(_kl_label(sqrt_kl))
-    ax.set_ylabel("expected reward of best-of-n")
-    ax.set_title(f"Best-of-n curves over training ({len(shown)} of {len(records)} eval steps)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    return fig
-
-
-def trend_chart(
-    records: Sequence[EvalRecord],
-    ns: Sequence[int] | None = None,
-    *,
-    proxy_name: str | None = None,
-    true_name: str | None = None,
-) -> Figure:
-    """True@n and proxy@n against training step (top) and the Goodhart point's n (bottom)."""
-    proxy_label, true_label = (
-        label.replace(" reward", "")
-        for label in _reward_labels(proxy_name or records[-1].proxy_name, true_name or records[-1].true_name)
-    )
-    fig = _figure(7.5, 6.0)
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
-    steps = np.array([r.step for r in records])
-    grid = records[-1].curve.n.tolist()
-    ns = list(ns) if ns is not None else sorted({1, grid[len(grid) // 2], grid[-1]})
-    shades = np.linspace(0.35, 1.0, len(ns))
-    for n, shade in zip(ns, shades):
-        true = [r.curve.true_mean[r.curve.n.tolist().index(n)] if n in r.curve.n.tolist() else np.nan for r in records]
-        proxy = [
-            r.curve.proxy_mean[r.curve.n.tolist().index(n)] if n in r.curve.n.tolist() else np.nan for r in records
-        ]
-        top.plot(steps, true, "o-", color=TRUE_COLOR, alpha=shade, markersize=3, label=f"{true_label} @ n={n}")
-        top.plot(steps, proxy, "s--", color=PROXY_COLOR, alpha=shade, markersize=3, label=f"{proxy_label} @ n={n}")
-    top.set_ylabel("expected reward")
-    top.set_title("Best-of-n reward over training")
-    top.grid(alpha=0.3)
-    top.legend(fontsize=7, ncol=2, loc="best")
-    goodhart_n = [r.goodhart.n if r.goodhart is not None else np.nan for r in records]
-    bottom.plot(steps, goodhart_n, "*-", color=GOODHART_COLOR, markersize=7)
-    bottom.set_yscale("log")
-    bottom.set_ylabel("Goodhart point n*")
-    bottom.set_xlabel("training step")
-    bottom.grid(alpha=0.3)
-    if np.all(np.isnan(goodhart_n)):
-        _placeholder(bottom, "no peak fitted yet (true reward still rising with n)")
-    return fig
-
-
-def rl_chart(records: Sequence[EvalRecord], *, sqrt_kl: bool = True) -> Figure:
-    """Gao et al. 2022's view: the RL policy's true score against its KL over training,
-    beside the best-of-n curve of the initial policy, with the RL-form fit."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    first = records[0].curve
-    ax.plot(
-        _x(first.kl, sqrt_kl),
-        first.true_mean,
-        "o-",
-        color=TRUE_COLOR,
-        markersize=4,
-        label=f"best-of-n of the policy at step {records[0].step} (true)",
-    )
-    points = [(r.step, r.policy) for r in records if r.policy is not None]
-    if points:
-        kl = np.clip([p.kl for _, p in points], 0.0, None)  # estimators of KL can dip below 0 early on
-        true = np.array([p.true_mean for _, p in points])
-        ax.plot(_x(kl, sqrt_kl), true, "D-", color="#9467bd", markersize=4, label="RL policy over training (true)")
-        base = float(first.true_mean[first.n.tolist().index(1)]) if 1 in first.n.tolist() else float(true[0])
-        if np.count_nonzero(kl > 0) >= 2:
-            fit = fit_rl_overoptimization(kl, true, baseline=base)
-            d = np.linspace(1e-6, np.sqrt(kl.max()) * 1.05, 200)
-            ax.plot(
-                _x(d**2, sqrt_kl),
-                base + fit.predict(d),
-                ":",
-                color="#9467bd",
-                label=f"RL fit  d(α−β log d), R²={fit.r2:.2f}",
-            )
-    ax.set_xlabel(_kl_label(sqrt_kl).replace("best-of-n", "policy"))
-    ax.set_ylabel("true reward")
-    ax.set_title("RL vs best-of-n: true reward against KL")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    return fig
-
-
+# One colour per n in the trend chart, and per run in comparisons: distinct hues, never shades.
 RUN_COLORS = (
     "#1f77b4",
     "#ff7f0e",
@@ -233,6 +57,415 @@ RUN_COLORS = (
     "#bcbd22",
     "#17becf",
 )
+
+
+def _figure(width: float = 7.5, height: float = 4.8) -> Figure:
+    require("matplotlib", "charts")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _x(kl: np.ndarray, sqrt_kl: bool) -> np.ndarray:
+    kl = np.asarray(kl, dtype=np.float64)
+    return np.sqrt(np.clip(kl, 0.0, None)) if sqrt_kl else kl
+
+
+def _kl_label(sqrt_kl: bool, of: str = "best-of-n") -> str:
+    return f"√KL({of} ‖ base)  [√nats]" if sqrt_kl else f"KL({of} ‖ base)  [nats]"
+
+
+def _placeholder(ax: Axes, text: str) -> None:
+    """A grey note in the middle of an empty panel."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8, color="grey")
+
+
+def _note(ax: Axes, text: str) -> None:
+    """A small boxed note in the lower right corner of a panel."""
+    ax.text(
+        0.99,
+        0.03,
+        text,
+        ha="right",
+        va="bottom",
+        transform=ax.transAxes,
+        fontsize=7.5,
+        color="#444",
+        bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "#bbb", "alpha": 0.9},
+    )
+
+
+def _plain(value: float) -> str:
+    """A tick label in plain numbers: 8, 20, 150, 2,000, 0.5 — never 2×10¹."""
+    if not math.isfinite(value):
+        return ""
+    if abs(value) >= 1:
+        return f"{value:,.0f}" if abs(value - round(value)) < 1e-9 * max(1.0, abs(value)) else f"{value:,.1f}"
+    return f"{value:.2g}"
+
+
+def _reward_labels(proxy_name: str | None, true_name: str | None) -> tuple[str, str]:
+    """Labels of the (proxy, true) reward: the user's names, if any, with their role."""
+    proxy = "proxy reward" if proxy_name in (None, "proxy") else f"{proxy_name} (proxy)"
+    true = "true reward" if true_name in (None, "true") else f"{true_name} (true)"
+    return proxy, true
+
+
+def _names(records: Sequence[EvalRecord], proxy_name: str | None, true_name: str | None) -> tuple[str, str]:
+    last = records[-1] if records else None
+    return _reward_labels(
+        proxy_name or (last.proxy_name if last else None), true_name or (last.true_name if last else None)
+    )
+
+
+def _reward_axes(fig: Figure, rows: int = 2, height_ratios: Sequence[float] | None = None) -> list[Axes]:
+    axes = fig.subplots(rows, 1, sharex=True, height_ratios=height_ratios)
+    return list(np.atleast_1d(axes))
+
+
+def _band(ax: Axes, x: np.ndarray, mean: np.ndarray, se: np.ndarray, color: str, label: str, **line: Any) -> None:
+    """A mean line with markers and its ±1 SE band (edged, so that a narrow band still shows)."""
+    ax.plot(x, mean, line.pop("fmt", "o-"), color=color, label=label, markersize=line.pop("markersize", 4), **line)
+    finite = np.isfinite(se)
+    if finite.any():
+        lo, hi = np.where(finite, mean - se, mean), np.where(finite, mean + se, mean)
+        ax.fill_between(x, lo, hi, color=color, alpha=BAND_ALPHA, linewidth=0)
+        for edge in (lo, hi):
+            ax.plot(x, edge, "-", color=color, linewidth=0.6, alpha=0.6)
+
+
+def _n_ticks(ax: Axes, x: np.ndarray, ns: Sequence[int]) -> None:
+    """n on a top axis at its KL; labels thinned where they would overlap."""
+    top = ax.secondary_xaxis("top")
+    span = float(np.nanmax(x) - np.nanmin(x)) if len(x) > 1 else 1.0
+    ticks, labels, last = [], [], -math.inf
+    for xi, n in sorted(zip(x.tolist(), [int(v) for v in ns])):
+        if xi - last >= 0.035 * span or not ticks:
+            ticks.append(xi)
+            labels.append(str(n))
+            last = xi
+    top.set_xticks(ticks, labels, fontsize=7)
+    top.set_xlabel("n (samples per best-of-n draw)", fontsize=8)
+
+
+def _base_true(record: EvalRecord) -> float | None:
+    ns = record.curve.n.tolist()
+    return float(record.curve.true_mean[ns.index(1)]) if 1 in ns else None
+
+
+def goodhart_text(record: EvalRecord) -> str:
+    """One line on the record's Goodhart point, as charts and reports word it."""
+    g, status = record.goodhart, record.goodhart_status()
+    if g is None or status == "none":
+        return "no Goodhart point: the fitted true reward still rises with n"
+    where = {
+        "measured": "within the measured range",
+        "extrapolated": f"extrapolated past n = {int(record.curve.n.max())}",
+        "beyond": "beyond the measured range",
+    }[status]
+    if status == "beyond":
+        return f"Goodhart point {where} (fitted n* ≈ {g.n:.2g}, KL* ≈ {g.kl:.3g} nats): not drawn"
+    return f"Goodhart point n* ≈ {_plain(g.n)}, KL* = {g.kl:.2f} nats ({where})"
+
+
+# ---- one eval step -------------------------------------------------------------------------------
+
+
+def curve_chart(
+    record: EvalRecord,
+    *,
+    sqrt_kl: bool = False,
+    title: str | None = None,
+    proxy_name: str | None = None,
+    true_name: str | None = None,
+) -> Figure:
+    """True (top) and proxy (bottom) reward of best-of-n against KL for one eval step.
+
+    Each panel has its own y scale and ±1 SE bands. The top panel carries the fitted
+    Gao et al. curve (dashed where measured, dotted where extrapolated), the Goodhart
+    point labelled with its n and KL, and n on its top axis. ``proxy_name`` /
+    ``true_name`` label the rewards (default: the record's own names).
+    """
+    c = record.curve
+    fig = _figure(7.5, 6.2)
+    ax_true, ax_proxy = _reward_axes(fig, 2, (1.35, 1))
+    proxy_label, true_label = _names([record], proxy_name, true_name)
+    x = _x(c.kl, sqrt_kl)
+    max_kl = float(np.nanmax(c.kl))
+    _band(ax_true, x, c.true_mean, c.true_se, TRUE_COLOR, f"{true_label} (±1 SE)")
+    _band(ax_proxy, x, c.proxy_mean, c.proxy_se, PROXY_COLOR, f"{proxy_label} (±1 SE)")
+
+    g, status, base = record.goodhart, record.goodhart_status(), _base_true(record)
+    if g is not None and base is not None and status in ("measured", "extrapolated"):
+        end_kl = max_kl if status == "measured" else g.kl * 1.08
+        d_measured = np.linspace(0.0, math.sqrt(max_kl), 120)
+        ax_true.plot(
+            _x(d_measured**2, sqrt_kl),
+            base + d_measured * (g.true_alpha - g.true_beta * d_measured),
+            "--",
+            color="#0b3d66",
+            linewidth=1.4,
+            label=f"fit d(α−βd), R² = {g.true_r2:.2f}",
+        )
+        if end_kl > max_kl:
+            d_extra = np.linspace(math.sqrt(max_kl), math.sqrt(end_kl), 60)
+            ax_true.plot(
+                _x(d_extra**2, sqrt_kl),
+                base + d_extra * (g.true_alpha - g.true_beta * d_extra),
+                ":",
+                color="#0b3d66",
+                linewidth=1.6,
+                label="fit, extrapolated",
+            )
+            for ax in (ax_true, ax_proxy):
+                ax.axvspan(
+                    _x(np.array([max_kl]), sqrt_kl)[0],
+                    _x(np.array([end_kl]), sqrt_kl)[0],
+                    color=EXTRAPOLATED_SHADE,
+                    zorder=0,
+                )
+        peak_x, peak_y = _x(np.array([g.kl]), sqrt_kl)[0], base + g.peak_gain
+        ax_true.axvline(peak_x, color=GOODHART_COLOR, linestyle=":", linewidth=1.2)
+        ax_proxy.axvline(peak_x, color=GOODHART_COLOR, linestyle=":", linewidth=1.2)
+        ax_true.plot(
+            [peak_x],
+            [peak_y],
+            "*",
+            color=GOODHART_COLOR,
+            markersize=15,
+            markerfacecolor=GOODHART_COLOR if status == "measured" else "white",
+            markeredgewidth=1.5,
+            label="Goodhart point" + ("" if status == "measured" else " (extrapolated)"),
+            zorder=5,
+        )
+        ax_true.annotate(
+            f"n* ≈ {_plain(g.n)}\nKL* = {g.kl:.2f} nats",
+            (peak_x, peak_y),
+            xytext=(9, -6),
+            textcoords="offset points",
+            ha="left",
+            va="top",
+            fontsize=8,
+            color="#1b5e20",
+            fontweight="bold",
+        )
+    else:
+        _note(ax_true, goodhart_text(record))
+
+    ax_true.set_ylabel(f"{true_label}\nof best-of-n")
+    ax_proxy.set_ylabel(f"{proxy_label}\nof best-of-n")
+    ax_proxy.set_xlabel(_kl_label(sqrt_kl))
+    for ax in (ax_true, ax_proxy):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=7.5)
+    _n_ticks(ax_true, x, c.n.tolist())
+    ties = "; proxy has ties: exact KL" if c.has_ties else ""
+    fig.suptitle(
+        title or f"Best-of-n at step {record.step}  ({int(c.n_prompts.max())} prompts, N = {c.N}{ties})", fontsize=11
+    )
+    return fig
+
+
+def overlay_chart(
+    records: Sequence[EvalRecord],
+    *,
+    sqrt_kl: bool = False,
+    max_curves: int = 20,
+    proxy_name: str | None = None,
+    true_name: str | None = None,
+) -> Figure:
+    """Best-of-n curves of every eval step, coloured by training step: true reward on
+    top, proxy below, on a shared KL axis; at most ``max_curves`` steps, evenly spaced."""
+    import matplotlib as mpl
+
+    shown = evenly_spaced(list(records), max_curves)
+    fig = _figure(7.5, 6.0)
+    ax_true, ax_proxy = _reward_axes(fig, 2)
+    steps = [r.step for r in shown]
+    norm = mpl.colors.Normalize(vmin=min(steps), vmax=max(steps) if max(steps) > min(steps) else min(steps) + 1)
+    cmap = mpl.colormaps["viridis"]
+    for r in shown:
+        x = _x(r.curve.kl, sqrt_kl)
+        ax_true.plot(x, r.curve.true_mean, "o-", color=cmap(norm(r.step)), linewidth=1.5, markersize=2.5)
+        ax_proxy.plot(x, r.curve.proxy_mean, "o-", color=cmap(norm(r.step)), linewidth=1.2, markersize=2.5)
+    proxy_label, true_label = _names(records, proxy_name, true_name)
+    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=[ax_true, ax_proxy], label="training step")
+    ax_true.set_ylabel(true_label)
+    ax_proxy.set_ylabel(proxy_label)
+    ax_proxy.set_xlabel(_kl_label(sqrt_kl))
+    ax_true.set_title(f"Best-of-n curves over training ({len(shown)} of {len(records)} eval steps)")
+    for ax in (ax_true, ax_proxy):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+# ---- over training -------------------------------------------------------------------------------
+
+
+def _at_n(record: EvalRecord, n: int, field: str) -> float:
+    ns = record.curve.n.tolist()
+    return float(getattr(record.curve, field)[ns.index(n)]) if n in ns else math.nan
+
+
+def _goodhart_panel(ax: Axes, series: Sequence[tuple[str | None, str, Sequence[EvalRecord]]]) -> None:
+    """n* against training step for one or several runs: filled stars within the measured
+    range, hollow when extrapolated; a fit far beyond (``"beyond"``) is a triangle on the
+    top edge. Plain-number ticks: log scale only when n* spans a factor of 10 or more."""
+    drawn: list[float] = []
+    beyond_steps: list[tuple[str, list[int]]] = []
+    for _, color, records in series:
+        steps = np.array([r.step for r in records])
+        status = [r.goodhart_status() for r in records]
+        gn = np.array([r.goodhart.n if s in ("measured", "extrapolated") else np.nan for r, s in zip(records, status)])
+        measured = np.array([s == "measured" for s in status])
+        extrapolated = np.array([s == "extrapolated" for s in status])
+        if np.isfinite(gn).any():
+            ax.plot(steps, gn, "-", color=color, linewidth=1.0, alpha=0.8)
+            ax.plot(steps[measured], gn[measured], "*", color=color, markersize=9)
+            ax.plot(steps[extrapolated], gn[extrapolated], "*", color=color, markersize=9, markerfacecolor="white")
+            drawn.extend(gn[np.isfinite(gn)].tolist())
+        beyond = [int(s) for s, st in zip(steps, status) if st == "beyond"]
+        if beyond:
+            beyond_steps.append((color, beyond))
+    if not drawn and not beyond_steps:
+        _placeholder(ax, "no Goodhart point fitted (true reward still rises with n)")
+        return
+    if drawn:
+        low, high = min(drawn), max(drawn)
+        if high / max(low, 1e-12) >= 10:
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _plain(v)))
+        else:
+            from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+            ax.yaxis.set_major_locator(MaxNLocator(5))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _plain(v)))
+            pad = max(0.15 * (high - low), 0.5)
+            ax.set_ylim(max(0.0, low - pad), high + pad)
+    if not drawn:
+        ax.set_yticks([])
+        _placeholder(ax, "Goodhart point beyond the measured range at every step (▲)")
+    for color, steps in beyond_steps:
+        # axis-fraction y: on the top edge whatever the scale, never a number far off the chart
+        ax.plot(steps, [0.96] * len(steps), "^", color=color, markersize=7, transform=ax.get_xaxis_transform())
+    legend = []
+    from matplotlib.lines import Line2D
+
+    if drawn:
+        legend.append(Line2D([], [], marker="*", linestyle="", color="grey", markersize=9, label="within measured n"))
+        legend.append(
+            Line2D(
+                [],
+                [],
+                marker="*",
+                linestyle="",
+                color="grey",
+                markerfacecolor="white",
+                markersize=9,
+                label="extrapolated",
+            )
+        )
+    if beyond_steps:
+        legend.append(
+            Line2D([], [], marker="^", linestyle="", color="grey", markersize=7, label="beyond the measured range")
+        )
+    ax.legend(handles=legend, loc="best", fontsize=7)
+
+
+def trend_chart(
+    records: Sequence[EvalRecord],
+    ns: Sequence[int] | None = None,
+    *,
+    proxy_name: str | None = None,
+    true_name: str | None = None,
+) -> Figure:
+    """Over training: true reward at a few n (top), proxy reward at the same n (middle),
+    each with ±1 SE bands and one colour per n, and the Goodhart point's n* (bottom)."""
+    records = sorted(records, key=lambda r: r.step)
+    proxy_label, true_label = _names(records, proxy_name, true_name)
+    fig = _figure(7.5, 7.2)
+    ax_true, ax_proxy, ax_n = _reward_axes(fig, 3, (1.3, 1.0, 0.8))
+    steps = np.array([r.step for r in records])
+    grid = records[-1].curve.n.tolist()
+    ns = list(ns) if ns is not None else sorted({1, grid[len(grid) // 2], grid[-1]})
+    for i, n in enumerate(ns):
+        color = RUN_COLORS[i % len(RUN_COLORS)]
+        for ax, field in ((ax_true, "true"), (ax_proxy, "proxy")):
+            mean = np.array([_at_n(r, n, f"{field}_mean") for r in records])
+            se = np.array([_at_n(r, n, f"{field}_se") for r in records])
+            _band(ax, steps, mean, se, color, f"n = {n}", markersize=3)
+    ax_true.set_ylabel(f"{true_label}\n(±1 SE)")
+    ax_proxy.set_ylabel(f"{proxy_label}\n(±1 SE)")
+    ax_true.set_title("Best-of-n reward over training")
+    ax_true.legend(fontsize=7, loc="best", title="best-of-n", title_fontsize=7)
+    _goodhart_panel(ax_n, [(None, GOODHART_COLOR, records)])
+    ax_n.set_ylabel("Goodhart point n*")
+    ax_n.set_xlabel("training step")
+    for ax in (ax_true, ax_proxy, ax_n):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def rl_chart(records: Sequence[EvalRecord], *, sqrt_kl: bool = False) -> Figure:
+    """Gao et al. 2022's view: the RL policy's true reward against its KL over training
+    (each point labelled with its step), beside the best-of-n curve of the first eval
+    step, with the RL-form fit; x is KL in nats, as in every other chart."""
+    records = sorted(records, key=lambda r: r.step)
+    fig = _figure()
+    ax = fig.add_subplot()
+    first = records[0].curve
+    _band(
+        ax,
+        _x(first.kl, sqrt_kl),
+        first.true_mean,
+        first.true_se,
+        TRUE_COLOR,
+        f"best-of-n of the policy at step {records[0].step}",
+    )
+    points = [(r.step, r.policy) for r in records if r.policy is not None]
+    if points:
+        kl = np.clip([p.kl for _, p in points], 0.0, None)  # estimators of KL can dip below 0 early on
+        true = np.array([p.true_mean for _, p in points])
+        x = _x(kl, sqrt_kl)
+        ax.plot(x, true, "D-", color=RL_COLOR, markersize=4, label="RL policy over training (labels: step)")
+        labelled = set(evenly_spaced(list(range(len(points))), MAX_STEP_LABELS))
+        for i, (step, _) in enumerate(points):
+            if i in labelled:
+                ax.annotate(
+                    str(step), (x[i], true[i]), xytext=(4, 4), textcoords="offset points", fontsize=7, color=RL_COLOR
+                )
+        base = _base_true(records[0])
+        base = float(true[0]) if base is None else base
+        if np.count_nonzero(kl > 0) >= 2:
+            try:
+                fit = fit_rl_overoptimization(kl, true, baseline=base)
+            except ValueError:
+                fit = None
+            if fit is not None and math.isfinite(fit.alpha) and math.isfinite(fit.beta):
+                d = np.linspace(1e-6, math.sqrt(float(kl.max())) * 1.03, 200)
+                ax.plot(
+                    _x(d**2, sqrt_kl),
+                    base + fit.predict(d),
+                    ":",
+                    color=RL_COLOR,
+                    linewidth=1.5,
+                    label=f"RL fit d(α−β log d), R² = {fit.r2:.2f}",
+                )
+    else:
+        _note(ax, "no policy KL logged (log_scores(..., policy_kl=...)): no RL points")
+    ax.set_xlabel(_kl_label(sqrt_kl, "policy or best-of-n"))
+    ax.set_ylabel("true reward")
+    ax.set_title("RL vs best-of-n: true reward against KL")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+# ---- several runs --------------------------------------------------------------------------------
 
 
 def _run_color(i: int) -> str:
@@ -255,64 +488,56 @@ def compare_chart(
     true_name: str | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Best-of-n curves of several runs on one chart (one eval step each).
-
-    One colour per run: true reward solid with a ±1 SE band, proxy reward dashed,
-    the run's Goodhart point as a star (hollow when extrapolated past the largest n).
-    The legend names each run with the step shown.
+    """Best-of-n curves of several runs (one eval step each): true reward with ±1 SE
+    bands on top, proxy reward below (``show_proxy``), one colour per run; each run's
+    Goodhart point a star (hollow when extrapolated; left out, and said in the legend,
+    when it lies beyond the measured range).
 
     Args:
         runs: ``{label: record}`` or ``[(label, record), ...]`` in legend order.
         sqrt_kl: x axis √KL (Gao et al.'s d) instead of KL.
-        show_proxy: also draw each run's proxy curve.
+        show_proxy: also draw each run's proxy curve, in its own panel.
         proxy_name, true_name: reward names for the labels.
         title: chart title (default: "Best-of-n curves of K runs").
     """
     items = _items(runs)
-    fig = _figure(8.0, 5.2)
-    ax = fig.add_subplot()
+    fig = _figure(8.0, 6.4 if show_proxy else 5.2)
+    axes = _reward_axes(fig, 2 if show_proxy else 1, (1.3, 1.0) if show_proxy else None)
+    ax_true = axes[0]
     proxy_label, true_label = _reward_labels(proxy_name, true_name)
     for i, (label, record) in enumerate(items):
         c, color = record.curve, _run_color(i)
         x = _x(c.kl, sqrt_kl)
-        ax.plot(x, c.true_mean, "o-", color=color, markersize=3.5, linewidth=1.8, label=f"{label} (step {record.step})")
-        if np.isfinite(c.true_se).any():
-            ax.fill_between(x, c.true_mean - c.true_se, c.true_mean + c.true_se, color=color, alpha=0.15, linewidth=0)
+        status = record.goodhart_status()
+        suffix = " — n* beyond the measured range" if status == "beyond" else ""
+        _band(ax_true, x, c.true_mean, c.true_se, color, f"{label} (step {record.step}){suffix}", markersize=3.5)
         if show_proxy:
-            ax.plot(x, c.proxy_mean, "--", color=color, linewidth=1.1, alpha=0.75)
-        g = record.goodhart
-        if g is not None and 1 in c.n.tolist():
-            base = float(c.true_mean[c.n.tolist().index(1)])
-            ax.plot(
+            _band(axes[1], x, c.proxy_mean, c.proxy_se, color, label, fmt="s--", markersize=3)
+        g, base = record.goodhart, _base_true(record)
+        if g is not None and base is not None and status in ("measured", "extrapolated"):
+            ax_true.plot(
                 _x(np.array([g.kl]), sqrt_kl),
                 [base + g.peak_gain],
                 "*",
                 markersize=13,
                 color=color,
-                markerfacecolor=color if g.within_range else "none",
+                markerfacecolor=color if status == "measured" else "white",
                 markeredgewidth=1.3,
             )
-    ax.plot([], [], "-", color="grey", label=true_label + " (±1 SE)")
-    if show_proxy:
-        ax.plot([], [], "--", color="grey", label=proxy_label)
-    ax.plot([], [], "*", color="grey", markersize=10, label="Goodhart point (hollow: extrapolated)")
+    ax_true.plot([], [], "*", color="grey", markersize=10, label="Goodhart point (hollow: extrapolated)")
     grids = [r.curve for _, r in items]
     if not any(c.has_ties for c in grids):  # KL is a function of n alone: mark n on top
         widest = max(grids, key=lambda c: len(c.n))
-        top = ax.secondary_xaxis("top")
-        top.set_xticks(_x(widest.kl, sqrt_kl), [str(int(n)) for n in widest.n], fontsize=7)
-        top.set_xlabel("n (samples per best-of-n draw)")
-    ax.set_xlabel(_kl_label(sqrt_kl))
-    ax.set_ylabel("expected reward of best-of-n  [reward units]")
-    ax.set_title(title or f"Best-of-n curves of {len(items)} run{'s' if len(items) != 1 else ''}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+        _n_ticks(ax_true, _x(widest.kl, sqrt_kl), widest.n.tolist())
+    axes[-1].set_xlabel(_kl_label(sqrt_kl))
+    ax_true.set_ylabel(f"{true_label} of best-of-n\n(±1 SE)")
+    if show_proxy:
+        axes[1].set_ylabel(f"{proxy_label} of best-of-n\n(±1 SE)")
+    fig.suptitle(title or f"Best-of-n curves of {len(items)} run{'s' if len(items) != 1 else ''}", fontsize=11)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    ax_true.legend(loc="best", fontsize=8)
     return fig
-
-
-def _value_at(record: EvalRecord, n: int, field: str) -> float:
-    ns = record.curve.n.tolist()
-    return float(getattr(record.curve, field)[ns.index(n)]) if n in ns else np.nan
 
 
 def common_n(runs: Mapping[str, Sequence[EvalRecord]] | Sequence[tuple[str, Sequence[EvalRecord]]]) -> int | None:
@@ -331,63 +556,47 @@ def runs_trend_chart(
     true_name: str | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Several runs over training: true reward at n (top) and the Goodhart point's n*
-    (bottom, log scale; hollow markers where the peak is extrapolated) against step.
+    """Several runs over training: true reward at n with ±1 SE bands (top), proxy reward
+    at n (middle, ``show_proxy``), and the Goodhart point's n* (bottom) against step.
 
     Args:
         runs: ``{label: records}`` (each run's eval records) in legend order.
-        n: the n of the top panel; default the largest n every step of every run has
+        n: the n of the reward panels; default the largest n every step of every run has
             (:func:`common_n`), else each step's largest n.
-        show_proxy: also draw proxy reward at n (dashed).
+        show_proxy: also draw proxy reward at n, in its own panel.
         proxy_name, true_name: reward names for the labels.
     """
     items = _items(runs)
     n = n if n is not None else common_n(items)  # type: ignore[arg-type]
-    fig = _figure(8.0, 6.2)
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    rows = 3 if show_proxy else 2
+    fig = _figure(8.0, 7.2 if show_proxy else 6.2)
+    axes = _reward_axes(fig, rows, (1.3, 1.0, 0.8) if show_proxy else (2, 1))
+    ax_true, ax_n = axes[0], axes[-1]
     proxy_label, true_label = _reward_labels(proxy_name, true_name)
-    any_goodhart = False
+    series = []
     for i, (label, records) in enumerate(items):
         records = sorted(records, key=lambda r: r.step)  # type: ignore[attr-defined]
         color = _run_color(i)
         steps = np.array([r.step for r in records])
-        if n is not None:
-            true = [_value_at(r, n, "true_mean") for r in records]
-            proxy = [_value_at(r, n, "proxy_mean") for r in records]
-        else:
-            true = [float(r.curve.true_mean[-1]) for r in records]
-            proxy = [float(r.curve.proxy_mean[-1]) for r in records]
-        top.plot(steps, true, "o-", color=color, markersize=3.5, label=label)
-        if show_proxy:
-            top.plot(steps, proxy, "s--", color=color, markersize=2.5, alpha=0.7, linewidth=1.0)
-        gn = np.array([r.goodhart.n if r.goodhart is not None else np.nan for r in records])
-        within = np.array([r.goodhart is not None and r.goodhart.within_range for r in records])
-        if np.isfinite(gn).any():
-            any_goodhart = True
-            bottom.plot(steps, gn, "-", color=color, linewidth=1.0, alpha=0.8)
-            bottom.plot(steps[within], gn[within], "*", color=color, markersize=8)
-            outside = ~within & np.isfinite(gn)
-            bottom.plot(steps[outside], gn[outside], "*", color=color, markersize=8, markerfacecolor="none")
+        panels = [(ax_true, "true")] + ([(axes[1], "proxy")] if show_proxy else [])
+        for ax, field in panels:
+            if n is not None:
+                mean = np.array([_at_n(r, n, f"{field}_mean") for r in records])
+                se = np.array([_at_n(r, n, f"{field}_se") for r in records])
+            else:
+                mean = np.array([float(getattr(r.curve, f"{field}_mean")[-1]) for r in records])
+                se = np.array([float(getattr(r.curve, f"{field}_se")[-1]) for r in records])
+            _band(ax, steps, mean, se, color, label, markersize=3.5)
+        series.append((label, color, records))
     at = f"n={n}" if n is not None else "the largest n"
+    ax_true.set_ylabel(f"{true_label} @ {at}\n(±1 SE)")
+    ax_true.set_title(title or f"{true_label.capitalize()} of best-of-n at {at}, and the Goodhart point, over training")
+    ax_true.legend(loc="best", fontsize=8)
     if show_proxy:
-        top.plot([], [], "s--", color="grey", markersize=2.5, label=f"{proxy_label} (dashed)")
-    top.set_ylabel(f"{true_label} @ {at}  [reward units]")
-    top.set_title(title or f"{true_label.capitalize()} of best-of-n at {at}, and the Goodhart point, over training")
-    top.grid(alpha=0.3)
-    top.legend(loc="best", fontsize=8)
-    bottom.set_ylabel("Goodhart point n*\n[samples, log scale]")
-    bottom.set_xlabel("training step")
-    bottom.grid(alpha=0.3)
-    if any_goodhart:
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-        bottom.set_yscale("log")
-        bottom.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100: readable n
-        bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        bottom.yaxis.set_minor_formatter(NullFormatter())
-        bottom.plot([], [], "*", color="grey", markersize=8, label="fitted peak within the measured n")
-        bottom.plot([], [], "*", color="grey", markersize=8, markerfacecolor="none", label="extrapolated past it")
-        bottom.legend(loc="best", fontsize=7)
-    else:
-        _placeholder(bottom, "no Goodhart point fitted (true reward still rising with n)")
+        axes[1].set_ylabel(f"{proxy_label} @ {at}\n(±1 SE)")
+    _goodhart_panel(ax_n, series)
+    ax_n.set_ylabel("Goodhart point n*")
+    ax_n.set_xlabel("training step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
     return fig
