@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the whole test suite (lint, unit, doctests, real MLflow and
-# W&B offline, trainer integrations). CI runs exactly this.
+# W&B offline, trainer integrations, the HTML report in headless Chromium). CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The browser test needs Chromium (Debian's package); install it where it is missing and we can.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
+  if $SUDO true 2>/dev/null; then
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null \
+      || echo "scripts/test.sh: could not install chromium; the browser test will skip (or fail under CI=true)" >&2
+  fi
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
