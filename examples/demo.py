@@ -12,18 +12,22 @@ falls. At each eval step the demo samples N completions for each of P prompts, l
 them through BonTracker on the embedded local backend, and prints the best-of-n curve
 and its Goodhart point: the n past which best-of-n selection lowers the true reward.
 
-    python examples/demo.py [--root bon_runs] [--steps 8] [--prompts 256] [--samples 64]
+    python examples/demo.py [--root bon_runs] [--steps 8] [--prompts 256] [--samples 64] [--new-run]
+
+Each run replaces the folder of the previous one (bon_runs/demo) unless --new-run is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from bon_tracker import BonTracker
+from bon_tracker.reports.text import curve_table, where_to_look
 
 
 def sample_scores(rng: np.random.Generator, progress: float, prompts: int, samples: int):
@@ -39,21 +43,12 @@ def sample_scores(rng: np.random.Generator, progress: float, prompts: int, sampl
     return proxy, true, policy_kl
 
 
-def print_curve(step: int, record) -> None:
-    c = record.curve
-    print(f"\nstep {step}: {int(c.n_prompts[0])} prompts x N = {c.N} samples")
-    print(f"{'n':>6}{'KL nats':>9}{'true':>9}{'± SE':>7}{'proxy':>9}{'± SE':>7}")
-    for row in c.rows():
-        print(
-            f"{row['n']:>6}{row['kl']:>9.3f}{row['true_mean']:>9.3f}{row['true_se']:>7.3f}"
-            f"{row['proxy_mean']:>9.3f}{row['proxy_se']:>7.3f}"
-        )
-    g = record.goodhart
-    if g is None:
-        print("Goodhart point: none (true reward still rises with n)")
-    else:
-        where = "" if g.within_range else " (extrapolated beyond n = N)"
-        print(f"Goodhart point: n* ≈ {g.n:.1f}, KL* = {g.kl:.2f} nats{where}")
+def fresh_run_folder(root: Path, name: str) -> None:
+    """Remove the run folder a previous demo left at ``root/name`` (only a bon_tracker run
+    folder: it holds run.json and records/), so that the demo does not pile up runs."""
+    folder = root / name
+    if (folder / "run.json").is_file() and (folder / "records").is_dir():
+        shutil.rmtree(folder)
 
 
 def main() -> None:
@@ -63,7 +58,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256, help="eval prompts per step")
     parser.add_argument("--samples", type=int, default=64, help="samples per prompt (N)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--new-run", action="store_true", help="keep earlier demo runs (default: replace <root>/demo from the last run)"
+    )
     args = parser.parse_args()
+    if not args.new_run:
+        fresh_run_folder(Path(args.root), "demo")
 
     rng = np.random.default_rng(args.seed)
     with BonTracker("local", root=args.root, run_name="demo") as tracker:
@@ -71,18 +71,15 @@ def main() -> None:
             step = 100 * i
             proxy, true, policy_kl = sample_scores(rng, i / max(1, args.steps - 1), args.prompts, args.samples)
             tracker.log_scores(step, proxy, true, policy_kl=policy_kl)
-            print_curve(step, tracker.history[-1])
-        run_dir = Path(tracker.backend.run_dir)
+            print("\n" + curve_table(tracker.history[-1]))
 
     print("\nPolicy over training (n = 1): proxy keeps rising, true peaks and falls")
     print(f"{'step':>6}{'policy KL':>11}{'true':>8}{'proxy':>8}{'n*':>8}")
     for r in tracker.history:
         n_star = f"{r.goodhart.n:.1f}" if r.goodhart else "–"
         print(f"{r.step:>6}{r.policy.kl:>11.2f}{r.policy.true_mean:>8.3f}{r.policy.proxy_mean:>8.3f}{n_star:>8}")
-    print(f"\nRun folder: {run_dir}")
-    print(f"  report:  {run_dir / 'report.html'}")
-    print(f"  charts:  {run_dir / 'charts'} (curve_step_*.png, overlay.png, trend.png, rl.png)")
-    print(f"  tables:  {run_dir / 'bon_curves.csv'}")
+    print()
+    print("\n".join(where_to_look(tracker.backend)))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 
 from bon_tracker import BonTracker
 from bon_tracker.integrations.lightning import BonTrackerCallback
+from bon_tracker.reports.text import curve_table, where_to_look
 
 PROMPTS, ANSWERS, N = 64, 32, 16
 
@@ -85,7 +86,9 @@ def main() -> None:
         run_logger = pl.loggers.MLFlowLogger(experiment_name="bon-lightning", tracking_uri=uri)
         callback = BonTrackerCallback(backend="mlflow", kl_metric="kl")
         pl.Trainer(logger=run_logger, callbacks=[callback], **options).fit(CannedAnswerPolicy(), train, val)
-        print(f"\nMLflow run {run_logger.run_id}: mlflow ui --backend-store-uri {uri}")
+        print("\n" + curve_table(callback.tracker.history[-1]))
+        print()
+        print("\n".join(where_to_look(callback.tracker.backend)))
         return
 
     with BonTracker("local", root=args.root, run_name="lightning") as tracker:  # or pass a tracker you own
@@ -94,8 +97,9 @@ def main() -> None:
     for record in tracker.history:
         p = record.policy
         print(f"step {record.step:4d}  KL {p.kl:5.2f}  policy true {p.true_mean:+.3f}  proxy {p.proxy_mean:+.3f}")
-    run_dir = Path(tracker.backend.run_dir)
-    print(f"\nRun folder: {run_dir}\n  open {run_dir / 'report.html'} in a browser")
+    print("\n" + curve_table(tracker.history[-1]))
+    print()
+    print("\n".join(where_to_look(tracker.backend)))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bon_tracker import BonTracker
+from bon_tracker.reports.text import curve_table, where_to_look
 
 PROMPTS, ANSWERS, N = 64, 32, 32
 
@@ -65,9 +66,10 @@ def main() -> None:
                 onehot[rows[:, 0], answers[:, j]] = 1.0
                 grad += advantage[:, j : j + 1] * (onehot - probs)
             logits += 0.05 * grad / answers.shape[1]
-        run_dir = Path(tracker.backend.run_dir)
 
-    print(f"\nRun folder: {run_dir}\n  open {run_dir / 'report.html'} in a browser")
+    print("\n" + curve_table(tracker.history[-1]))
+    print()
+    print("\n".join(where_to_look(tracker.backend)))
 
 
 if __name__ == "__main__":

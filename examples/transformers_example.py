@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from bon_tracker.integrations.transformers import BonTrackerCallback
+from bon_tracker.reports.text import curve_table, where_to_look
 
 SENTENCES = [
     "a good answer is short",
@@ -112,11 +113,11 @@ def main() -> None:
     )
     trainer.train()
 
+    print("\n" + curve_table(callback.tracker.history[-1]))
+    print()
+    print("\n".join(where_to_look(callback.tracker.backend)))
     if args.mlflow:
-        print(f"\nMLflow: mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} (one run: the Trainer's)")
-    else:
-        run_dir = Path(callback.tracker.backend.run_dir)
-        print(f"\nRun folder: {run_dir}\n  open {run_dir / 'report.html'} in a browser")
+        print("  (one run: the Trainer's metrics and the curves together)")
 
 
 if __name__ == "__main__":

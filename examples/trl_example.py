@@ -21,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from trl import GRPOConfig, GRPOTrainer
 
 from bon_tracker.integrations.trl import BonTrackerCallback
+from bon_tracker.reports.text import curve_table, where_to_look
 
 WORDS = "a good answer is short the cat sat on mat tell me story about weather today say something nice long road"
 PROMPTS = ["tell me", "the cat", "a good", "the weather", "say", "a long"]
@@ -96,8 +97,9 @@ def main() -> None:
         c = record.curve
         print(f"step {record.step:3d}  true@1 {c.true_mean[0]:+.2f} true@{c.N} {c.true_mean[-1]:+.2f}  "
               f"proxy@1 {c.proxy_mean[0]:+.2f} proxy@{c.N} {c.proxy_mean[-1]:+.2f}")  # fmt: skip
-    run_dir = Path(bon.tracker.backend.run_dir)
-    print(f"\nRun folder: {run_dir}\n  open {run_dir / 'report.html'} in a browser")
+    print("\n" + curve_table(bon.tracker.history[-1]))
+    print()
+    print("\n".join(where_to_look(bon.tracker.backend)))
 
 
 if __name__ == "__main__":
