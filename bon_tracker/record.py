@@ -75,6 +75,16 @@ def metric_key(kind: str, leaf: int | str, prefix: str = "bon") -> str:
     return f"{prefix}/{METRIC_SECTIONS[kind]}/{name}"
 
 
+def curve_image_key(prefix: str = "bon") -> str:
+    """The key of the per-step curve chart image (MLflow ``log_image``, W&B, TensorBoard):
+    section ``{prefix}``, which the UIs list before ``{prefix}/1_true``.
+
+    >>> curve_image_key()
+    'bon/0_curve'
+    """
+    return f"{prefix}/0_curve"
+
+
 def _plain_context(context: dict[str, Any]) -> dict[str, Any]:
     """Context values as plain JSON values: numpy scalars and 0-d tensors become Python
     numbers (``.item()``); strings, bools and None stay; anything else is dropped."""
@@ -222,6 +232,20 @@ class EvalRecord:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 out[f"{pre}/context/{key}"] = float(value)
         return out
+
+    def run_params(self) -> dict[str, str]:
+        """What describes the measurement, for a service's run parameters (MLflow params,
+        W&B config): ``N``, ``P`` (prompts at n = 1), ``ns`` (the grid), the reward names."""
+        c = self.curve
+        ns = c.n.tolist()
+        prompts = int(c.n_prompts[ns.index(1)] if 1 in ns else c.n_prompts.max())
+        return {
+            "N": str(c.N),
+            "P": str(prompts),
+            "ns": ",".join(str(n) for n in ns),
+            "proxy_name": self.proxy_name,
+            "true_name": self.true_name,
+        }
 
     def goodhart_status(self) -> str:
         """Where the fitted Goodhart point lies, for charts and reports:
