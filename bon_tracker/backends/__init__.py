@@ -15,6 +15,8 @@ BACKENDS: dict[str, str] = {
     "local": "bon_tracker.backends.local:LocalBackend",
     "mlflow": "bon_tracker.backends.mlflow:MlflowBackend",
     "wandb": "bon_tracker.backends.wandb:WandbBackend",
+    "tensorboard": "bon_tracker.backends.tensorboard:TensorBoardBackend",
+    "trackio": "bon_tracker.backends.trackio:TrackioBackend",
 }
 
 

@@ -1,0 +1,389 @@
+"""TensorBoard backend: event files in a log dir, written with TensorBoard's own protos.
+
+No TensorFlow and no torch: events are ``tensorboard.compat.proto`` messages framed by
+``tensorboard.summary.writer.record_writer.RecordWriter``, the same bytes
+``SummaryWriter`` writes. What one eval step writes (``pre`` is the record's key prefix):
+
+* every scalar of :meth:`EvalRecord.scalars` at the training step (Scalars and Time
+  Series tabs), as float32 tensors like TensorBoard's own writers (its data server drops
+  float64 scalars); the exact values are in the record below;
+* ``{mean}/mean_minus_se`` and ``{mean}/mean_plus_se`` beside each true and proxy mean,
+  and a custom-scalars layout (Custom Scalars tab, category ``{pre}: best-of-n reward
+  ± 1 SE``) with one margin chart per n: true and proxy mean with their SE band;
+* ``{pre}/curve_plot``: the curve chart of :func:`bon_tracker.reports.charts.curve_chart`
+  as an image at the step (Images tab, with a step slider);
+* ``{pre}/goodhart_point``: a text summary of the fitted Goodhart point (Text tab);
+* ``{pre}/eval_record``: the record as JSON under a plugin name no dashboard shows,
+  which :meth:`TensorBoardBackend.read_records` reads back exactly.
+
+Event files are append-only, so each eval step gets its own event file, named from the
+record (``events.out.tfevents.<record time>.bon_tracker.<prefix>.step<step>``) and written
+atomically (temporary file, then rename). A step whose file is in the log dir is
+skipped, so a replayed record (``bon-tracker sync``, a retry) duplicates nothing, and a
+crash never leaves half a step.
+
+To write beside a transformers ``Trainer`` that reports to TensorBoard, pass its log dir:
+``log_dir=trainer.args.logging_dir``; TensorBoard then shows the curves in the Trainer's
+own run. View with ``tensorboard --logdir <log_dir or its parent>``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import struct
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundError, classify_common
+from bon_tracker.optional import MissingDependencyError, require
+from bon_tracker.record import EvalRecord
+
+if TYPE_CHECKING:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+logger = logging.getLogger("bon_tracker")
+
+FILE_MARK = "bon_tracker"  # in the name of every event file this backend writes
+RECORD_PLUGIN = "bon_tracker"  # plugin name of the eval-record tensor: no dashboard shows it
+RECORD_KEY = "eval_record"
+CURVE_PLOT_KEY = "curve_plot"
+GOODHART_TEXT_KEY = "goodhart_point"
+LOWER_SUFFIX = "mean_minus_se"
+UPPER_SUFFIX = "mean_plus_se"
+CUSTOM_SCALARS_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
+_STEP_FILE = re.compile(rf"^events\.out\.tfevents\.\d+\.{FILE_MARK}\.(?P<slug>[A-Za-z0-9_-]+)\.step(?P<step>-?\d+)$")
+_CONFIG_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def _slug(prefix: str) -> str:
+    """A file-name-safe, collision-free form of a key prefix.
+
+    >>> _slug("bon"), _slug("eval/bon")
+    ('bon', 'eval_bon-8aa22840')
+    """
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", prefix)
+    return safe if safe == prefix else f"{safe}-{hashlib.sha1(prefix.encode()).hexdigest()[:8]}"
+
+
+def step_file_name(record: EvalRecord) -> str:
+    """The event file that holds this record's step: fixed by the record, so a replay
+    writes the same file."""
+    stamp, slug = int(record.timestamp), _slug(record.key_prefix)
+    return f"events.out.tfevents.{stamp:010d}.{FILE_MARK}.{slug}.step{record.step:012d}"
+
+
+def curve_tags(record: EvalRecord) -> dict[str, list[str | None]]:
+    """The :meth:`EvalRecord.scalars` key of the true and proxy mean at each n of the grid.
+
+    Found by asking ``scalars()`` itself on a copy of the record whose means are marker
+    values, so the custom-scalars layout follows the record's metric names, whatever they
+    are. A mean that ``scalars()`` does not export maps to None.
+
+    >>> from bon_tracker.core import bon_curve
+    >>> record = EvalRecord.build(10, bon_curve(np.eye(4), np.eye(4), ns=[1, 4]))
+    >>> keys = curve_tags(record)["true"]
+    >>> len(keys), [record.scalars()[key] for key in keys] == record.curve.true_mean.tolist()
+    (2, True)
+    """
+    c = record.curve
+    index = np.arange(len(c.n), dtype=float)
+    markers = {"true": 1e15 + 8 * index + 0.5, "proxy": 3e15 + 8 * index + 0.5}  # no reward is this large
+    probe = replace(
+        record,
+        curve=replace(c, true_mean=markers["true"], proxy_mean=markers["proxy"]),
+        goodhart=None,
+        policy=None,
+        context={},
+    )
+    by_value = {value: key for key, value in probe.scalars().items()}
+    return {series: [by_value.get(float(v)) for v in values] for series, values in markers.items()}
+
+
+def goodhart_text(record: EvalRecord) -> str:
+    """The Markdown text summary of the step's Goodhart point.
+
+    >>> from bon_tracker.core import bon_curve
+    >>> goodhart_text(EvalRecord.build(7, bon_curve(np.eye(4), np.eye(4), ns=[1, 4])))[:44]
+    'No Goodhart point at step 7: the fitted true'
+    """
+    g = record.goodhart
+    c = record.curve
+    if g is None:
+        return (
+            f"No Goodhart point at step {record.step}: the fitted {record.true_name} reward does not peak "
+            f"over the measured n (up to {int(c.n.max())}), or too few n to fit."
+        )
+    where = "inside the measured KL range" if g.within_range else "past the measured KL range, extrapolated by the fit"
+    return (
+        f"**Goodhart point at step {record.step}**: n\\* ≈ {g.n:.4g}, KL\\* ≈ {g.kl:.4g} nats "
+        f"(√KL\\* ≈ {np.sqrt(max(g.kl, 0.0)):.4g}), {where} "
+        f"(0 to {float(np.nanmax(c.kl)):.4g} nats).\n\n"
+        f"Fitted {record.true_name} reward gain over n = 1 at the peak: {g.peak_gain:+.4g}. "
+        f"Fit R(d) = d(α − βd), d = √KL: α = {g.true_alpha:.4g}, β = {g.true_beta:.4g}, R² = {g.true_r2:.3f}."
+    )
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    width, height = struct.unpack(">II", png[16:24])
+    return width, height
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    # The temporary name lacks "tfevents", so TensorBoard never reads a partial file.
+    tmp = path.with_name(f".{FILE_MARK}-{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class TensorBoardBackend(Backend):
+    """Writes eval records as TensorBoard event files into a log dir.
+
+    Args:
+        log_dir: the run's log dir. Pass a transformers ``Trainer``'s
+            ``args.logging_dir`` (or a Lightning ``TensorBoardLogger.log_dir``) to put the
+            curves into the trainer's own TensorBoard run. Default: ``runs/<run_name>``,
+            or ``runs/<date-time>-bon`` without a run name.
+        run_name: names the default log dir.
+        charts: log the curve chart as an image per step (needs matplotlib).
+
+    Example:
+        >>> backend = TensorBoardBackend(log_dir="/tmp/tb/demo")
+        >>> backend.run_id is None, backend.spec()["log_dir"]
+        (True, '/tmp/tb/demo')
+    """
+
+    name = "tensorboard"
+    extra = "tensorboard"
+
+    def __init__(
+        self, *, log_dir: str | os.PathLike[str] | None = None, run_name: str | None = None, charts: bool = True
+    ):
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise ValueError(f"log_dir must be a path, got {log_dir!r}")
+        if not isinstance(charts, bool):
+            raise ValueError(f"charts must be true or false, got {charts!r}")
+        self._log_dir = None if log_dir is None else Path(log_dir)
+        self.run_name = run_name
+        self.charts = charts
+        self._opened = False
+        self._written: set[tuple[str, int]] = set()  # (prefix slug, step) of the step files in the log dir
+        self._layout: dict[str, Any] = {}  # key prefix -> its custom-scalars category
+        self._warned_no_charts = False
+
+    # ---- identity ----------------------------------------------------------------------
+    @property
+    def log_dir(self) -> Path:
+        """The log dir written to (the default is fixed on first use)."""
+        if self._log_dir is None:
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_name) if self.run_name else None
+            self._log_dir = Path("runs") / (name or time.strftime("%Y%m%d-%H%M%S-bon"))
+        return self._log_dir
+
+    @property
+    def run_id(self) -> str | None:
+        return str(self.log_dir.resolve()) if self._opened else None
+
+    def spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"backend": self.name, "log_dir": str(self.log_dir.resolve())}
+        if not self.charts:
+            spec["charts"] = False
+        return spec
+
+    def check(self) -> None:
+        """Raise :class:`ConfigurationError` when tensorboard is missing or the log dir is a file."""
+        require("tensorboard", "tensorboard")
+        if self.log_dir.exists() and not self.log_dir.is_dir():
+            raise ConfigurationError(f"log_dir {self.log_dir} is a file, not a directory")
+
+    def classify(self, error: BaseException) -> str:
+        """A log dir that cannot be written (permissions, read-only, a file in the way) is a
+        configuration error; a full disk or other I/O failure is retried."""
+        if isinstance(error, OSError) and error.errno in _CONFIG_ERRNOS:
+            return "config"
+        return classify_common(error)
+
+    # ---- writing -------------------------------------------------------------------------
+    def log_eval(self, record: EvalRecord) -> None:
+        """Write the step's event file, unless the log dir already holds this step."""
+        require("tensorboard", "tensorboard")
+        log_dir = self._open()
+        key = (_slug(record.key_prefix), record.step)
+        if key in self._written:
+            logger.debug("bon_tracker: %s already holds %s step %d; skipped", log_dir, record.key_prefix, record.step)
+            return
+        _atomic_write_bytes(log_dir / step_file_name(record), self._event_bytes(record))
+        self._written.add(key)
+
+    def _open(self) -> Path:
+        log_dir = self.log_dir
+        if not self._opened:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            for path in log_dir.iterdir():
+                match = _STEP_FILE.match(path.name)
+                if match:
+                    self._written.add((match["slug"], int(match["step"])))
+            self._opened = True
+        return log_dir
+
+    def _event_bytes(self, record: EvalRecord) -> bytes:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        buffer = io.BytesIO()
+        writer = RecordWriter(buffer)
+        header = event_pb2.Event(
+            wall_time=record.timestamp,
+            file_version="brain.Event:2",
+            source_metadata=event_pb2.SourceMetadata(writer=FILE_MARK),
+        )
+        writer.write(header.SerializeToString())
+        event = event_pb2.Event(wall_time=record.timestamp, step=record.step, summary=self._summary(record))
+        writer.write(event.SerializeToString())
+        return buffer.getvalue()
+
+    def _summary(self, record: EvalRecord) -> Summary:
+        from tensorboard.compat.proto.summary_pb2 import DataClass, Summary, SummaryMetadata
+        from tensorboard.plugins.text.plugin_data_pb2 import TextPluginData
+        from tensorboard.util import tensor_util
+
+        pre = record.key_prefix
+        summary = Summary()
+        scalar_meta = SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"), data_class=DataClass.DATA_CLASS_SCALAR
+        )
+
+        def scalar(tag: str, value: float) -> None:
+            summary.value.add(tag=tag, tensor=tensor_util.make_tensor_proto(np.float32(value)), metadata=scalar_meta)
+
+        def text(tag: str, content: str, plugin: str, plugin_content: bytes = b"") -> None:
+            meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=plugin, content=plugin_content))
+            summary.value.add(tag=tag, tensor=tensor_util.make_tensor_proto(np.array(content.encode())), metadata=meta)
+
+        for tag, value in record.scalars().items():
+            scalar(tag, value)
+        tags = curve_tags(record)
+        c = record.curve
+        for series, means, ses in (("true", c.true_mean, c.true_se), ("proxy", c.proxy_mean, c.proxy_se)):
+            for tag, mean, se in zip(tags[series], means.tolist(), ses.tolist(), strict=True):
+                if tag is not None and np.isfinite(se):
+                    scalar(f"{tag}/{LOWER_SUFFIX}", mean - se)
+                    scalar(f"{tag}/{UPPER_SUFFIX}", mean + se)
+
+        image = self._curve_png(record)
+        if image is not None:
+            width, height = _png_size(image)
+            summary.value.add(
+                tag=f"{pre}/{CURVE_PLOT_KEY}",
+                image=Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=image),
+            )
+        text_plugin = TextPluginData(version=0).SerializeToString()
+        text(f"{pre}/{GOODHART_TEXT_KEY}", goodhart_text(record), "text", text_plugin)
+        record_json = json.dumps(record.to_json(), allow_nan=True, separators=(",", ":"))
+        text(f"{pre}/{RECORD_KEY}", record_json, RECORD_PLUGIN)
+
+        self._layout[pre] = self._category(record, tags)
+        layout = self._layout_proto()
+        layout_meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
+        summary.value.add(
+            tag=CUSTOM_SCALARS_TAG,
+            tensor=tensor_util.make_tensor_proto(np.array(layout.SerializeToString())),
+            metadata=layout_meta,
+        )
+        return summary
+
+    @staticmethod
+    def _category(record: EvalRecord, tags: dict[str, list[str | None]]) -> Any:
+        from tensorboard.plugins.custom_scalar import layout_pb2
+
+        charts = []
+        for i, n in enumerate(record.curve.n.tolist()):
+            series = [
+                layout_pb2.MarginChartContent.Series(
+                    value=tags[name][i],
+                    lower=f"{tags[name][i]}/{LOWER_SUFFIX}",
+                    upper=f"{tags[name][i]}/{UPPER_SUFFIX}",
+                )
+                for name in ("true", "proxy")
+                if tags[name][i] is not None
+            ]
+            if series:
+                title = f"n = {n}: {record.true_name} and {record.proxy_name} reward ± 1 SE"
+                charts.append(layout_pb2.Chart(title=title, margin=layout_pb2.MarginChartContent(series=series)))
+        return layout_pb2.Category(title=f"{record.key_prefix}: best-of-n reward ± 1 SE", chart=charts)
+
+    def _layout_proto(self) -> Any:
+        from tensorboard.plugins.custom_scalar import layout_pb2
+
+        # Every prefix this backend wrote: TensorBoard keeps only a run's latest layout.
+        return layout_pb2.Layout(category=[self._layout[pre] for pre in sorted(self._layout)])
+
+    def _curve_png(self, record: EvalRecord) -> bytes | None:
+        if not self.charts:
+            return None
+        try:
+            from bon_tracker.reports.charts import curve_chart
+
+            figure = curve_chart(record)
+        except MissingDependencyError as err:
+            if not self._warned_no_charts:
+                logger.warning("bon_tracker: no curve images in TensorBoard: %s", err)
+                self._warned_no_charts = True
+            return None
+        buffer = io.BytesIO()
+        try:
+            figure.savefig(buffer, format="png")  # a Figure built without pyplot: nothing global
+        finally:
+            figure.clear()
+        return buffer.getvalue()
+
+    # ---- reading -------------------------------------------------------------------------
+    @classmethod
+    def read_records(cls, ref: str, **options: Any) -> tuple[str, list[EvalRecord]]:
+        """``(label, records)`` of the log dir ``ref``: the label is the folder's name, the
+        records are those this backend wrote there, in step order.
+
+        Raises:
+            RunNotFoundError: ``ref`` is not a directory.
+        """
+        require("tensorboard", "tensorboard")
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+        log_dir = Path(ref)
+        if not log_dir.is_dir():
+            raise RunNotFoundError(f"{ref}: no such TensorBoard log dir")
+        records: dict[tuple[str, int], EvalRecord] = {}
+        for path in sorted(p for p in log_dir.iterdir() if _STEP_FILE.match(p.name)):
+            for event in LegacyEventFileLoader(str(path)).Load():
+                for value in event.summary.value:
+                    if value.metadata.plugin_data.plugin_name == RECORD_PLUGIN and value.tensor.string_val:
+                        record = EvalRecord.from_json(json.loads(value.tensor.string_val[0]))
+                        records[(record.key_prefix, record.step)] = record
+        return log_dir.resolve().name, sorted(records.values(), key=lambda r: (r.step, r.key_prefix))
+
+    @classmethod
+    def claims(cls, ref: str) -> bool:
+        """A directory holding event files written by this backend."""
+        path = Path(ref)
+        try:
+            return path.is_dir() and any(_STEP_FILE.match(p.name) for p in path.iterdir())
+        except OSError:
+            return False

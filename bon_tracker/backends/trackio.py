@@ -1,0 +1,319 @@
+"""trackio backend: scalars, the curve table, the chart and alerts in a trackio run.
+
+trackio is local-first: a run lives in a SQLite file per project under trackio's folder
+(``$TRACKIO_DIR``, default ``~/.cache/huggingface/trackio``; read once, when trackio is
+first imported), and ``trackio show`` opens the dashboard. What one eval step writes, as
+one ``run.log(..., step=<training step>)`` (``pre`` is the record's key prefix):
+
+* every scalar of :meth:`EvalRecord.scalars`;
+* ``{pre}/bon_curves``: the step's curve table (``trackio.Table``, columns ``TABLE_COLUMNS``);
+* ``{pre}/curve_plot``: the chart of :func:`bon_tracker.reports.charts.curve_chart`
+  (``trackio.Image``);
+* ``{pre}/eval_record``: the record as a JSON string (not plotted), which
+  :meth:`TrackioBackend.read_records` reads back exactly.
+
+Alerts of the tracker (the Goodhart point passed, true reward falling while proxy rises)
+go to trackio's own ``Run.alert``: printed, stored with the run, shown in the dashboard,
+and POSTed to a webhook when one is configured (``TRACKIO_WEBHOOK_URL``).
+
+The backend writes into the trackio run that is active on the training thread (the one
+``trackio.init`` or transformers' ``report_to="trackio"`` started), or into ``run``;
+otherwise it starts its own run on the first record and finishes only that one. A step
+already in the run (logged by this process, or found in the local store when the run is
+opened) is skipped, so a replayed record duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sqlite3
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from bon_tracker.backends.base import Backend, ConfigurationError, RejectedRecord, RunNotFoundError, classify_common
+from bon_tracker.optional import MissingDependencyError, require
+from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
+
+logger = logging.getLogger("bon_tracker")
+
+DEFAULT_PROJECT = "bon_tracker"
+RECORD_KEY = "eval_record"
+CURVE_PLOT_KEY = "curve_plot"
+_RESUME = ("never", "allow", "must")
+_LEVELS = {"info": "info", "warn": "warn", "warning": "warn", "error": "error"}
+
+
+def _current_run() -> Any:
+    """The trackio run active in this thread's context, without importing trackio."""
+    trackio = sys.modules.get("trackio")
+    return trackio.context_vars.current_run.get() if trackio is not None else None
+
+
+class TrackioBackend(Backend):
+    """Logs eval records to a trackio run.
+
+    Args:
+        project: trackio project of a run this backend starts (default ``bon_tracker``).
+        run: a ``trackio`` run object to write into.
+        run_name: name of a run this backend starts.
+        run_id: trackio's id of the run to continue (with ``run_name``), from :meth:`spec`.
+        resume: ``trackio.init``'s ``resume`` for a run this backend starts:
+            ``"never"`` (a new run), ``"allow"`` or ``"must"`` (continue ``run_name``).
+        group: trackio group of a run this backend starts.
+        charts: log the curve chart as an image per step (needs matplotlib).
+        init_kwargs: more arguments for ``trackio.init`` (``config``, ``space_id``,
+            ``server_url``, ``webhook_url``...). System-metric logging is off unless asked
+            for (``auto_log_cpu=True``); the dashboard is never started here.
+
+    Example:
+        >>> backend = TrackioBackend(project="demo", run_name="ppo-1")
+        >>> backend.run_id is None, backend.spec()["project"]
+        (True, 'demo')
+    """
+
+    name = "trackio"
+    extra = "trackio"
+
+    def __init__(
+        self,
+        *,
+        project: str | None = None,
+        run: Any = None,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        resume: str = "never",
+        group: str | None = None,
+        charts: bool = True,
+        init_kwargs: Mapping[str, Any] | None = None,
+    ):
+        if resume not in _RESUME:
+            raise ValueError(f"resume must be one of {', '.join(_RESUME)}, got {resume!r}")
+        if resume == "must" and not run_name:
+            raise ValueError("resume='must' needs the run_name of the run to continue")
+        if not isinstance(charts, bool):
+            raise ValueError(f"charts must be true or false, got {charts!r}")
+        self.project = project
+        self.run_name = run_name
+        self.resume = resume
+        self.group = group
+        self.charts = charts
+        self.init_kwargs = dict(init_kwargs or {})
+        self._given_run = run
+        self._bound_run: Any = None
+        self._run: Any = None
+        self._run_id = run_id
+        self._owns_run = False
+        self._logged: set[tuple[str, int]] = set()  # (prefix, step) the run holds
+        self._last_step: int | None = None
+        self._warned_no_charts = False
+
+    # ---- identity ----------------------------------------------------------------------
+    @property
+    def run(self) -> Any:
+        """The trackio run written to (None before the first :meth:`log_eval`)."""
+        return self._run
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run.id if self._run is not None else self._run_id
+
+    def spec(self) -> dict[str, Any]:
+        """Rebuilds a backend that continues this run (``resume="must"``) once it is open."""
+        run = self._run or self._given_run or self._bound_run
+        spec: dict[str, Any] = {
+            "backend": self.name,
+            "project": run.project if run is not None else self.project or DEFAULT_PROJECT,
+            "run_name": run.name if run is not None else self.run_name,
+            "run_id": self.run_id,
+            "resume": "must" if run is not None or self.resume == "must" else self.resume,
+        }
+        if self.group is not None:
+            spec["group"] = self.group
+        if not self.charts:
+            spec["charts"] = False
+        if self.init_kwargs:
+            spec["init_kwargs"] = self.init_kwargs
+        return spec
+
+    def bind(self) -> None:
+        """Remember the trackio run active on the caller's (training) thread: trackio keeps
+        it in a context variable, which the delivery thread does not see."""
+        if self._given_run is None and self._bound_run is None:
+            self._bound_run = _current_run()
+
+    def check(self) -> None:
+        """Raise :class:`ConfigurationError` for a project name trackio refuses."""
+        require("trackio", "trackio")
+        from trackio.sqlite_storage import SQLiteStorage
+
+        try:
+            SQLiteStorage.validate_project_name(self.project or DEFAULT_PROJECT)
+        except ValueError as err:
+            raise ConfigurationError(str(err)) from err
+
+    def classify(self, error: BaseException) -> str:
+        """A locked or busy SQLite store is retried; a value trackio cannot take (a table
+        or image it refuses) rejects the record."""
+        if isinstance(error, (ConfigurationError, MissingDependencyError, RejectedRecord)):
+            return classify_common(error)
+        if isinstance(error, sqlite3.OperationalError):
+            return "transient"
+        if isinstance(error, (ValueError, TypeError)):
+            return "rejected"
+        return classify_common(error)
+
+    # ---- writing -------------------------------------------------------------------------
+    def log_eval(self, record: EvalRecord) -> None:
+        """Log the step's scalars, table, chart and record in one ``run.log`` call."""
+        trackio = require("trackio", "trackio")
+        run = self._open(trackio)
+        key = (record.key_prefix, record.step)
+        if key in self._logged:
+            logger.debug("bon_tracker: trackio run %s already has %s step %d; skipped", run.name, *key)
+            return
+        run.log(self._row(trackio, record), step=record.step)
+        self._logged.add(key)
+        self._last_step = record.step
+
+    def alert(self, title: str, text: str, level: str = "WARN") -> None:
+        """Raise a trackio alert on the run, at the last eval step logged."""
+        trackio = require("trackio", "trackio")
+        run = self._open(trackio)
+        alert_level = trackio.AlertLevel(_LEVELS.get(str(level).lower(), "warn"))
+        run.alert(title=title, text=text, level=alert_level, step=self._last_step)
+
+    def finish(self) -> None:
+        """Finish the run if this backend started it (trackio then writes what it queued)."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        self._run_id, self.run_name, self.project = run.id, run.name, run.project
+        if self._owns_run:
+            run.finish()
+            trackio = sys.modules.get("trackio")
+            if trackio is not None and trackio.context_vars.current_run.get() is run:
+                trackio.context_vars.current_run.set(None)
+            self.resume = "must"  # a later log_eval continues this same run
+        self._owns_run = False
+
+    # ---- internals -----------------------------------------------------------------------
+    def _open(self, trackio: Any) -> Any:
+        """The run to write into: the one given, the training thread's, this thread's, or a new one."""
+        if self._run is not None:
+            return self._run
+        run = self._given_run or self._bound_run or trackio.context_vars.current_run.get()
+        if run is not None:
+            self._run, self._owns_run = run, False
+        else:
+            options: dict[str, Any] = {
+                "project": self.project or DEFAULT_PROJECT,
+                "name": self.run_name,
+                "group": self.group,
+                "resume": self.resume,
+                "embed": False,
+                "auto_log_gpu": False,
+                "auto_log_cpu": False,
+                **self.init_kwargs,
+            }
+            try:
+                self._run = trackio.init(**{k: v for k, v in options.items() if v is not None})
+            except ValueError as err:  # a refused project name, resume="must" without such a run
+                raise ConfigurationError(f"trackio.init failed: {err}") from err
+            self._owns_run = True
+            if self._run_id is not None and self._run.id != self._run_id:
+                logger.warning(
+                    "bon_tracker: trackio resumed run %s with id %s, not %s", self._run.name, self._run.id, self._run_id
+                )
+        self._logged |= _stored_steps(self._run)
+        return self._run
+
+    def _row(self, trackio: Any, record: EvalRecord) -> dict[str, Any]:
+        pre = record.key_prefix
+        row: dict[str, Any] = dict(record.scalars())
+        row[f"{pre}/{TABLE_NAME}"] = trackio.Table(
+            columns=list(TABLE_COLUMNS), data=[[r[c] for c in TABLE_COLUMNS] for r in record.table_rows()]
+        )
+        image = self._curve_image(trackio, record)
+        if image is not None:
+            row[f"{pre}/{CURVE_PLOT_KEY}"] = image
+        row[f"{pre}/{RECORD_KEY}"] = json.dumps(record.to_json(), allow_nan=True, separators=(",", ":"))
+        return row
+
+    def _curve_image(self, trackio: Any, record: EvalRecord) -> Any:
+        if not self.charts:
+            return None
+        try:
+            from bon_tracker.reports.charts import curve_chart
+
+            figure = curve_chart(record)
+        except MissingDependencyError as err:
+            if not self._warned_no_charts:
+                logger.warning("bon_tracker: no curve images in trackio: %s", err)
+                self._warned_no_charts = True
+            return None
+        from PIL import Image  # a dependency of trackio (and of matplotlib)
+
+        buffer = io.BytesIO()
+        try:
+            figure.savefig(buffer, format="png")  # a Figure built without pyplot: nothing global
+        finally:
+            figure.clear()
+        buffer.seek(0)
+        return trackio.Image(Image.open(buffer), caption=f"best-of-n at step {record.step}")
+
+    # ---- reading -------------------------------------------------------------------------
+    @classmethod
+    def read_records(cls, ref: str, **options: Any) -> tuple[str, list[EvalRecord]]:
+        """``(label, records)`` of the run ``ref`` = ``PROJECT/RUN_NAME`` in the local store
+        (the latest run of that name, as ``trackio.init(resume=...)`` picks it; pass
+        ``run_id=`` to choose another). The label is the run's name.
+
+        Raises:
+            RunNotFoundError: no such project or run in the local store.
+        """
+        require("trackio", "trackio")
+        import trackio
+
+        project, _, run_name = ref.partition("/")
+        if not project or not run_name:
+            raise RunNotFoundError(f"trackio:{ref}: expected PROJECT/RUN_NAME")
+        try:
+            runs = [r for r in trackio.Api().runs(project) if r.name == run_name]
+        except ValueError as err:  # "Project ... does not exist"
+            raise RunNotFoundError(f"trackio:{ref}: {err}") from None
+        run_id = options.get("run_id")
+        if run_id is not None:
+            runs = [r for r in runs if r.id == run_id]
+        if not runs:
+            where = f" with id {run_id}" if run_id else ""
+            raise RunNotFoundError(f"trackio:{ref}: project {project!r} has no run named {run_name!r}{where}")
+        return run_name, _records(project, runs[-1].name, runs[-1].id)
+
+
+def _records(project: str, run_name: str, run_id: str | None) -> list[EvalRecord]:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    records: dict[tuple[str, int], EvalRecord] = {}
+    for row in SQLiteStorage.get_logs(project, run=run_name, run_id=run_id):
+        for key, value in row.items():
+            if key.endswith(f"/{RECORD_KEY}") and isinstance(value, str):
+                record = EvalRecord.from_json(json.loads(value))
+                records[(record.key_prefix, record.step)] = record
+    return sorted(records.values(), key=lambda r: (r.step, r.key_prefix))
+
+
+def _stored_steps(run: Any) -> set[tuple[str, int]]:
+    """(prefix, step) of the records already in a local run (a resumed or attached run)."""
+    if getattr(run, "url", None) is not None:  # a Space or server: its store is not local
+        return set()
+    from trackio.sqlite_storage import SQLiteStorage
+
+    steps = set()
+    for row in SQLiteStorage.get_logs(run.project, run=run.name, run_id=run.id):
+        for key, value in row.items():
+            if key.endswith(f"/{RECORD_KEY}") and isinstance(value, str):
+                steps.add((key[: -len(RECORD_KEY) - 1], int(row["step"])))
+    return steps

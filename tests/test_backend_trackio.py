@@ -1,0 +1,192 @@
+"""The trackio backend, read back from trackio's local SQLite store and compared with
+bon_curve on the same scores. Nothing may reach the network or start a server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+if "trackio" not in sys.modules:  # trackio reads TRACKIO_DIR once, when first imported
+    os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="bon_tracker_trackio_")
+
+from bon_tracker.backends import ConfigurationError, RunNotFoundError, backend_class, backend_from_spec
+from bon_tracker.core import bon_curve
+from bon_tracker.record import TABLE_COLUMNS, EvalRecord
+
+trackio = pytest.importorskip("trackio")
+pytest.importorskip("matplotlib")
+
+from trackio.sqlite_storage import SQLiteStorage  # noqa: E402
+from trackio.utils import MEDIA_DIR, TRACKIO_DIR  # noqa: E402
+
+from bon_tracker.backends.trackio import TrackioBackend  # noqa: E402
+
+STEPS = (10, 20, 30)
+NS = [1, 2, 4, 8, 32]
+
+
+@pytest.fixture(autouse=True)
+def _local_only(monkeypatch):
+    """trackio's store in a temporary folder; no Space, server or webhook; any attempt to
+    open a network connection or listen on a port fails the test."""
+    if not str(TRACKIO_DIR).startswith(tempfile.gettempdir()):
+        pytest.skip(f"trackio was imported before TRACKIO_DIR was set: its store is {TRACKIO_DIR}")
+    for key in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_WEBHOOK_URL", "TRACKIO_BUCKET_ID"):
+        monkeypatch.delenv(key, raising=False)
+    attempts = []
+    for name in ("connect", "connect_ex", "bind"):
+        original = getattr(socket.socket, name)
+
+        def guard(self, address, *args, _original=original):
+            if self.family in (socket.AF_INET, socket.AF_INET6):
+                attempts.append(address)
+                raise OSError(f"bon_tracker tests: no network ({address})")
+            return _original(self, address, *args)
+
+        monkeypatch.setattr(socket.socket, name, guard)
+    yield
+    assert attempts == [], f"trackio tried to reach the network: {attempts}"
+
+
+@pytest.fixture
+def project() -> str:
+    return f"bon-test-{uuid.uuid4().hex[:8]}"
+
+
+def _records(rng, steps=STEPS):
+    out = {}
+    for step in steps:
+        true = rng.normal(size=(24, 32))
+        proxy = true + rng.standard_t(2, size=true.shape)
+        record = EvalRecord.build(step, bon_curve(proxy, true, ns=NS), policy_kl=step / 10)
+        out[step] = (record, bon_curve(proxy, true, ns=NS))
+    return out
+
+
+def _rows(project, run_name, run_id=None):
+    logs = SQLiteStorage.get_logs(project, run=run_name, run_id=run_id)
+    steps = [log["step"] for log in logs if "bon/eval_record" in log]
+    assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
+    return {log["step"]: log for log in logs if "bon/eval_record" in log}
+
+
+def test_scalars_table_image_and_record_read_back(project, rng):
+    records = _records(rng)
+    backend = TrackioBackend(project=project, run_name="ppo")
+    for record, _ in records.values():
+        backend.log_eval(record)
+    run_id = backend.run_id
+    backend.finish()  # a run it started: finished, so trackio has written everything
+
+    rows = _rows(project, "ppo", run_id)
+    assert sorted(rows) == list(STEPS)
+    for step, (record, curve) in records.items():
+        row = rows[step]
+        for key, value in record.scalars().items():
+            assert row[key] == value, key  # trackio stores float64: exact
+        true_at_max = [k for k, v in record.scalars().items() if v == curve.true_mean[-1]]
+        assert true_at_max and row[true_at_max[0]] == pytest.approx(curve.true_mean[-1], rel=1e-12)
+        table = row["bon/bon_curves"]
+        assert table["_type"] == "trackio.table"
+        assert [list(r) for r in table["_value"]] == [list(TABLE_COLUMNS)] * len(NS)
+        for got, n, true_mean, proxy_se in zip(table["_value"], NS, curve.true_mean, curve.proxy_se, strict=True):
+            assert (got["step"], got["n"]) == (step, n)
+            assert got["true_mean"] == true_mean and got["proxy_se"] == proxy_se
+        image = row["bon/curve_plot"]
+        assert image["_type"] == "trackio.image"
+        assert (Path(MEDIA_DIR) / image["file_path"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    label, read = TrackioBackend.read_records(f"{project}/ppo")
+    assert label == "ppo"
+    assert [r.to_json() for r in read] == [records[s][0].to_json() for s in STEPS]
+
+
+def test_alert_reaches_trackio(project, rng):
+    records = _records(rng, steps=(10, 20))
+    backend = TrackioBackend(project=project, run_name="ppo", charts=False)
+    for record, _ in records.values():
+        backend.log_eval(record)
+    backend.alert("Goodhart point passed", "policy KL 2.1 nats > KL* 1.9 nats", "WARN")
+    backend.finish()
+    (alert,) = trackio.Api().alerts(project, run="ppo")
+    assert alert["title"] == "Goodhart point passed"
+    assert alert["text"] == "policy KL 2.1 nats > KL* 1.9 nats"
+    assert (alert["level"], alert["step"]) == ("warn", 20)
+
+
+def test_a_replayed_step_is_logged_once(project, rng):
+    records = _records(rng, steps=(10, 20))
+    (first, _), (second, _) = records.values()
+    backend = TrackioBackend(project=project, run_name="ppo", charts=False)
+    backend.log_eval(first)
+    backend.log_eval(first)  # a retry
+    backend.finish()
+    spec = json.loads(json.dumps(backend.spec()))
+    assert spec["resume"] == "must" and spec["run_name"] == "ppo"
+    # `bon-tracker sync` in another process: rebuilt from the spec, replays both steps.
+    replay = backend_from_spec(spec)
+    replay.log_eval(first)
+    replay.log_eval(second)
+    assert replay.run_id == backend.run_id
+    replay.finish()
+    rows = _rows(project, "ppo", backend.run_id)
+    assert sorted(rows) == [10, 20]
+    assert rows[20]["bon/eval_record"] == json.dumps(second.to_json(), separators=(",", ":"))
+
+
+def test_attaches_to_the_training_threads_run(project, rng):
+    """transformers' trackio callback calls trackio.init on the training thread; records
+    are written from the delivery thread, which does not see trackio's context."""
+    records = _records(rng, steps=(10, 20))
+    user_run = trackio.init(project=project, name="trainer", embed=False, auto_log_cpu=False, auto_log_gpu=False)
+    try:
+        user_run.log({"train/loss": 0.5}, step=5)
+        backend = TrackioBackend(project="ignored", run_name="ignored", charts=False)
+        backend.bind()  # on the training thread
+        worker = threading.Thread(target=lambda: [backend.log_eval(r) for r, _ in records.values()])
+        worker.start()
+        worker.join()
+        backend.finish()  # not its run: left open
+        assert backend.run_id == user_run.id
+        assert trackio.context_vars.current_run.get() is user_run
+        user_run.log({"train/loss": 0.25}, step=25)
+    finally:
+        trackio.finish()
+    logs = SQLiteStorage.get_logs(project, run="trainer", run_id=user_run.id)
+    assert [log["step"] for log in logs if "train/loss" in log] == [5, 25]
+    assert sorted(_rows(project, "trainer", user_run.id)) == [10, 20]
+    assert SQLiteStorage.get_runs(project) == ["trainer"]
+
+
+def test_spec_check_classify_and_errors(project):
+    backend = TrackioBackend(project=project)
+    assert backend.run_id is None
+    assert not SQLiteStorage.get_project_db_path(project).exists()  # nothing touched yet
+    assert backend.spec() == {
+        "backend": "trackio",
+        "project": project,
+        "run_name": None,
+        "run_id": None,
+        "resume": "never",
+    }
+    assert backend_class("trackio") is TrackioBackend
+    backend.check()
+    with pytest.raises(ConfigurationError, match="reserved"):
+        TrackioBackend(project="registry-models").check()
+    assert backend.classify(sqlite3.OperationalError("database is locked")) == "transient"
+    assert backend.classify(ValueError("Invalid value type")) == "rejected"
+    with pytest.raises(RunNotFoundError):
+        TrackioBackend.read_records(f"{project}/nothing")
+    with pytest.raises(RunNotFoundError):
+        TrackioBackend.read_records("no-slash")
+    with pytest.raises(ValueError, match="resume"):
+        TrackioBackend(resume="sometimes")
