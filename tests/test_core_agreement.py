@@ -1,0 +1,68 @@
+"""Rank agreement among the top samples by proxy, against scipy's Spearman per prompt."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from bon_tracker.core.agreement import topq_agreement
+
+
+def brute_force(proxy, true, m):
+    rhos = []
+    for p, t in zip(proxy, true):
+        top = np.argsort(-p, kind="stable")[:m]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a constant prompt: NaN, left out below
+            rho = spearmanr(p[top], t[top]).statistic
+        if np.isfinite(rho):
+            rhos.append(rho)
+    return np.mean(rhos), np.std(rhos, ddof=1) / math.sqrt(len(rhos)), len(rhos)
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_against_scipy_spearman_per_prompt(discrete):
+    rng = np.random.default_rng(0)
+    proxy = rng.normal(size=(40, 32))
+    true = proxy - 0.4 * proxy**2 + rng.normal(size=proxy.shape)
+    if discrete:  # ties in both (average ranks), and a prompt with a constant true reward
+        proxy, true = np.round(proxy * 2) / 2, np.round(true)
+        true[3] = 1.0
+    got = topq_agreement(proxy, true)
+    assert got.q == (1.0, 0.5, 0.25, 0.125) and got.n_top == (32, 16, 8, 4)
+    for i, m in enumerate(got.n_top):
+        mean, se, count = brute_force(proxy, true, m)
+        assert got.mean[i] == pytest.approx(mean, rel=1e-10)
+        assert got.se[i] == pytest.approx(se, rel=1e-10)
+        assert got.n_prompts[i] == count
+    if discrete:
+        assert got.n_prompts[0] == 39
+
+
+def test_known_values_and_metrics():
+    proxy = np.tile(np.arange(8.0), (3, 1))
+    assert topq_agreement(proxy, proxy * 2 + 1).mean == (1.0, 1.0)
+    flipped = topq_agreement(proxy, -proxy)
+    assert flipped.mean == (-1.0, -1.0) and flipped.n_top == (8, 4)
+    assert set(flipped.metrics("x")) == {"x/agreement/top1", "x/agreement/top0.5"}
+
+
+def test_agreement_falls_in_the_tail_under_goodhart():
+    rng = np.random.default_rng(1)
+    proxy = rng.normal(size=(300, 64))
+    true = proxy - 0.5 * proxy**2 + 0.3 * rng.normal(size=proxy.shape)  # extreme proxy is bad
+    got = topq_agreement(proxy, true)
+    assert got.mean[0] > 0.3 and got.mean[-1] < 0  # agrees overall, disagrees where selection looks
+
+
+def test_input_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        topq_agreement(np.zeros((2, 4)), np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="finite"):
+        topq_agreement([[0.0, np.nan, 1.0, 2.0]], [[0.0, 1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match="min_samples"):
+        topq_agreement(np.zeros((2, 4)), np.zeros((2, 4)), min_samples=1)
