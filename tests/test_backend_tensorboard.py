@@ -88,7 +88,7 @@ def test_scalars_chart_text_and_layout_read_back(tmp_path, rng):
         g = record.goodhart
         assert g is not None and f"n\\* ≈ {g.n:.4g}" in text and f"KL\\* ≈ {g.kl:.4g}" in text
 
-    images = acc.Images("bon/curve_plot")
+    images = acc.Images("bon/0_curve")
     assert [image.step for image in images] == list(STEPS)
     for image in images:
         assert image.encoded_image_string.startswith(b"\x89PNG\r\n\x1a\n")

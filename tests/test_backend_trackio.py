@@ -101,9 +101,10 @@ def test_scalars_table_image_and_record_read_back(project, rng):
         for got, n, true_mean, proxy_se in zip(table["_value"], NS, curve.true_mean, curve.proxy_se, strict=True):
             assert (got["step"], got["n"]) == (step, n)
             assert got["true_mean"] == true_mean and got["proxy_se"] == proxy_se
-        image = row["bon/curve_plot"]
+        image = row["bon/0_curve"]
         assert image["_type"] == "trackio.image"
         assert (Path(MEDIA_DIR) / image["file_path"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert SQLiteStorage.get_run_config(project, "ppo", run_id=run_id)["N"] == "32"  # record.run_params()
 
     label, read = TrackioBackend.read_records(f"{project}/ppo")
     assert label == "ppo"

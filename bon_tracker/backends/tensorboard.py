@@ -10,8 +10,8 @@ No TensorFlow and no torch: events are ``tensorboard.compat.proto`` messages fra
 * ``{mean}/mean_minus_se`` and ``{mean}/mean_plus_se`` beside each true and proxy mean,
   and a custom-scalars layout (Custom Scalars tab, category ``{pre}: best-of-n reward
   ± 1 SE``) with one margin chart per n: true and proxy mean with their SE band;
-* ``{pre}/curve_plot``: the curve chart of :func:`bon_tracker.reports.charts.curve_chart`
-  as an image at the step (Images tab, with a step slider);
+* ``{pre}/0_curve`` (:func:`~bon_tracker.record.curve_image_key`): the curve chart of
+  :func:`bon_tracker.reports.charts.curve_chart` as an image at the step (Images tab, with a step slider);
 * ``{pre}/goodhart_point``: a text summary of the fitted Goodhart point (Text tab);
 * ``{pre}/eval_record``: the record as JSON under a plugin name no dashboard shows,
   which :meth:`TensorBoardBackend.read_records` reads back exactly.
@@ -47,7 +47,7 @@ import numpy as np
 
 from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundError, classify_common
 from bon_tracker.optional import MissingDependencyError, require
-from bon_tracker.record import EvalRecord
+from bon_tracker.record import EvalRecord, curve_image_key
 
 if TYPE_CHECKING:
     from tensorboard.compat.proto.summary_pb2 import Summary
@@ -57,7 +57,6 @@ logger = logging.getLogger("bon_tracker")
 FILE_MARK = "bon_tracker"  # in the name of every event file this backend writes
 RECORD_PLUGIN = "bon_tracker"  # plugin name of the eval-record tensor: no dashboard shows it
 RECORD_KEY = "eval_record"
-CURVE_PLOT_KEY = "curve_plot"
 GOODHART_TEXT_KEY = "goodhart_point"
 LOWER_SUFFIX = "mean_minus_se"
 UPPER_SUFFIX = "mean_plus_se"
@@ -292,7 +291,7 @@ class TensorBoardBackend(Backend):
         if image is not None:
             width, height = _png_size(image)
             summary.value.add(
-                tag=f"{pre}/{CURVE_PLOT_KEY}",
+                tag=curve_image_key(pre),
                 image=Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=image),
             )
         text_plugin = TextPluginData(version=0).SerializeToString()

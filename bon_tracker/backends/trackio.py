@@ -7,8 +7,8 @@ one ``run.log(..., step=<training step>)`` (``pre`` is the record's key prefix):
 
 * every scalar of :meth:`EvalRecord.scalars`;
 * ``{pre}/bon_curves``: the step's curve table (``trackio.Table``, columns ``TABLE_COLUMNS``);
-* ``{pre}/curve_plot``: the chart of :func:`bon_tracker.reports.charts.curve_chart`
-  (``trackio.Image``);
+* ``{pre}/0_curve`` (:func:`~bon_tracker.record.curve_image_key`): the chart of
+  :func:`bon_tracker.reports.charts.curve_chart` (``trackio.Image``);
 * ``{pre}/eval_record``: the record as a JSON string (not plotted), which
   :meth:`TrackioBackend.read_records` reads back exactly.
 
@@ -35,13 +35,12 @@ from typing import Any
 
 from bon_tracker.backends.base import Backend, ConfigurationError, RejectedRecord, RunNotFoundError, classify_common
 from bon_tracker.optional import MissingDependencyError, require
-from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
+from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, curve_image_key
 
 logger = logging.getLogger("bon_tracker")
 
 DEFAULT_PROJECT = "bon_tracker"
 RECORD_KEY = "eval_record"
-CURVE_PLOT_KEY = "curve_plot"
 _RESUME = ("never", "allow", "must")
 _LEVELS = {"info": "info", "warn": "warn", "warning": "warn", "error": "error"}
 
@@ -169,7 +168,7 @@ class TrackioBackend(Backend):
     def log_eval(self, record: EvalRecord) -> None:
         """Log the step's scalars, table, chart and record in one ``run.log`` call."""
         trackio = require("trackio", "trackio")
-        run = self._open(trackio)
+        run = self._open(trackio, record)
         key = (record.key_prefix, record.step)
         if key in self._logged:
             logger.debug("bon_tracker: trackio run %s already has %s step %d; skipped", run.name, *key)
@@ -200,7 +199,7 @@ class TrackioBackend(Backend):
         self._owns_run = False
 
     # ---- internals -----------------------------------------------------------------------
-    def _open(self, trackio: Any) -> Any:
+    def _open(self, trackio: Any, record: EvalRecord | None = None) -> Any:
         """The run to write into: the one given, the training thread's, this thread's, or a new one."""
         if self._run is not None:
             return self._run
@@ -218,6 +217,8 @@ class TrackioBackend(Backend):
                 "auto_log_cpu": False,
                 **self.init_kwargs,
             }
+            if record is not None:  # N, P, the grid and reward names as the run's config
+                options["config"] = {**record.run_params(), **(options.get("config") or {})}
             try:
                 self._run = trackio.init(**{k: v for k, v in options.items() if v is not None})
             except ValueError as err:  # a refused project name, resume="must" without such a run
@@ -238,7 +239,7 @@ class TrackioBackend(Backend):
         )
         image = self._curve_image(trackio, record)
         if image is not None:
-            row[f"{pre}/{CURVE_PLOT_KEY}"] = image
+            row[curve_image_key(pre)] = image
         row[f"{pre}/{RECORD_KEY}"] = json.dumps(record.to_json(), allow_nan=True, separators=(",", ":"))
         return row
 
