@@ -36,10 +36,12 @@ def test_simulated_bon_curve_matches_the_exact_gain():
 def test_exact_peak_and_run_ground_truth():
     model = SimulationModel(gamma=0.8 / 3)
     peak = model.bon_peak()
-    grid = np.exp(np.linspace(0, 6, 4001))
+    grid = np.exp(np.linspace(0, 6, 601))
     gains = model.bon_gain(grid)[0]
-    assert peak["n"] == pytest.approx(grid[np.argmax(gains)], rel=5e-3)
-    assert peak["gain"] == pytest.approx(gains.max(), abs=1e-9)
+    assert peak["n"] == pytest.approx(grid[np.argmax(gains)], rel=2e-2)
+    assert peak["gain"] >= gains.max() - 1e-12
+    near = model.bon_gain([peak["n"] * 0.999, peak["n"] * 1.001])[0]
+    assert np.all(near <= peak["gain"])
     assert peak["kl"] == pytest.approx(kl_bon(peak["n"]))
     assert model.bon_peak(lam=model.peak_lam)["n"] == 1.0  # at the policy's peak, selection only hurts
     run = simulated_runs("peaked", 1, seed=2)[0]

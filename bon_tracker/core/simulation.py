@@ -61,13 +61,26 @@ def normal_max_moments(n: object) -> tuple[np.ndarray, np.ndarray]:
     n_arr = np.atleast_1d(np.asarray(n, dtype=np.float64))
     if np.any(~np.isfinite(n_arr)) or np.any(n_arr < 1):
         raise ValueError(f"n must be finite and >= 1, got {n!r}")
-    x = np.linspace(-12.0, 12.0, 24001)
-    log_cdf, pdf = _normal_cdf_and_logs(x)
+    x, log_cdf, pdf = _quadrature_grid()
     dx = x[1] - x[0]
-    density = n_arr[:, None] * pdf[None, :] * np.exp((n_arr[:, None] - 1.0) * log_cdf[None, :])
-    m1 = (density * x).sum(axis=1) * dx
-    m2 = (density * x * x).sum(axis=1) * dx
+    m1, m2 = np.empty(n_arr.shape), np.empty(n_arr.shape)
+    for start in range(0, n_arr.size, 256):  # bounded memory for long n arrays
+        n_block = n_arr[start : start + 256, None]
+        density = n_block * pdf[None, :] * np.exp((n_block - 1.0) * log_cdf[None, :])
+        m1[start : start + 256] = (density * x).sum(axis=1) * dx
+        m2[start : start + 256] = (density * x * x).sum(axis=1) * dx
     return m1, m2
+
+
+_GRID: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+
+def _quadrature_grid() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The x grid of the quadrature with log Phi and phi on it, computed once on first use."""
+    if not _GRID:
+        x = np.linspace(-10.0, 10.0, 8001)
+        _GRID.append((x, *_normal_cdf_and_logs(x)))
+    return _GRID[0]
 
 
 @dataclass(frozen=True)
@@ -133,7 +146,7 @@ class SimulationModel:
             return {"n": math.inf, "kl": math.inf, "gain": math.inf}
         if self.rho - 2.0 * self.gamma * lam <= 0:
             return {"n": 1.0, "kl": 0.0, "gain": 0.0}
-        grid = np.exp(np.linspace(0.0, math.log(1e9), 2000))
+        grid = np.exp(np.linspace(0.0, math.log(1e9), 400))
         gains = self.bon_gain(grid, lam)[0]
         i = int(np.argmax(gains))
         lo, hi = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
