@@ -22,7 +22,7 @@ from bon_tracker.cli.main import EXIT_OK, EXIT_PENDING, EXIT_USAGE, main
 from bon_tracker.record import EvalRecord
 from bon_tracker.reports.compare import resolve_run
 from bon_tracker.tracking.tracker import BonTracker
-from bon_tracker.tracking.wal import Spool, spool_files
+from bon_tracker.tracking.wal import WriteAheadLog, wal_files
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -471,7 +471,7 @@ def test_compare_two_local_runs(tmp_path, capsys, rng):
 def test_compare_rejects_an_unknown_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = cli(capsys, "compare", tmp_path / "empty")
-    assert code == EXIT_USAGE and "neither a local run folder" in err
+    assert code == EXIT_USAGE and "not a run folder of any backend" in err
 
 
 def test_report_of_a_local_run(tmp_path, capsys, rng):
@@ -586,17 +586,24 @@ def test_sync_replays_a_spool_exactly_once(tmp_path, capsys, rng, caplog):
     root = blocker / "runs"  # unwritable: a path under a regular file
     spool_dir = tmp_path / "spool"
     tracker = log_run(
-        rng, steps=(0, 10, 20), backend="local", root=root, run_name="r", charts=False, spool_dir=spool_dir
+        rng,
+        steps=(0, 10, 20),
+        backend="local",
+        root=root,
+        run_name="r",
+        charts=False,
+        spool_dir=spool_dir,
+        finish_timeout=0.5,
     )
-    (spool_path,) = spool_files(spool_dir)
-    assert [r.step for _, r in Spool(spool_path).entries()] == [0, 10, 20]
+    (spool_path,) = wal_files(spool_dir)
+    assert [e.record.step for e in WriteAheadLog(spool_path).pending() if e.record] == [0, 10, 20]
     assert "bon-tracker sync" in caplog.text
 
     code, out, _ = cli(capsys, "sync", "--dry-run")  # the spool folder from $BON_TRACKER_SPOOL_DIR
     assert code == EXIT_OK and "3 record(s) for local (steps 0, 10, 20)" in out
     code, out, err = cli(capsys, "sync")  # still unwritable: nothing lost, exit 3
     assert code == EXIT_PENDING and "replayed 0 record(s); 3 remain" in out and "NotADirectoryError" in err
-    assert len(Spool(spool_path).entries()) == 3
+    assert len(WriteAheadLog(spool_path)) == 3
 
     blocker.unlink()  # the file system is back
     code, out, err = cli(capsys, "sync", spool_path)
@@ -624,7 +631,7 @@ def test_dead_mlflow_server_spools_and_sync_keeps_the_records(tmp_path, capsys, 
     from tests.mlflow_server import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
-    (tmp_path / "cfg.yaml").write_text("mlflow:\n  max_retries: 0\n  timeout: 2\n  charts: false\n")
+    (tmp_path / "cfg.yaml").write_text("finish_timeout: 3\nmlflow:\n  max_retries: 0\n  timeout: 2\n  charts: false\n")
     path = write_rows(tmp_path / "s.csv", make_rows(rng))
     code, out, _err = cli(
         capsys,
@@ -644,11 +651,11 @@ def test_dead_mlflow_server_spools_and_sync_keeps_the_records(tmp_path, capsys, 
     assert backend["delivered"] == 0 and backend["spooled"] == 2
     assert Path(json.loads(out)["runs"][0]["report"]).is_file()  # the local report is there regardless
     spool_path = Path(backend["spool"])
-    entries = Spool(spool_path).entries()
-    assert [r.step for _, r in entries] == [0, 10] and entries[0][0]["tracking_uri"] == dead
+    wal = WriteAheadLog(spool_path)
+    assert [e.record.step for e in wal.pending() if e.record] == [0, 10] and wal.spec()["tracking_uri"] == dead
     code, out, _ = cli(capsys, "sync", spool_path)
     assert code == EXIT_PENDING and "2 remain" in out
-    assert len(Spool(spool_path).entries()) == 2
+    assert len(WriteAheadLog(spool_path)) == 2
 
 
 def test_input_without_samples(tmp_path, capsys):
@@ -676,7 +683,7 @@ def test_sync_replays_to_an_mlflow_server_that_came_back(tmp_path, capsys, rng):
     from tests.mlflow_server import MlflowServer
 
     server = MlflowServer(tmp_path / "server")  # not started yet: its port is dead
-    (tmp_path / "cfg.yaml").write_text("mlflow:\n  max_retries: 0\n  timeout: 2\n  charts: false\n")
+    (tmp_path / "cfg.yaml").write_text("finish_timeout: 3\nmlflow:\n  max_retries: 0\n  timeout: 2\n  charts: false\n")
     rows = make_rows(rng)
     path = write_rows(tmp_path / "s.jsonl", rows)
     code, out, _ = cli(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bon_tracker.backends import BACKENDS
 from bon_tracker.backends.local import read_records
 from bon_tracker.tracking.config import ConfigError, TrackerConfig, load_config, resolve_config, tracker_from_config
 
@@ -61,6 +62,7 @@ def test_load_full_config(tmp_path):
         "proxy_name": "reward model",
         "true_name": "gold RM",
         "spool_dir": "/tmp/spool",
+        "finish_timeout": 30.0,
         "tracking_uri": "sqlite:///mlflow.db",
         "experiment": "goodhart",
         "charts": False,
@@ -84,7 +86,7 @@ def test_empty_file_gives_defaults(tmp_path):
         ("eval_every: true\n", r"line 1, key 'eval_every': expected a positive integer, got True"),
         ("ns: [1, two, 4]\n", r"line 1, key 'ns': expected a list of integers >= 1"),
         ("ns: [0, 1]\n", r"line 1, key 'ns': expected a list of integers >= 1"),
-        ("backend: neptune\n", r"line 1, key 'backend': expected one of local, mlflow, wandb, got 'neptune'"),
+        ("backend: neptune\n", rf"line 1, key 'backend': expected one of {', '.join(BACKENDS)}, got 'neptune'"),
         ("nan_policy: ignore\n", r"line 1, key 'nan_policy': expected 'raise' or 'omit'"),
         ("key_prefix: ''\n", r"line 1, key 'key_prefix': expected a non-empty string"),
         ("proxy_name: [a]\n", r"line 1, key 'proxy_name': expected a string"),
@@ -147,7 +149,7 @@ def test_environment_errors_name_the_variable(tmp_path):
     with pytest.raises(ConfigError, match="environment variable BON_TRACKER_EVAL_EVERY: expected a positive integer"):
         resolve_config(environ={"BON_TRACKER_EVAL_EVERY": "often"})
     with pytest.raises(ConfigError, match="BON_TRACKER_BACKEND: expected one of local, mlflow, wandb"):
-        resolve_config(environ={"BON_TRACKER_BACKEND": "tensorboard"})
+        resolve_config(environ={"BON_TRACKER_BACKEND": "neptune"})
 
 
 def test_explicit_errors_name_the_argument():
@@ -204,3 +206,21 @@ def test_tracker_from_config_explicit_wins(tmp_path, monkeypatch):
     tracker = tracker_from_config(ns=[1, 4, 16], root=str(tmp_path / "runs"))
     assert tracker.ns == [1, 4, 16] and tracker.key_prefix == "file"
     tracker.finish()
+
+
+def test_yaml_alias_bomb_is_refused_quickly_and_messages_stay_short(tmp_path):
+    import time
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for name, prev in zip("bcdefghi", "abcdefgh"):
+        bomb += f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+    for key in ("ns", "run_name"):
+        path = write(tmp_path / f"{key}.yaml", bomb.replace("a: &a", f"{key}: &a", 1))
+        start = time.perf_counter()
+        with pytest.raises(ConfigError, match="expands to more than 10,000 values") as err:
+            load_config(path)
+        assert time.perf_counter() - start < 5 and len(str(err.value)) < 400
+    path = write(tmp_path / "long.yaml", "run_name: [" + ", ".join(["abcdefgh"] * 500) + "]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert len(str(err.value)) < 400  # the value is quoted as a short prefix, not whole

@@ -12,7 +12,7 @@ import pytest
 
 from bon_tracker import Backend, BonTracker, EvalRecord, bon_curve
 from bon_tracker.backends.local import LocalBackend, read_records
-from bon_tracker.tracking.wal import Spool
+from bon_tracker.tracking.wal import WriteAheadLog
 
 
 def _scores(rng, prompts=16, samples=16):
@@ -82,8 +82,35 @@ def test_bad_input_raises_and_writes_nothing(tmp_path, rng):
     with pytest.raises(ValueError, match="exceed the number of samples"):
         BonTracker("local", root=tmp_path, ns=[64]).log_scores(0, true, true)
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="unknown backend 'tensorboard'"):
-        BonTracker("tensorboard")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-service'"):
+        BonTracker("no-such-service")
+
+
+def test_input_is_bounded_and_errors_name_what_is_wrong(tmp_path, rng, caplog):
+    torch = pytest.importorskip("torch")
+    proxy, true = _scores(rng, 4, 8)
+    tracker = BonTracker("local", root=tmp_path, charts=False)
+    for step in (-1, 2**63):
+        with pytest.raises(ValueError, match=r"step must be an integer from 0 to 2\*\*63 - 1"):
+            tracker.log_scores(step, proxy, true)
+    tracker.log_scores(2**63 - 1 - 10, proxy, true)  # the largest steps are fine
+    with caplog.at_level(logging.WARNING, logger="bon_tracker"):
+        assert tracker.log_scores(5, proxy, true) is None
+    assert f"step 5 is not after the last logged step {2**63 - 11}" in caplog.text
+    with pytest.raises(TypeError, match="policy_kl must be a real number"):
+        tracker.log_scores(2**63 - 2, proxy, true, policy_kl="high")
+    with pytest.raises(ValueError, match="policy_kl must be finite"):
+        tracker.log_scores(2**63 - 2, proxy, true, policy_kl=float("inf"))
+    with pytest.raises(TypeError, match="real"):
+        tracker.log_scores(2**63 - 2, proxy + 1j, true)
+    with pytest.raises(TypeError, match="complex"):
+        tracker.log_scores(2**63 - 2, torch.tensor(proxy + 1j), torch.tensor(true))
+    with pytest.raises(ValueError, match="overflows"):
+        tracker.log_scores(2**63 - 2, proxy, np.full_like(true, 1.5e308) * np.sign(rng.normal(size=true.shape)))
+    tracker.finish()
+    assert BonTracker("local", root=tmp_path, ns=[8, 1, 2, 2, 4]).ns == [1, 2, 4, 8]  # sorted, de-duplicated
+    with pytest.raises(ValueError, match="at most 4096 points"):
+        BonTracker("local", root=tmp_path, ns=list(range(1, 5000)))
 
 
 def test_nan_policy_omit_drops_samples(tmp_path, rng):
@@ -112,33 +139,38 @@ class FlakyService(Backend):
         self.received.append(record.step)
 
 
-def test_outage_spools_then_replays_each_record_once_in_order(tmp_path, rng, caplog):
+def test_outage_is_retried_in_the_background_and_each_record_arrives_once_in_order(tmp_path, rng, caplog):
     service = FlakyService(down_for_calls=3)
-    tracker = BonTracker(service, spool_dir=tmp_path)
+    tracker = BonTracker(service, spool_dir=tmp_path, backoff_max=0.05)
     with caplog.at_level(logging.WARNING, logger="bon_tracker"):
         for step in range(1, 6):
             start = time.perf_counter()
-            tracker.log_scores(step, *_scores(rng))  # never raises into training
+            tracker.log_scores(step, *_scores(rng))  # never raises into training, never waits
             assert time.perf_counter() - start < 5
-            if step <= 3:
-                assert len(Spool(tracker.spool.path)) == step  # each failed call adds one record
-    tracker.finish()
+        wal = tracker.wal_path
+        assert [e.record.step for e in WriteAheadLog(wal).entries()] == [1, 2, 3, 4, 5]  # durable first
+        tracker.finish()
     assert service.received == [1, 2, 3, 4, 5]
-    assert not tracker.spool.path.exists()
-    failures = [r for r in caplog.records if "failed" in r.getMessage()]
-    assert len(failures) == 1  # reported once per outage, not once per step
-    assert "bon-tracker sync" in failures[0].getMessage()
+    assert not wal.exists()
+    failures = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(failures) == 1  # reported once per outage, not once per retry
 
 
-def test_still_down_at_finish_keeps_the_spool_for_sync(tmp_path, rng):
+def test_still_down_at_finish_keeps_the_log_for_sync(tmp_path, rng, caplog):
     service = FlakyService(down_for_calls=10**6)
-    tracker = BonTracker(service, spool_dir=tmp_path)
+    tracker = BonTracker(service, spool_dir=tmp_path, backoff_max=0.05)
     for step in (10, 20):
         tracker.log_scores(step, *_scores(rng))
-    tracker.finish()
-    pending = Spool(tracker.spool.path).entries()
-    assert [record.step for _, record in pending] == [10, 20]
-    assert pending[0][0] == {"backend": "flaky"}
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="bon_tracker"):
+        tracker.finish(timeout=0.3)
+    assert time.perf_counter() - start < 5  # finish(timeout) waits at most about that long
+    wal = WriteAheadLog(tracker.wal_path)
+    pending = wal.pending()
+    assert [e.record.step for e in pending if e.record is not None] == [10, 20]
+    assert pending[-1].finish  # sync ends the run once it delivered them
+    assert wal.spec() == {"backend": "flaky"}
+    assert any(f"bon-tracker sync {wal.path}" in r.getMessage() for r in caplog.records)
 
 
 def test_resume_continues_the_run_and_never_logs_a_step_twice(tmp_path, rng):
@@ -159,10 +191,12 @@ def test_local_backend_rebuilds_tables_after_a_torn_write(tmp_path, rng):
     tracker = BonTracker(backend)
     tracker.log_scores(1, *_scores(rng))
     tracker.log_scores(2, *_scores(rng))
+    tracker.finish()
     table = tmp_path / "run" / "bon_curves.jsonl"
     table.write_bytes(table.read_bytes()[:-25])  # a crash mid-append
     reopened = BonTracker(LocalBackend(root=tmp_path, run_id="run"))
     reopened.log_scores(3, *_scores(rng))
+    reopened.finish()
     rows = [json.loads(line) for line in table.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] * 5 + [2] * 5 + [3] * 5
 
@@ -175,23 +209,36 @@ def test_log_eval_is_idempotent_per_step(tmp_path, rng):
     assert len((tmp_path / "run" / "scalars.jsonl").read_text().splitlines()) == 1
 
 
-def test_a_full_disk_for_the_spool_keeps_records_in_memory(tmp_path, rng, monkeypatch):
+def test_a_full_disk_for_the_log_keeps_records_in_memory(tmp_path, rng, monkeypatch):
     service = FlakyService(down_for_calls=2)
-    tracker = BonTracker(service, spool_dir=tmp_path)
+    tracker = BonTracker(service, spool_dir=tmp_path, backoff_max=0.05)
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Spool, "append", disk_full)
-    tracker.log_scores(1, *_scores(rng))  # service down, spool unwritable: held in memory
-    tracker.log_scores(2, *_scores(rng))
-    assert tracker.last_step == 2 and not tracker.spool.path.exists()
-    tracker.log_scores(3, *_scores(rng))  # service back: 1, 2 then 3, in order
-    tracker.finish()
+    monkeypatch.setattr(WriteAheadLog, "append", disk_full)
+    for step in (1, 2, 3):
+        tracker.log_scores(step, *_scores(rng))  # never raises: held in memory
+    assert tracker.last_step == 3 and not tracker.wal_path.exists()
+    tracker.finish(timeout=10)
     assert service.received == [1, 2, 3]
+    assert tracker.delivery_stats.dropped == 0
 
 
-def test_a_configuration_error_raises_and_does_not_mark_the_step(tmp_path, rng):
+def test_memory_queue_is_bounded_and_drops_are_counted(tmp_path, rng, monkeypatch, caplog):
+    service = FlakyService(down_for_calls=10**6)
+    tracker = BonTracker(service, spool_dir=tmp_path, backoff_max=0.05, max_memory_records=2)
+    monkeypatch.setattr(WriteAheadLog, "append", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    with caplog.at_level(logging.ERROR, logger="bon_tracker"):
+        for step in range(1, 6):
+            tracker.log_scores(step, *_scores(rng, 4, 4))
+        tracker.finish(timeout=0.2)
+    stats = tracker.delivery_stats
+    assert stats.dropped >= 2 and stats.dropped_steps[:2] == [1, 2]  # the oldest go first
+    assert any("lost" in r.getMessage() for r in caplog.records)
+
+
+def test_a_configuration_error_at_first_contact_stops_delivery_loudly_and_keeps_the_log(tmp_path, rng, caplog):
     from bon_tracker.optional import MissingDependencyError
 
     class NotInstalled(Backend):
@@ -201,18 +248,38 @@ def test_a_configuration_error_raises_and_does_not_mark_the_step(tmp_path, rng):
             raise MissingDependencyError("pip install 'bon-tracker[x]'")
 
     tracker = BonTracker(NotInstalled(), spool_dir=tmp_path)
-    with pytest.raises(MissingDependencyError):
-        tracker.log_scores(5, *_scores(rng))
-    assert tracker.last_step is None and not tracker.history
-    assert not tracker.spool.path.exists()
+    with caplog.at_level(logging.ERROR, logger="bon_tracker"):
+        tracker.log_scores(5, *_scores(rng))  # the training thread is not raised into
+        assert tracker.flush(timeout=5) is False
+    assert "pip install 'bon-tracker[x]'" in tracker.delivery_stats.config_error
+    assert any("not set up correctly" in r.getMessage() for r in caplog.records)
+    tracker.finish(timeout=1)
+    assert [e.record.step for e in WriteAheadLog(tracker.wal_path).pending() if e.record] == [5]
 
 
-def test_resume_replays_what_the_crashed_process_spooled(tmp_path, rng):
+def test_a_configuration_error_found_without_the_network_raises_at_construction(tmp_path):
+    from bon_tracker.backends import ConfigurationError
+
+    class Misconfigured(Backend):
+        name = "misconfigured"
+
+        def check(self):
+            raise ConfigurationError("token is empty")
+
+        def log_eval(self, record):
+            raise AssertionError("never reached")
+
+    with pytest.raises(ConfigurationError, match="token is empty"):
+        BonTracker(Misconfigured(), spool_dir=tmp_path)
+
+
+def test_resume_replays_what_the_crashed_process_left(tmp_path, rng):
     service = FlakyService(down_for_calls=10**6)
-    first = BonTracker(service, spool_dir=tmp_path / "spool")
+    first = BonTracker(service, spool_dir=tmp_path / "spool", backoff_max=0.05)
     first.log_scores(1, *_scores(rng))
     state = first.state()  # saved with a checkpoint; then the process dies without finish()
-    first.spool.release()  # (dying releases the spool's lock)
+    first._delivery.close(0)  # (dying stops its worker and releases the log's lock)
+    first._wal.release()
     healthy = FlakyService(down_for_calls=0)
     second = BonTracker(healthy, resume=state)
     second.log_scores(2, *_scores(rng))
@@ -241,8 +308,9 @@ def test_local_tables_stay_exact_after_a_failed_append(tmp_path, rng, monkeypatc
     import bon_tracker.backends.local as local
 
     backend = LocalBackend(root=tmp_path, run_id="run", charts=False)
-    tracker = BonTracker(backend, spool_dir=tmp_path / "spool")
+    tracker = BonTracker(backend, spool_dir=tmp_path / "spool", backoff_max=0.05)
     tracker.log_scores(1, *_scores(rng))
+    assert tracker.flush(10)
     real_append, calls = local._append_lines, {"n": 0}
 
     def csv_disk_full(path, lines):
@@ -252,25 +320,23 @@ def test_local_tables_stay_exact_after_a_failed_append(tmp_path, rng, monkeypatc
         real_append(path, lines)
 
     monkeypatch.setattr(local, "_append_lines", csv_disk_full)
-    tracker.log_scores(2, *_scores(rng))  # jsonl appended, csv failed: spooled
-    tracker.log_scores(3, *_scores(rng))  # replays 2, then 3
-    tracker.finish()
+    tracker.log_scores(2, *_scores(rng))  # jsonl appended, csv failed: retried
+    tracker.log_scores(3, *_scores(rng))
+    tracker.finish(timeout=10)
     rows = [json.loads(line) for line in (tmp_path / "run" / "bon_curves.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] * 5 + [2] * 5 + [3] * 5
     assert len((tmp_path / "run" / "bon_curves.csv").read_text().splitlines()) == 1 + 15
-    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()] == [
-        1,
-        2,
-        3,
-    ]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 
-def test_sync_leaves_the_spool_of_a_running_tracker_alone(tmp_path, rng):
+def test_sync_leaves_the_log_of_a_running_tracker_alone(tmp_path, rng):
     service = FlakyService(down_for_calls=10**6)
-    tracker = BonTracker(service, spool_dir=tmp_path)
-    tracker.log_scores(1, *_scores(rng))  # spooled, and the spool is claimed by this tracker
-    other = Spool(tracker.spool.path)
+    tracker = BonTracker(service, spool_dir=tmp_path, backoff_max=0.05)
+    tracker.log_scores(1, *_scores(rng))  # the log is claimed by this tracker
+    other = WriteAheadLog(tracker.wal_path)
     assert not other.claim()
-    tracker.finish()  # still down: the spool stays, unclaimed
+    assert str(__import__("os").getpid()) in other.holder()
+    tracker.finish(timeout=0.2)  # still down: the log stays, unclaimed
     assert other.claim()
     other.release()

@@ -8,7 +8,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from bon_tracker.backends.base import Backend, ConfigurationError, RejectedRecord, TransientError
+from bon_tracker.backends.base import (
+    Backend,
+    ConfigurationError,
+    RejectedRecord,
+    RunNotFoundError,
+    TransientError,
+)
 
 # name -> "module:Class"; imported only when used, so no service client loads at import time.
 BACKENDS: dict[str, str] = {
@@ -44,6 +50,7 @@ __all__ = [
     "Backend",
     "ConfigurationError",
     "RejectedRecord",
+    "RunNotFoundError",
     "TransientError",
     "backend_class",
     "backend_from_spec",

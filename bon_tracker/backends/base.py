@@ -18,6 +18,10 @@ class RejectedRecord(ValueError):
     never blocks the records after it."""
 
 
+class RunNotFoundError(LookupError):
+    """No such run (or a run without bon_tracker records): raised by ``read_records``."""
+
+
 class TransientError(RuntimeError):
     """The service is unreachable or overloaded (connection, timeout, 5xx, 429): retry later."""
 
@@ -53,6 +57,14 @@ class Backend(ABC):
     def check(self) -> None:  # noqa: B027 - a no-op default, as in Lightning's loggers
         """Raise :class:`ConfigurationError` for a setup that cannot work; no network."""
 
+    def bind(self) -> None:  # noqa: B027
+        """Called on the training thread before each record is queued: capture context that
+        lives on that thread (e.g. MLflow's active run, which is thread-local). Cheap, no I/O."""
+
+    def refresh_views(self) -> None:  # noqa: B027
+        """Redraw views over the whole run (overview charts, reports); called by the delivery
+        worker when its queue is empty, so only the latest is drawn when steps come fast."""
+
     def finish(self) -> None:  # noqa: B027
         """Flush and close what this backend opened (never a run it attached to)."""
 
@@ -78,9 +90,11 @@ class Backend(ABC):
         return {"backend": self.name}
 
     @classmethod
-    def read_records(cls, ref: str, **options: Any) -> tuple[str, list[EvalRecord]]:
+    def read_records(cls, ref: str, **options: Any) -> tuple[Any, ...]:
         """``(label, records)`` of the run ``ref`` (the backend's own form of a run
-        reference), records in step order. Raises ``LookupError`` when there is no such run."""
+        reference), records in step order; or ``(label, location, records)`` when the run's
+        canonical id differs from ``ref`` (an MLflow run given by name). Raises
+        :class:`RunNotFoundError` when there is no such run."""
         raise NotImplementedError(f"the {cls.name} backend cannot read runs back")
 
     @classmethod

@@ -9,15 +9,21 @@ Layout of ``<root>/<run_id>/``::
     charts/                  curve_step_<step>.png, overlay.png, trend.png, rl.png
     report.html              a self-contained report (charts inlined)
 
-Whole files are written atomically (temporary file + rename). The two tables and
-scalars grow by appending whole lines in one write; a torn last line left by a
-crash is cut off when the run is reopened, and the per-step record files (written
-atomically, before the tables) are the source of truth that rebuilds them.
+Whole files are written atomically (temporary file + rename; no temporary file is
+left when the disk refuses). The two tables and scalars grow by whole lines only
+(:func:`bon_tracker.files.append_whole`: checked writes, a refused append is truncated
+back), and the per-step record files (written atomically, before the tables) are the
+source of truth that rebuilds them. One process writes a run folder: it holds
+``<run>/.lock`` (``flock``, with its pid inside) while it lives; a second writer of the
+same folder gets a :class:`ConfigurationError` naming the holder, and a new run whose
+name is taken gets a folder of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import logging
@@ -28,16 +34,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bon_tracker.backends.base import Backend
-from bon_tracker.backends.chart_worker import ChartWorker
+from bon_tracker.backends.base import Backend, ConfigurationError, classify_common
+from bon_tracker.files import append_whole, atomic_write_bytes, atomic_write_text
 from bon_tracker.optional import MissingDependencyError, require
 from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
-from bon_tracker.tracking.wal import atomic_write_text
 from bon_tracker.version import __version__
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger("bon_tracker")
 
 MAX_OVERLAY_CURVES = 20
+LOCK_FILE = ".lock"
 
 
 def default_root() -> Path:
@@ -46,23 +57,7 @@ def default_root() -> Path:
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, "".join(lines).encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _cut_torn_tail(path: Path) -> None:
-    """Drop a partial last line (a crash mid-append) so the file parses again."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(keep)
+    append_whole(path, "".join(lines).encode("utf-8"))
 
 
 def _csv_line(values: list[Any]) -> str:
@@ -80,11 +75,10 @@ class LocalBackend(Backend):
             ``<run_name>-<suffix>``.
         run_id: reopen an existing run folder ``<root>/<run_id>`` (resuming).
         charts: draw PNG charts and inline them in the report (needs matplotlib).
-        background_charts: draw them on a background thread, so a step does not wait
-            for matplotlib; :meth:`finish` waits for them (up to ``chart_timeout`` s).
     """
 
     name = "local"
+    extra = "charts"
 
     def __init__(
         self,
@@ -93,20 +87,18 @@ class LocalBackend(Backend):
         run_name: str | None = None,
         run_id: str | None = None,
         charts: bool = True,
-        background_charts: bool = True,
-        chart_timeout: float = 120.0,
     ):
         self.root = Path(root) if root is not None else default_root()
         self.run_name = run_name
         self._run_id = run_id
         self.charts = charts
         self.run_dir: Path | None = None
+        self._lock_fd: int | None = None
         self._steps: set[int] = set()
         self._history: list[EvalRecord] = []
         self._warned_no_charts = False
         self._tables_suspect = False
-        self.chart_timeout = chart_timeout
-        self._worker = ChartWorker("local", background=background_charts)
+        self._views_stale = False
 
     # ---- Backend interface --------------------------------------------------------------
     @property
@@ -116,11 +108,16 @@ class LocalBackend(Backend):
     def spec(self) -> dict[str, Any]:
         return {
             "backend": self.name,
-            "root": str(self.root.resolve()),
+            "root": str(self.root.absolute()),
             "run_id": self._run_id,
             "run_name": self.run_name,
             "charts": self.charts,
         }
+
+    def classify(self, error: BaseException) -> str:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES):
+            return "transient"  # the disk may take it later: keep retrying, never drop
+        return classify_common(error)
 
     def log_eval(self, record: EvalRecord) -> None:
         run_dir = self._open()
@@ -130,53 +127,122 @@ class LocalBackend(Backend):
         if record.step not in self._steps:
             # The record file first: it is the source of truth if we crash below.
             atomic_write_text(run_dir / "records" / f"step_{record.step:09d}.json", json.dumps(record.to_json()))
+            self._steps.add(record.step)
+            self._history.append(record)
+            self._history.sort(key=lambda r: r.step)
             rows = record.table_rows()
             self._tables_suspect = True  # until all three appends are done
             _append_lines(run_dir / f"{TABLE_NAME}.jsonl", [json.dumps(r) + "\n" for r in rows])
             _append_lines(run_dir / f"{TABLE_NAME}.csv", [_csv_line([r[c] for c in TABLE_COLUMNS]) for r in rows])
             _append_lines(run_dir / "scalars.jsonl", [json.dumps({"step": record.step, **record.scalars()}) + "\n"])
             self._tables_suspect = False
-            self._steps.add(record.step)
-            self._history.append(record)
             self._write_meta(record)
-        self._draw(record)
+        self._draw_step(record)
+        self._views_stale = True
+
+    def refresh_views(self) -> None:
+        """Overview charts and the report, over every step (drawn when delivery is idle)."""
+        if self.run_dir is None or not self._views_stale:
+            return
+        self._views_stale = False
+        if self._charts_available():
+            from bon_tracker.reports import charts
+
+            out, history = self.run_dir / "charts", list(self._history)
+            _save_png(charts.overlay_chart(history, max_curves=MAX_OVERLAY_CURVES), out / "overlay.png")
+            _save_png(charts.trend_chart(history), out / "trend.png")
+            if any(r.policy is not None for r in history):
+                _save_png(charts.rl_chart(history), out / "rl.png")
+        self._write_report(self._history)
 
     def finish(self) -> None:
-        self._worker.close(timeout=self.chart_timeout)
         if self.run_dir is not None and self._history:
-            self._write_report(self._history)
+            try:
+                self.refresh_views()
+            finally:
+                self._release()
+
+    @classmethod
+    def claims(cls, ref: str) -> bool:
+        return (Path(ref) / "records").is_dir()
+
+    @classmethod
+    def read_records(cls, ref: str, **options: Any) -> tuple[str, list[EvalRecord]]:
+        path = Path(ref)
+        if not (path / "records").is_dir():
+            raise LookupError(f"{path}: not a local run folder (no records/ inside)")
+        label = path.name
+        meta = path / "run.json"
+        if meta.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                label = json.loads(meta.read_text(encoding="utf-8")).get("run_name") or label
+        return label, read_records(path)
 
     # ---- internals -----------------------------------------------------------------------
     def _open(self) -> Path:
         if self.run_dir is not None:
             return self.run_dir
+        self.root.mkdir(parents=True, exist_ok=True)
         if self._run_id is None:
             base = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_name) if self.run_name else time.strftime("%Y%m%d-%H%M%S")
-            self._run_id = base if not (self.root / base).exists() else f"{base}-{uuid.uuid4().hex[:6]}"
+            run_id = base
+            while True:  # mkdir is atomic: of two processes opening the same name, one gets a new folder
+                try:
+                    (self.root / run_id).mkdir()
+                    break
+                except FileExistsError:
+                    run_id = f"{base}-{uuid.uuid4().hex[:6]}"
+            self._run_id = run_id
         run_dir = self.root / self._run_id
         (run_dir / "records").mkdir(parents=True, exist_ok=True)
         (run_dir / "charts").mkdir(exist_ok=True)
+        self._lock(run_dir)
         self.run_dir = run_dir
         self._resume_existing(run_dir)
         return run_dir
+
+    def _lock(self, run_dir: Path) -> None:
+        """Hold the run folder's lock while this backend lives (one writer per folder)."""
+        if fcntl is None:
+            return
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = "another process"
+            with contextlib.suppress(OSError, ValueError):
+                holder = f"process {int(os.pread(fd, 32, 0).decode().strip())}"
+            os.close(fd)
+            raise ConfigurationError(
+                f"the local run folder {run_dir} is being written by {holder}; one writer per run folder: "
+                "use another run_name, or wait until that process has finished"
+            ) from None
+        with contextlib.suppress(OSError):  # the pid is for messages only
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _resume_existing(self, run_dir: Path) -> None:
         """Reopening a run: load its records; rebuild the tables if a crash left them short."""
         self._history = read_records(run_dir)
         self._steps = {r.step for r in self._history}
-        for name in (f"{TABLE_NAME}.jsonl", f"{TABLE_NAME}.csv", "scalars.jsonl"):
-            _cut_torn_tail(run_dir / name)
         expected = [(r.step, int(n)) for r in self._history for n in r.curve.n]
         table = run_dir / f"{TABLE_NAME}.jsonl"
         logged = []
-        if table.exists():
-            logged = [(row["step"], row["n"]) for row in map(json.loads, table.read_text().splitlines())]
+        with contextlib.suppress(ValueError):
+            if table.exists():
+                logged = [(row["step"], row["n"]) for row in map(json.loads, _whole_lines(table))]
         scalars = run_dir / "scalars.jsonl"
-        scalar_steps = (
-            [json.loads(line)["step"] for line in scalars.read_text().splitlines()] if scalars.exists() else []
-        )
+        scalar_steps = []
+        with contextlib.suppress(ValueError):
+            scalar_steps = [json.loads(line)["step"] for line in _whole_lines(scalars)] if scalars.exists() else []
         csv_path = run_dir / f"{TABLE_NAME}.csv"
-        csv_rows = len(csv_path.read_text().splitlines()) - 1 if csv_path.exists() else -1
+        csv_rows = len(_whole_lines(csv_path)) - 1 if csv_path.exists() else -1
         if logged != expected or scalar_steps != [r.step for r in self._history] or csv_rows != len(expected):
             self._rebuild_tables(run_dir)
 
@@ -207,34 +273,26 @@ class LocalBackend(Backend):
         }
         atomic_write_text(self.run_dir / "run.json", json.dumps(meta, indent=2))
 
-    def _draw(self, record: EvalRecord) -> None:
-        """Queue this step's chart and the overview charts and report (drawn off-thread)."""
+    def _charts_available(self) -> bool:
         if not self.charts:
-            return
+            return False
         try:
             require("matplotlib", "charts")
         except MissingDependencyError as err:
             if not self._warned_no_charts:
                 logger.warning("bon_tracker: no charts in the local run folder: %s", err)
                 self._warned_no_charts = True
+            return False
+        return True
+
+    def _draw_step(self, record: EvalRecord) -> None:
+        """This step's curve chart (the delivery worker's thread: training does not wait)."""
+        if not self._charts_available():
             return
         from bon_tracker.reports import charts
 
         assert self.run_dir is not None
-        out, history = self.run_dir / "charts", list(self._history)
-        self._worker.submit(
-            f"curve:{record.step}",
-            lambda: _save_png(charts.curve_chart(record), out / f"curve_step_{record.step:09d}.png"),
-        )
-
-        def overview() -> None:
-            _save_png(charts.overlay_chart(history, max_curves=MAX_OVERLAY_CURVES), out / "overlay.png")
-            _save_png(charts.trend_chart(history), out / "trend.png")
-            if any(r.policy is not None for r in history):
-                _save_png(charts.rl_chart(history), out / "rl.png")
-            self._write_report(history)
-
-        self._worker.submit("overview", overview)
+        _save_png(charts.curve_chart(record), self.run_dir / "charts" / f"curve_step_{record.step:09d}.png")
 
     def _write_report(self, history: list[EvalRecord]) -> None:
         from bon_tracker.reports.html import html_report
@@ -243,19 +301,19 @@ class LocalBackend(Backend):
         atomic_write_text(self.run_dir / "report.html", html_report(self.run_dir, history))
 
 
-def _save_png(fig, path: Path) -> None:
+def _whole_lines(path: Path) -> list[str]:
+    """The complete lines of a file (an unterminated last line, torn by a crash, left out)."""
+    data = path.read_bytes()
+    return data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+
+
+def _save_png(fig: Any, path: Path) -> None:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    _atomic_write_bytes(path, buffer.getvalue())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fig.savefig(buffer, format="png")
+    finally:
+        fig.clear()  # built without pyplot: nothing global to close; free it now
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_records(run_dir: str | Path) -> list[EvalRecord]:

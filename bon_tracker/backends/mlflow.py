@@ -33,14 +33,14 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bon_tracker.backends.base import Backend
-from bon_tracker.backends.chart_worker import ChartWorker
+from bon_tracker.backends.base import Backend, RunNotFoundError, classify_common
 from bon_tracker.optional import require
 from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, evenly_spaced
 from bon_tracker.version import __version__
@@ -70,6 +70,21 @@ LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # mlflow.utils.mlflow_tags.MLFL
 STEP_TABLES_TAG_BUDGET = 6000
 MAX_CHART_RECORDS = 500  # trend and RL charts plot at most this many steps (constant cost)
 OVERLAY_CURVES = 20
+
+# MLflow error codes (mlflow/protos/databricks.proto) by what retrying can do about them.
+_CONFIG_ERROR_CODES = frozenset(
+    {
+        "RESOURCE_DOES_NOT_EXIST",  # a run_id or experiment that is not there
+        "ENDPOINT_NOT_FOUND",  # a tracking URI that is not an MLflow server
+        "NOT_FOUND",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "CUSTOMER_UNAUTHORIZED",
+        "NOT_IMPLEMENTED",
+    }
+)
+_REJECTED_ERROR_CODES = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE"})
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 _KEY_BAD_CHARS = re.compile(r"[^/\w.\- ]")  # MLflow's rule, minus ":" (refused on Windows)
 
@@ -232,8 +247,8 @@ class MlflowBackend(Backend):
             default is 7 with exponential backoff).
         timeout: seconds per HTTP request made by this backend (MLflow's default: 120).
         charts: log PNG charts (curve per step; overlay, trend, RL views).
-        background_charts: draw and upload them on a background thread, so a step does
-            not wait for matplotlib; :meth:`finish` waits for them (up to ``chart_timeout`` s).
+        end_run: end the run at :meth:`finish` (default: only a run this backend started;
+            ``bon-tracker sync`` passes it on, so a replay ends the run the tracker started).
 
     Example:
         >>> backend = MlflowBackend(tracking_uri="sqlite:////tmp/demo/mlflow.db", experiment="demo")
@@ -242,6 +257,7 @@ class MlflowBackend(Backend):
     """
 
     name = "mlflow"
+    extra = "mlflow"
 
     def __init__(
         self,
@@ -254,8 +270,7 @@ class MlflowBackend(Backend):
         max_retries: int = 1,
         timeout: float = 10.0,
         charts: bool = True,
-        background_charts: bool = True,
-        chart_timeout: float = 120.0,
+        end_run: bool | None = None,
     ):
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 10:
             raise ValueError(f"max_retries must be an integer from 0 to 10 (MLflow's limit), got {max_retries!r}")
@@ -273,8 +288,9 @@ class MlflowBackend(Backend):
         self._owns_run = False
         self._finished = False
         self._history: dict[int, EvalRecord] = {}  # this process's records, by step
-        self.chart_timeout = chart_timeout
-        self._worker = ChartWorker("mlflow", background=background_charts)
+        self._end_run = end_run
+        self._bound_run_id: str | None = None  # the caller's active fluent run, seen by bind()
+        self._views_stale = False
 
     # ---- identity ----------------------------------------------------------------------
     @property
@@ -302,10 +318,49 @@ class MlflowBackend(Backend):
             ("max_retries", self.max_retries, 1),
             ("timeout", self.timeout, 10.0),
             ("charts", self.charts, True),
+            ("end_run", self._end_run if self._end_run is not None else (self._owns_run or None), None),
         ):
             if value != default:
                 spec[key] = value
         return spec
+
+    def check(self) -> None:
+        require("mlflow", "mlflow")  # a missing extra is an error now, not an outage later
+
+    def bind(self) -> None:
+        """Remember the caller's active fluent run: MLflow keeps it per thread, and records
+        are written from the delivery thread."""
+        if self._run_id is not None or self._bound_run_id is not None:
+            return
+        mlflow = sys.modules.get("mlflow")  # never imported here just to look
+        active = mlflow.active_run() if mlflow is not None else None
+        if active is not None:
+            self._bound_run_id = active.info.run_id
+
+    def classify(self, error: BaseException) -> str:
+        """MLflow's error codes: a missing run or refused credentials are configuration
+        errors; 400 (an invalid value) rejects the record; 429, 5xx and the network retry."""
+        code = getattr(error, "error_code", None)
+        if isinstance(code, str) and type(error).__name__ in ("MlflowException", "RestException"):
+            if code in _CONFIG_ERROR_CODES:
+                return "config"
+            if code in _REJECTED_ERROR_CODES:
+                return "rejected"
+            return "transient"
+        return classify_common(error)
+
+    @classmethod
+    def read_records(cls, ref: str, **options: Any) -> tuple[str, str, list[EvalRecord]]:
+        """``ref``: a run id or name (``experiment=`` narrows the search), in
+        ``tracking_uri`` (default as for the backend)."""
+        mlflow = require("mlflow", "mlflow")
+        uri = options.get("tracking_uri") or default_tracking_uri()
+        if _local_sqlite_path(uri) is not None and not _local_sqlite_path(uri).exists():
+            raise RunNotFoundError(f"no MLflow database at {uri} (looked up {ref!r})")
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        with bounded_http(2, 30.0):
+            run_id, name = _mlflow_run_id(client, ref, options.get("experiment"), uri)
+        return name, run_id, read_records(run_id, uri)
 
     # ---- logging -------------------------------------------------------------------------
     def log_eval(self, record: EvalRecord) -> None:
@@ -325,7 +380,7 @@ class MlflowBackend(Backend):
             client.log_text(run_id, json.dumps(record.to_json(), allow_nan=True), record_path(record.step))
             client.log_text(run_id, table_json(record.table_rows()), step_table_path(record.step))
             if self.charts:
-                self._queue_charts(client, run_id, record)
+                self._log_step_chart(client, run_id, record)
             tags = self._changed_tags(run, record)
             registered = _registered_tables(
                 run.data.tags.get(LOGGED_ARTIFACTS_TAG), step_table_path(record.step), STEP_TABLES_TAG_BUDGET
@@ -342,13 +397,13 @@ class MlflowBackend(Backend):
             self._finished = True
             return
         client, run_id = self._client_obj, self._run_id
-        self._worker.close(timeout=self.chart_timeout)
         with bounded_http(self.max_retries, self.timeout):
             try:
+                self.refresh_views()
                 if self._history:
                     self._write_cumulative_table(client, run_id)
             finally:
-                if self._owns_run:
+                if self._end_run if self._end_run is not None else self._owns_run:
                     client.set_terminated(run_id, "FINISHED")
         self._finished = True
 
@@ -364,8 +419,7 @@ class MlflowBackend(Backend):
             run = client.get_run(self._run_id)
             self._experiment = self._experiment or client.get_experiment(run.info.experiment_id).name
             return client, self._run_id
-        active = mlflow.active_run()
-        candidate = active.info.run_id if active is not None else os.environ.get("MLFLOW_RUN_ID")
+        candidate = self._bound_run_id or os.environ.get("MLFLOW_RUN_ID")
         if candidate:
             try:
                 run = client.get_run(candidate)
@@ -460,32 +514,29 @@ class MlflowBackend(Backend):
                 missing.append(key)
         return missing
 
-    def _queue_charts(self, client: MlflowClient, run_id: str, record: EvalRecord) -> None:
-        """Draw and upload this step's chart and the overview charts on the chart thread."""
+    def _log_step_chart(self, client: MlflowClient, run_id: str, record: EvalRecord) -> None:
+        """This step's curve chart (on the delivery worker's thread: training does not wait)."""
         from bon_tracker.reports import charts
 
+        curve_path = f"curve/{_step_name(record.step).removesuffix('.json')}.png"
+        _upload(client, run_id, charts.curve_chart(record), curve_path)
+        self._views_stale = True
+
+    def refresh_views(self) -> None:
+        """Overview charts over the run so far (drawn when delivery is idle: latest wins)."""
+        if not (self.charts and self._views_stale and self._client_obj is not None and self._run_id is not None):
+            return
+        from bon_tracker.reports import charts
+
+        self._views_stale = False
+        client, run_id = self._client_obj, self._run_id
         records = [self._history[step] for step in sorted(self._history)]
         spaced = evenly_spaced(records, MAX_CHART_RECORDS)
-
-        def upload(build: Callable[[], Figure], path: str) -> None:
-            # Off the training thread, so MLflow's own retries are fine here, and the
-            # process-wide bounded settings are not held while the user's calls run.
-            figure = build()
-            try:
-                client.log_figure(run_id, figure, f"{CHARTS_DIR}/{path}")
-            finally:
-                figure.clear()  # built without pyplot: nothing global to close; free it now
-
-        curve_path = f"curve/{_step_name(record.step).removesuffix('.json')}.png"
-        self._worker.submit(f"curve:{record.step}", lambda: upload(lambda: charts.curve_chart(record), curve_path))
-
-        def overview() -> None:
-            upload(lambda: charts.overlay_chart(records, max_curves=OVERLAY_CURVES), "overlay.png")
-            upload(lambda: charts.trend_chart(spaced), "trend.png")
+        with bounded_http(self.max_retries, self.timeout):
+            _upload(client, run_id, charts.overlay_chart(records, max_curves=OVERLAY_CURVES), "overlay.png")
+            _upload(client, run_id, charts.trend_chart(spaced), "trend.png")
             if any(r.policy is not None for r in records):
-                upload(lambda: charts.rl_chart(spaced), "rl.png")
-
-        self._worker.submit("overview", overview)
+                _upload(client, run_id, charts.rl_chart(spaced), "rl.png")
 
     def _write_cumulative_table(self, client: MlflowClient, run_id: str) -> None:
         """``bon_curves.json``: rows of every step, merged with a table an earlier process
@@ -507,6 +558,45 @@ class MlflowBackend(Backend):
         )
         if registered is not None:
             client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, registered)
+
+
+def _upload(client: MlflowClient, run_id: str, figure: Figure, path: str) -> None:
+    try:
+        client.log_figure(run_id, figure, f"{CHARTS_DIR}/{path}")
+    finally:
+        figure.clear()  # built without pyplot: nothing global to close; free it now
+
+
+def _mlflow_run_id(client: Any, ref: str, experiment: str | None, tracking_uri: str) -> tuple[str, str]:
+    """(run id, run name) of an MLflow run given by id or by name."""
+    from mlflow.exceptions import MlflowException
+
+    if _RUN_ID.match(ref):
+        try:
+            run = client.get_run(ref)
+            return run.info.run_id, run.info.run_name or ref
+        except MlflowException:
+            pass  # maybe a name that looks like an id
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise RunNotFoundError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
+        experiment_ids = [found.experiment_id]
+    else:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    quoted = ref.replace("'", "\\'")
+    runs = (
+        client.search_runs(experiment_ids, filter_string=f"attributes.run_name = '{quoted}'", max_results=50)
+        if experiment_ids
+        else []
+    )
+    where = f"experiment {experiment!r}" if experiment else "any experiment"
+    if not runs:
+        raise RunNotFoundError(f"no MLflow run with id or name {ref!r} in {where} at {tracking_uri}")
+    if len(runs) > 1:
+        ids = ", ".join(r.info.run_id for r in runs[:5])
+        raise RunNotFoundError(f"{len(runs)} MLflow runs are named {ref!r} in {where} ({ids}); pass a run id")
+    return runs[0].info.run_id, ref
 
 
 def read_records(

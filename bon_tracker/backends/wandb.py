@@ -25,11 +25,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bon_tracker.backends.base import Backend
+from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundError, classify_common
 from bon_tracker.backends.wandb_transaction_log import RECORD_KEY, wait_until_complete
 from bon_tracker.optional import require
 from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, evenly_spaced
@@ -69,8 +71,8 @@ class WandbBackend(Backend):
         step_metric: the key that carries the training step and is the x-axis of
             every ``{prefix}/*`` chart; default ``{prefix}/step``. Pass the trainer's
             step key (e.g. ``train/global_step``) to share its x-axis.
-        images: also log the matplotlib curve chart as an image (needs matplotlib; off by
-            default: W&B draws its native charts, and matplotlib costs ~0.1 s a step).
+        images: also log the matplotlib curve chart as an image (needs matplotlib; drawn
+            on the delivery thread, so training does not wait for it).
         overlay_steps: most eval steps drawn in the overlay charts.
         init_kwargs: more arguments for ``wandb.init`` (``tags``, ``group``, ``config``...).
         finish_timeout: seconds :meth:`finish` waits, after finishing a run it started,
@@ -78,6 +80,7 @@ class WandbBackend(Backend):
     """
 
     name = "wandb"
+    extra = "wandb"
 
     def __init__(
         self,
@@ -90,7 +93,7 @@ class WandbBackend(Backend):
         mode: str | None = None,
         dir: str | Path | None = None,  # the name wandb.init uses
         step_metric: str | None = None,
-        images: bool = False,
+        images: bool = True,
         overlay_steps: int = 20,
         init_kwargs: Mapping[str, Any] | None = None,
         finish_timeout: float = 30.0,
@@ -147,6 +150,60 @@ class WandbBackend(Backend):
             "images": self.images,
             "overlay_steps": self.overlay_steps,
         }
+
+    def check(self) -> None:
+        """A missing extra or invalid W&B settings (e.g. ``WANDB_SILENT=`` empty) are errors
+        now, never an outage later. Reads the environment the way ``wandb.setup`` does."""
+        wandb = require("wandb", "wandb")
+        try:
+            settings = wandb.Settings()
+            settings.update_from_env_vars(dict(os.environ))
+            if self.mode is not None:
+                settings.mode = self.mode
+        except Exception as err:  # pydantic's ValidationError: names the setting and the value
+            raise ConfigurationError(f"invalid W&B settings: {err}") from None
+
+    def classify(self, error: BaseException) -> str:
+        """W&B's own errors: ``CommError`` is the network (retry), ``AuthenticationError`` and
+        ``UsageError`` are configuration; settings that fail validation too."""
+        wandb_errors = getattr(sys.modules.get("wandb"), "errors", None)
+        if wandb_errors is not None:
+            if isinstance(error, getattr(wandb_errors, "AuthenticationError", ())):
+                return "config"
+            if isinstance(error, getattr(wandb_errors, "CommError", ())):
+                return "transient"
+            if isinstance(error, getattr(wandb_errors, "UsageError", ())):
+                return "config"
+        if type(error).__name__ == "ValidationError":  # pydantic: an invalid setting
+            return "config"
+        return classify_common(error)
+
+    @classmethod
+    def claims(cls, ref: str) -> bool:
+        path = Path(ref)
+        return (path.is_file() and path.suffix == ".wandb") or (
+            path.is_dir() and (any(path.glob("run-*.wandb")) or any(path.glob("*/run-*.wandb")))
+        )
+
+    @classmethod
+    def read_records(cls, ref: str, **options: Any) -> tuple[str, list[EvalRecord]]:
+        """``ref``: a local run folder (offline, or the local copy of an online run), else
+        ``entity/project/run_id`` through the public API."""
+        from bon_tracker.backends import wandb_transaction_log as txlog
+
+        path = Path(ref)
+        if path.exists():
+            try:
+                log = txlog.find_transaction_log(path)
+            except (FileNotFoundError, ValueError) as err:
+                raise RunNotFoundError(f"wandb:{ref}: {err}") from None
+            label = log.stem[len("run-") :] if log.stem.startswith("run-") else log.stem  # the run id
+            for item in txlog.iter_records(log):  # the run's display name, from its "run" record
+                if item.WhichOneof("record_type") == "run":
+                    label = item.run.display_name or label
+                    break
+            return label, txlog.read_records(path)
+        return _read_online(ref, options.get("key_prefix") or "bon")
 
     def log_eval(self, record: EvalRecord) -> None:
         pre = record.key_prefix
@@ -289,3 +346,23 @@ class WandbBackend(Backend):
         fig.savefig(buffer, format="png")
         buffer.seek(0)
         return wandb.Image(Image.open(buffer), caption=f"step {record.step}")
+
+
+def _read_online(run_path: str, key_prefix: str) -> tuple[str, list[EvalRecord]]:
+    wandb = require("wandb", "wandb")
+    if run_path.count("/") != 2:
+        raise RunNotFoundError(f"wandb:{run_path}: expected a run folder or ENTITY/PROJECT/RUN_ID")
+    try:
+        run = wandb.Api().run(run_path)
+    except Exception as err:  # wandb raises CommError, ValueError... for a missing run or no login
+        raise RunNotFoundError(f"wandb:{run_path}: cannot open the run through the W&B API ({err})") from None
+    key = f"{key_prefix}/{RECORD_KEY}"
+    records, seen = [], set()
+    for row in run.scan_history(keys=[key]):
+        value = row.get(key)
+        if isinstance(value, str):
+            record = EvalRecord.from_json(json.loads(value))
+            if record.step not in seen:
+                seen.add(record.step)
+                records.append(record)
+    return run.name or run.id, records

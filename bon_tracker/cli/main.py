@@ -194,31 +194,40 @@ def _open_batches(
         progress.update(pending[0])
 
 
-def _deliver(backend: Any, records: Sequence[EvalRecord], config: TrackerConfig) -> tuple[int, Path | None, str]:
-    """Log records in order; on the first failure spool the rest. Returns (delivered,
-    spool path or None, error text)."""
-    from bon_tracker.tracking.wal import Spool
+def _deliver(config: TrackerConfig, name: str, records: Sequence[EvalRecord]) -> dict[str, Any]:
+    """Log records to the configured backend through a tracker: the same write-ahead log and
+    delivery as training. Returns what reached the backend and what waits in the log."""
+    from bon_tracker.tracking.tracker import BonTracker
 
-    for i, record in enumerate(records):
-        try:
-            backend.log_eval(record)
-        except MissingDependencyError:
-            raise  # nothing to retry later: the user must install the extra
-        except Exception as err:
-            spool = Spool.new(backend.name, Path(config.spool_dir) if config.spool_dir else None)
-            try:
-                spec = backend.spec()
-            except Exception:
-                spec = {"backend": backend.name, **config.backend_options()}
-            for pending in records[i:]:
-                spool.append(spec, pending)
-            return i, spool.path, f"{type(err).__name__}: {err}"
-    return len(records), None, ""
+    options = {**config.backend_options(), "run_name": name}
+    try:
+        tracker = BonTracker(
+            config.backend,
+            key_prefix=config.key_prefix,
+            spool_dir=config.spool_dir,
+            finish_timeout=config.finish_timeout,
+            **options,
+        )
+    except (TypeError, ValueError) as err:  # ConfigurationError is a ValueError
+        raise UsageError(f"cannot set up the {config.backend} backend: {err}") from None
+    for record in records:
+        tracker.log_record(record)
+    tracker.finish()
+    stats = tracker.delivery_stats
+    left = len(records) - stats.delivered - stats.dead_lettered
+    return {
+        "name": config.backend,
+        "run_id": tracker.backend.run_id,
+        "delivered": stats.delivered,
+        "dead_lettered": stats.dead_lettered,
+        "spooled": left,
+        "spool": str(tracker.wal_path) if left else None,
+        "error": stats.config_error or (stats.last_error if left else None),
+    }
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from bon_tracker.analysis.grouping import curves_from_batches
-    from bon_tracker.backends import make_backend
     from bon_tracker.backends.local import LocalBackend, default_root
 
     config = _config(args)
@@ -300,25 +309,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             "steps": [_step_summary(r, info, run) for r in records],
         }
         if config.backend != "local":
-            options = {**config.backend_options(), "run_name": name}
-            try:
-                backend = make_backend(config.backend, **options)
-            except (TypeError, ValueError) as err:
-                raise UsageError(f"cannot set up the {config.backend} backend: {err}") from None
-            delivered, spool_path, error = _deliver(backend, records, config)
-            try:
-                backend.finish()
-            except Exception as err:
-                logger.warning("bon_tracker: closing the %s backend failed: %s", config.backend, err)
-            entry["backend"] = {
-                "name": config.backend,
-                "run_id": backend.run_id,
-                "delivered": delivered,
-                "spooled": len(records) - delivered,
-                "spool": None if spool_path is None else str(spool_path),
-                "error": error or None,
-            }
-            if spool_path is not None:
+            entry["backend"] = _deliver(config, name, records)
+            if entry["backend"]["spooled"] or entry["backend"]["dead_lettered"]:
                 exit_code = EXIT_PENDING
         summary["runs"].append(entry)
     _print_analyze_summary(summary, args.json, files)
@@ -429,7 +421,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    from bon_tracker.tracking.wal import Spool, default_spool_dir, spool_files
+    from bon_tracker.tracking.wal import WriteAheadLog, default_wal_dir, wal_files
 
     config = _config(args)
     if args.spool_files:
@@ -439,21 +431,21 @@ def _cmd_sync(args: argparse.Namespace) -> int:
             raise UsageError(f"no such spool file: {', '.join(missing)}")
         folder = None
     else:
-        folder = Path(config.spool_dir) if config.spool_dir else default_spool_dir()
-        paths = list(spool_files(folder))
+        folder = Path(config.spool_dir) if config.spool_dir else default_wal_dir()
+        paths = list(wal_files(folder))
     if not paths:
         print(f"nothing to replay: no spool files in {folder}")
         return EXIT_OK
     replayed = remaining = 0
     for path in paths:
-        spool = Spool(path)
-        if not args.dry_run and not spool.claim():
-            print(f"{path}: in use by a running tracker (it replays its own records); skipped")
+        wal = WriteAheadLog(path)
+        if not args.dry_run and not wal.claim():
+            print(f"{path}: in use by a running tracker ({wal.holder()}; it delivers its own records); skipped")
             continue
         try:
-            replayed_here, remaining_here = _sync_one(spool, args.dry_run)
+            replayed_here, remaining_here = _sync_one(wal, args.dry_run)
         finally:
-            spool.release()
+            wal.release()
         replayed += replayed_here
         remaining += remaining_here
     if args.dry_run:
@@ -463,41 +455,49 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return EXIT_PENDING if remaining else EXIT_OK
 
 
-def _sync_one(spool: Any, dry_run: bool) -> tuple[int, int]:
-    """Replay one spool file in order (each record leaves it once written); returns
-    (replayed, remaining)."""
+def _sync_one(wal: Any, dry_run: bool) -> tuple[int, int]:
+    """Deliver one write-ahead log in order through the tracker's own delivery path, then
+    finish the run if the tracker had finished it; returns (replayed, remaining)."""
     from bon_tracker.backends import backend_from_spec
+    from bon_tracker.tracking.delivery import Delivery
 
-    path, pending = spool.path, spool.entries()
-    if not pending:
-        if not dry_run:
-            spool.keep_only([])  # an empty or torn-only file
-        return 0, 0
+    path, pending = wal.path, wal.pending()
+    records = [e for e in pending if e.record is not None]
+    finished = any(e.finish for e in pending)
+    spec = wal.spec()
     if dry_run:
-        steps = ", ".join(str(r.step) for _, r in pending)
-        print(f"{path}: {len(pending)} record(s) for {pending[0][0].get('backend')} (steps {steps})")
-        return 0, len(pending)
-    done, backends, failure = 0, {}, None
-    for spec, record in pending:
-        key = json.dumps(spec, sort_keys=True, default=str)
+        steps = ", ".join(str(e.record.step) for e in records)
+        print(f"{path}: {len(records)} record(s) for {spec.get('backend')} (steps {steps or 'none'})")
+        return 0, len(records)
+    if not records and not finished:
+        wal.remove()  # an empty or torn-only log
+        return 0, 0
+    if "end_run" in spec:  # end the run only if the tracker had finished it (not after a crash)
+        spec = {**spec, "end_run": bool(spec["end_run"]) and finished}
+    backend = backend_from_spec(spec)
+    delivery = Delivery(backend, wal)
+    left = delivery.run_once(pending)
+    left_records = [e for e in left if e.record is not None]
+    done = len(records) - len(left_records)
+    if not delivery.stopped and (done or finished):
         try:
-            backend = backends.get(key) or backends.setdefault(key, backend_from_spec(spec))
-            backend.log_eval(record)
-        except Exception as err:
-            failure = f"step {record.step}: {type(err).__name__}: {err}"
-            break
-        done += 1
-        spool.keep_only(pending[done:])
-    for backend in backends.values():
-        try:
-            backend.finish()
+            backend.finish()  # cumulative tables, run status: what the tracker's finish() would have done
         except Exception as err:
             logger.warning("bon_tracker: closing the %s backend failed: %s", backend.name, err)
-    target = ", ".join(sorted({f"{b.name} run {b.run_id}" for b in backends.values()})) or "the backend"
-    print(f"{path}: replayed {done} of {len(pending)} record(s) to {target}")
-    if failure:
-        print(f"{path}: stopped at {failure}; {len(pending) - done} record(s) remain", file=sys.stderr)
-    return done, len(pending) - done
+        else:
+            if not left_records:
+                wal.remove()
+    target = f"{backend.name} run {backend.run_id}"
+    print(f"{path}: replayed {done} of {len(records)} record(s) to {target}")
+    if delivery.stats.dead_lettered:
+        print(f"{path}: {delivery.stats.dead_lettered} record(s) rejected; see {wal.dead_path}", file=sys.stderr)
+    if left_records:
+        why = delivery.stats.config_error or delivery.stats.last_error
+        print(
+            f"{path}: stopped at step {left_records[0].record.step}: {why}; {len(left_records)} record(s) remain",
+            file=sys.stderr,
+        )
+    return done, len(left_records)
 
 
 # ---- the parser ------------------------------------------------------------------------------------------------

@@ -1,43 +1,35 @@
 """Read runs back from any backend; report one run, compare several.
 
+Reading is dispatch: each backend reads back what it wrote (``Backend.read_records``).
 A run reference (``bon-tracker compare RUN...``) is one of:
 
-* ``local:PATH`` or a folder holding ``records/``: a local run folder;
-* ``wandb:PATH`` or a folder holding ``run-*.wandb``: a W&B run folder (offline runs,
-  e.g. ``wandb/offline-run-20250101_120000-abc123``), read from its transaction log;
-* ``wandb:ENTITY/PROJECT/RUN_ID`` (no such folder): a W&B run read through the public
-  API (needs network and a login);
-* ``mlflow:ID_OR_NAME`` or anything else: an MLflow run id (32 hex digits) or run
-  name, at the tracking URI given (default ``$MLFLOW_TRACKING_URI``, else
-  ``./mlflow.db``), optionally only in one experiment.
+* ``BACKEND:REF`` for any registered backend, e.g. ``local:PATH``, ``wandb:PATH`` or
+  ``wandb:ENTITY/PROJECT/RUN_ID``, ``mlflow:ID_OR_NAME``;
+* a path a backend recognises as its own (a local run folder holding ``records/``, a W&B
+  run folder holding ``run-*.wandb``, ...);
+* a path that does not exist: an error naming it (nothing is created by a lookup);
+* anything else: an MLflow run id (32 hex digits) or run name, at the tracking URI given
+  (default ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``), optionally in one experiment.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
-import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from bon_tracker.backends import BACKENDS, RunNotFoundError, backend_class
 from bon_tracker.record import EvalRecord, evenly_spaced
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-KINDS = ("local", "wandb", "mlflow")
 MAX_STEP_CHARTS = 20
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class RunNotFoundError(LookupError):
-    """A run reference that names no readable run, or a run with no eval records."""
 
 
 @dataclass(frozen=True)
@@ -65,29 +57,29 @@ class RunRecords:
 # ---- reading runs ------------------------------------------------------------------------------------
 
 
-def _looks_like_wandb_folder(path: Path) -> bool:
-    if path.is_file():
-        return path.name.endswith(".wandb")
-    return path.is_dir() and any(path.glob("run-*.wandb"))
+def _looks_like_path(ref: str) -> bool:
+    return "/" in ref or "\\" in ref or ref.startswith(".") or ref.startswith("~")
 
 
 def run_kind(ref: str) -> tuple[str, str]:
-    """``(kind, target)`` of a run reference: an explicit ``local:``, ``wandb:`` or
-    ``mlflow:`` prefix, else detected (a local run folder holds ``records/``, a W&B run
-    folder ``run-*.wandb``; anything else is an MLflow run id or name)."""
-    for kind in KINDS:
-        if ref.startswith(kind + ":"):
-            return kind, ref[len(kind) + 1 :]
-    path = Path(ref)
-    if path.is_dir() and (path / "records").is_dir():
-        return "local", ref
-    if _looks_like_wandb_folder(path):
-        return "wandb", ref
+    """``(backend name, target)`` of a run reference (see the module docstring)."""
+    for name in BACKENDS:
+        if ref.startswith(name + ":"):
+            return name, ref[len(name) + 1 :]
+    for name in BACKENDS:
+        try:
+            if backend_class(name).claims(ref):
+                return name, ref
+        except ImportError:  # that backend's extra is not installed: it cannot own the run
+            continue
+    path = Path(ref).expanduser()
     if path.exists():
         raise RunNotFoundError(
-            f"{ref}: neither a local run folder (with records/) nor a W&B run folder "
-            "(with run-*.wandb); prefix it with local: or wandb: to say which"
+            f"{ref}: not a run folder of any backend ({', '.join(BACKENDS)}); prefix it with the backend, "
+            "e.g. local: or wandb:, to say which"
         )
+    if _looks_like_path(ref):
+        raise RunNotFoundError(f"{ref}: no such run folder or file")
     return "mlflow", ref
 
 
@@ -100,108 +92,6 @@ def _filter_prefix(records: list[EvalRecord], key_prefix: str | None, where: str
             f"{where} holds curves under several key prefixes ({', '.join(prefixes)}); choose one with --key-prefix"
         )
     return [r for r in records if r.key_prefix == key_prefix]
-
-
-def read_local_run(path: str | Path) -> tuple[str, list[EvalRecord]]:
-    """(label, records) of a local run folder."""
-    from bon_tracker.backends.local import read_records
-
-    path = Path(path)
-    if not (path / "records").is_dir():
-        raise RunNotFoundError(f"{path}: not a local run folder (no records/ inside)")
-    label = path.name
-    meta = path / "run.json"
-    if meta.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            label = json.loads(meta.read_text(encoding="utf-8")).get("run_name") or label
-    return label, read_records(path)
-
-
-def read_wandb_run(target: str, key_prefix: str | None = None) -> tuple[str, list[EvalRecord]]:
-    """(label, records) of a W&B run: a local run folder (offline, or the local copy of
-    an online run), else ``entity/project/run_id`` through the public API."""
-    path = Path(target)
-    if path.exists():
-        from bon_tracker.backends import wandb_transaction_log
-
-        log = wandb_transaction_log.find_transaction_log(path)
-        label = log.stem[len("run-") :] if log.stem.startswith("run-") else log.stem  # the run id
-        for record in wandb_transaction_log.iter_records(log):  # the run's display name, from its "run" record
-            if record.WhichOneof("record_type") == "run":
-                label = record.run.display_name or label
-                break
-        return label, wandb_transaction_log.read_records(path)
-    return _read_wandb_online(target, key_prefix or "bon")
-
-
-def _read_wandb_online(run_path: str, key_prefix: str) -> tuple[str, list[EvalRecord]]:
-    from bon_tracker.backends.wandb import RECORD_KEY
-    from bon_tracker.optional import require
-
-    wandb = require("wandb", "wandb")
-    if run_path.count("/") != 2:
-        raise RunNotFoundError(f"wandb:{run_path}: expected a run folder or ENTITY/PROJECT/RUN_ID")
-    try:
-        run = wandb.Api().run(run_path)
-    except Exception as err:  # wandb raises CommError, ValueError... for a missing run or no login
-        raise RunNotFoundError(f"wandb:{run_path}: cannot open the run through the W&B API ({err})") from None
-    key = f"{key_prefix}/{RECORD_KEY}"
-    records, seen = [], set()
-    for row in run.scan_history(keys=[key]):
-        value = row.get(key)
-        if isinstance(value, str):
-            record = EvalRecord.from_json(json.loads(value))
-            if record.step not in seen:
-                seen.add(record.step)
-                records.append(record)
-    return run.name or run.id, records
-
-
-def _mlflow_run_id(client: Any, ref: str, experiment: str | None, tracking_uri: str) -> tuple[str, str]:
-    """(run id, run name) of an MLflow run given by id or by name."""
-    from mlflow.exceptions import MlflowException
-
-    if _RUN_ID.match(ref):
-        try:
-            run = client.get_run(ref)
-            return run.info.run_id, run.info.run_name or ref
-        except MlflowException:
-            pass  # maybe a name that looks like an id
-    if experiment is not None:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise RunNotFoundError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
-        experiment_ids = [found.experiment_id]
-    else:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    quoted = ref.replace("'", "\\'")
-    runs = (
-        client.search_runs(experiment_ids, filter_string=f"attributes.run_name = '{quoted}'", max_results=50)
-        if experiment_ids
-        else []
-    )
-    where = f"experiment {experiment!r}" if experiment else "any experiment"
-    if not runs:
-        raise RunNotFoundError(f"no MLflow run with id or name {ref!r} in {where} at {tracking_uri}")
-    if len(runs) > 1:
-        ids = ", ".join(r.info.run_id for r in runs[:5])
-        raise RunNotFoundError(f"{len(runs)} MLflow runs are named {ref!r} in {where} ({ids}); pass a run id")
-    return runs[0].info.run_id, ref
-
-
-def read_mlflow_run(
-    ref: str, *, tracking_uri: str | None = None, experiment: str | None = None
-) -> tuple[str, str, list[EvalRecord]]:
-    """(label, run id, records) of an MLflow run given by id or name."""
-    from bon_tracker.backends import mlflow as mlflow_backend
-    from bon_tracker.optional import require
-
-    mlflow = require("mlflow", "mlflow")
-    uri = tracking_uri or mlflow_backend.default_tracking_uri()
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    with mlflow_backend.bounded_http(2, 30.0):
-        run_id, name = _mlflow_run_id(client, ref, experiment, uri)
-    return name, run_id, mlflow_backend.read_records(run_id, uri)
 
 
 def resolve_run(
@@ -217,17 +107,9 @@ def resolve_run(
         RunNotFoundError: no such run, or a run without eval records.
     """
     kind, target = run_kind(ref)
-    if kind == "local":
-        label, records = read_local_run(target)
-        location = str(Path(target))
-    elif kind == "wandb":
-        try:
-            label, records = read_wandb_run(target, key_prefix)
-        except (FileNotFoundError, ValueError) as err:
-            raise RunNotFoundError(f"{ref}: {err}") from None
-        location = target
-    else:
-        label, location, records = read_mlflow_run(target, tracking_uri=tracking_uri, experiment=experiment)
+    options = {"tracking_uri": tracking_uri, "experiment": experiment, "key_prefix": key_prefix}
+    result = backend_class(kind).read_records(target, **options)
+    label, location, records = result if len(result) == 3 else (result[0], target, result[1])
     if not records:
         raise RunNotFoundError(f"{ref}: the {kind} run has no bon_tracker eval records")
     records = _filter_prefix(records, key_prefix, ref)
@@ -273,9 +155,9 @@ def write_run_report(
     """Draw a run's charts into ``out_dir/charts`` (the curve of at most
     ``max_step_charts`` evenly spaced steps, the latest always; overlay; trend; RL when
     the policy KL was logged) and write ``out_dir/report.html``. Returns the report path."""
+    from bon_tracker.files import atomic_write_text
     from bon_tracker.reports import charts
     from bon_tracker.reports.html import html_report
-    from bon_tracker.tracking.wal import atomic_write_text
 
     if not records:
         raise ValueError("no eval records to report")
@@ -315,9 +197,9 @@ def write_comparison(
     """Compare runs: ``compare_curves.png`` (each run's curve at its latest step, or at
     ``step``), ``runs_over_steps.png`` (true@n and the Goodhart point against training
     step) and ``compare.html`` with both and a summary table, in ``out_dir``."""
+    from bon_tracker.files import atomic_write_text
     from bon_tracker.reports import charts
     from bon_tracker.reports.html import REPORT_STYLE
-    from bon_tracker.tracking.wal import atomic_write_text
 
     if not runs:
         raise ValueError("no runs to compare")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -54,6 +55,17 @@ DEFAULT_CONFIG_FILE = "bon_tracker.yaml"
 CONFIG_ENV = "BON_TRACKER_CONFIG"
 BACKEND_NAMES = tuple(BACKENDS)  # the registry decides
 ENV_PREFIX = "BON_TRACKER_"
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; a bigger one is a mistake
+MAX_CONFIG_NODES = 10_000  # values after YAML aliases are expanded: a bound on alias bombs
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 8, 8, 3
+
+
+def _short(value: Any) -> str:
+    """A value for a message: a short prefix, bounded in time and size whatever its nesting."""
+    return _SHORT.repr(value)
 
 
 class ConfigError(ValueError):
@@ -79,16 +91,22 @@ class TrackerConfig:
     nan_policy: str = "raise"
     run_name: str | None = None
     spool_dir: str | None = None
-    local: Mapping[str, Any] = field(default_factory=dict)
-    mlflow: Mapping[str, Any] = field(default_factory=dict)
-    wandb: Mapping[str, Any] = field(default_factory=dict)
+    finish_timeout: float = 30.0
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # backend name -> its options
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __getattr__(self, name: str) -> Mapping[str, Any]:
+        """``config.mlflow``, ``config.local``...: the options section of a registered backend."""
+        if name in BACKENDS:
+            return self.sections.get(name, {})
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
     def backend_options(self, backend: str | None = None) -> dict[str, Any]:
         """Options of ``backend`` (default: the selected one), with ``run_name`` added."""
         backend = backend or self.backend
-        options = dict(getattr(self, backend))
-        if self.run_name is not None and backend in ("local", "mlflow", "wandb"):
+        options = dict(self.sections.get(backend, {}))
+        known = _backend_parameters(backend)
+        if self.run_name is not None and (known is None or "run_name" in known):
             options.setdefault("run_name", self.run_name)
         return options
 
@@ -105,6 +123,7 @@ class TrackerConfig:
             "proxy_name": self.proxy_name,
             "true_name": self.true_name,
             "spool_dir": self.spool_dir,
+            "finish_timeout": self.finish_timeout,
             **options,
         }
 
@@ -118,13 +137,13 @@ class TrackerConfig:
 
 def _check_str(value: Any, what: str = "a string") -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected {what}, got {value!r}")
+        raise ValueError(f"expected {what}, got {_short(value)}")
     return value
 
 
 def _check_backend(value: Any) -> str:
     if value not in BACKEND_NAMES:
-        raise ValueError(f"expected one of {', '.join(BACKEND_NAMES)}, got {value!r}")
+        raise ValueError(f"expected one of {', '.join(BACKEND_NAMES)}, got {_short(value)}")
     return value
 
 
@@ -137,15 +156,15 @@ def _check_ns(value: Any) -> tuple[int, ...] | None:
         try:
             items = [int(part) for part in items]
         except ValueError:
-            raise ValueError(f"expected a list of integers >= 1 (e.g. [1, 2, 4, 8]), got {value!r}") from None
+            raise ValueError(f"expected a list of integers >= 1 (e.g. [1, 2, 4, 8]), got {_short(value)}") from None
     elif isinstance(value, int) and not isinstance(value, bool):
         items = [value]
     if not isinstance(items, (list, tuple)) and not hasattr(items, "tolist"):
-        raise ValueError(f"expected a list of integers >= 1 (e.g. [1, 2, 4, 8]), got {value!r}")
+        raise ValueError(f"expected a list of integers >= 1 (e.g. [1, 2, 4, 8]), got {_short(value)}")
     items = list(items.tolist() if hasattr(items, "tolist") else items)
     bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if bad or not items:
-        raise ValueError(f"expected a list of integers >= 1 (e.g. [1, 2, 4, 8]), got {value!r}")
+        raise ValueError(f"expected a list of integers >= 1 (e.g. [1, 2, 4, 8]), got {_short(value)}")
     return tuple(items)
 
 
@@ -153,20 +172,20 @@ def _check_positive_int(value: Any) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a positive integer, got {value!r}")
+        raise ValueError(f"expected a positive integer, got {_short(value)}")
     return value
 
 
 def _check_prefix(value: Any) -> str:
     value = _check_str(value, "a non-empty string such as 'bon'")
     if not value.strip("/"):
-        raise ValueError(f"expected a non-empty string such as 'bon', got {value!r}")
+        raise ValueError(f"expected a non-empty string such as 'bon', got {_short(value)}")
     return value
 
 
 def _check_nan_policy(value: Any) -> str:
     if value not in ("raise", "omit"):
-        raise ValueError(f"expected 'raise' or 'omit', got {value!r}")
+        raise ValueError(f"expected 'raise' or 'omit', got {_short(value)}")
     return value
 
 
@@ -182,6 +201,17 @@ def _check_path(value: Any) -> str | None:
     return _check_str(value, "a path")
 
 
+def _check_seconds(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number of seconds >= 0, got {_short(value)}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"expected a number of seconds >= 0, got {_short(value)}")
+    return float(value)
+
+
 _CHECKS = {
     "backend": _check_backend,
     "ns": _check_ns,
@@ -192,6 +222,7 @@ _CHECKS = {
     "nan_policy": _check_nan_policy,
     "run_name": _check_optional_str,
     "spool_dir": _check_path,
+    "finish_timeout": _check_seconds,
 }
 KNOWN_KEYS = (*_CHECKS, *BACKEND_NAMES)
 _ENV_KEYS = {key: ENV_PREFIX + key.upper() for key in _CHECKS}  # BON_TRACKER_NS, ...
@@ -215,13 +246,13 @@ def _check_option(backend: str, key: str, value: Any, known: dict[str, inspect.P
     if known is not None:
         default = known[key].default
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
+            raise ValueError(f"expected true or false, got {_short(value)}")
         if (
             isinstance(default, int)
             and not isinstance(default, bool)
             and (isinstance(value, bool) or not isinstance(value, int))
         ):
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise ValueError(f"expected an integer, got {_short(value)}")
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return value
@@ -260,6 +291,8 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, Any]]]:
     import yaml  # imported when a config is read, not when bon_tracker is
 
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: the config file is larger than {MAX_CONFIG_BYTES // 1024} KiB")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
@@ -268,6 +301,8 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, Any]]]:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _check_size(path, node, yaml)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -285,6 +320,24 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, Any]]]:
             f"(such as 'backend: mlflow'), not a {type(data).__name__}"
         )
     return data, _mapping_lines(path, node)
+
+
+def _check_size(path: Path, node: Any, yaml: Any) -> None:
+    """Refuse a document that expands to more than ``MAX_CONFIG_NODES`` values: aliases
+    share nodes, so a few lines can stand for billions of values (an alias bomb)."""
+    stack, count = [node], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(
+                f"{_where(path, item.start_mark.line + 1)}: the config expands to more than {MAX_CONFIG_NODES:,} "
+                "values (YAML aliases?); a bon_tracker config is a few keys"
+            )
+        if isinstance(item, yaml.SequenceNode):
+            stack.extend(item.value)
+        elif isinstance(item, yaml.MappingNode):
+            stack.extend(part for pair in item.value for part in pair)
 
 
 def load_config(path: str | os.PathLike[str], base: TrackerConfig | None = None) -> TrackerConfig:
@@ -311,6 +364,7 @@ def load_config(path: str | os.PathLike[str], base: TrackerConfig | None = None)
     data, lines = _read_yaml(path)
     config = base or TrackerConfig()
     values: dict[str, Any] = {}
+    sections = {name: dict(options) for name, options in config.sections.items()}
     sources = dict(config.sources)
     for key, (line, value_node) in lines.items():
         where = _where(path, line)
@@ -318,7 +372,7 @@ def load_config(path: str | os.PathLike[str], base: TrackerConfig | None = None)
             raise ConfigError(f"{where}: {_unknown(key, list(KNOWN_KEYS))}")
         value = data[key]
         if key in BACKEND_NAMES:
-            values[key] = {**getattr(config, key), **_backend_section(path, key, value, value_node)}
+            sections[key] = {**sections.get(key, {}), **_backend_section(path, key, value, value_node)}
             sources[key] = where
             continue
         try:
@@ -326,7 +380,7 @@ def load_config(path: str | os.PathLike[str], base: TrackerConfig | None = None)
         except ValueError as err:
             raise ConfigError(f"{where}, key {key!r}: {err}") from None
         sources[key] = where
-    return replace(config, **values, sources=sources)
+    return replace(config, **values, sections=sections, sources=sources)
 
 
 def _backend_section(path: Path, backend: str, value: Any, node: Any) -> dict[str, Any]:
@@ -337,7 +391,7 @@ def _backend_section(path: Path, backend: str, value: Any, node: Any) -> dict[st
     if not isinstance(value, dict) or not isinstance(node, yaml.MappingNode):
         raise ConfigError(
             f"{_where(path, node.start_mark.line + 1)}, key {backend!r}: expected a mapping of "
-            f"{backend} backend options (such as 'root: bon_runs'), got {value!r}"
+            f"{backend} backend options (such as 'root: bon_runs'), got {_short(value)}"
         )
     known = _backend_parameters(backend)
     out = {}
@@ -388,15 +442,17 @@ def _from_environment(config: TrackerConfig, environ: Mapping[str, str]) -> Trac
         except ValueError as err:
             raise ConfigError(f"environment variable {name}: {err}") from None
         sources[key] = f"${name}"
+    sections = dict(config.sections)
     if environ.get("BON_TRACKER_DIR"):
-        values["local"] = {**config.local, "root": environ["BON_TRACKER_DIR"]}
+        sections["local"] = {**config.sections.get("local", {}), "root": environ["BON_TRACKER_DIR"]}
         sources["local.root"] = "$BON_TRACKER_DIR"
-    return replace(config, **values, sources=sources)
+    return replace(config, **values, sections=sections, sources=sources)
 
 
 def _from_arguments(config: TrackerConfig, explicit: Mapping[str, Any]) -> TrackerConfig:
     values: dict[str, Any] = {}
     options: dict[str, Any] = {}
+    sections = {name: dict(section) for name, section in config.sections.items()}
     sources = dict(config.sources)
     for key, value in explicit.items():
         if value is None:
@@ -409,8 +465,8 @@ def _from_arguments(config: TrackerConfig, explicit: Mapping[str, Any]) -> Track
             sources[key] = "argument"
         elif key in BACKEND_NAMES:
             if not isinstance(value, Mapping):
-                raise ConfigError(f"argument {key}: expected a mapping of {key} backend options, got {value!r}")
-            values[key] = {**getattr(config, key), **value}
+                raise ConfigError(f"argument {key}: expected a mapping of {key} backend options, got {_short(value)}")
+            sections[key] = {**sections.get(key, {}), **value}
             sources[key] = "argument"
         else:
             options[key] = value
@@ -425,8 +481,8 @@ def _from_arguments(config: TrackerConfig, explicit: Mapping[str, Any]) -> Track
             except ValueError as err:
                 raise ConfigError(f"argument {key}: {err}") from None
             sources[f"{backend}.{key}"] = "argument"
-        values[backend] = {**values.get(backend, getattr(config, backend)), **options}
-    return replace(config, **values, sources=sources)
+        sections[backend] = {**sections.get(backend, {}), **options}
+    return replace(config, **values, sections=sections, sources=sources)
 
 
 def resolve_config(
@@ -451,7 +507,9 @@ def resolve_config(
         ((1, 2, 4), '/tmp/runs', '$BON_TRACKER_NS')
     """
     environ = os.environ if environ is None else environ
-    config = TrackerConfig(sources={f.name: "default" for f in fields(TrackerConfig) if f.name != "sources"})
+    config = TrackerConfig(
+        sources={f.name: "default" for f in fields(TrackerConfig) if f.name not in ("sources", "sections")}
+    )
     path = find_config_file(config_path, environ)
     if path is not None:
         config = load_config(path, config)

@@ -1,4 +1,9 @@
-"""BonTracker: scores in, best-of-n curves out to a tracking backend, nothing lost."""
+"""BonTracker: scores in, best-of-n curves out to a tracking backend; training never waits.
+
+``log_scores`` validates, computes the curve (on the calling thread: it is cheap), appends
+the record to the run's write-ahead log on local disk and returns. A background worker
+(:mod:`bon_tracker.tracking.delivery`) delivers the log to the backend in order.
+"""
 
 from __future__ import annotations
 
@@ -14,43 +19,87 @@ import numpy as np
 from bon_tracker.backends import BACKENDS, Backend, make_backend
 from bon_tracker.core import BonCurve, bon_curve
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores
-from bon_tracker.optional import MissingDependencyError
+from bon_tracker.files import atomic_write_text
 from bon_tracker.record import EvalRecord
+from bon_tracker.tracking.delivery import DEFAULT_MAX_MEMORY_RECORDS, Delivery, DeliveryStats
 from bon_tracker.tracking.distributed import all_gather, rank_and_world_size
-from bon_tracker.tracking.wal import Spool, atomic_write_text
+from bon_tracker.tracking.wal import Entry, WriteAheadLog
 
 logger = logging.getLogger("bon_tracker")
 
 STATE_FILE = "bon_tracker_state.json"
+MAX_STEP = 2**63  # steps are int64 in every tracking service
+MAX_GRID = 4096  # points of the n grid: more says a mistake, and each costs a metric per service
+DEFAULT_FINISH_TIMEOUT = 30.0
 
 
 def _rows(values: Any) -> list[np.ndarray] | np.ndarray:
     """Tensors (CPU or CUDA), arrays and lists -> a 2-D array or a list of 1-D rows."""
     if hasattr(values, "detach") and hasattr(values, "cpu"):
-        return values.detach().cpu().double().numpy()  # also bfloat16, which numpy lacks
+        return _tensor_array(values)
     if isinstance(values, (list, tuple)):
-        return [v.detach().cpu().double().numpy() if hasattr(v, "detach") else v for v in values]
+        return [_tensor_array(v) if hasattr(v, "detach") else v for v in values]
     return values
+
+
+def _tensor_array(tensor: Any) -> np.ndarray:
+    if getattr(tensor, "is_complex", lambda: False)():
+        raise TypeError(f"scores must be real numbers, got a complex tensor ({tensor.dtype})")
+    return tensor.detach().cpu().double().numpy()  # also bfloat16, which numpy lacks
+
+
+def check_step(step: Any) -> int:
+    """A step is an integer in [0, 2**63)."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an integer, got {type(step).__name__}")
+    step = int(step)
+    if not 0 <= step < MAX_STEP:
+        raise ValueError(f"step must be an integer from 0 to 2**63 - 1, got {step}")
+    return step
+
+
+def _check_policy_kl(policy_kl: Any) -> float | None:
+    if policy_kl is None:
+        return None
+    if isinstance(policy_kl, (bool, complex)):
+        raise TypeError(f"policy_kl must be a real number, got {type(policy_kl).__name__}")
+    if hasattr(policy_kl, "item"):
+        policy_kl = policy_kl.item()
+    try:
+        value = float(policy_kl)
+    except (TypeError, ValueError):
+        raise TypeError(f"policy_kl must be a real number, got {type(policy_kl).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"policy_kl must be finite, got {value!r}")
+    return value
 
 
 class BonTracker:
     """Computes best-of-n curves at each eval step and logs them to one backend.
 
     Args:
-        backend: ``"local"`` (default: a run folder), ``"mlflow"``, ``"wandb"``, or a
-            :class:`~bon_tracker.backends.base.Backend` instance.
+        backend: a registered backend name (``"local"``, the default: a run folder;
+            ``"mlflow"``, ``"wandb"``, ...) or a :class:`~bon_tracker.backends.Backend`.
         ns: the best-of-n grid; default powers of two up to N, plus N.
         run_name: a name for the run the backend opens.
         key_prefix: prefix of every metric key (default ``bon``).
         nan_policy: ``"raise"`` (default) or ``"omit"`` non-finite samples.
         proxy_name, true_name: names of the two rewards, for chart labels.
-        spool_dir: where records are kept while a service is down (default
-            ``$BON_TRACKER_SPOOL_DIR`` or ``~/.cache/bon_tracker/spool``).
+        spool_dir: the folder of the write-ahead log (default ``$BON_TRACKER_SPOOL_DIR``
+            or ``~/.cache/bon_tracker/spool``).
         resume: a saved tracker state (:meth:`state`), or a folder or file holding one
             (:meth:`save_state`): continue that tracking run and skip steps it already logged.
+        finish_timeout: seconds :meth:`finish` waits for delivery by default.
+        backoff_max: longest wait, in seconds, between retries during an outage.
+        max_memory_records: records held in memory when the disk refuses the log.
         **backend_options: passed to the backend (``root`` for local;
             ``tracking_uri``, ``experiment``, ``run_id`` for MLflow; ``project``,
             ``entity``, ``run`` for W&B).
+
+    Delivery: a record is durable once :meth:`log_scores` returns (appended to the log
+    with fsync); a background thread delivers it. A service that is down, frozen or slow
+    costs training nothing; :meth:`finish` waits at most ``finish_timeout`` seconds and
+    leaves the rest for ``bon-tracker sync``.
 
     Example:
         >>> import tempfile
@@ -72,21 +121,34 @@ class BonTracker:
         true_name: str = "true",
         spool_dir: str | Path | None = None,
         resume: str | Path | Mapping[str, Any] | None = None,
+        finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
+        backoff_max: float = 60.0,
+        max_memory_records: int = DEFAULT_MAX_MEMORY_RECORDS,
         **backend_options: Any,
     ):
         check_nan_policy(nan_policy)
         if not isinstance(key_prefix, str) or not key_prefix.strip("/"):
-            raise ValueError(f"key_prefix must be a non-empty string, got {key_prefix!r}")
-        self.ns = None if ns is None else check_ns(ns, max_n=np.iinfo(np.int64).max)[0].tolist()
+            raise ValueError(f"key_prefix must be a non-empty string, got {key_prefix!r:.60}")
+        if not (isinstance(finish_timeout, (int, float)) and finish_timeout >= 0):
+            raise ValueError(f"finish_timeout must be a number of seconds >= 0, got {finish_timeout!r:.60}")
+        if isinstance(max_memory_records, bool) or not isinstance(max_memory_records, int) or max_memory_records < 0:
+            raise ValueError(f"max_memory_records must be an integer >= 0, got {max_memory_records!r:.60}")
+        self.ns = None if ns is None else _checked_grid(ns)
         self.key_prefix = key_prefix.strip("/")
         self.nan_policy = nan_policy
         self.proxy_name, self.true_name = str(proxy_name), str(true_name)
+        self.finish_timeout = float(finish_timeout)
         self.last_step: int | None = None
         self.history: list[EvalRecord] = []
         self._closed = False
-        self._failing = False
-        self._unspooled: list[EvalRecord] = []  # records the spool itself could not take (disk full)
-        resumed_spool = None
+        self._spool_dir = Path(spool_dir) if spool_dir is not None else None
+        self._backoff_max = float(backoff_max)
+        self._max_memory_records = max_memory_records
+        self._resumed_wal: str | None = None
+        self._wal: WriteAheadLog | None = None
+        self._delivery: Delivery | None = None
+        self._next_seq = 0
+        self._warned_disk = False
 
         if resume is not None:
             state = dict(resume) if isinstance(resume, Mapping) else self.load_state(resume)
@@ -97,27 +159,20 @@ class BonTracker:
                     )
                 backend_options = {**{k: v for k, v in state["backend"].items() if k != "backend"}, **backend_options}
                 self.last_step = state.get("last_step")
-                resumed_spool = state.get("spool")
+                self._resumed_wal = state.get("wal") or state.get("spool")
 
         if isinstance(backend, Backend):
-            self._backend_name = backend.name
-            self._backend: Backend | None = backend
-            self._backend_options: dict[str, Any] = {}
+            self._backend: Backend = backend
         elif isinstance(backend, str):
             if backend not in BACKENDS:
-                raise ValueError(f"unknown backend {backend!r}: choose one of {sorted(BACKENDS)}")
-            self._backend_name = backend
-            self._backend = None  # built on first use, on rank 0 only
-            self._backend_options = dict(backend_options)
+                raise ValueError(f"unknown backend {backend!r:.60}: choose one of {', '.join(sorted(BACKENDS))}")
             if run_name is not None:
-                self._backend_options["run_name"] = run_name
+                backend_options["run_name"] = run_name
+            self._backend = make_backend(backend, **backend_options)  # touches nothing: no file, no network
         else:
             raise TypeError(f"backend must be a name or a Backend instance, got {type(backend).__name__}")
-        adopted = Spool(Path(resumed_spool)) if resumed_spool and Path(resumed_spool).exists() else None
-        if adopted is not None and adopted.claim():
-            self.spool = adopted  # what the process this one continues could not deliver
-        else:
-            self.spool = Spool.new(self._backend_name, Path(spool_dir) if spool_dir is not None else None)
+        self._backend.check()  # configuration errors surface here, not as a silent outage later
+        self._backend_name = self._backend.name
 
     # ---- public API -------------------------------------------------------------------
     @property
@@ -131,16 +186,28 @@ class BonTracker:
 
     @property
     def is_writer(self) -> bool:
-        """Only rank 0 of a multi-process run touches the backend."""
+        """Only rank 0 of a multi-process run logs anything."""
         return self.rank == 0
 
     @property
     def backend(self) -> Backend:
-        if not self.is_writer:
-            raise RuntimeError(f"rank {self.rank} never opens a backend: only rank 0 writes")
-        if self._backend is None:
-            self._backend = make_backend(self._backend_name, **self._backend_options)
+        """The backend records are delivered to (written by the delivery thread only)."""
         return self._backend
+
+    @property
+    def wal_path(self) -> Path | None:
+        """The write-ahead log of this tracker (None before the first record)."""
+        return None if self._wal is None else self._wal.path
+
+    @property
+    def pending(self) -> int:
+        """Records logged but not yet delivered."""
+        return 0 if self._delivery is None else self._delivery.pending
+
+    @property
+    def delivery_stats(self) -> DeliveryStats:
+        """Delivered, dead-lettered and dropped counts, and the last delivery error."""
+        return DeliveryStats() if self._delivery is None else self._delivery.stats
 
     def log_scores(
         self,
@@ -154,7 +221,7 @@ class BonTracker:
         """Compute best-of-n curves from this eval step's samples and log them at ``step``.
 
         Args:
-            step: the training step (an int; steps must increase).
+            step: the training step, an integer in [0, 2**63); steps must increase.
             proxy: proxy scores, ``(P, N)`` or a ragged list of per-prompt rows
                 (arrays, lists or tensors on any device).
             true: true scores, same shape.
@@ -163,34 +230,29 @@ class BonTracker:
             **context: extra scalars logged beside the curves.
 
         Returns:
-            The :class:`BonCurve` on rank 0 (None on other ranks, and when ``step`` was
-            already logged by the run this tracker resumed).
+            The :class:`BonCurve` on rank 0 (None on other ranks, and when ``step`` is
+            not after the last logged step).
 
-        In a multi-process run every rank calls this with its own prompts; rank 0
-        gathers all of them. A tracking-service failure never raises here: the
-        record is spooled to disk and replayed on the next call or at :meth:`finish`.
+        Raises only for bad input (``TypeError``/``ValueError`` naming what is wrong). In
+        a multi-process run every rank calls this with its own prompts; rank 0 gathers
+        all of them. A tracking service that fails, hangs or is slow is never waited for.
         """
         if self._closed:
             raise RuntimeError("this tracker is finished; create a new BonTracker to log more")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-            raise TypeError(f"step must be an integer, got {type(step).__name__}")
-        if policy_kl is not None and not math.isfinite(float(policy_kl)):
-            raise ValueError(f"policy_kl must be finite, got {policy_kl!r}")
-        step = int(step)
+        step = check_step(step)
+        policy_kl = _check_policy_kl(policy_kl)
 
         local = self._validated_local(proxy, true)
         gathered = all_gather(local)
-        errors = [(rank, item[1]) for rank, item in enumerate(gathered) if item[0] == "error"]
+        errors = [(rank, item) for rank, item in enumerate(gathered) if item[0] == "error"]
         if errors:
-            rank, message = errors[0]
+            rank, (_, message, *kind) = errors[0]
             where = f" (on rank {rank})" if self.world_size > 1 else ""
-            raise ValueError(f"log_scores at step {step}{where}: {message}")
+            error = TypeError if kind == ["type"] else ValueError
+            raise error(f"log_scores at step {step}{where}: {message}")
         if not self.is_writer:
             return None
-        if self.last_step is not None and step <= self.last_step:
-            logger.warning(
-                "bon_tracker: step %d was already logged (last logged step %d); skipped", step, self.last_step
-            )
+        if not self._is_new_step(step):
             return None  # checked before computing, so a replayed step costs nothing
 
         rows_p = [row for item in gathered for row in item[1]]
@@ -201,6 +263,7 @@ class BonTracker:
         if len(lengths) == 1:
             rows_p, rows_t = np.stack(rows_p), np.stack(rows_t)
         curve = bon_curve(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
+        _check_finite_curve(curve, step)
         record = EvalRecord.build(
             step,
             curve,
@@ -216,58 +279,59 @@ class BonTracker:
     def log_record(self, record: EvalRecord) -> bool:
         """Log an already computed :class:`EvalRecord` (e.g. built from a score file).
 
-        Same guarantees as :meth:`log_scores`: a step already logged is skipped (returns
-        False), and a service failure spools the record instead of raising.
+        Same guarantees as :meth:`log_scores`; returns False when the step is skipped
+        (not after the last logged step, or not rank 0).
         """
         if self._closed:
             raise RuntimeError("this tracker is finished; create a new BonTracker to log more")
-        if not self.is_writer:
+        check_step(record.step)
+        if not self.is_writer or not self._is_new_step(record.step):
             return False
-        if self.last_step is not None and record.step <= self.last_step:
-            logger.warning(
-                "bon_tracker: step %d was already logged (last logged step %d); skipped", record.step, self.last_step
-            )
-            return False
-        self._deliver(record)  # raises only for a configuration error: then the step is not marked
+        self._enqueue(record)
         self.history.append(record)
         self.last_step = record.step
         return True
 
-    def finish(self) -> None:
-        """Replay anything spooled, then close the backend. Safe to call twice."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (default ``finish_timeout``) until every record
+        logged so far is delivered; True when nothing is pending."""
+        if self._delivery is None:
+            return True
+        return self._delivery.drain(self.finish_timeout if timeout is None else timeout) and not self.pending
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Deliver what is pending, waiting at most ``timeout`` seconds (default
+        ``finish_timeout``), then close the backend. What is left stays in the write-ahead
+        log, and the message says how to replay it (``bon-tracker sync``). Safe to call twice;
+        never raises because of the service."""
         if self._closed:
             return
         self._closed = True
-        if not self.is_writer:
+        if self._delivery is None or self._wal is None:
             return
-        try:
-            self._replay_spool()
-            self._spool_unspooled()
-        except Exception as err:  # e.g. the backend cannot be built: still close what is open
-            logger.warning("bon_tracker: replaying spooled records at finish failed: %s", err)
-        if self._unspooled:
+        timeout = self.finish_timeout if timeout is None else float(timeout)
+        delivery, wal = self._delivery, self._wal
+        idle = delivery.close(timeout)
+        left = [e for e in delivery.leftover() if e.record is not None]
+        stats = delivery.stats
+        if idle and not left and not stats.config_error:
+            idle = self._finish_backend(timeout)
+        if not left and idle and not stats.config_error:
+            wal.remove()
+        else:
+            self._append_finish_marker(wal)
+            self._report_left(left, stats, timeout)
+        if stats.dropped:
             logger.error(
-                "bon_tracker: %d eval record(s) (steps %s) could neither reach %s nor be written to the spool %s",
-                len(self._unspooled),
-                [r.step for r in self._unspooled],
+                "bon_tracker: %d eval record(s) were lost (steps %s): the disk refused the write-ahead log %s "
+                "while %s was unreachable",
+                stats.dropped,
+                stats.dropped_steps[:20],
+                wal.path,
                 self._backend_name,
-                self.spool.path,
             )
-        if len(self.spool):
-            logger.warning(
-                "bon_tracker: %d eval record(s) could not reach %s and are kept in %s; "
-                "replay them later with: bon-tracker sync %s",
-                len(self.spool),
-                self._backend_name,
-                self.spool.path,
-                self.spool.path,
-            )
-        self.spool.release()
-        if self._backend is not None:
-            try:
-                self._backend.finish()
-            except Exception as err:  # never crash the user's program on the way out
-                logger.warning("bon_tracker: closing the %s backend failed: %s", self._backend_name, err)
+        if idle:
+            wal.release()  # else a service call is still in flight: the lock goes with the process
 
     def __enter__(self) -> BonTracker:
         return self
@@ -277,9 +341,12 @@ class BonTracker:
 
     # ---- resuming ------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """What a resumed process needs to continue this tracking run (and its spool)."""
-        spec = self.backend.spec() if self.is_writer else {"backend": self._backend_name}
-        return {"backend": spec, "last_step": self.last_step, "spool": str(self.spool.path)}
+        """What a resumed process needs to continue this tracking run (and its log)."""
+        return {
+            "backend": self._backend.spec(),
+            "last_step": self.last_step,
+            "wal": None if self._wal is None else str(self._wal.path),
+        }
 
     def save_state(self, directory: str | Path) -> Path | None:
         """Write :meth:`state` to ``directory/bon_tracker_state.json`` (rank 0 only)."""
@@ -301,6 +368,12 @@ class BonTracker:
         return json.loads(path.read_text(encoding="utf-8"))
 
     # ---- internals -------------------------------------------------------------------------
+    def _is_new_step(self, step: int) -> bool:
+        if self.last_step is not None and step <= self.last_step:
+            logger.warning("bon_tracker: step %d is not after the last logged step %d; skipped", step, self.last_step)
+            return False
+        return True
+
     def _grid(self, lengths: set[int]) -> list[int] | None:
         if self.ns is None:
             return None
@@ -308,118 +381,157 @@ class BonTracker:
         too_big = [n for n in self.ns if n > largest]
         if too_big:
             raise ValueError(
-                f"ns {too_big} exceed the number of samples per prompt ({largest}); lower them "
+                f"ns {_short(too_big)} exceed the number of samples per prompt ({largest}); lower them "
                 "or sample more completions"
             )
         return self.ns
 
     def _validated_local(self, proxy: Any, true: Any) -> tuple:
         """This rank's scores as lists of 1-D float rows, or the reason they are bad."""
-        proxy, true = _rows(proxy), _rows(true)
+        try:
+            proxy, true = _rows(proxy), _rows(true)
+        except TypeError as err:
+            return ("error", str(err), "type")
         if self.world_size > 1 and len(proxy) == 0 and len(true) == 0:
             return ("ok", [], [])  # a rank may get no eval prompts; the gathered whole is checked
         try:
             p, t, _ = paired_scores(proxy, true, nan_policy=self.nan_policy, names=("proxy", "true"))
         except (TypeError, ValueError) as err:
-            return ("error", str(err))
+            return ("error", str(err), "type" if isinstance(err, TypeError) else "value")
         rows_p = list(p) if isinstance(p, np.ndarray) else p
         rows_t = list(t) if isinstance(t, np.ndarray) else t
         return ("ok", rows_p, rows_t)
 
-    def _deliver(self, record: EvalRecord) -> None:
-        """Replay what is pending first (order matters), then write this record; spool it on
-        failure. Raises only for a configuration error (bad option, missing extra)."""
-        backend = self.backend  # a configuration error raises here
-        if self._replay_spool():
-            try:
-                backend.log_eval(record)
-                self._recovered()
-                return
-            except MissingDependencyError:
-                raise  # a configuration error, not an outage: retrying later cannot help
-            except Exception as err:
-                self._report_failure(err)
-        self._spool(record)
+    def _open_delivery(self) -> Delivery:
+        """The log and its worker, made on the first record (rank 0 only)."""
+        if self._delivery is not None:
+            return self._delivery
+        adopted: list[Entry] = []
+        wal = None
+        if self._resumed_wal and Path(self._resumed_wal).exists():
+            candidate = WriteAheadLog(self._resumed_wal)
+            if candidate.claim():  # what the process this one continues could not deliver
+                wal, adopted = candidate, [e for e in candidate.pending() if e.record is not None]
+        if wal is None:
+            wal = WriteAheadLog.new(self._backend_name, self._spool_dir)
+        self._wal = wal
+        self._next_seq = wal.next_seq()
+        self._delivery = Delivery(
+            self._backend, wal, backoff_max=self._backoff_max, max_memory_records=self._max_memory_records
+        )
+        for entry in adopted:
+            self._delivery.submit(entry)
+        return self._delivery
 
-    def _spool(self, record: EvalRecord) -> None:
-        """Keep a record for later; if even the spool fails (disk full, read-only), keep it in
-        memory and try the spool again at the next step: never raise into training."""
-        self._spool_unspooled()
-        if self._unspooled:
-            self._unspooled.append(record)
-            return
+    def _enqueue(self, record: EvalRecord) -> None:
+        """Append the record to the log (fsync), hand it to the worker, return. A disk that
+        refuses the log never raises here: the record is then held in memory (bounded)."""
+        delivery = self._open_delivery()
+        assert self._wal is not None
+        self._backend.bind()  # thread-local context (an active run) is read on the caller's thread
+        entry = Entry(seq=self._next_seq, record=record)
+        self._next_seq += 1
         try:
-            self.spool.claim()  # held while this tracker lives: `bon-tracker sync` leaves it alone
-            self.spool.append(self._spec(), record)
-        except Exception as err:
-            logger.error(
-                "bon_tracker: cannot write the spool %s (%s); keeping step %d in memory",
-                self.spool.path,
-                err,
-                record.step,
+            self._wal.claim()
+            self._wal.write_spec(self._backend.spec())
+            self._wal.append(entry)
+            if self._warned_disk:
+                logger.warning("bon_tracker: the write-ahead log %s is writable again", self._wal.path)
+                self._warned_disk = False
+        except OSError as err:
+            entry.persisted = False
+            if not self._warned_disk:
+                logger.error(
+                    "bon_tracker: cannot write the write-ahead log %s (%s); records are held in memory "
+                    "(at most %d) until the disk takes them or they are delivered",
+                    self._wal.path,
+                    err,
+                    self._max_memory_records,
+                )
+                self._warned_disk = True
+        delivery.submit(entry)
+
+    def _finish_backend(self, timeout: float) -> bool:
+        """Close the backend on the delivery side, bounded by ``timeout``; True if it returned."""
+        import threading
+
+        done = threading.Event()
+
+        def close() -> None:
+            try:
+                self._backend.finish()
+            except Exception as err:  # never crash the user's program on the way out
+                logger.warning("bon_tracker: closing the %s backend failed: %s", self._backend_name, err)
+            finally:
+                done.set()
+
+        threading.Thread(target=close, name="bon_tracker-finish", daemon=True).start()
+        if not done.wait(max(timeout, 1.0)):
+            logger.warning(
+                "bon_tracker: the %s backend did not close within %.0f s; left closing in the background",
+                self._backend_name,
+                timeout,
             )
-            self._unspooled.append(record)
-
-    def _spool_unspooled(self) -> None:
-        while self._unspooled:
-            try:
-                self.spool.append(self._spec(), self._unspooled[0])
-            except Exception:
-                return
-            self._unspooled.pop(0)
-
-    def _replay_spool(self) -> bool:
-        """Write pending records in order, each removed from the spool once written;
-        True when nothing is pending afterwards."""
-        self._spool_unspooled()
-        pending = self.spool.entries()
-        for i, (_, record) in enumerate(pending):
-            try:
-                self.backend.log_eval(record)
-            except MissingDependencyError:
-                raise
-            except Exception as err:
-                self._report_failure(err)
-                self.spool.keep_only(pending[i:])
-                return False
-        if pending:
-            self.spool.keep_only([])
-        # records held in memory are newer than the spool's: once one is held, all later ones are
-        while self._unspooled:
-            try:
-                self.backend.log_eval(self._unspooled[0])
-            except MissingDependencyError:
-                raise
-            except Exception as err:
-                self._report_failure(err)
-                return False
-            self._unspooled.pop(0)
-        if pending:
-            self._recovered()
+            return False
         return True
 
-    def _spec(self) -> dict[str, Any]:
+    def _append_finish_marker(self, wal: WriteAheadLog) -> None:
         try:
-            return self.backend.spec()
-        except Exception:  # the backend could not even be built: keep what we know
-            return {"backend": self._backend_name, **self._backend_options}
+            wal.append(Entry(seq=self._next_seq, finish=True))
+            self._next_seq += 1
+        except OSError:
+            pass  # sync then delivers the records without ending the run
 
-    def _report_failure(self, err: Exception) -> None:
-        if not self._failing:  # once per outage, not once per step
+    def _report_left(self, left: list[Entry], stats: DeliveryStats, timeout: float) -> None:
+        on_disk = [e for e in left if e.persisted]
+        in_memory = len(left) - len(on_disk)
+        assert self._wal is not None
+        why = stats.config_error or stats.last_error or f"not delivered within {timeout:.0f} s"
+        if on_disk or not left:
             logger.warning(
-                "bon_tracker: the %s backend failed (%s: %s); eval records are spooled to %s and "
-                "will be replayed on the next eval step, at finish(), or by: bon-tracker sync %s",
+                "bon_tracker: %d eval record(s) did not reach %s (%s) and are kept in %s; "
+                "replay them later with: bon-tracker sync %s",
+                len(on_disk),
                 self._backend_name,
-                type(err).__name__,
-                err,
-                self.spool.path,
-                self.spool.path,
+                why,
+                self._wal.path,
+                self._wal.path,
             )
-        self._failing = True
+        if in_memory:
+            logger.error(
+                "bon_tracker: %d eval record(s) (steps %s) could neither reach %s nor be written to %s: lost",
+                in_memory,
+                [e.record.step for e in left if not e.persisted and e.record is not None][:20],
+                self._backend_name,
+                self._wal.path,
+            )
 
-    def _recovered(self) -> None:
-        if self._failing:
-            logger.warning(
-                "bon_tracker: the %s backend is reachable again; spooled records replayed", self._backend_name
+
+def _short(values: Any, limit: int = 60) -> str:
+    """A value for an error message, cut to a short prefix."""
+    text = repr(values)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _checked_grid(ns: Any) -> list[int]:
+    """The n grid: sorted, de-duplicated integers >= 1, at most ``MAX_GRID`` of them."""
+    if isinstance(ns, (str, bytes)):
+        raise TypeError(f"ns must be integers, got {_short(ns)}")
+    if np.ndim(ns) == 0:
+        ns = [ns]
+    if not hasattr(ns, "__len__"):
+        raise TypeError(f"ns must be a sequence of integers, got {type(ns).__name__}")
+    if len(ns) > MAX_GRID:
+        raise ValueError(f"ns has {len(ns)} entries; at most {MAX_GRID} points of n are supported")
+    return sorted(set(check_ns(ns, max_n=np.iinfo(np.int64).max)[0].tolist()))
+
+
+def _check_finite_curve(curve: BonCurve, step: int) -> None:
+    """Scores near the float limit make means or SEs overflow to inf: an error, not a curve."""
+    for name in ("true_mean", "proxy_mean", "true_se", "proxy_se"):
+        values = getattr(curve, name)
+        if np.isinf(values).any():
+            raise ValueError(
+                f"log_scores at step {step}: the curve's {name} overflows (inf); the scores are too large "
+                "in magnitude (rescale them)"
             )
-        self._failing = False
