@@ -2,11 +2,11 @@
 
 Two pieces:
 
-* :class:`CurveAccumulator` builds one eval step's :class:`~bon_tracker.BonCurve`
-  from prompts fed a few at a time. Per-prompt estimates are independent, so the
-  curve's means and standard errors merge exactly from per-chunk sufficient
-  statistics (count, mean, sum of squared deviations; Chan et al. 1979); the result
-  equals :func:`~bon_tracker.bon_curve` on all prompts at once up to float rounding.
+* :class:`~bon_tracker.core.accumulator.CurveAccumulator` (in core, shared with
+  :func:`~bon_tracker.bon_curve` and distributed workers) builds one eval step's
+  :class:`~bon_tracker.BonCurve` from prompts fed a few at a time, from mergeable
+  per-chunk statistics; the result equals ``bon_curve`` on all prompts at once up to
+  float rounding.
 * :func:`curves_from_batches` groups a stream of rows (:class:`ScoreBatch`) into
   prompts per (run, step) and feeds the accumulators.
 
@@ -37,131 +37,12 @@ from typing import Any
 import numpy as np
 
 from bon_tracker.analysis.score_files import ScoreBatch, ScoreFileError
-from bon_tracker.core import BonCurve, bon_curve, default_ns, kl_bon
+from bon_tracker.core import BonCurve
+from bon_tracker.core.accumulator import DEFAULT_CHUNK_SAMPLES, CurveAccumulator
 
-DEFAULT_CHUNK_SAMPLES = 1 << 18
+__all__ = ["DEFAULT_CHUNK_SAMPLES", "CurveAccumulator", "curves_from_batches"]
 
 RunSteps = dict[Any, dict[int, BonCurve]]  # run name (None without a run column) -> step -> curve
-
-
-class CurveAccumulator:
-    """One eval step's best-of-n curve, built from prompts added one at a time.
-
-    Args:
-        ns: the grid of n; default (None) as :func:`~bon_tracker.bon_curve`: powers
-            of two up to the largest number of samples per prompt, plus that number.
-        chunk_samples: completed prompts are buffered until they hold this many
-            samples, then reduced to statistics per n (bounds memory).
-
-    Example:
-        >>> import numpy as np
-        >>> from bon_tracker import bon_curve
-        >>> rng = np.random.default_rng(0)
-        >>> proxy, true = rng.normal(size=(6, 8)), rng.normal(size=(6, 8))
-        >>> acc = CurveAccumulator(chunk_samples=16)
-        >>> for p, t in zip(proxy, true):
-        ...     acc.add_prompt(p, t)
-        >>> bool(np.allclose(acc.curve().true_se, bon_curve(proxy, true).true_se))
-        True
-    """
-
-    def __init__(self, ns: Sequence[int] | None = None, *, chunk_samples: int = DEFAULT_CHUNK_SAMPLES):
-        self.ns = None if ns is None else [int(n) for n in ns]
-        if self.ns is not None and (not self.ns or min(self.ns) < 1):
-            raise ValueError(f"ns must be a non-empty list of integers >= 1, got {ns!r}")
-        self.chunk_samples = int(chunk_samples)
-        self._pending_proxy: list[np.ndarray] = []
-        self._pending_true: list[np.ndarray] = []
-        self._pending_samples = 0
-        # per n: [count, true mean, true M2, proxy mean, proxy M2, kl sum]
-        self._stats: dict[int, list[float]] = {}
-        self.N = 0  # largest number of samples per prompt seen
-        self.n_prompts = 0
-        self.n_samples = 0
-        self.has_ties = False
-
-    def add_prompt(self, proxy: np.ndarray, true: np.ndarray) -> None:
-        """Add one prompt's samples (1-D float arrays of equal length, finite)."""
-        if len(proxy) == 0:
-            return
-        self._pending_proxy.append(proxy)
-        self._pending_true.append(true)
-        self._pending_samples += len(proxy)
-        self.N = max(self.N, len(proxy))
-        self.n_prompts += 1
-        self.n_samples += len(proxy)
-        if self._pending_samples >= self.chunk_samples:
-            self._flush()
-
-    def curve(self) -> BonCurve:
-        """The curve over every prompt added so far."""
-        self._flush()
-        if self.n_prompts == 0:
-            raise ValueError("no samples: every row was empty or dropped")
-        if self.ns is None:
-            n_arr = default_ns(self.N)
-        else:
-            too_big = sorted({n for n in self.ns if n > self.N})
-            if too_big:
-                raise ValueError(
-                    f"ns {too_big} exceed the largest number of samples per prompt ({self.N}); "
-                    "lower them or sample more completions"
-                )
-            n_arr = np.asarray(self.ns, dtype=np.int64)
-        stats = np.array([self._stats[int(n)] for n in n_arr], dtype=np.float64).reshape(len(n_arr), 6)
-        count = stats[:, 0]
-
-        def se(m2: np.ndarray) -> np.ndarray:
-            out = np.full(len(count), np.nan)
-            enough = count >= 2
-            out[enough] = np.sqrt(m2[enough] / (count[enough] - 1)) / np.sqrt(count[enough])
-            return out
-
-        bound = np.asarray(kl_bon(n_arr), dtype=np.float64)
-        kl = stats[:, 5] / count if self.has_ties else bound.copy()
-        return BonCurve(
-            n=n_arr,
-            kl=kl,
-            kl_bound=bound,
-            true_mean=stats[:, 1].copy(),
-            true_se=se(stats[:, 2]),
-            proxy_mean=stats[:, 3].copy(),
-            proxy_se=se(stats[:, 4]),
-            n_prompts=count.astype(np.int64),
-            N=self.N,
-            has_ties=self.has_ties,
-        )
-
-    def _flush(self) -> None:
-        if not self._pending_proxy:
-            return
-        proxy, true = self._pending_proxy, self._pending_true
-        self._pending_proxy, self._pending_true, self._pending_samples = [], [], 0
-        largest = max(len(p) for p in proxy)
-        if self.ns is None:
-            grid = default_ns(largest)  # every n of the final grid that these prompts reach
-        else:
-            grid = np.array(sorted({n for n in self.ns if n <= largest}), dtype=np.int64)
-            if grid.size == 0:
-                return  # these prompts have fewer samples than every n of the grid
-        if len({len(p) for p in proxy}) == 1:
-            proxy, true = np.stack(proxy), np.stack(true)  # type: ignore[assignment]
-        part = bon_curve(proxy, true, ns=grid)
-        self.has_ties = self.has_ties or part.has_ties
-        for i, n in enumerate(part.n.tolist()):
-            count = int(part.n_prompts[i])
-            if count == 0:
-                continue
-            m2_true = float(part.true_se[i]) ** 2 * count * (count - 1) if count >= 2 else 0.0
-            m2_proxy = float(part.proxy_se[i]) ** 2 * count * (count - 1) if count >= 2 else 0.0
-            merged = self._stats.setdefault(n, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-            total = merged[0] + count
-            for at, mean, m2 in ((1, float(part.true_mean[i]), m2_true), (3, float(part.proxy_mean[i]), m2_proxy)):
-                delta = mean - merged[at]
-                merged[at + 1] += m2 + delta * delta * merged[0] * count / total
-                merged[at] += delta * count / total
-            merged[5] += float(part.kl[i]) * count
-            merged[0] = total
 
 
 class _NotGrouped(Exception):

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import threading
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from bon_tracker.core.estimators import put_rows
-from bon_tracker.core.kl import _discrete_kl_sorted, kl_bon
-from bon_tracker.core.ranking import iter_ranked_blocks
-from bon_tracker.core.validation import NanPolicy, check_ns, paired_scores, sample_counts
-from bon_tracker.core.weights import RankWeights
+from bon_tracker.core.accumulator import (
+    CurveStats,
+    curve_stats_compute,
+    curve_stats_update,
+    empty_curve_stats,
+    merge_curve_stats,
+)
+from bon_tracker.core.kl import KlMode, _discrete_kl_sorted, check_kl_mode, kl_bon
+from bon_tracker.core.ranking import BlockRanker, NonFiniteInput, block_rows, blocks_by_length, dense_blocks
+from bon_tracker.core.threads import BlasTurns, map_in_order, single_threaded_blas, thread_count
+from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores, sample_counts
+from bon_tracker.core.weights import RankWeights, ScanWeights
+
+# One prompt with more samples than this, in a call with few such prompts, gets its
+# weights built block by block (ScanWeights) instead of as one dense matrix.
+SCAN_MIN_N = 1 << 14
+SCAN_MAX_PROMPTS = 64
 
 
 def default_ns(N: int) -> np.ndarray:
@@ -85,81 +98,176 @@ class BonCurve:
         ]
 
 
-def _mean_and_se(per_prompt: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and standard errors ignoring NaN (prompts with N_p < n)."""
-    if not np.isnan(per_prompt).any():  # the common dense case: plain, fast reductions
-        mean = per_prompt.mean(axis=0)
-        if per_prompt.shape[0] < 2:
-            return mean, np.full(mean.shape, np.nan)
-        return mean, per_prompt.std(axis=0, ddof=1) / np.sqrt(per_prompt.shape[0])
-    mean = np.nanmean(per_prompt, axis=0)
-    se = np.full(mean.shape, np.nan)
-    enough = counts >= 2
-    se[enough] = np.nanstd(per_prompt[:, enough], axis=0, ddof=1) / np.sqrt(counts[enough])
-    return mean, se
+def _dense_input(proxy: object, true: object) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """The input as two C-contiguous float64 matrices when it already is one (not yet checked
+    for NaN: the blocks check that on the way); None for everything that needs full validation."""
+    if not (isinstance(proxy, np.ndarray) and isinstance(true, np.ndarray)):
+        return None
+    if proxy.dtype != np.float64 or true.dtype != np.float64 or proxy.shape != true.shape or proxy.size == 0:
+        return None
+    if proxy.ndim == 1:
+        return np.ascontiguousarray(proxy)[None, :], np.ascontiguousarray(true)[None, :], True
+    if proxy.ndim != 2:
+        return None
+    return np.ascontiguousarray(proxy), np.ascontiguousarray(true), False
 
 
-def bon_curve(proxy: object, true: object, ns: object | None = None, *, nan_policy: NanPolicy = "raise") -> BonCurve:
+def curve_stats(
+    proxy: object,
+    true: object,
+    ns: object | None = None,
+    *,
+    nan_policy: NanPolicy = "raise",
+    kl_mode: KlMode = "auto",
+    threads: int | None = None,
+) -> CurveStats:
+    """The mergeable statistics of :func:`bon_curve` (see :mod:`bon_tracker.core.accumulator`).
+
+    ``ns`` default: the default grid of the largest N. Arguments as :func:`bon_curve`.
+    """
+    check_kl_mode(kl_mode)
+    check_nan_policy(nan_policy)
+    workers = thread_count(threads)
+    dense = _dense_input(proxy, true)
+    if dense is not None:
+        p, t, _ = dense
+        N = p.shape[1]
+        n_arr = default_ns(N) if ns is None else check_ns(ns, N)[0]
+        try:
+            return _stats_of_groups([(p, t)], n_arr, kl_mode, workers, check_finite=True)
+        except NonFiniteInput:
+            pass  # validate in full below: an error naming the values, or nan_policy="omit"
+    p, t, _ = paired_scores(proxy, true, nan_policy=nan_policy, names=("proxy", "true"))
+    counts = sample_counts(p)
+    N = int(counts.max())
+    n_arr = default_ns(N) if ns is None else check_ns(ns, N)[0]
+    if isinstance(p, np.ndarray):
+        groups = [(p, t)]
+    else:
+        groups = [
+            (np.stack([p[i] for i in idx]), np.stack([t[i] for i in idx])) for idx in blocks_by_length(p).values()
+        ]
+    stats = _stats_of_groups(groups, n_arr, kl_mode, workers, check_finite=False)
+    empty = int(np.count_nonzero(counts == 0))
+    return merge_curve_stats(stats, replace(empty_curve_stats(n_arr), n_prompts=empty)) if empty else stats
+
+
+def _stats_of_groups(groups, n_arr: np.ndarray, kl_mode: KlMode, workers: int, *, check_finite: bool) -> CurveStats:
+    """Statistics of groups of prompts, each a dense ``(P, N)`` pair, merged in order."""
+    grid = np.unique(np.asarray(n_arr, dtype=np.int64))
+    total = empty_curve_stats(grid)
+    with single_threaded_blas() as limited:
+        turns = BlasTurns(needed=workers > 1 and not limited)
+        for p, t in groups:
+            for part in _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
+                total = merge_curve_stats(total, part)
+    return total
+
+
+def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
+    P, N = p.shape
+    cols = grid[grid <= N]
+    if len(cols) == 0:
+        yield replace(empty_curve_stats(grid), N=N, n_samples=P * N, n_prompts=P)
+        return
+    bound = np.asarray(kl_bon(cols), dtype=np.float64)
+    if N > SCAN_MIN_N and P <= SCAN_MAX_PROMPTS:
+        scan = ScanWeights(N, cols)
+        positions = scan.positions().ravel()
+        for row in range(P):
+            ranker = BlockRanker(1, N)
+            ranked = ranker.rank(p[row : row + 1], t[row : row + 1], check_finite=check_finite)
+            estimates = _scan_estimates(scan, ranked.stacked, positions, cols, workers, turns)
+            yield _block_stats(ranked, estimates, cols, bound, kl_mode, N)
+        return
+    weights = RankWeights(N, cols)
+    local = threading.local()
+
+    def work(rows: slice) -> CurveStats:
+        ranker = getattr(local, "ranker", None)
+        if ranker is None:
+            ranker = local.ranker = BlockRanker(block_rows(N), N)
+            local.out = np.empty((2 * ranker.rows, len(cols)))
+        ranked = ranker.rank(p[rows], t[rows], check_finite=check_finite)
+        m = rows.stop - rows.start
+        with turns:
+            estimates = weights.apply_stacked(ranked.stacked, out=local.out[: 2 * m])
+        return _block_stats(ranked, estimates, cols, bound, kl_mode, N)
+
+    blocks = dense_blocks(P, N)
+    yield from map_in_order(work, blocks, min(workers, len(blocks)))
+
+
+def _scan_estimates(scan, stacked, positions, cols, workers, turns) -> np.ndarray:
+    """Estimates for one huge prompt (``stacked``: sorted true then proxy, ascending)."""
+    N = stacked.shape[1]
+    laid_out = np.stack([row.take(positions) for row in stacked]).reshape((2, scan.n_blocks, scan.R, scan.SEGMENTS))
+    out = np.empty((2, len(cols)))
+    cheap = (cols == 1) | (cols == N)
+    out[:, cols == 1] = (np.add.reduce(stacked, axis=1) / N)[:, None]
+    out[:, cols == N] = stacked[:, -1:]
+    rest = np.flatnonzero(~cheap)
+    if len(rest):
+        # Each n is independent: the n's are dealt round-robin to the threads (by
+        # ascending n, so that long and short tails mix); results do not depend on it.
+        ascending = rest[np.argsort(cols[rest], kind="stable")]
+        shares = [ascending[i :: max(1, workers)] for i in range(max(1, min(workers, len(ascending))))]
+        for share, part in zip(shares, map_in_order(lambda cs: scan.apply_layout(laid_out, cs), shares, len(shares))):
+            out[:, share] = part[:, share]
+    return out
+
+
+def _block_stats(ranked, estimates: np.ndarray, cols: np.ndarray, bound: np.ndarray, kl_mode, N: int) -> CurveStats:
+    m = ranked.proxy.shape[0]
+    true_est, proxy_est = estimates[:m], estimates[m : 2 * m]
+    kl = np.broadcast_to(bound, true_est.shape)
+    has_ties = len(ranked.tied) > 0
+    if has_ties and kl_mode != "continuous":
+        kl = kl.copy()
+        kl[ranked.tied] = _discrete_kl_sorted(ranked.proxy[ranked.tied], ranked.new_group, cols, kl_mode)
+    return curve_stats_update(cols, true_est, proxy_est, kl, N=N, has_ties=has_ties, n_samples=m * N)
+
+
+def bon_curve(
+    proxy: object,
+    true: object,
+    ns: object | None = None,
+    *,
+    nan_policy: NanPolicy = "raise",
+    kl_mode: KlMode = "auto",
+    threads: int | None = None,
+) -> BonCurve:
     """Best-of-n curves of the true and proxy score, averaged over prompts.
 
     Per prompt, the all-subsets estimator (:func:`bon_estimate`) gives the expected
     true and proxy score of best-of-n selection by proxy; this averages them over
     prompts with standard errors, and annotates each n with its KL from the base
-    policy. Per prompt, KL is ``log n - (n-1)/n`` when the prompt's proxies are
-    tie-free (a continuous proxy) and the exact KL over its proxy levels when they
-    are not; ``kl`` is the mean over prompts, ``kl_bound`` the continuous formula.
+    policy (``kl``, the mean over prompts; ``kl_bound`` is ``log n - (n-1)/n``).
+
+    KL per prompt, by ``kl_mode``:
+
+    * ``"auto"`` (default): tied proxy values are atoms and distinct values continuous
+      mass (:func:`kl_bon_empirical`). Tie-free prompts get the formula exactly; a
+      duplicated sample moves the KL only by the best-of-n mass near it.
+    * ``"discrete"``: every proxy level is an atom, Beirami et al.'s exact value (for
+      verifiers and rating scales, where a level seen once is still an atom).
+    * ``"continuous"``: the formula for every prompt.
 
     Args:
         proxy: proxy scores, ``(P, N)`` or a ragged list of 1-D arrays (a 1-D array is one prompt).
         true: true scores, same shape.
         ns: the grid of n; default powers of two up to the largest N, plus that N.
         nan_policy: ``"raise"`` (default) or ``"omit"`` non-finite samples.
+        kl_mode: ``"auto"``, ``"discrete"`` or ``"continuous"`` (above).
+        threads: worker threads for blocks of prompts (default ``$BON_TRACKER_THREADS``,
+            else ``min(cores, 4)``); results are bit-identical for any count.
 
     Example:
         >>> curve = bon_curve([[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]], [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
         >>> curve.n.tolist(), curve.true_mean.round(4).tolist()
         ([1, 2, 3], [0.5, 0.6667, 0.5])
     """
-    p, t, _ = paired_scores(proxy, true, nan_policy=nan_policy, names=("proxy", "true"))
-    counts = sample_counts(p)
-    N = int(counts.max())
+    stats = curve_stats(proxy, true, ns, nan_policy=nan_policy, kl_mode=kl_mode, threads=threads)
+    N = stats.N
     n_arr = default_ns(N) if ns is None else check_ns(ns, N)[0]
-
-    P = len(counts)
-    true_pp = np.full((P, len(n_arr)), np.nan)
-    proxy_pp = np.full_like(true_pp, np.nan)
-    bound = np.asarray(kl_bon(n_arr), dtype=np.float64)
-    kl_pp = np.broadcast_to(bound, true_pp.shape).copy()  # tie-free prompts: the formula is exact
-    has_ties = False
-    weights: dict[int, tuple[np.ndarray, RankWeights]] = {}
-    for prompts, ranked in iter_ranked_blocks(p, t):
-        if ranked.N not in weights:  # one set of weights per N, shared by true and proxy
-            cols = np.flatnonzero(n_arr <= ranked.N)
-            weights[ranked.N] = (cols, RankWeights(ranked.N, n_arr[cols]))
-        cols, rank_weights = weights[ranked.N]
-        true_est, proxy_est = rank_weights.apply(ranked.score, ranked.proxy)
-        put_rows(true_pp, prompts, cols, true_est)
-        put_rows(proxy_pp, prompts, cols, proxy_est)
-        if ranked.tied_rows.any() and len(cols):  # ties matter where the prompt reaches some n
-            has_ties = True
-            tied = np.flatnonzero(ranked.tied_rows)
-            kl_tied = _discrete_kl_sorted(ranked.proxy[tied], ranked.new_group[tied], n_arr[cols])
-            put_rows(kl_pp, np.arange(P)[prompts][tied], cols, kl_tied)
-    kl_pp[np.isnan(true_pp)] = np.nan
-
-    n_prompts = (counts[:, None] >= n_arr[None, :]).sum(axis=0)
-    true_mean, true_se = _mean_and_se(true_pp, n_prompts)
-    proxy_mean, proxy_se = _mean_and_se(proxy_pp, n_prompts)
-    kl = bound.copy() if not has_ties else np.nanmean(kl_pp, axis=0)
-    return BonCurve(
-        n=n_arr,
-        kl=kl,
-        kl_bound=bound,
-        true_mean=true_mean,
-        true_se=true_se,
-        proxy_mean=proxy_mean,
-        proxy_se=proxy_se,
-        n_prompts=n_prompts,
-        N=N,
-        has_ties=has_ties,
-    )
+    return curve_stats_compute(stats, n_arr, kl_mode=kl_mode)

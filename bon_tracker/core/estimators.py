@@ -6,7 +6,7 @@ import numpy as np
 
 from bon_tracker.core.ranking import iter_ranked_blocks
 from bon_tracker.core.validation import NanPolicy, check_ns, paired_scores, sample_counts
-from bon_tracker.core.weights import RankWeights
+from bon_tracker.core.weights import RankWeights, ScanWeights
 
 
 def estimate_per_prompt(proxy, score, ns: np.ndarray) -> np.ndarray:
@@ -16,9 +16,16 @@ def estimate_per_prompt(proxy, score, ns: np.ndarray) -> np.ndarray:
     for prompts, ranked in iter_ranked_blocks(proxy, score):
         if ranked.N not in weights:
             cols = np.flatnonzero(ns <= ranked.N)
-            weights[ranked.N] = (cols, RankWeights(ranked.N, ns[cols]))
+            huge = ranked.N * len(cols) > RankWeights.DENSE_LIMIT
+            weights[ranked.N] = (cols, (ScanWeights if huge else RankWeights)(ranked.N, ns[cols]))
         cols, rank_weights = weights[ranked.N]
-        (estimates,) = rank_weights.apply(ranked.score)
+        if isinstance(rank_weights, ScanWeights):
+            positions = rank_weights.positions().ravel()
+            shape = (1, rank_weights.n_blocks, rank_weights.R, rank_weights.SEGMENTS)
+            rows = [rank_weights.apply_layout(row.take(positions).reshape(shape)) for row in ranked.score]
+            estimates = np.vstack(rows)
+        else:
+            (estimates,) = rank_weights.apply(ranked.score)
         put_rows(out, prompts, cols, estimates)
     return out
 

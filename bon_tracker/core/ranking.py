@@ -4,6 +4,14 @@ Best-of-n breaks ties in the proxy uniformly at random. Every member of a tied
 group then has the same chance of being selected, so each member's score can be
 replaced by the group mean: the all-subsets estimate is unchanged in expectation
 over tie-breaks and becomes exact (and independent of the sort's tie order).
+
+The sort itself never runs ``np.argsort``: each proxy's low mantissa bits are
+replaced by its column index (a *packed key*, still a float of nearly the same
+value), the keys are sorted with ``np.sort`` (several times faster than an argsort)
+and the index is read back from the sorted keys. Truncating a float's low bits is
+monotone, so the keys come out in proxy order except among proxies that agree in all
+but those bits; the gathered proxies are checked to be non-decreasing and any such
+bucket is re-sorted exactly, so the order is always exact.
 """
 
 from __future__ import annotations
@@ -13,9 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Prompts are ranked in blocks of about this many samples (2 MiB per float64 array),
-# so the gathers after the argsort work in cache instead of on fresh memory.
-BLOCK_SAMPLES = 1 << 18
+# Prompts are ranked in blocks of about this many samples (1 MiB per float64 array),
+# so the sort, the gathers and the matrix product after it work in cache.
+BLOCK_SAMPLES = 1 << 17
+
+
+class NonFiniteInput(Exception):
+    """A block held NaN or inf: the caller validates the input in full instead."""
 
 
 @dataclass(frozen=True)
@@ -24,26 +36,129 @@ class RankedScores:
 
     proxy: np.ndarray  # (rows, N) proxy, sorted ascending per row
     score: np.ndarray  # (rows, N) scores in the same order, tie-group means substituted
-    new_group: np.ndarray  # (rows, N) bool: position starts a new proxy level
-    tied_rows: np.ndarray  # (rows,) bool: the row has at least one tie in proxy
+    tied: np.ndarray  # indices of the rows with at least one tie in proxy
+    new_group: np.ndarray  # (len(tied), N) bool: position starts a new proxy level (tied rows only)
+    stacked: np.ndarray  # (2 rows, N): ``score`` rows then ``proxy`` rows, one matrix for the weights
 
     @property
     def N(self) -> int:
         return self.proxy.shape[1]
 
+    @property
+    def tied_rows(self) -> np.ndarray:
+        """(rows,) bool: the row has at least one tie in proxy."""
+        out = np.zeros(self.proxy.shape[0], dtype=bool)
+        out[self.tied] = True
+        return out
+
+
+def index_bits(N: int) -> int:
+    """Low mantissa bits that hold a column index ``0 .. N-1``."""
+    return max(1, (int(N) - 1).bit_length())
+
+
+class BlockRanker:
+    """Sorts blocks of up to ``rows`` prompts with ``N`` samples each; buffers are reused.
+
+    One ranker per thread: :meth:`rank` returns views of its buffers, valid until the
+    next call.
+    """
+
+    def __init__(self, rows: int, N: int):
+        if index_bits(N) > 52:
+            raise ValueError(f"N = {N} samples per prompt is more than a float's mantissa can index")
+        self.rows, self.N = int(rows), int(N)
+        self.bits = index_bits(N)
+        self.mask = np.int64((1 << self.bits) - 1)
+        self.keys = np.empty((self.rows, self.N), dtype=np.float64)
+        self.columns = np.arange(self.N, dtype=np.int64)
+        self.offsets = np.arange(0, self.rows * self.N, self.N, dtype=np.int64)[:, None]
+        self.stacked = np.empty((2 * self.rows, self.N), dtype=np.float64)
+
+    def order(self, proxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(flat order, sorted proxy)`` of a C-contiguous ``(m, N)`` block, ``m <= rows``.
+
+        ``flat order`` indexes ``proxy.ravel()``; the sorted proxy is written to the
+        lower half of the stacked buffer.
+        """
+        m = proxy.shape[0]
+        keys = self.keys[:m]
+        bits = keys.view(np.int64)
+        np.bitwise_and(proxy.view(np.int64), ~self.mask, out=bits)
+        np.bitwise_or(bits, self.columns, out=bits)
+        keys.sort(axis=1)
+        if np.isnan(keys[:, -1]).any():
+            raise NonFiniteInput  # NaN or inf proxies (inf gains a NaN payload): sorted last
+        np.bitwise_and(bits, self.mask, out=bits)
+        np.add(bits, self.offsets[:m], out=bits)
+        order = bits
+        sorted_proxy = self.stacked[m : 2 * m]
+        proxy.ravel().take(order, out=sorted_proxy, mode="clip")
+        if not (np.isfinite(sorted_proxy[:, 0]).all() and np.isfinite(sorted_proxy[:, -1]).all()):
+            raise NonFiniteInput  # -inf and inf with index 0 keep their value
+        return order, sorted_proxy
+
+    def rank(self, proxy: np.ndarray, score: np.ndarray, *, check_finite: bool = True) -> RankedScores:
+        """Sort one block by proxy and gather the scores in that order."""
+        m = proxy.shape[0]
+        order, sorted_proxy = self.order(proxy)
+        sorted_score = self.stacked[:m]
+        # One comparison finds both ties and misordered buckets; continuous proxies have neither.
+        suspects = np.less_equal(sorted_proxy[:, 1:], sorted_proxy[:, :-1])
+        tied = np.empty(0, dtype=np.intp)
+        new_group = np.empty((0, self.N), dtype=bool)
+        if suspects.any():
+            rows = np.flatnonzero(suspects.any(axis=1))
+            misordered = rows[np.less(sorted_proxy[rows, 1:], sorted_proxy[rows, :-1]).any(axis=1)]
+            for row in misordered:
+                _fix_buckets(order[row], sorted_proxy[row], self.bits)
+            new_group = np.empty((len(rows), self.N), dtype=bool)
+            new_group[:, 0] = True
+            np.not_equal(sorted_proxy[rows, 1:], sorted_proxy[rows, :-1], out=new_group[:, 1:])
+            has_tie = ~new_group.all(axis=1)
+            tied, new_group = rows[has_tie], new_group[has_tie]
+        score.ravel().take(order, out=sorted_score, mode="clip")
+        if check_finite and not np.isfinite(np.add.reduce(sorted_score, axis=None)):
+            raise NonFiniteInput  # a non-finite score, or finite ones whose sum overflows
+        if len(tied):
+            sorted_score[tied] = average_within_ties(sorted_score[tied], new_group)
+        return RankedScores(sorted_proxy, sorted_score, tied, new_group, self.stacked[: 2 * m])
+
+
+def _fix_buckets(order: np.ndarray, sorted_proxy: np.ndarray, bits: int) -> None:
+    """Re-sort, exactly, the buckets of one row whose packed keys collided (in place)."""
+    keep_high = np.int64(~((1 << bits) - 1))
+    # The value each position's packed key had before its index was packed in; its
+    # buckets are contiguous because truncation is monotone.
+    bucket = np.bitwise_and(sorted_proxy.view(np.int64), keep_high).view(np.float64)
+    done_until = -1
+    for at in np.flatnonzero(sorted_proxy[1:] < sorted_proxy[:-1]).tolist():
+        if at < done_until:
+            continue
+        lo = int(np.searchsorted(bucket, bucket[at], side="left"))
+        hi = int(np.searchsorted(bucket, bucket[at], side="right"))
+        segment = slice(lo, hi)
+        fix = np.argsort(sorted_proxy[segment], kind="stable")
+        order[segment] = order[segment][fix]
+        sorted_proxy[segment] = sorted_proxy[segment][fix]
+        done_until = hi
+
 
 def rank_by_proxy(proxy: np.ndarray, *scores: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    """Sort each row of a C-contiguous block by proxy.
+    """Sort each row of a finite ``(P, N)`` block by proxy.
 
-    Returns the sorted proxy, the scores in the same order, and ``new_group`` (True
-    where a sorted position starts a new proxy level).
+    Returns the sorted proxy, the scores in the same order (not tie-averaged), and
+    ``new_group`` (True where a sorted position starts a new proxy level).
     """
+    proxy = np.ascontiguousarray(proxy, dtype=np.float64)
     P, N = proxy.shape
-    order = np.argsort(proxy, axis=1)
-    # One flat gather per array is several times faster than take_along_axis.
-    order += np.arange(0, P * N, N, dtype=order.dtype)[:, None]
-    sorted_proxy = np.ascontiguousarray(proxy).ravel().take(order)
-    sorted_scores = [np.ascontiguousarray(s).ravel().take(order) for s in scores]
+    ranker = BlockRanker(P, N)
+    order, sorted_proxy = ranker.order(proxy)
+    bad = np.flatnonzero(np.less(sorted_proxy[:, 1:], sorted_proxy[:, :-1]).any(axis=1))
+    for row in bad:
+        _fix_buckets(order[row], sorted_proxy[row], ranker.bits)
+    sorted_proxy = sorted_proxy.copy()
+    sorted_scores = [np.ascontiguousarray(s, dtype=np.float64).ravel().take(order) for s in scores]
     new_group = np.empty(sorted_proxy.shape, dtype=bool)
     new_group[:, 0] = True
     np.not_equal(sorted_proxy[:, 1:], sorted_proxy[:, :-1], out=new_group[:, 1:])
@@ -58,49 +173,37 @@ def average_within_ties(sorted_values: np.ndarray, new_group: np.ndarray) -> np.
     return (sums / counts)[group_id].reshape(sorted_values.shape)
 
 
+def block_rows(N: int) -> int:
+    """Prompts per block for ``N`` samples each: about ``BLOCK_SAMPLES`` samples, at least one."""
+    return max(1, BLOCK_SAMPLES // max(1, int(N)))
+
+
+def dense_blocks(P: int, N: int) -> list[slice]:
+    """The blocks of a dense ``(P, N)`` input: they depend on the shape only."""
+    rows = block_rows(N)
+    return [slice(start, min(P, start + rows)) for start in range(0, P, rows)]
+
+
 def iter_ranked_blocks(proxy, score) -> Iterator[tuple[slice | np.ndarray, RankedScores]]:
     """Rank validated input block by block: yields ``(prompts, RankedScores)``.
 
-    ``prompts`` is a slice (dense input) or an index array (ragged input, grouped by N)
-    into the input's prompts. Each block holds about ``BLOCK_SAMPLES`` samples, sorted
-    into buffers that are reused for the next block, so the sort, the gathers and the
-    weights all work in cache: use a block before asking for the next one.
+    ``prompts`` is a slice (dense input) or an index array (ragged input, grouped by
+    N) into the input's prompts. The ranked arrays are views of buffers reused for
+    the next block: use a block before asking for the next one.
     """
     if isinstance(proxy, np.ndarray):
-        yield from _blocks(np.ascontiguousarray(proxy), np.ascontiguousarray(score), None)
-        return
-    for idx in blocks_by_length(proxy).values():
-        yield from _blocks(np.stack([proxy[i] for i in idx]), np.stack([score[i] for i in idx]), idx)
-
-
-def _blocks(proxy: np.ndarray, score: np.ndarray, index: np.ndarray | None):
-    P, N = proxy.shape
-    # One row of a huge N is already a block; then take every row at once, so that the
-    # weights (the costly part at that size) are built once for all prompts.
-    rows = P if N > BLOCK_SAMPLES else max(1, BLOCK_SAMPLES // N)
-    rows = min(rows, P)
-    sorted_proxy = np.empty((rows, N))
-    sorted_score = np.empty((rows, N))
-    new_group = np.empty((rows, N), dtype=bool)
-    offsets = np.arange(0, rows * N, N, dtype=np.intp)[:, None]
-    for start in range(0, P, rows):
-        stop = min(P, start + rows)
-        m = stop - start
-        order = np.argsort(proxy[start:stop], axis=1)
-        # Flat gathers are several times faster than take_along_axis; mode="clip" (the
-        # indices are valid by construction) avoids take's buffered copy into `out`.
-        order += offsets[:m]
-        block_proxy, block_score, block_new = sorted_proxy[:m], sorted_score[:m], new_group[:m]
-        proxy[start:stop].ravel().take(order, out=block_proxy, mode="clip")
-        score[start:stop].ravel().take(order, out=block_score, mode="clip")
-        block_new[:, 0] = True
-        np.not_equal(block_proxy[:, 1:], block_proxy[:, :-1], out=block_new[:, 1:])
-        tied_rows = ~block_new.all(axis=1)
-        if tied_rows.any():
-            tied = np.flatnonzero(tied_rows)
-            block_score[tied] = average_within_ties(block_score[tied], block_new[tied])
-        prompts = slice(start, stop) if index is None else index[start:stop]
-        yield prompts, RankedScores(block_proxy, block_score, block_new, tied_rows)
+        groups = [(None, np.ascontiguousarray(proxy), np.ascontiguousarray(score))]
+    else:
+        groups = [
+            (idx, np.stack([proxy[i] for i in idx]), np.stack([score[i] for i in idx]))
+            for idx in blocks_by_length(proxy).values()
+        ]
+    for index, p, s in groups:
+        P, N = p.shape
+        ranker = BlockRanker(block_rows(N), N)
+        for rows in dense_blocks(P, N):
+            ranked = ranker.rank(p[rows], s[rows], check_finite=False)
+            yield (rows if index is None else index[rows]), ranked
 
 
 def blocks_by_length(rows: list[np.ndarray]) -> dict[int, np.ndarray]:

@@ -8,7 +8,8 @@ that rank k is the best of a uniformly random n-subset is
 The binomials themselves overflow a float near N = 1030, so they are never formed:
 the weights are built from the top down with the ratio
 ``w_{k-1} = w_k (k-n)/(k-1)`` starting at ``w_N = n/N`` (a cumulative product of
-exact ratios of small integers).
+exact ratios of small integers); for a huge N, :class:`ScanWeights` builds the
+same products block by block instead of serially.
 """
 
 from __future__ import annotations
@@ -64,53 +65,145 @@ def bon_weight_tail(N: int, n: int) -> tuple[int, np.ndarray]:
 class RankWeights:
     """The weights of every n of a grid for one N, applied to rank-sorted scores.
 
-    Small grids keep one dense ``(N, len(ns))`` matrix (one matrix product for all
-    prompts); a huge N keeps only each n's non-negligible tail.
+    One dense ``(N, len(ns))`` matrix, so that one matrix product serves every prompt
+    of a block. The column of ``n = N`` (the top-ranked score) is read directly, and
+    so is ``n = 1`` (the mean) where that leaves a multiple of four columns, the widths
+    at which BLAS's kernels are fastest.
     """
 
-    DENSE_LIMIT = 1 << 21  # N * len(ns) up to this: one dense matrix
-    CHUNK = 1 << 15  # huge N: ranks per chunk of weights (256 KiB, stays in cache)
+    DENSE_LIMIT = 1 << 21  # N * len(ns) above this: ScanWeights instead
 
     def __init__(self, N: int, ns: np.ndarray):
         self.N = int(N)
         self.ns = np.asarray(ns, dtype=np.int64)
-        self.dense = None
-        if self.N * len(self.ns) <= self.DENSE_LIMIT:
-            self.dense = np.zeros((self.N, len(self.ns)), order="F")  # Fortran order: BLAS's fast path
-            for j, n in enumerate(self.ns):
-                k0, tail = bon_weight_tail(self.N, int(n))
-                self.dense[k0 - 1 :, j] = tail
+        special_top = self.ns == self.N
+        special_mean = (self.ns == 1) & (self.N > 1)
+        if (np.count_nonzero(~special_top) - np.count_nonzero(special_mean)) % 4 != 0:
+            special_mean[:] = False  # the mean costs a column only when that keeps a multiple of four
+        self.top = np.flatnonzero(special_top)
+        self.mean = np.flatnonzero(special_mean & ~special_top)
+        self.gemm = np.flatnonzero(~special_top & ~special_mean)
+        self.dense = np.zeros((self.N, len(self.gemm)), order="F")  # Fortran order: BLAS's fast path
+        for j, n in enumerate(self.ns[self.gemm]):
+            k0, tail = bon_weight_tail(self.N, int(n))
+            self.dense[k0 - 1 :, j] = tail
+        # Weights below 1e-300 change no estimate (N * 1e-300 of the scores' scale) but
+        # would make every product with them take the hundredfold-slower subnormal path.
+        self.dense[self.dense < 1e-300] = 0.0
+
+    def apply_stacked(self, stacked: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``(rows, N)`` scores sorted by proxy rank -> ``(rows, len(ns))`` estimates."""
+        if out is None:
+            out = np.empty((stacked.shape[0], len(self.ns)))
+        if len(self.gemm) == len(self.ns):
+            np.matmul(stacked, self.dense, out=out)
+            return out
+        if len(self.gemm):
+            out[:, self.gemm] = stacked @ self.dense
+        if len(self.top):
+            out[:, self.top] = stacked[:, -1:]
+        if len(self.mean):
+            out[:, self.mean] = (np.add.reduce(stacked, axis=1) / self.N)[:, None]
+        return out
 
     def apply(self, *sorted_scores: np.ndarray) -> list[np.ndarray]:
         """Each ``(P, N)`` matrix of scores sorted by proxy rank -> ``(P, len(ns))`` estimates."""
-        if self.dense is not None:
-            return [s @ self.dense for s in sorted_scores]
-        # Huge N (one prompt with 10^6 samples): each n's weights are built from rank N
-        # down in cache-sized chunks, continuing the same cumulative product across chunks
-        # (bit for bit the weights of bon_weight_tail_desc), and applied to every matrix
-        # as they are built; einsum stays on this thread, unlike a BLAS call.
-        ranks_desc = np.arange(self.N, 0, -1, dtype=np.float64)
-        ranks_below = ranks_desc - 1.0
-        reversed_scores = [np.ascontiguousarray(s[:, ::-1]) for s in sorted_scores]
-        outs = [np.empty((s.shape[0], len(self.ns))) for s in sorted_scores]
-        buffer = np.empty(self.CHUNK + 1)
-        for j, n in enumerate(self.ns):
-            length = self.N - _lowest_nonzero_rank(self.N, int(n)) + 1
-            carry = n / self.N  # the weight of rank N
-            totals = [carry * s[:, 0] for s in reversed_scores]
-            for start in range(1, length, self.CHUNK):
-                stop = min(length, start + self.CHUNK)
-                weights = buffer[: stop - start + 1]
-                weights[0] = carry
-                np.subtract(ranks_desc[start - 1 : stop - 1], n, out=weights[1:])
-                np.divide(weights[1:], ranks_below[start - 1 : stop - 1], out=weights[1:])
-                np.cumprod(weights, out=weights)
-                for total, s in zip(totals, reversed_scores):
-                    total += np.einsum("ij,j->i", s[:, start:stop], weights[1:])
-                carry = weights[-1]
-            for total, out in zip(totals, outs):
-                out[:, j] = total
-        return outs
+        return [self.apply_stacked(s) for s in sorted_scores]
+
+
+class ScanWeights:
+    """The weights of a grid of n for a huge N, built block by block and applied at once.
+
+    Position g = 0, 1, ... counts ranks down from the top (rank N - g). Each n's weight
+    is the product of exact ratios ``w_{k-1} / w_k = (k - n)/(k - 1)`` from ``w_N = n/N``.
+    Instead of one serial cumulative product per n, positions are laid out as ``R``
+    rows by segments: a product down the rows (vectorised over segments and over every
+    n at once), a short cumulative product over the segments' totals, and one matrix
+    product of the weights with the scores in the same layout. Each weight is the
+    product of the same exact ratios as in :func:`bon_weight_tail` (rounding differs
+    only in the order of the products), with the same cut-off. The products carry a
+    factor 2^600 (exact) so that weights down to 1e-320 stay normal floats: subnormal
+    arithmetic is a hundred times slower.
+    """
+
+    R = 64  # positions per segment
+    SEGMENTS = 2048  # segments per block: R * SEGMENTS weights (1 MiB) stay in cache
+    SCALE_EXPONENT = 600
+
+    def __init__(self, N: int, ns: np.ndarray):
+        self.N = int(N)
+        self.ns = np.asarray(ns, dtype=np.int64)
+        self.order = np.argsort(self.ns, kind="stable")  # ascending n: descending tail length
+        sorted_ns = self.ns[self.order]
+        self.tails = np.array([self.N - _lowest_nonzero_rank(self.N, int(n)) + 1 for n in sorted_ns])
+        self.sorted_ns = sorted_ns.astype(np.float64)
+        self.block = self.R * self.SEGMENTS
+        self.n_blocks = -(-self.N // self.block)
+
+    def positions(self) -> np.ndarray:
+        """``(blocks, R, SEGMENTS)`` ascending rank positions (0 = lowest) of the layout; padding -> 0."""
+        g = (
+            np.arange(self.n_blocks)[:, None, None] * self.block
+            + np.arange(self.SEGMENTS)[None, None, :] * self.R
+            + np.arange(self.R)[None, :, None]
+        )
+        return np.where(g < self.N, self.N - 1 - g, 0)
+
+    def apply_layout(self, laid_out: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """``(K, blocks, R, SEGMENTS)`` scores at :meth:`positions` -> ``(K, len(ns))`` estimates.
+
+        ``columns`` picks which n's to compute (indices into ``ns``; default all); the
+        others are left NaN. Each n is independent, so threads may share the n's of one call.
+        """
+        K = laid_out.shape[0]
+        R, S, N = self.R, self.SEGMENTS, self.N
+        picked = np.arange(len(self.ns)) if columns is None else np.asarray(columns)
+        js = [j for j in range(len(self.ns)) if self.order[j] in set(picked.tolist())]
+        scale_exponent = self.SCALE_EXPONENT
+        if not np.all(np.abs(laid_out) < 2.0 ** (1000 - scale_exponent)):
+            scale_exponent = 0  # absurdly large scores: unscaled (slower, never overflows)
+        scale = 2.0**scale_exponent
+        result = np.full((K, len(self.ns)), np.nan)
+        totals = {j: np.zeros(K) for j in js}
+        carries = dict.fromkeys(js, scale)
+        local = np.arange(S, dtype=np.float64)[None, :] * R + np.arange(R, dtype=np.float64)[:, None]
+        g = np.empty((R, S))
+        inverse = np.empty((R, S))
+        x = np.empty((R, S))
+        flat = x.reshape(-1)
+        before = np.empty(S)
+        for h in range(self.n_blocks):
+            base = h * self.block
+            todo = [j for j in js if self.tails[j] > base]
+            if not todo:
+                break
+            np.add(local, base, out=g)
+            np.subtract(N, g, out=inverse)
+            with np.errstate(divide="ignore"):
+                np.divide(1.0, inverse, out=inverse)  # the padding below rank 1 is cut below
+            scores = laid_out[:, h].reshape(K, -1)
+            for j in todo:
+                n, tail = self.sorted_ns[j], int(self.tails[j])
+                np.subtract(N + 1.0 - n, g, out=x)
+                with np.errstate(invalid="ignore"):
+                    x *= inverse
+                if h == 0:
+                    x[0, 0] = n / N
+                cut = tail - base  # positions from here on have weight zero (or are padding)
+                if cut < self.block:
+                    x[cut % R :, cut // R] = 0.0
+                    x[:, cut // R + 1 :] = 0.0
+                for i in range(1, R):
+                    np.multiply(x[i], x[i - 1], out=x[i])
+                before[0] = carries[j]
+                before[1:] = x[R - 1, :-1]
+                np.cumprod(before, out=before)
+                carries[j] = before[-1] * x[R - 1, -1]
+                x *= before
+                totals[j] += scores @ flat
+        for j in js:
+            result[:, self.order[j]] = totals[j] / scale
+        return result
 
 
 def bon_weights(N: int, n: int) -> np.ndarray:

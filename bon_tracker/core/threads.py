@@ -1,0 +1,116 @@
+"""Threads for blocks of prompts, and BLAS held to one thread while they run.
+
+The core cuts its input into cache-sized blocks whose partition depends only on the
+input's shape, computes each block on a worker thread (numpy releases the GIL in
+sort, take and matrix products) and combines the blocks' results in block order, so
+results are bit-identical for any thread count.
+
+* ``threads`` arguments: ``None`` reads the environment variable ``BON_TRACKER_THREADS``
+  at call time (never at import), else ``min(os.cpu_count(), 4)``; ``1`` runs
+  everything on the calling thread.
+* BLAS (numpy's OpenBLAS) is limited to one thread for the duration of a call, through
+  ``threadpoolctl`` when it is installed: each block's matrix product is small, and
+  BLAS threads on small products cost more than they give (more so on a shared
+  machine). Without ``threadpoolctl`` the matrix products of concurrent blocks take
+  turns (a lock), so BLAS's own threads never compete with each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+THREADS_ENV = "BON_TRACKER_THREADS"
+DEFAULT_MAX_THREADS = 4
+
+
+def thread_count(threads: int | None = None) -> int:
+    """The number of worker threads to use.
+
+    Args:
+        threads: an explicit count (>= 1), or None for ``$BON_TRACKER_THREADS``, else
+            ``min(os.cpu_count(), 4)``.
+
+    Example:
+        >>> thread_count(3)
+        3
+    """
+    if threads is None:
+        raw = os.environ.get(THREADS_ENV, "").strip()
+        if not raw:
+            return max(1, min(os.cpu_count() or 1, DEFAULT_MAX_THREADS))
+        try:
+            threads = int(raw)
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {raw!r}") from None
+        where = THREADS_ENV
+    else:
+        where = "threads"
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"{where} must be a positive integer, got {threads!r}")
+    return threads
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's controller (built once, on first use), or None without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[bool]:
+    """Limit BLAS to one thread inside the block; yields whether that was possible."""
+    controller = _blas_controller()
+    if controller is None:
+        yield False
+        return
+    with controller.limit(limits=1, user_api="blas"):
+        yield True
+
+
+class BlasTurns:
+    """A lock around matrix products when BLAS could not be held to one thread."""
+
+    def __init__(self, needed: bool):
+        self._lock = threading.Lock() if needed else None
+
+    def __enter__(self):
+        if self._lock is not None:
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        if self._lock is not None:
+            self._lock.release()
+
+
+def map_in_order(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
+    """``map(fn, items)`` on up to ``threads`` worker threads; results in the items' order.
+
+    At most ``2 * threads`` items are in flight, so memory stays bounded by the blocks
+    being worked on.
+    """
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    iterator = iter(items)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bon_tracker") as pool:
+        pending = []
+        for item in iterator:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
