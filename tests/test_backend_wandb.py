@@ -123,7 +123,7 @@ def test_native_charts_and_image_are_logged(logged):
     first_overlay = txlog.read_table(logged.run_dir, logged.history[0]["bon/overlay/true_table"])
     assert {p["lineKey"] for p in first_overlay} == {"step 10"}
 
-    image = last["bon/curve_plot"]
+    image = last["bon/0_curve"]
     assert image["_type"] == "image-file"
     assert (logged.run_dir / "files" / image["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -139,10 +139,10 @@ def test_goodhart_point_is_in_the_summary(logged):
     goodhart = logged.records[-1].goodhart
     assert goodhart is not None  # the heavy-tailed proxy makes true reward peak
     summary = txlog.read_summary(logged.run_dir)
-    assert summary["bon/goodhart/n"] == goodhart.n
-    assert summary["bon/goodhart/kl"] == goodhart.kl
-    assert summary["bon/goodhart/peak_gain"] == goodhart.peak_gain
-    assert summary["bon/goodhart/step"] == STEPS[-1]
+    assert summary["bon/4_goodhart/n"] == goodhart.n
+    assert summary["bon/4_goodhart/kl"] == goodhart.kl
+    assert summary["bon/4_goodhart/peak_gain"] == goodhart.peak_gain
+    assert summary["bon/4_goodhart/step"] == STEPS[-1]
 
 
 def test_read_records_round_trips_exactly(logged):
@@ -201,7 +201,7 @@ def test_a_step_is_logged_once(tmp_path, rng):
     backend.finish()
     rows = txlog.read_history(run_dir)
     assert [row["bon/step"] for row in rows] == [3, 4]
-    assert "bon/curve_plot" not in rows[0]
+    assert "bon/0_curve" not in rows[0]
     assert _as_json(txlog.read_records(run_dir)) == _as_json([record, one_prompt])
     assert all(np.isnan(r["true_se"]) for r in txlog.read_table(run_dir, rows[1]["bon/bon_curves"]))
 

@@ -16,18 +16,27 @@ Every MLflow quirk lives here:
   metrics before logging, and metric timestamps come from the record, so a store that
   deduplicates identical rows (SQL stores do) drops any leftover duplicate as well.
 
+Params ``{prefix}.N``, ``.P``, ``.ns``, ``.proxy_name``, ``.true_name`` (set once); a new
+run gets MLflow's source and user tags. Table artifacts round floats to 6 significant
+digits (the record artifacts keep exact values). Link to a run with
+:attr:`MlflowBackend.ui_url` (``?workflowType=machine_learning``: MLflow 3.x opens its GenAI
+view otherwise, whatever the experiment's or run's tags say).
+
 Artifacts of a run (``step`` zero-padded to 9 digits)::
 
     bon_curves/step_000000100.json               this step's curve table (UI table view)
     bon_curves.json                              every step's rows, written at finish()
     bon_tracker/records/step_000000100.json      the full EvalRecord (read_records())
     bon_tracker/charts/curve/step_000000100.png  true and proxy vs KL at this step
+    images/bon~0_curve+step+100+...png          the same chart via log_image(key=, step=): shown in
+                                                 the Model metrics view with a step slider
     bon_tracker/charts/overlay.png, trend.png, rl.png   latest views over training
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -42,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from bon_tracker.backends.base import Backend, RunNotFoundError, classify_common
 from bon_tracker.optional import require
-from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, evenly_spaced
+from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, curve_image_key, evenly_spaced
 from bon_tracker.version import __version__
 
 if TYPE_CHECKING:
@@ -193,10 +202,21 @@ def _json_number(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+TABLE_DIGITS = 6  # significant digits of the table artifacts: the UI shows every digit it is given
+
+
+def _table_number(value: Any) -> Any:
+    """A table cell: floats rounded to ``TABLE_DIGITS`` significant digits (the exact values
+    stay in the record artifacts, which :func:`read_records` reads), non-finite as null."""
+    value = _json_number(value)
+    return float(f"{value:.{TABLE_DIGITS}g}") if isinstance(value, float) else value
+
+
 def table_json(rows: Sequence[dict[str, Any]]) -> str:
     """``bon_curves`` rows in the format of MLflow's ``log_table`` (pandas ``split``
-    orient), so the UI shows them as a table and ``MlflowClient.load_table`` reads them."""
-    data = [[_json_number(row[column]) for column in TABLE_COLUMNS] for row in rows]
+    orient), so the UI shows them as a table and ``MlflowClient.load_table`` reads them;
+    floats rounded to ``TABLE_DIGITS`` significant digits so the columns fit the screen."""
+    data = [[_table_number(row[column]) for column in TABLE_COLUMNS] for row in rows]
     return json.dumps({"columns": list(TABLE_COLUMNS), "data": data})
 
 
@@ -291,6 +311,8 @@ class MlflowBackend(Backend):
         self._end_run = end_run
         self._bound_run_id: str | None = None  # the caller's active fluent run, seen by bind()
         self._views_stale = False
+        self._experiment_id_cache: str | None = None
+        self._image_steps: set[int] | None = None  # steps whose curve image the run holds
 
     # ---- identity ----------------------------------------------------------------------
     @property
@@ -303,6 +325,23 @@ class MlflowBackend(Backend):
     @property
     def run_id(self) -> str | None:
         return self._run_id
+
+    @property
+    def ui_url(self) -> str | None:
+        """The run's Model metrics page in MLflow's training view, for an ``http(s)``
+        tracking URI (None before the first write or for a local store: run ``mlflow ui``
+        and use :func:`bon_tracker.reports.text.mlflow_run_url`). MLflow 3.x opens its GenAI
+        view unless the URL carries ``?workflowType=machine_learning``."""
+        if self._run_id is None or not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        from bon_tracker.reports.text import mlflow_run_url
+
+        experiment_id = self._experiment_id_cache
+        if experiment_id is None and self._client_obj is not None:
+            with contextlib.suppress(Exception):  # a link is a convenience, never an error
+                experiment_id = self._client_obj.get_run(self._run_id).info.experiment_id
+                self._experiment_id_cache = experiment_id
+        return mlflow_run_url(self.tracking_uri, experiment_id or "0", self._run_id)
 
     def spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
@@ -381,6 +420,7 @@ class MlflowBackend(Backend):
             client.log_text(run_id, table_json(record.table_rows()), step_table_path(record.step))
             if self.charts:
                 self._log_step_chart(client, run_id, record)
+            self._log_params(client, run, record)
             tags = self._changed_tags(run, record)
             registered = _registered_tables(
                 run.data.tags.get(LOGGED_ARTIFACTS_TAG), step_table_path(record.step), STEP_TABLES_TAG_BUDGET
@@ -435,12 +475,11 @@ class MlflowBackend(Backend):
                 self._run_id = run.info.run_id
                 self._experiment = self._experiment or client.get_experiment(run.info.experiment_id).name
                 return client, self._run_id
-        run = client.create_run(
-            self._experiment_id(client),
-            run_name=self._run_name,
-            tags={"bon_tracker.version": __version__},
-        )
+        run = client.create_run(self._experiment_id(client), run_name=self._run_name, tags=_new_run_tags())
         self._run_id, self._owns_run = run.info.run_id, True
+        url = self.ui_url
+        if url is not None:
+            logger.info("bon_tracker: MLflow run %s: %s", run.info.run_name, url)
         return client, self._run_id
 
     def _experiment_id(self, client: MlflowClient) -> str:
@@ -519,8 +558,52 @@ class MlflowBackend(Backend):
         from bon_tracker.reports import charts
 
         curve_path = f"curve/{_step_name(record.step).removesuffix('.json')}.png"
-        _upload(client, run_id, charts.curve_chart(record), curve_path)
+        figure = charts.curve_chart(record)
+        try:
+            self._log_curve_image(client, run_id, record, figure)
+            client.log_figure(run_id, figure, f"{CHARTS_DIR}/{curve_path}")
+        finally:
+            figure.clear()
         self._views_stale = True
+
+    def _log_curve_image(self, client: MlflowClient, run_id: str, record: EvalRecord, figure: Figure) -> None:
+        """The chart as ``log_image(key=..., step=...)``: the Model metrics view shows it with
+        a step slider. ``log_image`` names each file with a fresh uuid, so a replayed step
+        would show twice: the steps the run already holds are read once, then tracked."""
+        from PIL import Image  # matplotlib depends on pillow
+
+        key = mlflow_key(curve_image_key(record.key_prefix))
+        if self._image_steps is None:
+            # A run this backend created holds no images yet; any other may (a replay, a resume).
+            self._image_steps = set() if self._owns_run else _image_steps(client, run_id, key)
+        if record.step in self._image_steps:
+            return
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        buffer.seek(0)
+        with Image.open(buffer) as image:
+            client.log_image(
+                run_id,
+                image.convert("RGB"),
+                key=key,
+                step=record.step,
+                timestamp=int(record.timestamp * 1000),
+                synchronous=True,
+            )
+        self._image_steps.add(record.step)
+
+    def _log_params(self, client: MlflowClient, run: Run, record: EvalRecord) -> None:
+        """N, P, the n grid and the reward names as params (``{prefix}.N``, ...), so that runs
+        can be filtered and compared by them. MLflow params never change: a value the run
+        already holds is kept (a later step with another N shows in the tags and tables)."""
+        from mlflow.entities import Param
+
+        wanted = {f"{record.key_prefix}.{name}": value for name, value in record.run_params().items()}
+        missing = [
+            Param(key, value[:MAX_PARAM_VALUE_LENGTH]) for key, value in wanted.items() if key not in run.data.params
+        ]
+        if missing:
+            client.log_batch(run.info.run_id, params=missing, synchronous=True)
 
     def refresh_views(self) -> None:
         """Overview charts over the run so far (drawn when delivery is idle: latest wins)."""
@@ -621,3 +704,31 @@ def read_records(
                 for path in folder.glob("step_*.json")
             ]
     return sorted(records, key=lambda r: r.step)
+
+
+MAX_PARAM_VALUE_LENGTH = 6000  # MLflow's MAX_PARAM_VAL_LENGTH
+
+
+def _new_run_tags() -> dict[str, str]:
+    """Tags of a run this backend creates: MLflow's own context (user, source file and
+    type, git commit), as ``mlflow.start_run`` resolves them, and our version."""
+    tags = {"bon_tracker.version": __version__}
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {**resolve_tags(), **tags}
+    except Exception:  # an internal module: without it, the run lacks source and user only
+        return tags
+
+
+def _image_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
+    """Steps of the images logged under ``key`` (``log_image`` file names:
+    ``images/<key with / as ~>+step+<step>+timestamp+...``)."""
+    prefix = key.replace("/", "~") + "+step+"
+    steps = set()
+    for item in client.list_artifacts(run_id, "images"):
+        name = item.path.rsplit("/", 1)[-1]
+        if name.startswith(prefix) and not name.endswith("+compressed.webp"):
+            with contextlib.suppress(ValueError):
+                steps.add(int(name[len(prefix) :].split("+", 1)[0]))
+    return steps

@@ -12,11 +12,14 @@ as one ``run.log`` call so a step is all there or not there:
   (its table, ``{pre}/curve_chart_table``, has an ``n`` column for each point);
 * ``{pre}/overlay/true`` and ``{pre}/overlay/proxy``: one line per eval step, at most
   ``overlay_steps`` evenly spaced steps, so each step's cost stays bounded;
-* ``{pre}/curve_plot``: the matplotlib chart of :func:`bon_tracker.reports.charts.curve_chart`;
+* ``{pre}/0_curve``: the matplotlib chart of :func:`bon_tracker.reports.charts.curve_chart` as an
+  image (on by default; drawn on the delivery thread, so training does not wait for it);
+* ``{pre}/1_true/over_steps``, ``{pre}/2_proxy/over_steps``: reward at n = 1, the middle n and
+  the largest n against training step, with ±1 SE lines;
 * ``{pre}/eval_record``: the record as JSON (hidden), which
   :func:`bon_tracker.backends.wandb_transaction_log.read_records` reads back exactly.
 
-The latest Goodhart point also goes to ``run.summary`` (``{pre}/goodhart/n``, ``/kl``,
+The latest Goodhart point also goes to ``run.summary`` (``{pre}/4_goodhart/n``, ``/kl``,
 ``/peak_gain``, ``/within_range`` and ``/step``, the eval step it was fitted at).
 """
 
@@ -34,12 +37,11 @@ from typing import Any
 from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundError, classify_common
 from bon_tracker.backends.wandb_transaction_log import RECORD_KEY, wait_until_complete
 from bon_tracker.optional import require
-from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, evenly_spaced
+from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, curve_image_key, evenly_spaced, metric_key
 
 logger = logging.getLogger("bon_tracker")
 
 CURVE_CHART_KEY = "curve_chart"
-CURVE_PLOT_KEY = "curve_plot"
 OVERLAY_KEY = "overlay"
 _MODES = {
     "online": "online",
@@ -221,11 +223,11 @@ class WandbBackend(Backend):
             g = record.goodhart
             run.summary.update(
                 {
-                    f"{pre}/goodhart/n": float(g.n),
-                    f"{pre}/goodhart/kl": float(g.kl),
-                    f"{pre}/goodhart/peak_gain": float(g.peak_gain),
-                    f"{pre}/goodhart/within_range": bool(g.within_range),
-                    f"{pre}/goodhart/step": record.step,
+                    metric_key("goodhart", "n", pre): float(g.n),
+                    metric_key("goodhart", "kl", pre): float(g.kl),
+                    metric_key("goodhart", "peak_gain", pre): float(g.peak_gain),
+                    metric_key("goodhart", "within_range", pre): bool(g.within_range),
+                    metric_key("goodhart", "step", pre): record.step,
                 }
             )
         # One call, and no step=: the trainer owns W&B's step; ours is the step metric.
@@ -323,11 +325,45 @@ class WandbBackend(Backend):
                 title=f"{series} reward vs KL by eval step ({len(shown)} of {len(history)} steps)",
                 xname="KL (nats)",
             )
+        row.update(self._over_steps_panels(wandb, record, shown, len(history)))
         image = self._curve_image(wandb, record)
         if image is not None:
-            row[f"{pre}/{CURVE_PLOT_KEY}"] = image
+            row[curve_image_key(pre)] = image
         row[f"{pre}/{RECORD_KEY}"] = json.dumps(record.to_json(), separators=(",", ":"))
         return row
+
+    @staticmethod
+    def _over_steps_panels(wandb: Any, record: EvalRecord, shown: list[EvalRecord], total: int) -> dict[str, Any]:
+        """``{pre}/1_true/over_steps`` and ``{pre}/2_proxy/over_steps``: the reward at a few n
+        (1, the middle of the grid, the largest) against training step, each with its ±1 SE
+        lines (W&B's line panels have no error bands of their own), over ``shown`` steps."""
+        pre, grid = record.key_prefix, record.curve.n.tolist()
+        ns = sorted({1, grid[len(grid) // 2], grid[-1]} & set(grid))
+        panels: dict[str, Any] = {}
+        for kind in ("true", "proxy"):
+            xs, ys, keys = [], [], []
+            for n in ns:
+                at = [(r.step, r.curve.n.tolist().index(n)) for r in shown if n in r.curve.n.tolist()]
+                mean = [float(getattr(r.curve, f"{kind}_mean")[i]) for r, (_, i) in zip(shown, at)]
+                se = [float(getattr(r.curve, f"{kind}_se")[i]) for r, (_, i) in zip(shown, at)]
+                steps = [step for step, _ in at]
+                for label, values in (
+                    (f"n={n}", mean),
+                    (f"n={n} -1 SE", [m - e for m, e in zip(mean, se)]),
+                    (f"n={n} +1 SE", [m + e for m, e in zip(mean, se)]),
+                ):
+                    xs.append(steps)
+                    ys.append(values)
+                    keys.append(label)
+            name = record.true_name if kind == "true" else record.proxy_name
+            panels[metric_key(kind, "over_steps", pre)] = wandb.plot.line_series(
+                xs=xs,
+                ys=ys,
+                keys=keys,
+                title=f"{name} reward of best-of-n over training, ±1 SE ({len(shown)} of {total} eval steps)",
+                xname="training step",
+            )
+        return panels
 
     def _curve_image(self, wandb: Any, record: EvalRecord) -> Any:
         if not self.images:
