@@ -96,6 +96,15 @@ class MlflowServer:
         self._process = None
         self._pgid = None
 
+    def freeze(self) -> None:
+        """SIGSTOP the server's process group: the port stays open, nothing answers."""
+        assert self._pgid is not None
+        os.killpg(self._pgid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._pgid is not None
+        os.killpg(self._pgid, signal.SIGCONT)
+
     def _port_open(self) -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.settimeout(1.0)

@@ -43,7 +43,9 @@ ALLOWED = {
 }
 # Service clients and frameworks: only the backends (services) and integrations (frameworks) import them.
 SERVICE_MODULES = {"mlflow", "wandb", "tensorboard", "trackio", "torch", "transformers", "trl", "lightning", "ray"}
-NUMERIC_ONLY = {"numpy", "scipy", "__future__"} | set(sys.stdlib_module_names)
+NUMERIC_ONLY = {"numpy", "scipy", "threadpoolctl", "__future__"} | set(
+    sys.stdlib_module_names
+)  # threadpoolctl: BLAS threads
 
 
 def _module_name(path: Path) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ALLOWED_CORE_IMPORTS = {"numpy", "scipy", "bon_tracker", "__future__"} | set(sys.stdlib_module_names)
+# threadpoolctl: holds BLAS to one thread during a call (bon_tracker.core.threads); pure Python, no I/O.
+ALLOWED_CORE_IMPORTS = {"numpy", "scipy", "threadpoolctl", "bon_tracker", "__future__"} | set(sys.stdlib_module_names)
 FORBIDDEN_AT_IMPORT = ("wandb", "mlflow", "torch", "transformers", "trl", "lightning", "matplotlib", "yaml")
 
 

@@ -114,6 +114,21 @@ class LocalBackend(Backend):
             "charts": self.charts,
         }
 
+    def check(self) -> None:
+        """Reopening a run folder that another live process writes is an error now."""
+        if self._run_id is None or fcntl is None:
+            return
+        lock = self.root / self._run_id / LOCK_FILE
+        if not lock.exists():
+            return
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigurationError(_held_message(self.root / self._run_id, fd)) from None
+        finally:
+            os.close(fd)  # closing releases a lock taken just to look
+
     def classify(self, error: BaseException) -> str:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES):
             return "transient"  # the disk may take it later: keep retrying, never drop
@@ -209,14 +224,9 @@ class LocalBackend(Backend):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = "another process"
-            with contextlib.suppress(OSError, ValueError):
-                holder = f"process {int(os.pread(fd, 32, 0).decode().strip())}"
+            message = _held_message(run_dir, fd)
             os.close(fd)
-            raise ConfigurationError(
-                f"the local run folder {run_dir} is being written by {holder}; one writer per run folder: "
-                "use another run_name, or wait until that process has finished"
-            ) from None
+            raise ConfigurationError(message) from None
         with contextlib.suppress(OSError):  # the pid is for messages only
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -299,6 +309,16 @@ class LocalBackend(Backend):
 
         assert self.run_dir is not None
         atomic_write_text(self.run_dir / "report.html", html_report(self.run_dir, history))
+
+
+def _held_message(run_dir: Path, lock_fd: int) -> str:
+    holder = "another process"
+    with contextlib.suppress(OSError, ValueError):
+        holder = f"process {int(os.pread(lock_fd, 32, 0).decode().strip())}"
+    return (
+        f"the local run folder {run_dir} is being written by {holder}; one writer per run folder: "
+        "use another run_name, or wait until that process has finished"
+    )
 
 
 def _whole_lines(path: Path) -> list[str]:
