@@ -118,9 +118,10 @@ class TrainerTracking(transformers.TrainerCallback):
         return self.tracker
 
     def _close(self, args: Any) -> None:
-        """Finish an owned tracker, keeping its state in ``output_dir`` for a later evaluate()."""
-        self.tracker.save_state(args.output_dir)
+        """Finish an owned tracker, keeping its state in ``output_dir`` for a later evaluate().
+        Finished first: the run id is known once delivery has opened the run."""
         self.tracker.finish()
+        self.tracker.save_state(args.output_dir)
         self._closed_in = args.output_dir
 
     def _reopen(self, args: Any, state: Any) -> None:

@@ -120,8 +120,8 @@ class BonTrackerCallback(pl.Callback):
 
     def teardown(self, trainer, pl_module, stage):
         if self._owns_tracker and self.tracker is not None:  # a later fit/validate continues the run
+            self.tracker.finish()  # first: the run id is known once delivery has opened the run
             self._saved_state = self.tracker.state() if trainer.is_global_zero else None
-            self.tracker.finish()
             self.tracker = None
 
     def state_dict(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from bon_tracker.backends.mlflow import (  # noqa: E402
 )
 from bon_tracker.record import TABLE_COLUMNS, EvalRecord  # noqa: E402
 from bon_tracker.tracking.tracker import BonTracker  # noqa: E402
+from bon_tracker.tracking.wal import WriteAheadLog  # noqa: E402
 from tests.mlflow_server import MlflowServer, free_port  # noqa: E402
 
 P, N = 24, 16  # prompts x samples per eval step: small, the maths is tested elsewhere
@@ -163,13 +164,16 @@ def test_sqlite_run_reads_back_exactly(sqlite_uri, tmp_path, rng, monkeypatch):
             proxy, true = scores(rng, drift=step / 1000)
             curves[step] = bon_curve(proxy, true)
             tracker.log_scores(step, proxy, true, policy_kl=policy_kl, **{"lr (x)": 0.01 * step})
+        assert tracker.flush()  # delivered in the background: wait for it before reading the run
         run_id = tracker.backend.run_id
+        assert run_id is not None
         assert tracker.backend.spec() == {
             "backend": "mlflow",
             "tracking_uri": sqlite_uri,
             "run_id": run_id,
             "experiment": "sqlite_e2e",
             "run_name": "e2e",
+            "end_run": True,  # the backend started the run: a replay by `bon-tracker sync` may end it
         }
     assert list(workdir.iterdir()) == []
     assert not (tmp_path / "spool").exists() or not list((tmp_path / "spool").iterdir())
@@ -327,9 +331,11 @@ def test_spec_rebuilds_a_backend_on_the_same_run(sqlite_uri, rng):
         "experiment": "sync",
         "max_retries": 3,
         "charts": False,
+        "end_run": True,  # it started the run
     }
     assert json.loads(json.dumps(spec)) == spec
-    rebuilt = backend_from_spec(spec)
+    # sync ends the run only when the log says the tracker had finished; here it had not
+    rebuilt = backend_from_spec({**spec, "end_run": False})
     rebuilt.log_eval(records[1])
     rebuilt.finish()  # attached: writes its table, leaves the run open
     client = MlflowClient(sqlite_uri)
@@ -378,7 +384,7 @@ def test_server_run_reads_back(server, rng, tmp_path):
             proxy, true = scores(rng)
             curves[step] = bon_curve(proxy, true)
             t.log_scores(step, proxy, true)
-        run_id = t.backend.run_id
+    run_id = t.backend.run_id  # known once delivered: read after the block (finish) ends
     client = MlflowClient(server.url)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert_one_value_per_step(client, run_id, curves)
@@ -391,7 +397,9 @@ def test_server_run_reads_back(server, rng, tmp_path):
 @pytest.mark.slow
 def test_server_outage_loses_nothing_and_duplicates_nothing(server, rng, tmp_path, monkeypatch):
     spool = tmp_path / "spool"
-    tracker = BonTracker("mlflow", tracking_uri=server.url, experiment="outage", spool_dir=spool)
+    tracker = BonTracker(
+        "mlflow", tracking_uri=server.url, experiment="outage", spool_dir=spool, backoff_max=0.5, finish_timeout=60
+    )
     curves = {}
 
     def log(step: int) -> float:
@@ -402,15 +410,23 @@ def test_server_outage_loses_nothing_and_duplicates_nothing(server, rng, tmp_pat
         return time.monotonic() - started
 
     log(1)
+    assert tracker.flush()
     run_id = tracker.backend.run_id
+    assert run_id is not None
     server.stop()
-    assert log(2) < 20  # fails fast: a guard against MLflow's minutes of retries
-    assert [r.step for _, r in tracker.spool.entries()] == [2]
-    assert tracker.spool.entries()[0][0]["run_id"] == run_id  # `bon-tracker sync` can find the run
+    assert log(2) < 20  # training does not wait for the dead server
+    assert not tracker.flush(timeout=5)  # delivery is retrying: the record stays in the write-ahead log
+    assert tracker.delivery_stats.last_error is not None and tracker.delivery_stats.config_error is None
+    wal = WriteAheadLog(tracker.wal_path)
+    assert [e.record.step for e in wal.pending()] == [2]
+    assert wal.spec()["run_id"] == run_id  # `bon-tracker sync` can find the run
     server.start()  # same port, database and artifacts
-    log(3)  # replays step 2 first, then writes step 3
-    assert len(tracker.spool) == 0
+    log(3)  # delivered after step 2, which the worker retries first
+    assert tracker.flush(timeout=60)
+    assert len(wal) == 0 and tracker.pending == 0
+    assert tracker.delivery_stats.delivered == 3 and tracker.delivery_stats.dead_lettered == 0
     tracker.finish()
+    assert not tracker.wal_path.exists()  # everything delivered: the log is gone
 
     client = MlflowClient(server.url)
     run = client.get_run(run_id)

@@ -52,6 +52,7 @@ def logged(tmp_path_factory):
     tracker = BonTracker("wandb", project="test", dir=root, run_name="bon-test", images=True)
     for step, (proxy, true) in scores.items():
         tracker.log_scores(step, proxy, true, policy_kl=step / 10, lr=1e-4)
+    assert tracker.flush()  # delivered in the background: wait before reading the run and its spec
     run = tracker.backend.run
     state = tracker.state()
     tracker.finish()
@@ -170,6 +171,7 @@ def test_attaches_to_the_active_run_and_leaves_it_open(tmp_path, rng):
     run.log({"train/loss": 1.0, "user/eval_record": "the user's own text"})  # read_records skips it
     tracker = BonTracker(WandbBackend())
     tracker.log_scores(5, *_goodhart_scores(rng))
+    assert tracker.flush()
     assert tracker.backend.run is run
     given = WandbBackend(run=run)  # a run object passed in explicitly
     extra = EvalRecord.build(7, bon_curve(*_goodhart_scores(rng)))
