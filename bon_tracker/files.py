@@ -4,7 +4,8 @@ Two mechanisms, used everywhere bon_tracker writes:
 
 * :func:`atomic_write_bytes` / :func:`atomic_write_text`: a whole file, replaced in one
   rename; the temporary file is removed when anything fails.
-* :func:`append_whole`: whole lines appended to a line file (JSONL, CSV). A torn tail
+* :func:`append_whole` (and :class:`LineFile`, which keeps the file open for a writer
+  that appends often): whole lines appended to a line file (JSONL, CSV). A torn tail
   left by a crash is cut before appending, every write is checked (short writes are
   continued, never ignored), and a failed append is truncated back, so no line is ever
   glued to the next one.
@@ -99,3 +100,42 @@ def append_whole(path: str | os.PathLike[str], data: bytes) -> None:
             raise
     finally:
         os.close(fd)
+
+
+class LineFile:
+    """An append-only line file held open by its one writer: two system calls per append
+    (write, fsync) instead of six, for the write-ahead log on the training thread.
+
+    Same guarantees as :func:`append_whole`: whole lines or nothing, a refused append
+    truncated back. The size is tracked here, so only this object may write the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._size = 0
+
+    def append(self, data: bytes) -> None:
+        if data and not data.endswith(b"\n"):
+            raise ValueError("LineFile.append takes whole lines: data must end with a newline")
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._size = cut_torn_tail(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+        try:
+            _write_all(self._fd, data, self._size)
+            _fsync(self._fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(data)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

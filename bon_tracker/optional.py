@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 
@@ -18,3 +19,12 @@ def require(module: str, extra: str) -> ModuleType:
         raise MissingDependencyError(
             f"{module} is needed for this feature but is not installed: pip install 'bon-tracker[{extra}]'"
         ) from err
+
+
+def require_installed(module: str, extra: str) -> None:
+    """Raise like :func:`require` if ``module`` is not installed, without importing it
+    (importing a service client can start processes and threads)."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(
+            f"{module} is needed for this feature but is not installed: pip install 'bon-tracker[{extra}]'"
+        )

@@ -65,7 +65,7 @@ def _close_assistant(page) -> None:
 
 
 def shoot_mlflow(url: str, experiment_id: str, run_id: str, out: Path) -> Path:
-    from bon_tracker.reports.text import mlflow_run_url
+    from bon_tracker.backends.mlflow import mlflow_run_url
     from tests.browser import chromium_page
 
     path = out / "mlflow_metrics.png"

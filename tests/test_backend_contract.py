@@ -44,11 +44,19 @@ def _read_mlflow(tracker: BonTracker, tmp_path: Path):
         for metric in client.get_metric_history(spec["run_id"], key):
             assert key not in scalars.get(metric.step, {}), f"{key} logged twice at step {metric.step}"
             scalars.setdefault(metric.step, {})[key] = metric.value
-    rows = []
+    # The cumulative table holds every digit; the per-step previews are rounded for the UI.
+    path = client.download_artifacts(spec["run_id"], mlflow_backend.CUMULATIVE_TABLE, str(tmp_path / "dl"))
+    table = json.loads(Path(path).read_text())
+    rows = [dict(zip(table["columns"], values)) for values in table["data"]]
     for step in STEPS:
         path = client.download_artifacts(spec["run_id"], mlflow_backend.step_table_path(step), str(tmp_path / "dl"))
-        table = json.loads(Path(path).read_text())
-        rows += [dict(zip(table["columns"], values)) for values in table["data"]]
+        preview = json.loads(Path(path).read_text())
+        exact = [r for r in rows if r["step"] == step]
+        assert len(preview["data"]) == len(exact)
+        for values, row in zip(preview["data"], exact):
+            for column, value in zip(preview["columns"], values):
+                if isinstance(value, float):
+                    assert value == pytest.approx(row[column], rel=1e-5), (step, column)
     return mlflow_backend.read_records(spec["run_id"], spec["tracking_uri"]), scalars, rows
 
 

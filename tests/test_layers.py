@@ -27,7 +27,8 @@ ALLOWED = {
     "bon_tracker.optional": set(),
     "bon_tracker.version": set(),
     # Backends draw with the reports' chart and HTML modules (which import no backend).
-    "bon_tracker.backends": LEAVES | {"bon_tracker.backends", "bon_tracker.reports.charts", "bon_tracker.reports.html"},
+    "bon_tracker.backends": LEAVES
+    | {"bon_tracker.backends", "bon_tracker.reports.charts", "bon_tracker.reports.html", "bon_tracker.reports.render"},
     # Tracking knows the backend interface and registry, never a service.
     "bon_tracker.tracking": LEAVES | {"bon_tracker.tracking", "bon_tracker.backends"},
     "bon_tracker.analysis": LEAVES | {"bon_tracker.analysis"},

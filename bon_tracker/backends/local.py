@@ -5,6 +5,8 @@ Layout of ``<root>/<run_id>/``::
     run.json                 run metadata (id, name, version, grid, N, P)
     scalars.jsonl            one line per eval step: {"step": s, "bon/true/n1": ..., ...}
     bon_curves.jsonl/.csv    the bon_curves table, one row per (step, n)
+    bon_predictions.jsonl/.csv  the fitted law beyond the measured n, every row predicted=True
+    alerts.jsonl             one line per alert onset or clear: {"step", "rule", "kind", "message", ...}
     records/step_<step>.json the full EvalRecord of each step (what readers use)
     charts/                  curve_step_<step>.png, overlay.png, trend.png, rl.png
     report.html              a self-contained report (charts inlined)
@@ -36,8 +38,8 @@ from typing import Any
 
 from bon_tracker.backends.base import Backend, ConfigurationError, classify_common
 from bon_tracker.files import append_whole, atomic_write_bytes, atomic_write_text
-from bon_tracker.optional import MissingDependencyError, require
-from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord
+from bon_tracker.optional import MissingDependencyError, require_installed
+from bon_tracker.record import PREDICTION_COLUMNS, PREDICTIONS_TABLE, TABLE_COLUMNS, TABLE_NAME, EvalRecord
 from bon_tracker.version import __version__
 
 try:
@@ -49,6 +51,7 @@ logger = logging.getLogger("bon_tracker")
 
 MAX_OVERLAY_CURVES = 20
 LOCK_FILE = ".lock"
+ALERTS_FILE = "alerts.jsonl"
 
 
 def default_root() -> Path:
@@ -150,6 +153,7 @@ class LocalBackend(Backend):
             _append_lines(run_dir / f"{TABLE_NAME}.jsonl", [json.dumps(r) + "\n" for r in rows])
             _append_lines(run_dir / f"{TABLE_NAME}.csv", [_csv_line([r[c] for c in TABLE_COLUMNS]) for r in rows])
             _append_lines(run_dir / "scalars.jsonl", [json.dumps({"step": record.step, **record.scalars()}) + "\n"])
+            self._append_extras(run_dir, [record])
             self._tables_suspect = False
             self._write_meta(record)
         self._draw_step(record)
@@ -161,13 +165,13 @@ class LocalBackend(Backend):
             return
         self._views_stale = False
         if self._charts_available():
-            from bon_tracker.reports import charts
+            from bon_tracker.reports.render import render_png
 
             out, history = self.run_dir / "charts", list(self._history)
-            _save_png(charts.overlay_chart(history, max_curves=MAX_OVERLAY_CURVES), out / "overlay.png")
-            _save_png(charts.trend_chart(history), out / "trend.png")
+            atomic_write_bytes(out / "overlay.png", render_png("overlay", history, max_curves=MAX_OVERLAY_CURVES))
+            atomic_write_bytes(out / "trend.png", render_png("trend", history))
             if any(r.policy is not None for r in history):
-                _save_png(charts.rl_chart(history), out / "rl.png")
+                atomic_write_bytes(out / "rl.png", render_png("rl", history))
         self._write_report(self._history)
 
     def finish(self) -> None:
@@ -253,8 +257,23 @@ class LocalBackend(Backend):
             scalar_steps = [json.loads(line)["step"] for line in _whole_lines(scalars)] if scalars.exists() else []
         csv_path = run_dir / f"{TABLE_NAME}.csv"
         csv_rows = len(_whole_lines(csv_path)) - 1 if csv_path.exists() else -1
-        if logged != expected or scalar_steps != [r.step for r in self._history] or csv_rows != len(expected):
+        alert_lines = len(_whole_lines(run_dir / ALERTS_FILE)) if (run_dir / ALERTS_FILE).exists() else 0
+        short = alert_lines != sum(len(r.alerts) for r in self._history)
+        if short or logged != expected or scalar_steps != [r.step for r in self._history] or csv_rows != len(expected):
             self._rebuild_tables(run_dir)
+
+    @staticmethod
+    def _append_extras(run_dir: Path, records: list[EvalRecord]) -> None:
+        """The alerts and predictions of ``records`` (files made on their first line)."""
+        alerts = [json.dumps(_alert_line(r, e)) + "\n" for r in records for e in r.alerts]
+        if alerts:
+            _append_lines(run_dir / ALERTS_FILE, alerts)
+        rows = [row for r in records for row in r.prediction_rows()]
+        if rows:
+            csv_path = run_dir / f"{PREDICTIONS_TABLE}.csv"
+            header = [] if csv_path.exists() else [_csv_line(list(PREDICTION_COLUMNS))]
+            _append_lines(run_dir / f"{PREDICTIONS_TABLE}.jsonl", [json.dumps(r) + "\n" for r in rows])
+            _append_lines(csv_path, header + [_csv_line([r[c] for c in PREDICTION_COLUMNS]) for r in rows])
 
     def _rebuild_tables(self, run_dir: Path) -> None:
         rows = [row for r in self._history for row in r.table_rows()]
@@ -267,6 +286,10 @@ class LocalBackend(Backend):
             run_dir / "scalars.jsonl",
             "".join(json.dumps({"step": r.step, **r.scalars()}) + "\n" for r in self._history),
         )
+        for name in (ALERTS_FILE, f"{PREDICTIONS_TABLE}.jsonl", f"{PREDICTIONS_TABLE}.csv"):
+            with contextlib.suppress(FileNotFoundError):
+                (run_dir / name).unlink()
+        self._append_extras(run_dir, self._history)
 
     def _write_meta(self, record: EvalRecord) -> None:
         assert self.run_dir is not None
@@ -287,7 +310,7 @@ class LocalBackend(Backend):
         if not self.charts:
             return False
         try:
-            require("matplotlib", "charts")
+            require_installed("matplotlib", "charts")
         except MissingDependencyError as err:
             if not self._warned_no_charts:
                 logger.warning("bon_tracker: no charts in the local run folder: %s", err)
@@ -299,10 +322,11 @@ class LocalBackend(Backend):
         """This step's curve chart (the delivery worker's thread: training does not wait)."""
         if not self._charts_available():
             return
-        from bon_tracker.reports import charts
+        from bon_tracker.reports.render import render_png
 
         assert self.run_dir is not None
-        _save_png(charts.curve_chart(record), self.run_dir / "charts" / f"curve_step_{record.step:09d}.png")
+        png = render_png("curve", [record])  # drawn in the chart process: no GIL held here
+        atomic_write_bytes(self.run_dir / "charts" / f"curve_step_{record.step:09d}.png", png)
 
     def _write_report(self, history: list[EvalRecord]) -> None:
         from bon_tracker.reports.html import html_report
@@ -321,19 +345,20 @@ def _held_message(run_dir: Path, lock_fd: int) -> str:
     )
 
 
+def _alert_line(record: EvalRecord, event: Any) -> dict[str, Any]:
+    return {"step": record.step, "key_prefix": record.key_prefix, **event.to_dict()}
+
+
+def read_alerts(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The lines of a local run's ``alerts.jsonl`` (onsets and clears, by step); [] without alerts."""
+    path = Path(run_dir) / ALERTS_FILE
+    return [json.loads(line) for line in _whole_lines(path)] if path.exists() else []
+
+
 def _whole_lines(path: Path) -> list[str]:
     """The complete lines of a file (an unterminated last line, torn by a crash, left out)."""
     data = path.read_bytes()
     return data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines()
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png")
-    finally:
-        fig.clear()  # built without pyplot: nothing global to close; free it now
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_records(run_dir: str | Path) -> list[EvalRecord]:

@@ -22,10 +22,15 @@ digits (the record artifacts keep exact values). Link to a run with
 :attr:`MlflowBackend.ui_url` (``?workflowType=machine_learning``: MLflow 3.x opens its GenAI
 view otherwise, whatever the experiment's or run's tags say).
 
+Alerts: the metric ``{prefix}/7_alert/<rule>`` (0/1 at every eval step) and, at each onset,
+the run tag ``{prefix}.alert.<rule>`` listing the onset steps (``"600"``, then ``"600,1400"``):
+MLflow has no alerts of its own, and runs can be filtered by tag.
+
 Artifacts of a run (``step`` zero-padded to 9 digits)::
 
     bon_curves/step_000000100.json               this step's curve table (UI table view)
     bon_curves.json                              every step's rows, written at finish()
+    bon_predictions/step_000000100.json          the fitted law beyond the measured n (predicted rows)
     bon_tracker/records/step_000000100.json      the full EvalRecord (read_records())
     bon_tracker/charts/curve/step_000000100.png  true and proxy vs KL at this step
     images/bon~0_curve+step+100+...png          the same chart via log_image(key=, step=): shown in
@@ -50,12 +55,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bon_tracker.backends.base import Backend, RunNotFoundError, classify_common
-from bon_tracker.optional import require
-from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, curve_image_key, evenly_spaced
+from bon_tracker.optional import require, require_installed
+from bon_tracker.record import (
+    PREDICTION_COLUMNS,
+    PREDICTIONS_TABLE,
+    TABLE_COLUMNS,
+    TABLE_NAME,
+    EvalRecord,
+    curve_image_key,
+    evenly_spaced,
+)
 from bon_tracker.version import __version__
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
@@ -202,6 +214,7 @@ def _json_number(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+MLFLOW_VIEW = "workflowType=machine_learning"  # MLflow 3.x opens experiments in its GenAI view otherwise
 TABLE_DIGITS = 6  # significant digits of the table artifacts: the UI shows every digit it is given
 
 
@@ -212,12 +225,37 @@ def _table_number(value: Any) -> Any:
     return float(f"{value:.{TABLE_DIGITS}g}") if isinstance(value, float) else value
 
 
-def table_json(rows: Sequence[dict[str, Any]]) -> str:
-    """``bon_curves`` rows in the format of MLflow's ``log_table`` (pandas ``split``
-    orient), so the UI shows them as a table and ``MlflowClient.load_table`` reads them;
-    floats rounded to ``TABLE_DIGITS`` significant digits so the columns fit the screen."""
-    data = [[_table_number(row[column]) for column in TABLE_COLUMNS] for row in rows]
-    return json.dumps({"columns": list(TABLE_COLUMNS), "data": data})
+def table_json(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS, *, exact: bool = False) -> str:
+    """``bon_curves`` rows (or ``bon_predictions`` rows, with their ``columns``) in the format of
+    MLflow's ``log_table`` (pandas ``split`` orient), so the UI shows them as a table and
+    ``MlflowClient.load_table`` reads them. Per-step previews are rounded to ``TABLE_DIGITS``
+    significant digits so the columns fit the screen; ``exact`` keeps every digit (the
+    cumulative table, for analysis)."""
+    cell = _json_number if exact else _table_number
+    data = [[cell(row[column]) for column in columns] for row in rows]
+    return json.dumps({"columns": list(columns), "data": data})
+
+
+def mlflow_run_url(base_url: str, experiment_id: str, run_id: str, tab: str = "model-metrics") -> str:
+    """The MLflow UI page of a run, in the training view (``?workflowType=machine_learning``).
+
+    MLflow 3.x keys its GenAI vs training view on the URL's ``workflowType`` parameter
+    alone (else the choice the browser last made with the sidebar switch, GenAI by
+    default); neither experiment nor run tags change it.
+
+    >>> mlflow_run_url("http://127.0.0.1:5000/", "1", "abc")
+    'http://127.0.0.1:5000/#/experiments/1/runs/abc/model-metrics?workflowType=machine_learning'
+    """
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/{tab}?{MLFLOW_VIEW}"
+
+
+def alert_tag(key_prefix: str, rule: str) -> str:
+    """The run tag listing the onset steps of an alert rule, comma-separated.
+
+    >>> alert_tag("bon", "goodhart_kl")
+    'bon.alert.goodhart_kl'
+    """
+    return mlflow_key(f"{key_prefix}.alert.{rule}")
 
 
 def _registered_tables(current: str | None, path: str, budget: int) -> str | None:
@@ -330,18 +368,20 @@ class MlflowBackend(Backend):
     def ui_url(self) -> str | None:
         """The run's Model metrics page in MLflow's training view, for an ``http(s)``
         tracking URI (None before the first write or for a local store: run ``mlflow ui``
-        and use :func:`bon_tracker.reports.text.mlflow_run_url`). MLflow 3.x opens its GenAI
+        and use :func:`mlflow_run_url`). MLflow 3.x opens its GenAI
         view unless the URL carries ``?workflowType=machine_learning``."""
         if self._run_id is None or not self.tracking_uri.startswith(("http://", "https://")):
             return None
-        from bon_tracker.reports.text import mlflow_run_url
+        return mlflow_run_url(self.tracking_uri, self.experiment_id or "0", self._run_id)
 
-        experiment_id = self._experiment_id_cache
-        if experiment_id is None and self._client_obj is not None:
+    @property
+    def experiment_id(self) -> str | None:
+        """The id of the run's experiment (None when unknown; looked up once)."""
+        if self._experiment_id_cache is None and self._run_id is not None:
             with contextlib.suppress(Exception):  # a link is a convenience, never an error
-                experiment_id = self._client_obj.get_run(self._run_id).info.experiment_id
-                self._experiment_id_cache = experiment_id
-        return mlflow_run_url(self.tracking_uri, experiment_id or "0", self._run_id)
+                client = self._client_obj or _client(self.tracking_uri)
+                self._experiment_id_cache = client.get_run(self._run_id).info.experiment_id
+        return self._experiment_id_cache
 
     def spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
@@ -364,7 +404,7 @@ class MlflowBackend(Backend):
         return spec
 
     def check(self) -> None:
-        require("mlflow", "mlflow")  # a missing extra is an error now, not an outage later
+        require_installed("mlflow", "mlflow")  # a missing extra is an error now, not an outage later
 
     def bind(self) -> None:
         """Remember the caller's active fluent run: MLflow keeps it per thread, and records
@@ -418,6 +458,10 @@ class MlflowBackend(Backend):
             run = client.get_run(run_id)  # latest metrics and tags: constant size per step
             client.log_text(run_id, json.dumps(record.to_json(), allow_nan=True), record_path(record.step))
             client.log_text(run_id, table_json(record.table_rows()), step_table_path(record.step))
+            predictions = record.prediction_rows()
+            if predictions:
+                path = f"{PREDICTIONS_TABLE}/{_step_name(record.step)}"
+                client.log_text(run_id, table_json(predictions, PREDICTION_COLUMNS), path)
             if self.charts:
                 self._log_step_chart(client, run_id, record)
             self._log_params(client, run, record)
@@ -427,6 +471,11 @@ class MlflowBackend(Backend):
             )
             if registered is not None:
                 tags[LOGGED_ARTIFACTS_TAG] = registered
+            for alert in record.onsets:  # bon.alert.<rule>: the onset steps, beside the 0/1 metric
+                key = alert_tag(record.key_prefix, alert.rule)
+                steps = [s for s in (run.data.tags.get(key) or "").split(",") if s]
+                if str(alert.step) not in steps:
+                    tags[key] = ",".join([*steps, str(alert.step)])[-MAX_TAG_VALUE_LENGTH:]
             self._log_tags(client, run_id, tags)
             self._log_metrics(client, run, record)
 
@@ -554,19 +603,15 @@ class MlflowBackend(Backend):
         return missing
 
     def _log_step_chart(self, client: MlflowClient, run_id: str, record: EvalRecord) -> None:
-        """This step's curve chart (on the delivery worker's thread: training does not wait)."""
-        from bon_tracker.reports import charts
+        """This step's curve chart (on the delivery worker's thread, drawn in the chart process)."""
+        from bon_tracker.reports.render import render_png
 
-        curve_path = f"curve/{_step_name(record.step).removesuffix('.json')}.png"
-        figure = charts.curve_chart(record)
-        try:
-            self._log_curve_image(client, run_id, record, figure)
-            client.log_figure(run_id, figure, f"{CHARTS_DIR}/{curve_path}")
-        finally:
-            figure.clear()
+        png = render_png("curve", [record])
+        self._log_curve_image(client, run_id, record, png)
+        _upload(client, run_id, png, f"curve/{_step_name(record.step).removesuffix('.json')}.png")
         self._views_stale = True
 
-    def _log_curve_image(self, client: MlflowClient, run_id: str, record: EvalRecord, figure: Figure) -> None:
+    def _log_curve_image(self, client: MlflowClient, run_id: str, record: EvalRecord, png: bytes) -> None:
         """The chart as ``log_image(key=..., step=...)``: the Model metrics view shows it with
         a step slider. ``log_image`` names each file with a fresh uuid, so a replayed step
         would show twice: the steps the run already holds are read once, then tracked."""
@@ -578,10 +623,7 @@ class MlflowBackend(Backend):
             self._image_steps = set() if self._owns_run else _image_steps(client, run_id, key)
         if record.step in self._image_steps:
             return
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        buffer.seek(0)
-        with Image.open(buffer) as image:
+        with Image.open(io.BytesIO(png)) as image:
             client.log_image(
                 run_id,
                 image.convert("RGB"),
@@ -609,17 +651,18 @@ class MlflowBackend(Backend):
         """Overview charts over the run so far (drawn when delivery is idle: latest wins)."""
         if not (self.charts and self._views_stale and self._client_obj is not None and self._run_id is not None):
             return
-        from bon_tracker.reports import charts
+        from bon_tracker.reports.render import render_png
 
         self._views_stale = False
         client, run_id = self._client_obj, self._run_id
         records = [self._history[step] for step in sorted(self._history)]
         spaced = evenly_spaced(records, MAX_CHART_RECORDS)
+        overlay = evenly_spaced(records, OVERLAY_CURVES)
         with bounded_http(self.max_retries, self.timeout):
-            _upload(client, run_id, charts.overlay_chart(records, max_curves=OVERLAY_CURVES), "overlay.png")
-            _upload(client, run_id, charts.trend_chart(spaced), "trend.png")
+            _upload(client, run_id, render_png("overlay", overlay, max_curves=OVERLAY_CURVES), "overlay.png")
+            _upload(client, run_id, render_png("trend", spaced), "trend.png")
             if any(r.policy is not None for r in records):
-                _upload(client, run_id, charts.rl_chart(spaced), "rl.png")
+                _upload(client, run_id, render_png("rl", spaced), "rl.png")
 
     def _write_cumulative_table(self, client: MlflowClient, run_id: str) -> None:
         """``bon_curves.json``: rows of every step, merged with a table an earlier process
@@ -635,7 +678,8 @@ class MlflowBackend(Backend):
                 rows.setdefault(int(row["step"]), []).append(row)
         for step, record in self._history.items():
             rows[step] = record.table_rows()
-        client.log_text(run_id, table_json([row for step in sorted(rows) for row in rows[step]]), CUMULATIVE_TABLE)
+        every = [row for step in sorted(rows) for row in rows[step]]
+        client.log_text(run_id, table_json(every, exact=True), CUMULATIVE_TABLE)
         registered = _registered_tables(
             client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG), CUMULATIVE_TABLE, MAX_TAG_VALUE_LENGTH
         )
@@ -643,11 +687,12 @@ class MlflowBackend(Backend):
             client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, registered)
 
 
-def _upload(client: MlflowClient, run_id: str, figure: Figure, path: str) -> None:
-    try:
-        client.log_figure(run_id, figure, f"{CHARTS_DIR}/{path}")
-    finally:
-        figure.clear()  # built without pyplot: nothing global to close; free it now
+def _upload(client: MlflowClient, run_id: str, png: bytes, path: str) -> None:
+    """A PNG as the artifact ``bon_tracker/charts/<path>`` (overwritten by path on a replay)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(path).name
+        local.write_bytes(png)
+        client.log_artifact(run_id, str(local), f"{CHARTS_DIR}/{Path(path).parent}".rstrip("/."))
 
 
 def _mlflow_run_id(client: Any, ref: str, experiment: str | None, tracking_uri: str) -> tuple[str, str]:

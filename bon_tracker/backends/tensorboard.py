@@ -13,6 +13,8 @@ No TensorFlow and no torch: events are ``tensorboard.compat.proto`` messages fra
 * ``{pre}/0_curve`` (:func:`~bon_tracker.record.curve_image_key`): the curve chart of
   :func:`bon_tracker.reports.charts.curve_chart` as an image at the step (Images tab, with a step slider);
 * ``{pre}/goodhart_point``: a text summary of the fitted Goodhart point (Text tab);
+* ``{pre}/alerts``: at a step with alert onsets or clears, one line each (Text tab); the
+  0/1 state of every rule is the scalar ``{pre}/7_alert/<rule>``;
 * ``{pre}/eval_record``: the record as JSON under a plugin name no dashboard shows,
   which :meth:`TensorBoardBackend.read_records` reads back exactly.
 
@@ -58,6 +60,7 @@ FILE_MARK = "bon_tracker"  # in the name of every event file this backend writes
 RECORD_PLUGIN = "bon_tracker"  # plugin name of the eval-record tensor: no dashboard shows it
 RECORD_KEY = "eval_record"
 GOODHART_TEXT_KEY = "goodhart_point"
+ALERTS_TEXT_KEY = "alerts"
 LOWER_SUFFIX = "mean_minus_se"
 UPPER_SUFFIX = "mean_plus_se"
 CUSTOM_SCALARS_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
@@ -131,6 +134,23 @@ def goodhart_text(record: EvalRecord) -> str:
         f"Fitted {record.true_name} reward gain over n = 1 at the peak: {g.peak_gain:+.4g}. "
         f"Fit R(d) = d(α − βd), d = √KL: α = {g.true_alpha:.4g}, β = {g.true_beta:.4g}, R² = {g.true_r2:.3f}."
     )
+
+
+def alerts_text(record: EvalRecord) -> str:
+    """The Markdown text of the alert onsets and clears at the record's step (Text tab).
+
+    >>> from bon_tracker.core import Alert, bon_curve
+    >>> alert = Alert(7, "goodhart_kl", "At step 7 the policy's KL reached 2 nats.", 2.0, 1.5, 0)
+    >>> alerts_text(EvalRecord.build(7, bon_curve(np.eye(4), np.eye(4), ns=[1, 4]), alerts=[alert]))
+    "**Alert `goodhart_kl`** at step 7: At step 7 the policy's KL reached 2 nats."
+    """
+    lines = []
+    for event in record.alerts:
+        if event.kind == "onset":
+            lines.append(f"**Alert `{event.rule}`** at step {event.step}: {event.message}")
+        else:
+            lines.append(f"Alert `{event.rule}` cleared at step {event.step} (onset at step {event.onset_step}).")
+    return "\n\n".join(lines)
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -296,6 +316,8 @@ class TensorBoardBackend(Backend):
             )
         text_plugin = TextPluginData(version=0).SerializeToString()
         text(f"{pre}/{GOODHART_TEXT_KEY}", goodhart_text(record), "text", text_plugin)
+        if record.alerts:
+            text(f"{pre}/{ALERTS_TEXT_KEY}", alerts_text(record), "text", text_plugin)
         record_json = json.dumps(record.to_json(), allow_nan=True, separators=(",", ":"))
         text(f"{pre}/{RECORD_KEY}", record_json, RECORD_PLUGIN)
 
@@ -339,20 +361,14 @@ class TensorBoardBackend(Backend):
         if not self.charts:
             return None
         try:
-            from bon_tracker.reports.charts import curve_chart
+            from bon_tracker.reports.render import render_png
 
-            figure = curve_chart(record)
+            return render_png("curve", [record])  # drawn in the chart process: no GIL held here
         except MissingDependencyError as err:
             if not self._warned_no_charts:
                 logger.warning("bon_tracker: no curve images in TensorBoard: %s", err)
                 self._warned_no_charts = True
             return None
-        buffer = io.BytesIO()
-        try:
-            figure.savefig(buffer, format="png")  # a Figure built without pyplot: nothing global
-        finally:
-            figure.clear()
-        return buffer.getvalue()
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod

@@ -7,6 +7,7 @@ one ``run.log(..., step=<training step>)`` (``pre`` is the record's key prefix):
 
 * every scalar of :meth:`EvalRecord.scalars`;
 * ``{pre}/bon_curves``: the step's curve table (``trackio.Table``, columns ``TABLE_COLUMNS``);
+* ``{pre}/bon_predictions``: the fitted law beyond the measured n, when there are predictions;
 * ``{pre}/0_curve`` (:func:`~bon_tracker.record.curve_image_key`): the chart of
   :func:`bon_tracker.reports.charts.curve_chart` (``trackio.Image``);
 * ``{pre}/eval_record``: the record as a JSON string (not plotted), which
@@ -35,7 +36,14 @@ from typing import Any
 
 from bon_tracker.backends.base import Backend, ConfigurationError, RejectedRecord, RunNotFoundError, classify_common
 from bon_tracker.optional import MissingDependencyError, require
-from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, curve_image_key
+from bon_tracker.record import (
+    PREDICTION_COLUMNS,
+    PREDICTIONS_TABLE,
+    TABLE_COLUMNS,
+    TABLE_NAME,
+    EvalRecord,
+    curve_image_key,
+)
 
 logger = logging.getLogger("bon_tracker")
 
@@ -177,12 +185,12 @@ class TrackioBackend(Backend):
         self._logged.add(key)
         self._last_step = record.step
 
-    def alert(self, title: str, text: str, level: str = "WARN") -> None:
-        """Raise a trackio alert on the run, at the last eval step logged."""
+    def alert(self, title: str, text: str, level: str = "WARN", *, step: int | None = None) -> None:
+        """Raise a trackio alert on the run, at ``step`` (default: the last eval step logged)."""
         trackio = require("trackio", "trackio")
         run = self._open(trackio)
         alert_level = trackio.AlertLevel(_LEVELS.get(str(level).lower(), "warn"))
-        run.alert(title=title, text=text, level=alert_level, step=self._last_step)
+        run.alert(title=title, text=text, level=alert_level, step=self._last_step if step is None else step)
 
     def finish(self) -> None:
         """Finish the run if this backend started it (trackio then writes what it queued)."""
@@ -237,6 +245,11 @@ class TrackioBackend(Backend):
         row[f"{pre}/{TABLE_NAME}"] = trackio.Table(
             columns=list(TABLE_COLUMNS), data=[[r[c] for c in TABLE_COLUMNS] for r in record.table_rows()]
         )
+        predictions = record.prediction_rows()
+        if predictions:
+            row[f"{pre}/{PREDICTIONS_TABLE}"] = trackio.Table(
+                columns=list(PREDICTION_COLUMNS), data=[[r[c] for c in PREDICTION_COLUMNS] for r in predictions]
+            )
         image = self._curve_image(trackio, record)
         if image is not None:
             row[curve_image_key(pre)] = image
@@ -247,9 +260,9 @@ class TrackioBackend(Backend):
         if not self.charts:
             return None
         try:
-            from bon_tracker.reports.charts import curve_chart
+            from bon_tracker.reports.render import render_png
 
-            figure = curve_chart(record)
+            png = render_png("curve", [record])  # drawn in the chart process: no GIL held here
         except MissingDependencyError as err:
             if not self._warned_no_charts:
                 logger.warning("bon_tracker: no curve images in trackio: %s", err)
@@ -257,13 +270,7 @@ class TrackioBackend(Backend):
             return None
         from PIL import Image  # a dependency of trackio (and of matplotlib)
 
-        buffer = io.BytesIO()
-        try:
-            figure.savefig(buffer, format="png")  # a Figure built without pyplot: nothing global
-        finally:
-            figure.clear()
-        buffer.seek(0)
-        return trackio.Image(Image.open(buffer), caption=f"best-of-n at step {record.step}")
+        return trackio.Image(Image.open(io.BytesIO(png)), caption=f"best-of-n at step {record.step}")
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod

@@ -17,7 +17,11 @@ as one ``run.log`` call so a step is all there or not there:
 * ``{pre}/1_true/over_steps``, ``{pre}/2_proxy/over_steps``: reward at n = 1, the middle n and
   the largest n against training step, with ±1 SE lines;
 * ``{pre}/eval_record``: the record as JSON (hidden), which
-  :func:`bon_tracker.backends.wandb_transaction_log.read_records` reads back exactly.
+  :func:`bon_tracker.backends.wandb_transaction_log.read_records` reads back exactly;
+* ``{pre}/bon_predictions``: the fitted law's predictions beyond the measured n (when there are any).
+
+An alert's onset also raises W&B's own alert (``run.alert``: email or Slack, as the user's
+W&B settings say), from the delivery worker; its 0/1 state is the ``{pre}/7_alert/<rule>`` scalar.
 
 The latest Goodhart point also goes to ``run.summary`` (``{pre}/4_goodhart/n``, ``/kl``,
 ``/peak_gain``, ``/within_range`` and ``/step``, the eval step it was fitted at).
@@ -37,7 +41,16 @@ from typing import Any
 from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundError, classify_common
 from bon_tracker.backends.wandb_transaction_log import RECORD_KEY, wait_until_complete
 from bon_tracker.optional import require
-from bon_tracker.record import TABLE_COLUMNS, TABLE_NAME, EvalRecord, curve_image_key, evenly_spaced, metric_key
+from bon_tracker.record import (
+    PREDICTION_COLUMNS,
+    PREDICTIONS_TABLE,
+    TABLE_COLUMNS,
+    TABLE_NAME,
+    EvalRecord,
+    curve_image_key,
+    evenly_spaced,
+    metric_key,
+)
 
 logger = logging.getLogger("bon_tracker")
 
@@ -235,6 +248,14 @@ class WandbBackend(Backend):
         self._logged.add((pre, record.step))
         self._history[pre] = history
 
+    def alert(self, title: str, text: str, level: str = "WARN", *, step: int | None = None) -> None:
+        """``run.alert``: W&B emails or posts it to Slack as the user's settings say; offline runs
+        keep it in their transaction log (``bon-tracker`` reads it back, ``wandb sync`` sends it)."""
+        wandb = require("wandb", "wandb")
+        run = self._open(wandb)
+        name = str(level).upper()
+        run.alert(title=title[:63], text=text, level=getattr(wandb.AlertLevel, name, wandb.AlertLevel.WARN))
+
     def finish(self) -> None:
         run, self._run = self._run, None
         self._defined.clear()
@@ -304,6 +325,11 @@ class WandbBackend(Backend):
         row[f"{pre}/{TABLE_NAME}"] = wandb.Table(
             columns=list(TABLE_COLUMNS), data=[[r[col] for col in TABLE_COLUMNS] for r in table_rows]
         )
+        predictions = record.prediction_rows()
+        if predictions:
+            row[f"{pre}/{PREDICTIONS_TABLE}"] = wandb.Table(
+                columns=list(PREDICTION_COLUMNS), data=[[r[col] for col in PREDICTION_COLUMNS] for r in predictions]
+            )
         # Long format so that one line-series chart draws both curves, each point keeping its n.
         points = [
             [float(c.kl[i]), series, float(mean[i]), int(c.n[i])]
@@ -369,19 +395,17 @@ class WandbBackend(Backend):
         if not self.images:
             return None
         try:
-            from bon_tracker.reports.charts import curve_chart
-
-            fig = curve_chart(record)
             from PIL import Image  # matplotlib depends on pillow
+
+            from bon_tracker.reports.render import render_png
+
+            # Drawn in the chart process (no GIL held here); wandb.Image(figure) would also patch matplotlib.
+            png = render_png("curve", [record])
         except ImportError as err:
             logger.warning("bon_tracker: no curve images in W&B (%s)", err)
             self.images = False  # say it once
             return None
-        # Render the PNG ourselves: wandb.Image(figure) would patch matplotlib globally.
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        buffer.seek(0)
-        return wandb.Image(Image.open(buffer), caption=f"step {record.step}")
+        return wandb.Image(Image.open(io.BytesIO(png)), caption=f"step {record.step}")
 
 
 def _read_online(run_path: str, key_prefix: str) -> tuple[str, list[EvalRecord]]:

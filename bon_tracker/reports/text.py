@@ -15,8 +15,6 @@ from typing import Any
 
 from bon_tracker.record import EvalRecord
 
-MLFLOW_VIEW = "workflowType=machine_learning"  # MLflow 3.x opens experiments in its GenAI view otherwise
-
 
 def curve_table(record: EvalRecord) -> str:
     """The best-of-n curve of one eval step as a fixed-width table, with its Goodhart point."""
@@ -36,19 +34,6 @@ def curve_table(record: EvalRecord) -> str:
     return "\n".join(lines)
 
 
-def mlflow_run_url(base_url: str, experiment_id: str, run_id: str, tab: str = "model-metrics") -> str:
-    """The MLflow UI page of a run, in the training view (``?workflowType=machine_learning``).
-
-    MLflow 3.x keys its GenAI vs training view on the URL's ``workflowType`` parameter
-    alone (else the choice the browser last made with the sidebar switch, GenAI by
-    default); neither experiment nor run tags change it.
-
-    >>> mlflow_run_url("http://127.0.0.1:5000/", "1", "abc")
-    'http://127.0.0.1:5000/#/experiments/1/runs/abc/model-metrics?workflowType=machine_learning'
-    """
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/{tab}?{MLFLOW_VIEW}"
-
-
 def where_to_look(backend: Any) -> list[str]:
     """Lines telling a user where the run that ``backend`` wrote can be viewed."""
     name = getattr(backend, "name", "")
@@ -63,8 +48,10 @@ def where_to_look(backend: Any) -> list[str]:
             f"  tables:  {run_dir / 'bon_curves.csv'}",
         ]
     if name == "mlflow":
+        from bon_tracker.backends.mlflow import mlflow_run_url
+
         uri, run_id = backend.tracking_uri, backend.run_id
-        experiment_id = _mlflow_experiment_id(uri, run_id)
+        experiment_id = getattr(backend, "experiment_id", None)
         if uri.startswith(("http://", "https://")):
             return [f"MLflow run {run_id}: {mlflow_run_url(uri, experiment_id or '0', run_id)}"]
         return [
@@ -80,14 +67,3 @@ def where_to_look(backend: Any) -> list[str]:
             return [f"W&B run {backend.run_id} (offline, under {where}): upload it with `wandb sync`"]
         return [f"W&B run: {getattr(run, 'url', None) or backend.run_id}"]
     return [f"{name} run {getattr(backend, 'run_id', None)}"]
-
-
-def _mlflow_experiment_id(tracking_uri: str, run_id: str | None) -> str | None:
-    if run_id is None:
-        return None
-    try:
-        import mlflow
-
-        return mlflow.MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
-    except Exception:  # a link without the experiment beats an error at the end of a run
-        return None

@@ -20,13 +20,17 @@ the evaluation cadence, the reward names and the NaN policy::
       project: goodhart
     local:
       root: bon_runs
+    alerts:                    # the alert rules (docs/alerts.md); `alerts: off` turns them off
+      fall_z: 2.5
+      kl_budget: 10
 
 Precedence, highest first: explicit arguments (Python keywords, command-line
 options) > environment variables (``BON_TRACKER_BACKEND``, ``BON_TRACKER_NS``,
 ``BON_TRACKER_KEY_PREFIX``, ``BON_TRACKER_EVAL_EVERY``, ``BON_TRACKER_PROXY_NAME``,
 ``BON_TRACKER_TRUE_NAME``, ``BON_TRACKER_NAN_POLICY``, ``BON_TRACKER_RUN_NAME``,
-``BON_TRACKER_SPOOL_DIR``, and ``BON_TRACKER_DIR`` for the local root) > the config
-file > defaults.
+``BON_TRACKER_SPOOL_DIR``, ``BON_TRACKER_ALERTS`` (``off``, ``on`` or a JSON object of
+alert settings such as ``{"fall_z": 2.5}``), and ``BON_TRACKER_DIR`` for the local root) >
+the config file > defaults. A layer's ``alerts`` replaces the settings of the layers below.
 
 Files are read with ``yaml.safe_load`` semantics only (no Python objects). Unknown
 keys, duplicate keys and values of the wrong type are errors naming the key and its
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import os
 import reprlib
 from collections.abc import Mapping
@@ -45,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bon_tracker.backends import BACKENDS, backend_class
+from bon_tracker.core.alerts import AlertRules
 
 if TYPE_CHECKING:
     import yaml
@@ -92,6 +98,7 @@ class TrackerConfig:
     run_name: str | None = None
     spool_dir: str | None = None
     finish_timeout: float = 30.0
+    alerts: AlertRules | bool | None = None  # None: the default rules; False: off
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # backend name -> its options
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -124,6 +131,7 @@ class TrackerConfig:
             "true_name": self.true_name,
             "spool_dir": self.spool_dir,
             "finish_timeout": self.finish_timeout,
+            **({} if self.alerts is None else {"alerts": self.alerts}),
             **options,
         }
 
@@ -212,6 +220,34 @@ def _check_seconds(value: Any) -> float:
     return float(value)
 
 
+_ALERTS_HINT = "a mapping of alert settings (such as {fall_z: 2.5}), true or false"
+_OFF_WORDS, _ON_WORDS = ("off", "false", "no", "0", "none"), ("on", "true", "yes", "1")
+
+
+def _check_alerts(value: Any) -> AlertRules | bool | None:
+    """``alerts``: a mapping onto :meth:`AlertRules.from_dict`, true (the defaults) or false (off);
+    from the environment also ``off``/``on`` or a JSON object."""
+    if value is None or isinstance(value, AlertRules):
+        return value
+    if isinstance(value, bool):
+        return AlertRules() if value else False
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in _OFF_WORDS:
+            return False
+        if text.lower() in _ON_WORDS:
+            return AlertRules()
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError(f"expected {_ALERTS_HINT}, or a JSON object, got {_short(text)}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected {_ALERTS_HINT}, or a JSON object, got {_short(text)}")
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected {_ALERTS_HINT}, got {_short(value)}")
+    return AlertRules.from_dict(value)  # ValueError naming the setting
+
+
 _CHECKS = {
     "backend": _check_backend,
     "ns": _check_ns,
@@ -223,6 +259,7 @@ _CHECKS = {
     "run_name": _check_optional_str,
     "spool_dir": _check_path,
     "finish_timeout": _check_seconds,
+    "alerts": _check_alerts,
 }
 KNOWN_KEYS = (*_CHECKS, *BACKEND_NAMES)
 _ENV_KEYS = {key: ENV_PREFIX + key.upper() for key in _CHECKS}  # BON_TRACKER_NS, ...
@@ -375,12 +412,26 @@ def load_config(path: str | os.PathLike[str], base: TrackerConfig | None = None)
             sections[key] = {**sections.get(key, {}), **_backend_section(path, key, value, value_node)}
             sources[key] = where
             continue
+        if key == "alerts" and isinstance(value, dict):
+            _check_alert_lines(path, value, value_node)  # an error names the setting's own line
         try:
             values[key] = _CHECKS[key](value)
         except ValueError as err:
             raise ConfigError(f"{where}, key {key!r}: {err}") from None
         sources[key] = where
     return replace(config, **values, sections=sections, sources=sources)
+
+
+def _check_alert_lines(path: Path, value: dict[str, Any], node: Any) -> None:
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key, (line, _) in _mapping_lines(path, node).items():
+        try:
+            AlertRules.from_dict({key: value[key]})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{_where(path, line)}, key 'alerts.{key}': {err}") from None
 
 
 def _backend_section(path: Path, backend: str, value: Any, node: Any) -> dict[str, Any]:

@@ -27,9 +27,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from bon_tracker.backends import Backend
 from bon_tracker.tracking.wal import Entry, WriteAheadLog
+
+if TYPE_CHECKING:
+    from bon_tracker.record import EvalRecord
 
 logger = logging.getLogger("bon_tracker")
 
@@ -225,7 +229,20 @@ class Delivery:
         self.stats.delivered += 1
         self._ack(entry)
         self._note_spec()
+        self._raise_alerts(entry.record)
         return "done"
+
+    def _raise_alerts(self, record: EvalRecord) -> None:
+        """The service's native alert for each onset in a delivered record (W&B, trackio): tried
+        once; a failure is logged and never blocks delivery."""
+        for alert in record.onsets:
+            title = f"bon_tracker: {alert.rule} at step {alert.step}"[:63]  # W&B: under 64 characters
+            try:
+                self.backend.alert(title, alert.message, "WARN", step=record.step)
+            except Exception as err:
+                logger.warning(
+                    "bon_tracker: the %s alert %r failed (%s: %s)", self.backend.name, title, type(err).__name__, err
+                )
 
     def _note_spec(self) -> None:
         """Keep the log's spec current: the run id is known once the backend opened its run."""

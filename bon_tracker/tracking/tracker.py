@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from bon_tracker.backends import BACKENDS, Backend, make_backend
-from bon_tracker.core import BonCurve, bon_curve
+from bon_tracker.core import Alert, AlertRules, BonCurve, bon_curve
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores
 from bon_tracker.files import atomic_write_text
 from bon_tracker.record import EvalRecord
+from bon_tracker.tracking.alerting import AlertCallback, AlertReporter, alert_rules, eval_statistics
 from bon_tracker.tracking.delivery import DEFAULT_MAX_MEMORY_RECORDS, Delivery, DeliveryStats
 from bon_tracker.tracking.distributed import all_gather, rank_and_world_size
 from bon_tracker.tracking.wal import Entry, WriteAheadLog
@@ -92,6 +93,10 @@ class BonTracker:
         finish_timeout: seconds :meth:`finish` waits for delivery by default.
         backoff_max: longest wait, in seconds, between retries during an outage.
         max_memory_records: records held in memory when the disk refuses the log.
+        alerts: the alert rules (:class:`~bon_tracker.core.AlertRules`, or a mapping of its
+            settings); default: every rule on; ``False``: no alerts (docs/alerts.md).
+        on_alert: called with each :class:`~bon_tracker.core.Alert` at its onset, on the
+            training thread inside :meth:`log_scores`; exceptions in it are logged, not raised.
         **backend_options: passed to the backend (``root`` for local;
             ``tracking_uri``, ``experiment``, ``run_id`` for MLflow; ``project``,
             ``entity``, ``run`` for W&B).
@@ -124,6 +129,8 @@ class BonTracker:
         finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
         backoff_max: float = 60.0,
         max_memory_records: int = DEFAULT_MAX_MEMORY_RECORDS,
+        alerts: AlertRules | Mapping[str, Any] | bool | None = None,
+        on_alert: AlertCallback | None = None,
         **backend_options: Any,
     ):
         check_nan_policy(nan_policy)
@@ -149,6 +156,8 @@ class BonTracker:
         self._delivery: Delivery | None = None
         self._next_seq = 0
         self._warned_disk = False
+        rules = alert_rules(alerts)
+        self._alerts = AlertReporter(rules, on_alert) if rules is not None else None
 
         if resume is not None:
             state = dict(resume) if isinstance(resume, Mapping) else self.load_state(resume)
@@ -160,6 +169,8 @@ class BonTracker:
                 backend_options = {**{k: v for k, v in state["backend"].items() if k != "backend"}, **backend_options}
                 self.last_step = state.get("last_step")
                 self._resumed_wal = state.get("wal") or state.get("spool")
+                if self._alerts is not None and state.get("alerts") is not None:
+                    self._alerts.load_state_dict(state["alerts"])
 
         if isinstance(backend, Backend):
             self._backend: Backend = backend
@@ -171,8 +182,10 @@ class BonTracker:
             self._backend = make_backend(backend, **backend_options)  # touches nothing: no file, no network
         else:
             raise TypeError(f"backend must be a name or a Backend instance, got {type(backend).__name__}")
-        self._backend.check()  # configuration errors surface here, not as a silent outage later
         self._backend_name = self._backend.name
+        self._checked = False
+        if self.is_writer:
+            self._check_backend()
 
     # ---- public API -------------------------------------------------------------------
     @property
@@ -203,6 +216,11 @@ class BonTracker:
     def pending(self) -> int:
         """Records logged but not yet delivered."""
         return 0 if self._delivery is None else self._delivery.pending
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert onset so far (this run, including before a resume), oldest first."""
+        return [] if self._alerts is None else list(self._alerts.alerts)
 
     @property
     def delivery_stats(self) -> DeliveryStats:
@@ -264,6 +282,8 @@ class BonTracker:
             rows_p, rows_t = np.stack(rows_p), np.stack(rows_t)
         curve = bon_curve(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
         _check_finite_curve(curve, step)
+        stats = eval_statistics(rows_p, rows_t, curve)  # interval, agreement, predictions
+        events, states = self._alerts.update(step, curve, policy_kl, stats.interval) if self._alerts else ([], None)
         record = EvalRecord.build(
             step,
             curve,
@@ -272,8 +292,15 @@ class BonTracker:
             key_prefix=self.key_prefix,
             proxy_name=self.proxy_name,
             true_name=self.true_name,
+            interval=stats.interval,
+            agreement=stats.agreement,
+            predictions=stats.predictions,
+            alerts=events,
+            alert_states=states,
         )
         self.log_record(record)
+        if self._alerts is not None:
+            self._alerts.report(events)  # warnings, tracker.alerts, on_alert: after the record is durable
         return curve
 
     def log_record(self, record: EvalRecord) -> bool:
@@ -341,11 +368,18 @@ class BonTracker:
 
     # ---- resuming ------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """What a resumed process needs to continue this tracking run (and its log)."""
+        """What a resumed process needs to continue this tracking run (and its log).
+
+        The run's id is known once the first record reached the backend (the worker opens
+        the run); until then this waits for that delivery, at most ``finish_timeout`` s.
+        """
+        if self._backend.run_id is None and self._delivery is not None and self._delivery.stats.delivered == 0:
+            self._delivery.drain(self.finish_timeout)
         return {
             "backend": self._backend.spec(),
             "last_step": self.last_step,
             "wal": None if self._wal is None else str(self._wal.path),
+            "alerts": None if self._alerts is None else self._alerts.state_dict(),
         }
 
     def save_state(self, directory: str | Path) -> Path | None:
@@ -402,10 +436,17 @@ class BonTracker:
         rows_t = list(t) if isinstance(t, np.ndarray) else t
         return ("ok", rows_p, rows_t)
 
+    def _check_backend(self) -> None:
+        """Configuration errors surface here (rank 0, at construction), not as a silent outage later."""
+        self._backend.check()
+        self._checked = True
+
     def _open_delivery(self) -> Delivery:
         """The log and its worker, made on the first record (rank 0 only)."""
         if self._delivery is not None:
             return self._delivery
+        if not self._checked:
+            self._check_backend()
         adopted: list[Entry] = []
         wal = None
         if self._resumed_wal and Path(self._resumed_wal).exists():

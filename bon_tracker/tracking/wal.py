@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bon_tracker.files import append_whole, atomic_write_text
+from bon_tracker.files import LineFile, append_whole, atomic_write_text
 from bon_tracker.record import EvalRecord
 
 try:
@@ -72,6 +72,8 @@ class WriteAheadLog:
         self._lock_fd: int | None = None
         self._spec_text: str | None = None
         self._spec_lock = threading.Lock()
+        self._log = LineFile(self.path)  # appended by the training thread
+        self._acks = LineFile(self.acks_path)  # appended by the delivery worker
 
     @classmethod
     def new(cls, backend_name: str, directory: str | os.PathLike[str] | None = None) -> WriteAheadLog:
@@ -120,7 +122,8 @@ class WriteAheadLog:
         return "another process"
 
     def release(self) -> None:
-        """Give the lock back; remove the lock file once the log is gone."""
+        """Close the log and give the lock back; remove the lock file once the log is gone."""
+        self.close()
         if self._lock_fd is None:
             return
         if not self.path.exists():
@@ -161,8 +164,14 @@ class WriteAheadLog:
             line["record"] = entry.record.to_json()
         append_whole(self.dead_path, (json.dumps(line, allow_nan=True) + "\n").encode("utf-8"))
 
+    def close(self) -> None:
+        """Close the files this writer holds open."""
+        self._log.close()
+        self._acks.close()
+
     def remove(self) -> None:
         """Delete the log and its acks (everything was delivered); dead letters stay."""
+        self.close()
         for path in (self.path, self.acks_path, self.spec_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

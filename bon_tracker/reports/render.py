@@ -1,0 +1,179 @@
+"""Charts rendered to PNG in a helper process, so drawing never competes with training.
+
+Drawing a chart with matplotlib is a few hundred milliseconds of pure Python: on the
+delivery thread it would hold the GIL against the training thread (and every
+``log_scores`` call would wait for it). So backends ask :func:`render_png` for bytes, and
+one long-lived child process (``python -m bon_tracker.reports.render``, started on first
+use, shared by every backend of the process) draws them. The protocol is one JSON line in
+(chart name, records, options) and one framed reply out (status byte, length, payload);
+the child exits when its stdin closes, so it never outlives the training process.
+
+Set ``BON_TRACKER_CHART_PROCESS=0`` to draw in this process instead (the fallback too
+when the child cannot start or dies: charts are then drawn here, and that is logged once).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from typing import IO, Any
+
+from bon_tracker.optional import require_installed
+from bon_tracker.record import EvalRecord
+
+logger = logging.getLogger("bon_tracker")
+
+CHARTS = ("curve", "overlay", "trend", "rl")
+_FRAME = struct.Struct("<cQ")  # status (b"P" png, b"E" error), payload length
+
+
+class ChartError(RuntimeError):
+    """The chart itself failed to draw (bad data, a bug): drawing elsewhere would not help."""
+
+
+def draw_png(chart: str, records: Sequence[EvalRecord], options: dict[str, Any] | None = None) -> bytes:
+    """Draw one chart here (in this process) and return its PNG bytes."""
+    import io
+
+    from bon_tracker.reports import charts
+
+    builders = {
+        "curve": lambda: charts.curve_chart(records[-1], **(options or {})),
+        "overlay": lambda: charts.overlay_chart(records, **(options or {})),
+        "trend": lambda: charts.trend_chart(records, **(options or {})),
+        "rl": lambda: charts.rl_chart(records, **(options or {})),
+    }
+    if chart not in builders:
+        raise ChartError(f"unknown chart {chart!r}: one of {', '.join(CHARTS)}")
+    figure = builders[chart]()
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, format="png")  # a Figure built without pyplot: nothing global
+    finally:
+        figure.clear()
+    return buffer.getvalue()
+
+
+class ChartProcess:
+    """The child process that draws, and the lock that keeps one request in flight."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, MPLBACKEND="Agg", BON_TRACKER_CHART_PROCESS="0")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "bon_tracker.reports.render"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # a Ctrl-C meant for training does not kill it mid-chart
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def render(self, chart: str, records: Sequence[EvalRecord], options: dict[str, Any]) -> bytes:
+        request = {"chart": chart, "records": [r.to_json() for r in records], "options": options}
+        line = (json.dumps(request, allow_nan=True, separators=(",", ":")) + "\n").encode("utf-8")
+        with self._lock:
+            assert self._process.stdin is not None and self._process.stdout is not None
+            self._process.stdin.write(line)
+            self._process.stdin.flush()
+            status, payload = _read_frame(self._process.stdout)
+        if status == b"E":
+            raise ChartError(payload.decode("utf-8", errors="replace"))
+        return payload
+
+    def close(self) -> None:
+        if self._process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()  # the child exits at EOF
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+
+
+def _read_frame(stream: IO[bytes]) -> tuple[bytes, bytes]:
+    header = stream.read(_FRAME.size)
+    if len(header) < _FRAME.size:
+        raise BrokenPipeError("the chart process closed its output")
+    status, length = _FRAME.unpack(header)
+    payload = stream.read(length)
+    if len(payload) < length:
+        raise BrokenPipeError("the chart process closed its output mid-reply")
+    return status, payload
+
+
+_PROCESS: ChartProcess | None = None
+_PROCESS_LOCK = threading.Lock()
+_FELL_BACK = False
+
+
+def _chart_process() -> ChartProcess | None:
+    global _PROCESS, _FELL_BACK
+    if os.environ.get("BON_TRACKER_CHART_PROCESS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    with _PROCESS_LOCK:
+        if _PROCESS is not None and _PROCESS.alive:
+            return _PROCESS
+        if _FELL_BACK:
+            return None
+        try:
+            _PROCESS = ChartProcess()
+            atexit.register(_PROCESS.close)
+        except OSError as err:
+            _fall_back(f"cannot start the chart process ({err})")
+            return None
+        return _PROCESS
+
+
+def _fall_back(why: str) -> None:
+    global _FELL_BACK
+    if not _FELL_BACK:
+        logger.warning("bon_tracker: %s; charts are drawn in this process from now on", why)
+    _FELL_BACK = True
+
+
+def render_png(chart: str, records: Sequence[EvalRecord], **options: Any) -> bytes:
+    """PNG bytes of ``chart`` (``curve``: the last record's best-of-n curve; ``overlay``,
+    ``trend``, ``rl``: views over ``records``), drawn in the chart process.
+
+    Raises :class:`ChartError` if the chart cannot be drawn from these records, and
+    ``MissingDependencyError`` when matplotlib is not installed.
+    """
+    require_installed("matplotlib", "charts")
+    process = _chart_process()
+    if process is not None:
+        try:
+            return process.render(chart, records, options)
+        except (OSError, ValueError) as err:  # the child died or its pipe broke: draw here instead
+            _fall_back(f"the chart process failed ({type(err).__name__}: {err})")
+    return draw_png(chart, records, options)
+
+
+def _serve() -> None:
+    """The child: draw each request from stdin, reply on stdout, exit at EOF."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    for line in stdin:
+        try:
+            request = json.loads(line)
+            records = [EvalRecord.from_json(r) for r in request["records"]]
+            status, payload = b"P", draw_png(request["chart"], records, request.get("options") or {})
+        except Exception as err:  # reported to the caller as a ChartError, never a dead child
+            status, payload = b"E", f"{type(err).__name__}: {err}".encode()
+        stdout.write(_FRAME.pack(status, len(payload)) + payload)
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    _serve()
