@@ -9,7 +9,11 @@ _FRAMEWORK_OF = {
     "transformers": "transformers",
     "trl": "trl",
     "lightning": "lightning",
+    "verl": "verl",
 }
 collect_ignore = [
     f"integrations/{module}.py" for module, dep in _FRAMEWORK_OF.items() if not importlib.util.find_spec(dep)
 ]
+# verl pins an older transformers: its tests run in .venv-verl (scripts/verl_env.sh, called by scripts/test.sh)
+if not importlib.util.find_spec("verl"):
+    collect_ignore.append("tests/verl")

@@ -173,11 +173,12 @@ def _open_batches(
     batch_rows: int,
     progress: _Progress,
     counts: dict[str, int],
+    reader: Callable[..., Iterator[ScoreBatch]] = read_score_batches,
 ) -> Iterator[ScoreBatch]:
     counts["rows"] = counts["omitted"] = 0
     for path in files:
         pending = [0]
-        batches = read_score_batches(
+        batches = reader(
             path,
             columns,
             fmt=fmt,
@@ -232,6 +233,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     config = _config(args)
     files = [Path(f) for f in args.files]
+    reader: Callable[..., Iterator[ScoreBatch]] = read_score_batches
+    if args.preset == "verl":  # verl's trainer.validation_data_dir dumps, as they are
+        from bon_tracker.analysis import verl_dumps
+
+        files = verl_dumps.dump_files(args.files)
+        reader = verl_dumps.read_dump_batches
     for path in files:
         if not path.is_file():
             raise ScoreFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
@@ -246,6 +253,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         require_step=args.step_col is not None,
         require_run=args.run_col is not None,
     )
+    if args.preset == "verl":
+        columns = verl_dumps.dump_columns(files[0], args.true_col)
     total = sum(p.stat().st_size for p in files)
     enabled = not args.quiet and sys.stderr.isatty()
     counts: dict[str, int] = {}
@@ -255,7 +264,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
         bars.append(_Progress(total, "reading" if len(bars) == 0 else "re-reading", enabled))
-        return _open_batches(files, columns, args.format, config.nan_policy, args.batch_rows, bars[-1], counts)
+        return _open_batches(files, columns, args.format, config.nan_policy, args.batch_rows, bars[-1], counts, reader)
 
     def on_ungrouped(key: tuple) -> None:
         run, step, prompt = key
@@ -267,7 +276,15 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         )
 
     try:
-        curves, info = curves_from_batches(open_batches, ns=config.ns, on_ungrouped=on_ungrouped)
+        if args.engine == "ray":  # Ray Data: the cluster ray.init() finds ($RAY_ADDRESS), else a local one
+            from bon_tracker.analysis.ray_engine import ray_curves
+
+            curves, info = ray_curves(
+                files, columns, ns=config.ns, nan_policy=config.nan_policy, fmt=args.format, preset=args.preset
+            )
+            counts.update(rows=info["rows"], omitted=sum(info["omitted"].values()))
+        else:
+            curves, info = curves_from_batches(open_batches, ns=config.ns, on_ungrouped=on_ungrouped)
     finally:
         for bar in bars:
             bar.close()
@@ -618,7 +635,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-col", metavar="NAME", help="run column: one run per value (default: 'run' if present, else one run)"
     )
     cols.add_argument("--format", choices=FORMATS, help="input format, if the file names do not tell")
+    cols.add_argument(
+        "--preset",
+        choices=("verl",),
+        help="verl: files or folders of verl's trainer.validation_data_dir dumps ({step}.jsonl): "
+        "uid -> prompt, score -> proxy, step from the row or the file name; name the true reward with --true-col",
+    )
     computing = analyze.add_argument_group("computation")
+    computing.add_argument(
+        "--engine",
+        choices=("stream", "ray"),
+        default="stream",
+        help="stream: this process, bounded memory (default); ray: Ray Data workers on the cluster "
+        "ray.init() finds ($RAY_ADDRESS) or a local one, for Parquet/JSONL dumps beyond one machine",
+    )
     computing.add_argument(
         "--ns",
         type=_parse_ns,

@@ -1,0 +1,151 @@
+"""verl: best-of-n curves of every validation, in the metrics verl's own loggers show.
+
+verl's trainers end each validation in ``_val_metrics_update(data_sources, sample_uids,
+reward_extra_infos_dict, ...)`` with every sample's scores at hand: ``reward`` (the proxy)
+and the extra keys the reward function returns (e.g. ``gold``, the true reward). The
+:class:`BonValidation` mixin groups the samples by ``uid`` (one prompt), logs the curves
+with a :class:`BonTracker` and adds the ``bon/*`` scalars to the returned dict, so verl logs
+them at its step to every logger it has (wandb, mlflow, tensorboard, swanlab, console, file).
+
+``register()`` adds ``bon_<mode>`` next to each of verl's v1 trainer modes (``bon_sync``...):
+select one with ``trainer.v1.trainer_mode=bon_sync``. It must run in verl's TaskRunner
+actor; Ray's ``worker_process_setup_hook`` does that (the recipe is docs/verl.md)::
+
+    python -m verl.trainer.main_ppo ... trainer.v1.trainer_mode=bon_sync +bon_tracker.true_key=gold \\
+        +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=bon_tracker.integrations.verl.register
+
+Options live in the ``bon_tracker`` section of verl's config: ``true_key`` (required),
+``proxy_key`` (default ``reward``), and any :func:`~bon_tracker.tracking.config.resolve_config`
+key (``backend``, ``ns``, ``key_prefix``, ``mlflow: {...}``...). Without a ``backend``, the
+curves' charts and tables go to the run of verl's own ``wandb`` or ``mlflow`` logger when it
+has one, else to a local run folder. The legacy ``RayPPOTrainer`` takes the mixin directly:
+``class MyTrainer(BonValidation, RayPPOTrainer)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from bon_tracker.backends import BACKENDS
+from bon_tracker.optional import require
+from bon_tracker.tracking.config import resolve_config
+from bon_tracker.tracking.tracker import BonTracker
+
+verl_v1 = require("verl.trainer.ppo.v1", "verl")
+omegaconf = require("omegaconf", "verl")
+
+logger = logging.getLogger("bon_tracker")
+
+MODE_PREFIX = "bon_"
+_ADAPTER_KEYS = ("proxy_key", "true_key")
+
+
+def validation_scores(
+    sample_uids: Sequence[Any], reward_extra_infos_dict: Mapping[str, Sequence[Any]], proxy_key: str, true_key: str
+) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Per-prompt ``(proxy rows, true rows, samples dropped)``: samples grouped by ``uid`` in order of
+    first appearance; a sample whose proxy or true value is None (verl's padding for a key the reward
+    function did not return for it) is dropped."""
+    proxy_values, true_values = reward_extra_infos_dict[proxy_key], reward_extra_infos_dict[true_key]
+    if not len(proxy_values) == len(true_values) == len(sample_uids):
+        raise ValueError(
+            f"{len(sample_uids)} uids, {len(proxy_values)} {proxy_key!r} and {len(true_values)} {true_key!r} values"
+        )
+    groups: dict[Any, tuple[list[float], list[float]]] = {}
+    dropped = 0
+    for uid, p, t in zip(sample_uids, proxy_values, true_values):
+        if p is None or t is None:
+            dropped += 1
+            continue
+        rows = groups.setdefault(uid, ([], []))
+        rows[0].append(float(p))
+        rows[1].append(float(t))
+    return [np.asarray(p) for p, _ in groups.values()], [np.asarray(t) for _, t in groups.values()], dropped
+
+
+class BonValidation:
+    """Mixin for a verl PPO trainer (v1 ``PPOTrainer`` subclasses and the legacy ``RayPPOTrainer``)."""
+
+    base_mode: str | None = None  # the verl trainer mode a registered ``bon_<mode>`` class runs as
+    _bon_tracker: BonTracker | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        config = kwargs.get("config", args[0] if args else None)
+        if self.base_mode is not None and config is not None:  # verl branches on the mode's own name
+            with omegaconf.read_write(config), omegaconf.open_dict(config):
+                config.trainer.v1.trainer_mode = self.base_mode
+        super().__init__(*args, **kwargs)
+
+    def _val_metrics_update(self, data_sources, sample_uids, reward_extra_infos_dict, *args, **kwargs):
+        metrics = super()._val_metrics_update(data_sources, sample_uids, reward_extra_infos_dict, *args, **kwargs)
+        metrics.update(self.bon_metrics(sample_uids, reward_extra_infos_dict))
+        return metrics
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            if self._bon_tracker is not None:
+                self._bon_tracker.finish()
+
+    def bon_metrics(self, sample_uids: Sequence[Any], reward_extra_infos_dict: Mapping[str, Any]) -> dict[str, float]:
+        """Log this validation's curves at ``self.global_steps``; their scalars for verl's metrics."""
+        options = self._bon_options()
+        proxy_key, true_key = options.pop("proxy_key", "reward"), options.pop("true_key", None)
+        missing = [k for k in (proxy_key, true_key) if k not in reward_extra_infos_dict]
+        if true_key is None or missing:
+            logger.warning(
+                "bon_tracker: no best-of-n curves: %s (the reward extra keys are %s); return the true reward "
+                "from compute_score, e.g. {'score': proxy, 'gold': true}, and set +bon_tracker.true_key=gold",
+                "bon_tracker.true_key is not set" if true_key is None else f"no {missing[0]!r} values",
+                sorted(reward_extra_infos_dict),
+            )
+            return {}
+        proxy, true, dropped = validation_scores(sample_uids, reward_extra_infos_dict, proxy_key, true_key)
+        if not proxy:
+            logger.warning("bon_tracker: no sample has a %r value at step %d", true_key, self.global_steps)
+            return {}
+        if self._bon_tracker is None:
+            self._bon_tracker = BonTracker(**self._bon_tracker_kwargs(options))
+        context = {"samples_without_true": dropped} if dropped else {}
+        if self._bon_tracker.log_scores(int(self.global_steps), proxy, true, **context) is None:
+            return {}  # this step was logged already
+        return self._bon_tracker.history[-1].scalars()
+
+    def _bon_options(self) -> dict[str, Any]:
+        section = self.config.get("bon_tracker", None)
+        return {} if section is None else dict(omegaconf.OmegaConf.to_container(section, resolve=True))
+
+    def _bon_tracker_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Tracker options: the ``bon_tracker`` section; without a backend there (or in the environment or
+        config file), the backend of verl's own ``wandb``/``mlflow`` logger, attached to its run."""
+        config = resolve_config(**options)
+        if config.sources["backend"] == "default":
+            verl_loggers = self.config.trainer.get("logger", None) or []
+            verl_loggers = [verl_loggers] if isinstance(verl_loggers, str) else list(verl_loggers)
+            ours = next((name for name in verl_loggers if name in BACKENDS and name != "local"), None)
+            if ours is not None:
+                config = resolve_config(**{**options, "backend": ours})
+        kwargs = config.tracker_kwargs()
+        if kwargs.get("run_name") is None:
+            kwargs["run_name"] = self.config.trainer.get("experiment_name", None)
+        return kwargs
+
+
+def register() -> dict[str, type]:
+    """Register ``bon_<mode>`` for each of verl's v1 trainer modes (safe to call again); returns them.
+
+    The target of Ray's ``worker_process_setup_hook``, so it runs in verl's TaskRunner actor.
+    """
+    registry = verl_v1.trainer_base.TRAINER_REGISTRY
+    for name, cls in list(registry.items()):
+        if name.startswith(MODE_PREFIX) or issubclass(cls, BonValidation) or MODE_PREFIX + name in registry:
+            continue
+        doc = f"verl's {name!r} trainer with best-of-n curves at each validation (:class:`BonValidation`)."
+        attrs = {"base_mode": name, "__module__": __name__, "__doc__": doc}
+        verl_v1.register_trainer(MODE_PREFIX + name)(type(f"Bon{cls.__name__}", (BonValidation, cls), attrs))
+    return {name: cls for name, cls in registry.items() if name.startswith(MODE_PREFIX)}
