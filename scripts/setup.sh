@@ -16,6 +16,5 @@ if [ "${FORCE_SETUP:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WA
   exit 0
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-# playwright: the browser test drives the system Chromium with it (never `playwright install`).
-.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]' playwright
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
 echo "$WANT" > "$STAMP"

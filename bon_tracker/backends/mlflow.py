@@ -412,7 +412,11 @@ class MlflowBackend(Backend):
         if self._run_id is not None or self._bound_run_id is not None:
             return
         mlflow = sys.modules.get("mlflow")  # never imported here just to look
-        active = mlflow.active_run() if mlflow is not None else None
+        active_run = getattr(mlflow, "active_run", None)  # absent while the worker is still importing mlflow
+        try:
+            active = active_run() if active_run is not None else None
+        except Exception:  # mlflow half imported by the delivery thread: no run of the caller's yet
+            active = None
         if active is not None:
             self._bound_run_id = active.info.run_id
 
