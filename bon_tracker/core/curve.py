@@ -14,7 +14,8 @@ from bon_tracker.core.accumulator import (
     empty_curve_stats,
     merge_curve_stats,
 )
-from bon_tracker.core.kl import KlMode, _discrete_kl_sorted, check_kl_mode, kl_bon
+from bon_tracker.core.kl import KlMode, _discrete_kl_sorted, check_kl_mode, counted_level_kl, kl_bon
+from bon_tracker.core.levels import LevelCounts, LevelWeights, concat_level_counts, count_levels, same_array
 from bon_tracker.core.ranking import BlockRanker, NonFiniteInput, block_rows, blocks_by_length, dense_blocks
 from bon_tracker.core.threads import BlasTurns, map_in_order, single_threaded_blas, thread_count
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores, sample_counts
@@ -24,6 +25,8 @@ from bon_tracker.core.weights import RankWeights, ScanWeights
 # weights built block by block (ScanWeights) instead of as one dense matrix.
 SCAN_MIN_N = 1 << 14
 SCAN_MAX_PROMPTS = 64
+# Blocks with few proxy levels are reduced this many at a time (one work item).
+LEVEL_GROUP = 8
 
 
 def default_ns(N: int) -> np.ndarray:
@@ -164,6 +167,14 @@ def _stats_of_groups(groups, n_arr: np.ndarray, kl_mode: KlMode, workers: int, *
     return total
 
 
+def _counted(p: np.ndarray, t: np.ndarray, same: bool, check_finite: bool) -> LevelCounts | None:
+    """The block counted by proxy level when it has few levels (:mod:`bon_tracker.core.levels`), else None."""
+    counts = count_levels(p, (None, None) if same else (t, None))
+    if counts is not None and check_finite and not same and not np.isfinite(counts.score_means[0]).all():
+        raise NonFiniteInput  # a non-finite score, or finite ones whose sum overflows
+    return counts
+
+
 def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
     P, N = p.shape
     cols = grid[grid <= N]
@@ -171,10 +182,16 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
         yield replace(empty_curve_stats(grid), N=N, n_samples=P * N, n_prompts=P)
         return
     bound = np.asarray(kl_bon(cols), dtype=np.float64)
+    same = same_array(p, t)
+    level_weights = LevelWeights(N, cols)
     if N > SCAN_MIN_N and P <= SCAN_MAX_PROMPTS:
         scan = ScanWeights(N, cols)
         positions = scan.positions().ravel()
         for row in range(P):
+            counts = _counted(p[row : row + 1], t[row : row + 1], same, check_finite)
+            if counts is not None:
+                yield _level_block_stats(counts, level_weights, cols, bound, kl_mode, N)
+                continue
             ranker = BlockRanker(1, N)
             ranked = ranker.rank(p[row : row + 1], t[row : row + 1], check_finite=check_finite)
             estimates = _scan_estimates(scan, ranked.stacked, positions, cols, workers, turns)
@@ -183,7 +200,7 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
     weights = RankWeights(N, cols)
     local = threading.local()
 
-    def work(rows: slice) -> CurveStats:
+    def sorted_stats(rows: slice) -> CurveStats:
         ranker = getattr(local, "ranker", None)
         if ranker is None:
             ranker = local.ranker = BlockRanker(block_rows(N), N)
@@ -194,8 +211,31 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
             estimates = weights.apply_stacked(ranked.stacked, out=local.out[: 2 * m])
         return _block_stats(ranked, estimates, cols, bound, kl_mode, N)
 
+    def work(blocks: list[slice]) -> list[CurveStats]:
+        """Each block counted by level or sorted; consecutive counted blocks share one reduction."""
+        parts: list[CurveStats] = []
+        counted: list[LevelCounts] = []
+        for rows in blocks:
+            counts = _counted(p[rows], t[rows], same, check_finite)
+            if counts is not None:
+                counted.append(counts)
+                continue
+            if counted:
+                parts.append(_level_block_stats(concat_level_counts(counted), level_weights, cols, bound, kl_mode, N))
+                counted = []
+            parts.append(sorted_stats(rows))
+        if counted:
+            parts.append(_level_block_stats(concat_level_counts(counted), level_weights, cols, bound, kl_mode, N))
+        return parts
+
     blocks = dense_blocks(P, N)
-    yield from map_in_order(work, blocks, min(workers, len(blocks)))
+    # Work items: one block each, or LEVEL_GROUP consecutive blocks when the first block has few
+    # proxy levels (counting a block is cheap next to reducing it). Either partition depends on
+    # the input only, never on the thread count.
+    size = LEVEL_GROUP if _counted(p[blocks[0]], t[blocks[0]], same, check_finite) is not None else 1
+    items = [blocks[i : i + size] for i in range(0, len(blocks), size)]
+    for parts in map_in_order(work, items, min(workers, len(items))):
+        yield from parts
 
 
 def _scan_estimates(scan, stacked, positions, cols, workers, turns) -> np.ndarray:
@@ -226,6 +266,19 @@ def _block_stats(ranked, estimates: np.ndarray, cols: np.ndarray, bound: np.ndar
         kl = kl.copy()
         kl[ranked.tied] = _discrete_kl_sorted(ranked.proxy[ranked.tied], ranked.new_group, cols, kl_mode)
     return curve_stats_update(cols, true_est, proxy_est, kl, N=N, has_ties=has_ties, n_samples=m * N)
+
+
+def _level_block_stats(counts: LevelCounts, weights: LevelWeights, cols, bound, kl_mode, N: int) -> CurveStats:
+    """As :func:`_block_stats`, for a block counted by proxy level."""
+    masses = weights.masses(counts)
+    true_est, proxy_est = weights.estimates(counts, masses)
+    m = counts.counts.shape[0]
+    kl = np.broadcast_to(bound, true_est.shape)
+    tied = counts.tied
+    if len(tied) and kl_mode != "continuous":
+        kl = kl.copy()
+        kl[tied] = counted_level_kl(counts.counts[tied], counts.below[tied], N, cols, kl_mode)
+    return curve_stats_update(cols, true_est, proxy_est, kl, N=N, has_ties=len(tied) > 0, n_samples=m * N)
 
 
 def bon_curve(

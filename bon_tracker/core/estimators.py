@@ -4,30 +4,56 @@ from __future__ import annotations
 
 import numpy as np
 
-from bon_tracker.core.ranking import iter_ranked_blocks
+from bon_tracker.core.levels import LevelWeights, count_levels, same_array
+from bon_tracker.core.ranking import BlockRanker, block_rows, blocks_by_length, dense_blocks
 from bon_tracker.core.validation import NanPolicy, check_ns, paired_scores, sample_counts
 from bon_tracker.core.weights import RankWeights, ScanWeights
 
 
 def estimate_per_prompt(proxy, score, ns: np.ndarray) -> np.ndarray:
-    """Validated (dense or ragged) input -> ``(P, len(ns))``, NaN where n > N_p."""
+    """Validated (dense or ragged) input -> ``(P, len(ns))``, NaN where n > N_p.
+
+    Blocks whose proxy takes few distinct values are counted by level
+    (:mod:`bon_tracker.core.levels`); the others are sorted.
+    """
     out = np.full((len(sample_counts(proxy)), len(ns)), np.nan)
-    weights: dict[int, tuple[np.ndarray, RankWeights]] = {}
-    for prompts, ranked in iter_ranked_blocks(proxy, score):
-        if ranked.N not in weights:
-            cols = np.flatnonzero(ns <= ranked.N)
-            huge = ranked.N * len(cols) > RankWeights.DENSE_LIMIT
-            weights[ranked.N] = (cols, (ScanWeights if huge else RankWeights)(ranked.N, ns[cols]))
-        cols, rank_weights = weights[ranked.N]
-        if isinstance(rank_weights, ScanWeights):
+    for index, p, s in _dense_groups(proxy, score):
+        N = p.shape[1]
+        cols = np.flatnonzero(ns <= N)
+        same = same_array(p, s)
+        level_weights = LevelWeights(N, ns[cols])
+        ranker = BlockRanker(block_rows(N), N)
+        huge = N * len(cols) > RankWeights.DENSE_LIMIT
+        rank_weights = (ScanWeights if huge else RankWeights)(N, ns[cols])
+        if huge:
             positions = rank_weights.positions().ravel()
             shape = (1, rank_weights.n_blocks, rank_weights.R, rank_weights.SEGMENTS)
-            rows = [rank_weights.apply_layout(row.take(positions).reshape(shape)) for row in ranked.score]
-            estimates = np.vstack(rows)
-        else:
-            (estimates,) = rank_weights.apply(ranked.score)
-        put_rows(out, prompts, cols, estimates)
+        for rows in dense_blocks(*p.shape):
+            prompts = rows if index is None else index[rows]
+            counts = count_levels(p[rows], (None,) if same else (s[rows],))
+            if counts is not None:
+                (estimates,) = level_weights.estimates(counts)
+                put_rows(out, prompts, cols, estimates)
+                continue
+            ranked = ranker.rank(p[rows], s[rows], check_finite=False)
+            if huge:
+                rows_out = [rank_weights.apply_layout(r.take(positions).reshape(shape)) for r in ranked.score]
+                estimates = np.vstack(rows_out)
+            else:
+                (estimates,) = rank_weights.apply(ranked.score)
+            put_rows(out, prompts, cols, estimates)
     return out
+
+
+def _dense_groups(proxy, score):
+    """``(index, proxy, score)`` per dense group: the input itself, or ragged rows grouped by length."""
+    if isinstance(proxy, np.ndarray):
+        p = np.ascontiguousarray(proxy)
+        yield None, p, np.ascontiguousarray(score)
+        return
+    for idx in blocks_by_length(proxy).values():
+        p = np.stack([proxy[i] for i in idx])
+        yield idx, p, (p if score is proxy else np.stack([score[i] for i in idx]))
 
 
 def put_rows(out: np.ndarray, prompts: slice | np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:

@@ -106,6 +106,13 @@ def level_kl(
     return np.maximum(out, 0.0)
 
 
+def counted_level_kl(counts: np.ndarray, below: np.ndarray, N: int, ns: np.ndarray, kl_mode: KlMode) -> np.ndarray:
+    """:func:`level_kl` of prompts counted by proxy level: ``(P, L)`` counts and samples below -> ``(P, len(ns))``."""
+    present = counts > 0
+    rows = np.nonzero(present)[0]
+    return level_kl(rows, below[present], counts[present], N, ns, counts.shape[0], kl_mode)
+
+
 def _discrete_kl_sorted(
     sorted_proxy: np.ndarray, new_group: np.ndarray, ns: np.ndarray, kl_mode: KlMode = "discrete"
 ) -> np.ndarray:
