@@ -2,6 +2,25 @@
 
 A record is plain data (JSON round-trips exactly), so the same record can be
 written by any backend, spooled to disk when a service is down and replayed later.
+
+Metric names (:func:`metric_key`; ``bon`` is the key prefix, n zero-padded)::
+
+    bon/1_true/n0016          true reward of best-of-n, per n
+    bon/2_proxy/n0016         proxy reward of best-of-n, per n
+    bon/3_gap/n0016           proxy - true, per n
+    bon/4_goodhart/n, /kl     the fitted Goodhart point (when the fit peaks)
+    bon/4_goodhart/n_low, /n_high, /kl_low, /kl_high, /gain, /gain_low, /gain_high
+                              its 95 % interval from resampling prompts (bounds up to 1e30 only)
+    bon/5_policy/kl, /true, /proxy   the trained policy itself (when its KL is given)
+    bon/6_kl/n0016            KL of best-of-n per n (only when the proxy has ties)
+    bon/7_alert/<rule>        1 while the rule's alert is active, else 0 (every enabled rule)
+    bon/8_agreement/top1, /top0_5, /top0_25, ...
+                              Spearman rank agreement of proxy and true among each prompt's top
+                              q of samples by proxy, mean over prompts (``.`` written ``_``: W&B
+                              reads dots as nesting); text order is numeric order of q
+    bon/context/<key>         the user's numeric extras
+
+Sections are numbered so that the UIs, which sort by name, show the true reward first.
 """
 
 from __future__ import annotations
@@ -16,11 +35,32 @@ from typing import Any
 
 import numpy as np
 
-from bon_tracker.core import BonCurve, OveroptimizationFit, fit_overoptimization
+from bon_tracker.core import (
+    Alert,
+    AlertCleared,
+    BonCurve,
+    GoodhartInterval,
+    OveroptimizationFit,
+    TopAgreement,
+    fit_overoptimization,
+)
 
 logger = logging.getLogger("bon_tracker")
 
 TABLE_NAME = "bon_curves"
+PREDICTIONS_TABLE = "bon_predictions"  # the fitted law beyond the measured n, every row marked predicted
+PREDICTION_COLUMNS = (
+    "step",
+    "n",
+    "kl",
+    "predicted",
+    "true_mean",
+    "true_mean_low",
+    "true_mean_high",
+    "proxy_mean",
+    "proxy_mean_low",
+    "proxy_mean_high",
+)
 TABLE_COLUMNS = (
     "step",
     "n",
@@ -48,7 +88,11 @@ METRIC_SECTIONS = {
     "goodhart": "4_goodhart",  # the fitted Goodhart point: n, kl
     "policy": "5_policy",  # the trained policy itself: kl, true, proxy
     "kl": "6_kl",  # KL of best-of-n per n: only when the proxy has ties
+    "alert": "7_alert",  # alert states, 0/1 per enabled rule
+    "agreement": "8_agreement",  # top-q rank agreement of proxy and true
 }
+MAX_SCALAR = 1e30  # interval bounds past this (a fit that barely bends) are left out of the scalars
+INTERVAL_FIELDS = ("n_low", "n_high", "kl_low", "kl_high", "gain", "gain_low", "gain_high")
 EXTRAPOLATION_LIMIT = 1.5  # a Goodhart point past 1.5x the largest measured KL is "beyond the measured range"
 N_DIGITS = 4  # n0001 ... n9999 sort numerically as text; a larger n keeps all its digits
 
@@ -73,6 +117,16 @@ def metric_key(kind: str, leaf: int | str, prefix: str = "bon") -> str:
         raise ValueError(f"unknown metric kind {kind!r}; expected one of {', '.join(METRIC_SECTIONS)}")
     name = n_label(leaf) if isinstance(leaf, int) and not isinstance(leaf, bool) else str(leaf)
     return f"{prefix}/{METRIC_SECTIONS[kind]}/{name}"
+
+
+def agreement_label(q: float) -> str:
+    """The leaf of a top-q agreement metric: ``top`` and q with ``_`` for the decimal point
+    (W&B reads ``.`` in a key as nesting); as text these sort in the numeric order of q.
+
+    >>> [agreement_label(q) for q in (1.0, 0.5, 0.25, 0.0625)]
+    ['top1', 'top0_5', 'top0_25', 'top0_0625']
+    """
+    return "top" + f"{float(q):g}".replace(".", "_")
 
 
 def curve_image_key(prefix: str = "bon") -> str:
@@ -165,6 +219,11 @@ class EvalRecord:
     timestamp: float = field(default_factory=time.time)
     proxy_name: str = "proxy"  # reward names, for chart labels
     true_name: str = "true"
+    interval: GoodhartInterval | None = None  # the Goodhart point with intervals from resampling prompts
+    agreement: TopAgreement | None = None  # top-q rank agreement (dense input only)
+    predictions: tuple[dict[str, Any], ...] | None = None  # rows of the bon_predictions table
+    alerts: tuple[Alert | AlertCleared, ...] = ()  # alert onsets and clears at this step
+    alert_states: dict[str, int] | None = None  # rule -> 1 while active, 0 otherwise (enabled rules)
 
     @classmethod
     def build(
@@ -177,6 +236,11 @@ class EvalRecord:
         key_prefix: str = "bon",
         proxy_name: str = "proxy",
         true_name: str = "true",
+        interval: GoodhartInterval | None = None,
+        agreement: TopAgreement | None = None,
+        predictions: Sequence[dict[str, Any]] | None = None,
+        alerts: Sequence[Alert | AlertCleared] = (),
+        alert_states: dict[str, int] | None = None,
     ) -> EvalRecord:
         goodhart = None
         # Ragged prompts: fit only the n that every prompt reaches, so that all points of
@@ -202,6 +266,11 @@ class EvalRecord:
             key_prefix=key_prefix,
             proxy_name=proxy_name,
             true_name=true_name,
+            interval=interval,
+            agreement=agreement,
+            predictions=None if predictions is None else tuple(dict(row) for row in predictions),
+            alerts=tuple(alerts),
+            alert_states=None if alert_states is None else {str(k): int(v) for k, v in alert_states.items()},
         )
 
     # ---- what appears in the tracking UI -------------------------------------------
@@ -212,7 +281,9 @@ class EvalRecord:
         ``{prefix}/5_policy/kl``, ``/true``, ``/proxy`` when the policy's KL is known;
         ``{prefix}/6_kl/n0016`` only when the proxy has ties (otherwise KL is the formula
         ``log n − (n−1)/n``, a function of n alone, and it is in the curve table anyway);
-        ``{prefix}/context/{key}`` for the user's numeric extras."""
+        ``{prefix}/4_goodhart/n_low`` ... ``/gain_high``: the interval's finite bounds;
+        ``{prefix}/7_alert/{rule}`` (0/1) for every enabled rule; ``{prefix}/8_agreement/top0_25``
+        ...; ``{prefix}/context/{key}`` for the user's numeric extras."""
         pre, c = self.key_prefix, self.curve
         out: dict[str, float] = {}
         for kind, values in (("true", c.true_mean), ("proxy", c.proxy_mean), ("gap", c.proxy_mean - c.true_mean)):
@@ -228,6 +299,17 @@ class EvalRecord:
         if c.has_ties:
             for n, value in zip(c.n.tolist(), c.kl.tolist()):
                 out[metric_key("kl", n, pre)] = float(value)
+        if self.interval is not None:
+            for name in INTERVAL_FIELDS:
+                value = float(getattr(self.interval, name))
+                if abs(value) <= MAX_SCALAR:  # n_high = inf ("maybe no peak") is no metric value
+                    out[metric_key("goodhart", name, pre)] = value
+        for rule, state in (self.alert_states or {}).items():
+            out[metric_key("alert", rule, pre)] = float(state)
+        if self.agreement is not None:
+            for q, mean in zip(self.agreement.q, self.agreement.mean):
+                if math.isfinite(mean):
+                    out[metric_key("agreement", agreement_label(q), pre)] = float(mean)
         for key, value in self.context.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 out[f"{pre}/context/{key}"] = float(value)
@@ -271,6 +353,17 @@ class EvalRecord:
         """Rows of the ``bon_curves`` table for this step (columns ``TABLE_COLUMNS``)."""
         return [{"step": self.step, **row, "gap": row["proxy_mean"] - row["true_mean"]} for row in self.curve.rows()]
 
+    def prediction_rows(self) -> list[dict[str, Any]]:
+        """Rows of the ``bon_predictions`` table (columns ``PREDICTION_COLUMNS``): true and proxy
+        predicted by the fitted law at n beyond the measured grid, with intervals; every row has
+        ``predicted=True`` (values at measured n are in ``bon_curves``). Empty without predictions."""
+        return [{"step": self.step, **row} for row in (self.predictions or ()) if row.get("predicted")]
+
+    @property
+    def onsets(self) -> list[Alert]:
+        """The alerts that started at this step."""
+        return [event for event in self.alerts if isinstance(event, Alert)]
+
     # ---- spooling --------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
@@ -283,6 +376,11 @@ class EvalRecord:
             "timestamp": self.timestamp,
             "proxy_name": self.proxy_name,
             "true_name": self.true_name,
+            "interval": None if self.interval is None else self.interval.to_dict(),
+            "agreement": None if self.agreement is None else self.agreement.to_dict(),
+            "predictions": None if self.predictions is None else [dict(row) for row in self.predictions],
+            "alerts": [event.to_dict() for event in self.alerts],
+            "alert_states": None if self.alert_states is None else dict(self.alert_states),
         }
 
     @classmethod
@@ -297,4 +395,16 @@ class EvalRecord:
             timestamp=float(data.get("timestamp", 0.0)),
             proxy_name=data.get("proxy_name", "proxy"),
             true_name=data.get("true_name", "true"),
+            # written by bon_tracker with alerts (older records lack them: None / empty)
+            interval=None if data.get("interval") is None else GoodhartInterval(**data["interval"]),
+            agreement=None
+            if data.get("agreement") is None
+            else TopAgreement(**{k: tuple(v) for k, v in data["agreement"].items()}),
+            predictions=None if data.get("predictions") is None else tuple(dict(r) for r in data["predictions"]),
+            alerts=tuple(_alert_event(e) for e in data.get("alerts") or ()),
+            alert_states=None if data.get("alert_states") is None else dict(data["alert_states"]),
         )
+
+
+def _alert_event(data: dict[str, Any]) -> Alert | AlertCleared:
+    return AlertCleared(**data) if data.get("kind") == "clear" else Alert(**data)

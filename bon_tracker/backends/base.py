@@ -68,8 +68,10 @@ class Backend(ABC):
     def finish(self) -> None:  # noqa: B027
         """Flush and close what this backend opened (never a run it attached to)."""
 
-    def alert(self, title: str, text: str, level: str = "WARN") -> None:  # noqa: B027
-        """Raise the service's native alert, where it has one (W&B, trackio)."""
+    def alert(self, title: str, text: str, level: str = "WARN", *, step: int | None = None) -> None:  # noqa: B027
+        """Raise the service's native alert, where it has one (W&B, trackio). Called by the
+        delivery worker after :meth:`log_eval` delivered the record of ``step`` that holds the
+        alert's onset; a failure is logged, not retried."""
 
     def classify(self, error: BaseException) -> str:
         """``"config"``, ``"rejected"`` or ``"transient"`` for an error of :meth:`log_eval`.

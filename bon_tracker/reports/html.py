@@ -20,6 +20,9 @@ figure { margin: 0 0 1em; }
 figcaption { color: #555; font-size: 0.85em; }
 .summary { font-size: 1.05em; background: #f6faf6; border-left: 4px solid #2ca02c; padding: 0.5em 0.8em; }
 .note { color: #555; font-size: 0.9em; }
+.alerts { background: #fff6f0; border-left: 4px solid #d62728; padding: 0.4em 0.8em 0.4em 2em; }
+.alerts li { margin: 0.3em 0; }
+.predicted { color: #666; font-style: italic; }
 """
 
 
@@ -63,6 +66,38 @@ def goodhart_summary(record: EvalRecord) -> str:
     )
 
 
+def alerts_section(records: Sequence[EvalRecord]) -> str:
+    """Every alert onset of the run, one sentence each, and when it cleared; "" without alerts."""
+    cleared = {(e.rule, e.onset_step): e.step for r in records for e in r.alerts if e.kind == "clear"}
+    items = []
+    for record in records:
+        for alert in record.onsets:
+            until = cleared.get((alert.rule, alert.step))
+            note = f" <span class='note'>(cleared at step {until})</span>" if until is not None else ""
+            items.append(f"<li data-rule='{html.escape(alert.rule)}'>{html.escape(alert.message)}{note}</li>")
+    if not items:
+        return ""
+    active = sorted({rule for rule, state in (records[-1].alert_states or {}).items() if state})
+    now = f" Active at the latest step: {', '.join(active)}." if active else " None is active at the latest step."
+    return (
+        f"<h2>Alerts</h2><p class='note'>{len(items)} alert(s) fired during training.{now}</p>"
+        f"<ul id='alerts' class='alerts'>{''.join(items)}</ul>"
+    )
+
+
+def _interval_text(record: EvalRecord) -> str:
+    """How sure the Goodhart point is: its interval from resampling prompts."""
+    i = record.interval
+    if i is None or record.goodhart is None:
+        return ""
+    pct = f"{100 * i.level:g} %"
+    high = "no peak in sight" if not math.isfinite(i.n_high) else f"{i.n_high:.3g}"
+    return (
+        f" {pct} interval from resampling the {i.n_prompts} prompts: n* from {i.n_low:.3g} to {high}, "
+        f"KL* from {i.kl_low:.3g} to {_fmt(i.kl_high, 3)} nats, peak gain {i.gain_low:+.3g} to {_fmt(i.gain_high, 3)}."
+    )
+
+
 def _goodhart_cells(record: EvalRecord) -> tuple[str, str]:
     g, status = record.goodhart, record.goodhart_status()
     if g is None or status == "none":
@@ -91,7 +126,8 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
             else ""
         )
         + ".</p>",
-        f"<p id='goodhart-summary' class='summary'>{goodhart_summary(last)}</p>",
+        f"<p id='goodhart-summary' class='summary'>{goodhart_summary(last)}{html.escape(_interval_text(last))}</p>",
+        alerts_section(records),
         _img(
             charts / f"curve_step_{last.step:09d}.png",
             f"best-of-n curve at step {last.step}",
@@ -111,21 +147,38 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
     parts.append("".join(f"<th>{col}</th>" for col in columns) + "</tr>")
     for row in c.rows():
         parts.append("<tr>" + "".join(f"<td>{_fmt(row[col])}</td>" for col in columns) + "</tr>")
+    for row in last.prediction_rows():  # the fitted law beyond the measured n, marked as such
+        cells = {"n": f"{row['n']} (predicted)", "kl": _fmt(row["kl"]), "kl_bound": _fmt(row["kl"])}
+        cells["true_mean"] = f"{_fmt(row['true_mean'])} [{_fmt(row['true_mean_low'])}, {_fmt(row['true_mean_high'])}]"
+        cells["proxy_mean"] = (
+            f"{_fmt(row['proxy_mean'])} [{_fmt(row['proxy_mean_low'])}, {_fmt(row['proxy_mean_high'])}]"
+        )
+        parts.append("<tr class='predicted'>" + "".join(f"<td>{cells.get(col, '–')}</td>" for col in columns) + "</tr>")
     parts.append(
         "</table><h2>Over training</h2><table id='steps-table'><tr><th>step</th><th>true@1</th>"
-        f"<th>true@{c.n[-1]}</th><th>proxy@{c.n[-1]}</th><th>Goodhart n*</th><th>Goodhart KL*</th></tr>"
+        f"<th>true@{c.n[-1]}</th><th>proxy@{c.n[-1]}</th><th>Goodhart n*</th><th>n* interval</th>"
+        "<th>Goodhart KL*</th><th>agreement top 1/4</th><th>alerts</th></tr>"
     )
     for r in records:
         ns = r.curve.n.tolist()
         top = len(ns) - 1
         t1 = _fmt(float(r.curve.true_mean[ns.index(1)])) if 1 in ns else "–"
         gn, gk = _goodhart_cells(r)
+        span = "–" if r.interval is None else f"{_fmt(r.interval.n_low, 3)}–{_fmt(r.interval.n_high, 3)}"
+        agree = "–"
+        if r.agreement is not None and 0.25 in r.agreement.q:
+            at = r.agreement.q.index(0.25)
+            agree = f"{_fmt(r.agreement.mean[at], 3)} ± {_fmt(r.agreement.se[at], 2)}"
+        fired = ", ".join(a.rule for a in r.onsets) or ""
         parts.append(
             f"<tr><td>{r.step}</td><td>{t1}</td><td>{_fmt(float(r.curve.true_mean[top]))}</td>"
-            f"<td>{_fmt(float(r.curve.proxy_mean[top]))}</td><td>{gn}</td><td>{gk}</td></tr>"
+            f"<td>{_fmt(float(r.curve.proxy_mean[top]))}</td><td>{gn}</td><td>{span}</td><td>{gk}</td>"
+            f"<td>{agree}</td><td>{html.escape(fired)}</td></tr>"
         )
     parts.append(
-        "</table><p class='note'>Tables: bon_curves.csv / bon_curves.jsonl in the run folder. "
+        "</table><p class='note'>Tables: bon_curves.csv / bon_curves.jsonl in the run folder; predicted rows "
+        "(the fitted law beyond the measured n, with 95 % intervals) in bon_predictions.csv; alerts in "
+        "alerts.jsonl. n* interval: 95 % from resampling prompts (∞: maybe no peak). "
         "Estimator: unbiased all-subsets best-of-n (Nakano et al. 2021); fit: Gao et al. 2022.</p>"
     )
     parts.append("</body></html>")

@@ -59,8 +59,8 @@ def resamples_for(n_prompts: int) -> int:
 
 
 def prediction_ns(curve: BonCurve, interval: GoodhartInterval | None) -> list[int]:
-    """Where to predict: 2N and 4N, then powers of two up to the predicted Goodhart n* (and n*
-    itself) when it lies beyond, at most ``MAX_PREDICTED_N``.
+    """Where to predict: 2N and 4N; when the Goodhart point is significant (its interval is
+    bounded) and lies beyond, powers of 4 up to it and n* itself, at most ``MAX_PREDICTED_N``.
 
     >>> from bon_tracker.core import bon_curve
     >>> prediction_ns(bon_curve(np.eye(8), np.eye(8)), None)
@@ -68,13 +68,14 @@ def prediction_ns(curve: BonCurve, interval: GoodhartInterval | None) -> list[in
     """
     N = int(curve.n.max())
     targets = {2 * N, 4 * N}
-    n_star = float(interval.n) if interval is not None else math.nan
-    if math.isfinite(n_star) and n_star > 4 * N:
-        n = 8 * N
-        while n < min(n_star, MAX_PREDICTED_N):
+    significant = interval is not None and math.isfinite(interval.n_high)
+    if significant and interval.n > 4 * N:
+        n_star = min(float(interval.n), MAX_PREDICTED_N)
+        n = 16 * N
+        while n < n_star:
             targets.add(n)
-            n *= 2
-        targets.add(int(min(round(n_star), MAX_PREDICTED_N)))
+            n *= 4
+        targets.add(round(n_star))
     return sorted(t for t in targets if t <= MAX_PREDICTED_N)
 
 
