@@ -380,7 +380,7 @@ def _peak_rss_kib(args: list[str], cwd: Path) -> tuple[int, dict]:
     """Run the installed ``bon-tracker`` in a fresh parent process; return the child's
     peak resident memory (KiB) and its JSON summary."""
     script = shutil.which("bon-tracker", path=str(Path(sys.executable).parent))
-    command = [script] if script else [sys.executable, "-m", "bon_tracker.cli.main"]
+    command = [script] if script else [sys.executable, "-m", "bon_tracker.cli"]
     probe = (
         "import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, "
         "text=True); print(json.dumps({'rc': r.returncode, 'out': r.stdout, 'err': r.stderr, "
