@@ -123,7 +123,7 @@ def add_parser(commands: Any) -> None:
         ),
     )
     sync.add_argument(
-        "spool_files", nargs="*", metavar="SPOOL_FILE", help="write-ahead logs (default: every *.jsonl in the log folder)"
+        "spool_files", nargs="*", metavar="LOG_FILE", help="write-ahead logs (default: every *.jsonl in the folder)"
     )
     _add_config(sync)
     sync.add_argument(
