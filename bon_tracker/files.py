@@ -38,7 +38,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     no temporary file is left behind, whatever fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # The name does not contain the target's: readers that pick files by name (TensorBoard
+    # reads anything with "tfevents" in it) never see a half-written file.
+    tmp = path.with_name(f".bon_tracker-{uuid.uuid4().hex[:12]}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:

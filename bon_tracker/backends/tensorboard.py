@@ -40,7 +40,6 @@ import os
 import re
 import struct
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundError, classify_common
+from bon_tracker.files import atomic_write_bytes
 from bon_tracker.optional import MissingDependencyError, require
 from bon_tracker.record import EvalRecord, curve_image_key
 
@@ -159,20 +159,6 @@ def _png_size(png: bytes) -> tuple[int, int]:
     return width, height
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # The temporary name lacks "tfevents", so TensorBoard never reads a partial file.
-    tmp = path.with_name(f".{FILE_MARK}-{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 class TensorBoardBackend(Backend):
     """Writes eval records as TensorBoard event files into a log dir.
 
@@ -249,7 +235,7 @@ class TensorBoardBackend(Backend):
         if key in self._written:
             logger.debug("bon_tracker: %s already holds %s step %d; skipped", log_dir, record.key_prefix, record.step)
             return
-        _atomic_write_bytes(log_dir / step_file_name(record), self._event_bytes(record))
+        atomic_write_bytes(log_dir / step_file_name(record), self._event_bytes(record))
         self._written.add(key)
 
     def _open(self) -> Path:
