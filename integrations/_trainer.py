@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bon_tracker.optional import require
+from bon_tracker.tracking.alerting import alerts_that_stop, check_stop_on_alert
 from bon_tracker.tracking.config import resolve_config
 from bon_tracker.tracking.tracker import BonTracker
 
@@ -43,15 +44,30 @@ class TrainerTracking(transformers.TrainerCallback):
     and reopened when training resumes from one, so a resumed run continues the same
     tracking run and never logs a step twice. A tracker passed in is the caller's: it is
     saved too, but not reopened or finished here.
+
+    ``stop_on_alert`` (True: any rule; or rule names) stops training the Trainer's own way,
+    ``control.should_training_stop``, at the evaluation where such an alert starts.
     """
 
-    def __init__(self, tracker: BonTracker | None, kl_keys: Sequence[str], tracker_kwargs: dict[str, Any]):
-        if tracker is not None and tracker_kwargs:
-            raise TypeError(f"pass either tracker= or tracker options, not both (got {sorted(tracker_kwargs)})")
+    def __init__(
+        self,
+        tracker: BonTracker | None,
+        kl_keys: Sequence[str],
+        tracker_kwargs: dict[str, Any],
+        *,
+        stop_on_alert: bool | Sequence[str] = False,
+        on_alert: Any = None,
+    ):
+        if tracker is not None and (tracker_kwargs or on_alert is not None):
+            given = sorted([*tracker_kwargs, *(["on_alert"] if on_alert is not None else [])])
+            raise TypeError(f"pass either tracker= or tracker options, not both (got {given})")
+        self.stop_on_alert = check_stop_on_alert(stop_on_alert)
         # bon_tracker.yaml and BON_TRACKER_* apply here too; explicit options win.
         config = resolve_config(**tracker_kwargs)
         self.eval_every = config.eval_every
         self._tracker_kwargs = config.tracker_kwargs()
+        if on_alert is not None:
+            self._tracker_kwargs["on_alert"] = on_alert
         self._owns_tracker = tracker is None
         self.tracker = tracker if tracker is not None else BonTracker(**self._tracker_kwargs)
         self.kl_keys = tuple(kl_keys)
@@ -89,8 +105,18 @@ class TrainerTracking(transformers.TrainerCallback):
         scores = self.eval_scores(args, state, **kwargs)
         if scores is None:
             return
-        self._live().log_scores(state.global_step, *scores, policy_kl=self._policy_kl)
+        tracker = self._live()
+        seen = len(tracker.alerts)
+        tracker.log_scores(state.global_step, *scores, policy_kl=self._policy_kl)
         self._policy_kl = None
+        stopping = alerts_that_stop(tracker.alerts[seen:], self.stop_on_alert)
+        if stopping and self._in_training:
+            logger.warning(
+                "bon_tracker: stopping training at step %d on the %s alert (stop_on_alert)",
+                state.global_step,
+                ", ".join(a.rule for a in stopping),
+            )
+            control.should_training_stop = True
         if not self._in_training and self._owns_tracker:
             self._close(args)
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bon_tracker.optional import require
+from bon_tracker.tracking.alerting import alerts_that_stop, check_stop_on_alert
 from bon_tracker.tracking.config import resolve_config
 from bon_tracker.tracking.tracker import BonTracker
 
@@ -48,6 +49,9 @@ class BonTrackerCallback(pl.Callback):
         true_key: key of the true scores.
         kl_metric: name of a logged metric (``self.log(name, ...)``) holding the policy's
             KL to its reference; recorded with each eval as the RL point.
+        stop_on_alert: stop training (``trainer.should_stop``) when an alert starts: True for
+            any rule, or a list of rule names (e.g. ``["goodhart_kl"]``).
+        on_alert: called with each :class:`~bon_tracker.core.Alert` at its onset.
         **tracker_kwargs: options of :class:`BonTracker` (``backend="mlflow"``, ``root=...``).
     """
 
@@ -58,10 +62,15 @@ class BonTrackerCallback(pl.Callback):
         proxy_key: str = "bon_proxy",
         true_key: str = "bon_true",
         kl_metric: str | None = None,
+        stop_on_alert: bool | Sequence[str] = False,
+        on_alert: Callable[[Any], Any] | None = None,
         **tracker_kwargs: Any,
     ):
-        if tracker is not None and tracker_kwargs:
-            raise TypeError(f"pass either tracker= or tracker options, not both (got {sorted(tracker_kwargs)})")
+        if tracker is not None and (tracker_kwargs or on_alert is not None):
+            given = sorted([*tracker_kwargs, *(["on_alert"] if on_alert is not None else [])])
+            raise TypeError(f"pass either tracker= or tracker options, not both (got {given})")
+        self.stop_on_alert = check_stop_on_alert(stop_on_alert)
+        self._on_alert = on_alert
         self.tracker = tracker
         self._owns_tracker = tracker is None
         self._tracker_kwargs = dict(tracker_kwargs)
@@ -94,7 +103,17 @@ class BonTrackerCallback(pl.Callback):
             return
         kl = trainer.callback_metrics.get(self.kl_metric) if self.kl_metric else None
         kl = float(kl) if kl is not None and math.isfinite(float(kl)) else None
-        self._tracker(trainer).log_scores(trainer.global_step, proxy, true, policy_kl=kl)
+        tracker = self._tracker(trainer)
+        seen = len(tracker.alerts)
+        tracker.log_scores(trainer.global_step, proxy, true, policy_kl=kl)
+        stopping = alerts_that_stop(tracker.alerts[seen:], self.stop_on_alert)
+        if stopping and not trainer.sanity_checking and trainer.state.fn == "fit":
+            logger.warning(
+                "bon_tracker: stopping training at step %d on the %s alert (stop_on_alert)",
+                trainer.global_step,
+                ", ".join(a.rule for a in stopping),
+            )
+            trainer.should_stop = True
 
     # ---- the tracking run -----------------------------------------------------------------------
     def _tracker(self, trainer: Any) -> BonTracker:
@@ -103,6 +122,8 @@ class BonTrackerCallback(pl.Callback):
             # the logger's run beats the config file, not an explicit option
             options.update({k: v for k, v in self._logger_run(trainer).items() if k not in self._tracker_kwargs})
             state = self._saved_state if trainer.is_global_zero else None  # other ranks never write
+            if self._on_alert is not None:
+                options["on_alert"] = self._on_alert
             self.tracker = BonTracker(**options, resume=state)
         return self.tracker
 

@@ -55,7 +55,11 @@ class BonTrackerCallback(TrainerTracking):
         batch_size: prompts per ``generate`` call.
         kl_keys: log keys holding the policy's KL to its reference; the latest value is
             recorded with the next eval as the RL point.
-        **tracker_kwargs: options of :class:`BonTracker` (``backend="mlflow"``, ``root=...``).
+        stop_on_alert: stop training (``control.should_training_stop``) when an alert starts:
+            True for any rule, or a list of rule names (e.g. ``["goodhart_kl"]``).
+        on_alert: called with each :class:`~bon_tracker.core.Alert` at its onset.
+        **tracker_kwargs: options of :class:`BonTracker` (``backend="mlflow"``, ``root=...``,
+            ``alerts={"fall_z": 2.5}`` or ``alerts=False``).
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class BonTrackerCallback(TrainerTracking):
         tokenizer: Any = None,
         batch_size: int = 8,
         kl_keys: Sequence[str] = KL_KEYS,
+        stop_on_alert: bool | Sequence[str] = False,
+        on_alert: Callable[[Any], Any] | None = None,
         **tracker_kwargs: Any,
     ):
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -78,7 +84,7 @@ class BonTrackerCallback(TrainerTracking):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         if not (callable(proxy_fn) and callable(true_fn)):
             raise TypeError("proxy_fn and true_fn must be callables (prompts, completions) -> list of floats")
-        super().__init__(tracker, kl_keys, tracker_kwargs)
+        super().__init__(tracker, kl_keys, tracker_kwargs, stop_on_alert=stop_on_alert, on_alert=on_alert)
         self.prompts = list(prompts)
         self.proxy_fn, self.true_fn = proxy_fn, true_fn
         self.num_samples = num_samples

@@ -51,7 +51,11 @@ class BonTrackerCallback(TrainerTracking):
             ``true_fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns)``
             with every eval sample of this process at once; returns one float per completion.
         kl_keys: log keys holding the policy's per-token KL to its reference (TRL's ``kl``).
-        **tracker_kwargs: options of :class:`BonTracker` (``backend="mlflow"``, ``root=...``).
+        stop_on_alert: stop training (``control.should_training_stop``) when an alert starts:
+            True for any rule, or a list of rule names (e.g. ``["goodhart_kl"]``).
+        on_alert: called with each :class:`~bon_tracker.core.Alert` at its onset.
+        **tracker_kwargs: options of :class:`BonTracker` (``backend="mlflow"``, ``root=...``,
+            ``alerts={"fall_z": 2.5}`` or ``alerts=False``).
 
     Each process must hold whole groups: keep ``per_device_eval_batch_size`` a multiple
     of ``num_generations_eval`` (TRL only asks that of the global batch).
@@ -64,6 +68,8 @@ class BonTrackerCallback(TrainerTracking):
         reward_funcs: Callable | Sequence[Callable],
         true_fn: Callable[..., Sequence[float]],
         kl_keys: Sequence[str] = KL_KEYS,
+        stop_on_alert: bool | Sequence[str] = False,
+        on_alert: Callable[[Any], Any] | None = None,
         **tracker_kwargs: Any,
     ):
         funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
@@ -71,7 +77,7 @@ class BonTrackerCallback(TrainerTracking):
             raise TypeError("reward_funcs must be callables; wrap a reward model in a function that scores texts")
         if not callable(true_fn):
             raise TypeError("true_fn must be a callable with TRL's reward-function signature")
-        super().__init__(tracker, kl_keys, tracker_kwargs)
+        super().__init__(tracker, kl_keys, tracker_kwargs, stop_on_alert=stop_on_alert, on_alert=on_alert)
         self.true_fn = true_fn
         self.reward_funcs = [self._recording(i, f) for i, f in enumerate(funcs)]
         self._pending: dict[int, dict[str, Any]] = {}  # batches scored since the last prediction step

@@ -361,3 +361,29 @@ def test_prediction_columns_are_stable_and_curve_table_unchanged():
     assert "predicted" not in TABLE_COLUMNS  # predictions are their own table: bon_curves keeps its columns
     curve = bon_curve(np.eye(4), np.eye(4), ns=[1, 4])
     assert EvalRecord.build(0, curve).prediction_rows() == []
+
+
+def test_charts_show_the_interval_predictions_agreement_and_alerts(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bon_tracker.reports import charts
+
+    model = SimulationModel(rho=0.8, gamma=0.267, noise=0.5)
+    rng = np.random.default_rng(5)
+    prompts = model.draw_prompts(256, rng)
+    with BonTracker("local", root=tmp_path, charts=False) as tracker:
+        for i, lam in enumerate([0.0, 0.4, 0.8, 1.2, 1.6]):
+            tracker.log_scores(i, *model.sample(prompts, 32, lam, rng), policy_kl=lam**2 / 2)
+    first = tracker.history[0]
+    fig = charts.curve_chart(first)
+    labels = [t.get_text() for ax in fig.axes for legend in [ax.get_legend()] if legend for t in legend.get_texts()]
+    assert "KL* 95 % interval" in labels
+    assert sum(label.startswith("predicted at n = 64, 128") for label in labels) == 2  # true and proxy panels
+    band = next(p for p in fig.axes[0].patches if p.get_label() == "KL* 95 % interval")
+    x0, x1 = band.get_x(), band.get_x() + band.get_width()
+    assert (x0, x1) == pytest.approx((first.interval.kl_low, first.interval.kl_high))
+    trend = charts.trend_chart(tracker.history)
+    assert len(trend.axes) == 4 and trend.axes[3].get_ylabel().startswith("rank agreement")
+    onsets = sorted({a.step for a in tracker.alerts})
+    assert onsets
+    lines = [line.get_xdata()[0] for line in trend.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert sorted(set(lines)) == onsets

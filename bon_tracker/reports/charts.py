@@ -15,7 +15,11 @@ Conventions shared by every chart:
 * the Goodhart point (the fitted peak of true reward) is a star labelled with its n and
   KL: filled within the measured range, hollow when extrapolated, and not drawn at all
   when it lies far beyond (:meth:`EvalRecord.goodhart_status` ``"beyond"``): a note
-  says so instead.
+  says so instead; its 95 % interval from resampling prompts is a green band on the KL
+  axis (and a vertical bar on n* over training);
+* predicted values (the fitted law beyond the measured n, :attr:`EvalRecord.predictions`)
+  are hollow markers on a dotted line with their interval, "predicted" in the legend;
+* top-q rank agreement of proxy and true is its own panel over training, ±1 SE.
 """
 
 from __future__ import annotations
@@ -251,6 +255,8 @@ def curve_chart(
         )
     else:
         _note(ax_true, goodhart_text(record))
+    _interval_band((ax_true, ax_proxy), record, sqrt_kl, max_kl)
+    _predicted_points(ax_true, ax_proxy, record, sqrt_kl, max_kl)
 
     ax_true.set_ylabel(f"{true_label}\nof best-of-n")
     ax_proxy.set_ylabel(f"{proxy_label}\nof best-of-n")
@@ -264,6 +270,54 @@ def curve_chart(
         title or f"Best-of-n at step {record.step}  ({int(c.n_prompts.max())} prompts, N = {c.N}{ties})", fontsize=11
     )
     return fig
+
+
+PREDICTED_KL_LIMIT = 1.6  # predicted points are drawn up to this many times the largest measured KL
+
+
+def _interval_band(axes: Sequence[Axes], record: EvalRecord, sqrt_kl: bool, max_kl: float) -> None:
+    """KL*'s interval as a green band, clipped to what is drawn; nothing when it is degenerate."""
+    i = record.interval
+    if i is None or record.goodhart_status() not in ("measured", "extrapolated"):
+        return
+    low, high = i.kl_low, min(i.kl_high, PREDICTED_KL_LIMIT * max_kl)
+    if not (math.isfinite(low) and high > low):
+        return
+    x0, x1 = _x(np.array([low, high]), sqrt_kl)
+    open_end = "" if math.isfinite(i.kl_high) and i.kl_high <= high else ", open-ended"
+    for k, ax in enumerate(axes):
+        ax.axvspan(
+            x0,
+            x1,
+            color=GOODHART_COLOR,
+            alpha=0.12,
+            linewidth=0,
+            zorder=0,
+            label=f"KL* {100 * i.level:g} % interval{open_end}" if k == 0 else None,
+        )
+
+
+def _predicted_points(ax_true: Axes, ax_proxy: Axes, record: EvalRecord, sqrt_kl: bool, max_kl: float) -> None:
+    """The fitted law beyond the measured n: hollow markers, dotted, with interval bars."""
+    rows = [r for r in record.prediction_rows() if r["kl"] <= PREDICTED_KL_LIMIT * max_kl]
+    if not rows:
+        return
+    x = _x(np.array([r["kl"] for r in rows]), sqrt_kl)
+    for ax, key, color in ((ax_true, "true_mean", TRUE_COLOR), (ax_proxy, "proxy_mean", PROXY_COLOR)):
+        mean = np.array([r[key] for r in rows])
+        err = np.abs(np.array([[r[key] - r[f"{key}_low"] for r in rows], [r[f"{key}_high"] - r[key] for r in rows]]))
+        ax.errorbar(
+            x,
+            mean,
+            yerr=err,
+            fmt="o:",
+            color=color,
+            markerfacecolor="white",
+            markersize=5,
+            capsize=3,
+            linewidth=1.2,
+            label=f"predicted at n = {', '.join(str(r['n']) for r in rows)} (fit, 95 % interval)",
+        )
 
 
 def overlay_chart(
@@ -387,8 +441,12 @@ def trend_chart(
     each with ±1 SE bands and one colour per n, and the Goodhart point's n* (bottom)."""
     records = sorted(records, key=lambda r: r.step)
     proxy_label, true_label = _names(records, proxy_name, true_name)
-    fig = _figure(7.5, 7.2)
-    ax_true, ax_proxy, ax_n = _reward_axes(fig, 3, (1.3, 1.0, 0.8))
+    agreement = any(r.agreement is not None for r in records)
+    fig = _figure(7.5, 9.0 if agreement else 7.2)
+    if agreement:
+        ax_true, ax_proxy, ax_n, ax_agree = _reward_axes(fig, 4, (1.3, 1.0, 0.8, 0.8))
+    else:
+        ax_true, ax_proxy, ax_n = _reward_axes(fig, 3, (1.3, 1.0, 0.8))
     steps = np.array([r.step for r in records])
     grid = records[-1].curve.n.tolist()
     ns = list(ns) if ns is not None else sorted({1, grid[len(grid) // 2], grid[-1]})
@@ -403,10 +461,88 @@ def trend_chart(
     ax_true.set_title("Best-of-n reward over training")
     ax_true.legend(fontsize=7, loc="best", title="best-of-n", title_fontsize=7)
     _goodhart_panel(ax_n, [(None, GOODHART_COLOR, records)])
+    _n_interval_bars(ax_n, records)
+    _alert_marks((ax_true, ax_proxy, ax_n), records)
     ax_n.set_ylabel("Goodhart point n*")
-    ax_n.set_xlabel("training step")
-    for ax in (ax_true, ax_proxy, ax_n):
+    axes = [ax_true, ax_proxy, ax_n]
+    if agreement:
+        agreement_panel(ax_agree, records)
+        axes.append(ax_agree)
+    axes[-1].set_xlabel("training step")
+    for ax in axes:
         ax.grid(alpha=0.3)
+    return fig
+
+
+def _n_interval_bars(ax: Axes, records: Sequence[EvalRecord]) -> None:
+    """n*'s interval at each step where the point is drawn; an open end reaches the top edge."""
+    drawn = [
+        (r, r.interval)
+        for r in records
+        if r.interval is not None and r.goodhart_status() in ("measured", "extrapolated")
+    ]
+    if not drawn:
+        return
+    top = ax.get_ylim()[1]
+    highs = [i.n_high for _, i in drawn if math.isfinite(i.n_high)]
+    if highs and ax.get_yscale() == "linear" and max(highs) <= 3 * top:
+        top = max(top, 1.05 * max(highs))  # the bars fit, unless one is far off the scale
+    for r, i in drawn:
+        high = i.n_high if math.isfinite(i.n_high) and i.n_high <= top else top
+        ax.plot([r.step, r.step], [max(i.n_low, 1.0), high], "-", color=GOODHART_COLOR, alpha=0.45, linewidth=3)
+    ax.set_ylim(top=top)
+
+
+def _alert_marks(axes: Sequence[Axes], records: Sequence[EvalRecord]) -> None:
+    """A red dashed line at each alert onset (the report says what each one means)."""
+    steps = sorted({a.step for r in records for a in r.onsets})
+    for k, step in enumerate(steps):
+        for j, ax in enumerate(axes):
+            ax.axvline(
+                step,
+                color=PROXY_COLOR,
+                linestyle="--",
+                linewidth=0.9,
+                alpha=0.7,
+                label="alert onset" if k == 0 and j == 0 else None,
+            )
+    if steps:
+        axes[0].legend(fontsize=7, loc="best", title="best-of-n", title_fontsize=7)
+
+
+def agreement_panel(ax: Axes, records: Sequence[EvalRecord]) -> None:
+    """Top-q rank agreement (Spearman) of proxy and true over training: one line per q, ±1 SE."""
+    with_data = [r for r in records if r.agreement is not None]
+    if not with_data:
+        _placeholder(ax, "no rank agreement (ragged input: prompts with different N)")
+        return
+    qs = sorted({q for r in with_data for q in r.agreement.q}, reverse=True)
+    for i, q in enumerate(qs):
+        points = [
+            (r.step, r.agreement.mean[r.agreement.q.index(q)], r.agreement.se[r.agreement.q.index(q)])
+            for r in with_data
+            if q in r.agreement.q
+        ]
+        steps, mean, se = (np.array(v, dtype=float) for v in zip(*points))
+        label = "all samples" if q == 1 else f"top {_fraction(q)}"
+        _band(ax, steps, mean, se, RUN_COLORS[i % len(RUN_COLORS)], label, markersize=3)
+    ax.set_ylabel("rank agreement\n(Spearman, ±1 SE)")
+    ax.legend(fontsize=7, loc="best", title="by proxy, per prompt", title_fontsize=7)
+
+
+def _fraction(q: float) -> str:
+    """``0.25`` -> ``1/4``: how the top fractions read."""
+    return f"1/{round(1 / q)}" if q > 0 and abs(1 / q - round(1 / q)) < 1e-9 else f"{q:g}"
+
+
+def agreement_chart(records: Sequence[EvalRecord]) -> Figure:
+    """Top-q rank agreement of proxy and true over training, on its own."""
+    fig = _figure(7.5, 3.6)
+    ax = fig.add_subplot()
+    agreement_panel(ax, sorted(records, key=lambda r: r.step))
+    ax.set_xlabel("training step")
+    ax.set_title("Does the proxy still order the samples selection chooses between?")
+    ax.grid(alpha=0.3)
     return fig
 
 

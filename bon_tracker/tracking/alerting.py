@@ -37,6 +37,7 @@ from bon_tracker.core import (
     predict_curve,
     topq_agreement,
 )
+from bon_tracker.core.alerts import RULES
 
 logger = logging.getLogger("bon_tracker")
 
@@ -126,6 +127,29 @@ def alert_rules(alerts: AlertRules | Mapping[str, Any] | bool | None) -> AlertRu
     if isinstance(alerts, Mapping):
         return AlertRules.from_dict(alerts)
     raise TypeError(f"alerts must be None, False, an AlertRules or a mapping of settings, got {type(alerts).__name__}")
+
+
+def check_stop_on_alert(stop_on_alert: bool | Sequence[str]) -> bool | frozenset[str]:
+    """A trainer callback's ``stop_on_alert``: False, True (any rule) or rule names.
+
+    >>> sorted(check_stop_on_alert(["goodhart_kl"]))
+    ['goodhart_kl']
+    """
+    if isinstance(stop_on_alert, bool):
+        return stop_on_alert
+    if isinstance(stop_on_alert, str) or not isinstance(stop_on_alert, Sequence):
+        raise TypeError(f"stop_on_alert must be true/false or a list of rule names, got {stop_on_alert!r:.60}")
+    unknown = sorted(set(stop_on_alert) - set(RULES))
+    if unknown:
+        raise ValueError(f"stop_on_alert: unknown rule(s) {unknown}; known: {', '.join(RULES)}")
+    return frozenset(stop_on_alert)
+
+
+def alerts_that_stop(alerts: Sequence[Alert], stop_on_alert: bool | frozenset[str]) -> list[Alert]:
+    """The onsets among ``alerts`` that ``stop_on_alert`` (from :func:`check_stop_on_alert`) stops training on."""
+    if stop_on_alert is False:
+        return []
+    return [a for a in alerts if stop_on_alert is True or a.rule in stop_on_alert]
 
 
 # ---- one sentence per alert ------------------------------------------------------------------
