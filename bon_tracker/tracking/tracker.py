@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -337,17 +338,22 @@ class BonTracker:
         if self._delivery is None or self._wal is None:
             return
         timeout = self.finish_timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + timeout
         delivery, wal = self._delivery, self._wal
         idle = delivery.close(timeout)
         left = [e for e in delivery.leftover() if e.record is not None]
         stats = delivery.stats
-        if idle and not left and not stats.config_error:
-            idle = self._finish_backend(timeout)
-        if not left and idle and not stats.config_error:
-            wal.remove()
-        else:
-            self._append_finish_marker(wal)
+        closed = False
+        if left or stats.config_error:
+            self._append_finish_marker(wal)  # `bon-tracker sync` finishes the run once it delivered them
             self._report_left(left, stats, timeout)
+        elif idle:
+            # Closing the backend (W&B's run.finish, MLflow's run status) counts against the same timeout.
+            closed = self._finish_backend(max(deadline - time.monotonic(), 0.5))
+            if closed:
+                wal.remove()
+            else:
+                self._append_finish_marker(wal)
         if stats.dropped:
             logger.error(
                 "bon_tracker: %d eval record(s) were lost (steps %s): the disk refused the write-ahead log %s "
@@ -357,7 +363,7 @@ class BonTracker:
                 wal.path,
                 self._backend_name,
             )
-        if idle:
+        if idle and (closed or left or stats.config_error):
             wal.release()  # else a service call is still in flight: the lock goes with the process
 
     def __enter__(self) -> BonTracker:
@@ -469,12 +475,18 @@ class BonTracker:
         refuses the log never raises here: the record is then held in memory (bounded)."""
         delivery = self._open_delivery()
         assert self._wal is not None
-        self._backend.bind()  # thread-local context (an active run) is read on the caller's thread
+        try:
+            self._backend.bind()  # thread-local context (an active run) is read on the caller's thread
+            spec = self._backend.spec()
+        except Exception as err:  # a backend's own bug must not reach training: the worker reports it
+            logger.debug("bon_tracker: %s bind/spec failed: %s", self._backend_name, err)
+            spec = None
         entry = Entry(seq=self._next_seq, record=record)
         self._next_seq += 1
         try:
             self._wal.claim()
-            self._wal.write_spec(self._backend.spec())
+            if spec is not None:
+                self._wal.write_spec(spec)
             self._wal.append(entry)
             if self._warned_disk:
                 logger.warning("bon_tracker: the write-ahead log %s is writable again", self._wal.path)
