@@ -719,3 +719,13 @@ def test_sync_replays_to_an_mlflow_server_that_came_back(tmp_path, capsys, rng):
         assert code == EXIT_OK and "nothing to replay" in out
     finally:
         server.stop()
+
+
+def test_a_run_path_that_does_not_exist_is_an_error_naming_it_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in ("compare", "report"):
+        code, _, err = cli(capsys, command, "bon_runs/typo")
+        assert code == EXIT_USAGE and "bon_runs/typo: no such run folder or file" in err
+    code, _, err = cli(capsys, "report", "some-run-name")  # not a path: an MLflow run name, but no database here
+    assert code == EXIT_USAGE and "no MLflow database" in err
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns/, nothing
