@@ -10,7 +10,9 @@ Training raises both q (real progress, which saturates) and e (reward hacking, w
 keeps growing), so the policy's proxy score keeps rising while its true score peaks and
 falls. At each eval step the demo samples N completions for each of P prompts, logs
 them through BonTracker on the embedded local backend, and prints the best-of-n curve
-and its Goodhart point: the n past which best-of-n selection lowers the true reward.
+and its Goodhart point: the n past which best-of-n selection lowers the true reward, with
+its 95 % interval. Once the true reward turns, the tracker's alerts fire (printed below,
+and in the report's Alerts section).
 
     python examples/demo.py [--root bon_runs] [--steps 8] [--prompts 256] [--samples 64] [--new-run]
 
@@ -74,10 +76,18 @@ def main() -> None:
             print("\n" + curve_table(tracker.history[-1]))
 
     print("\nPolicy over training (n = 1): proxy keeps rising, true peaks and falls")
-    print(f"{'step':>6}{'policy KL':>11}{'true':>8}{'proxy':>8}{'n*':>8}")
+    print(f"{'step':>6}{'policy KL':>11}{'true':>8}{'proxy':>8}{'n*':>8}  {'95 % interval':<15}alerts")
     for r in tracker.history:
         n_star = f"{r.goodhart.n:.1f}" if r.goodhart else "–"
-        print(f"{r.step:>6}{r.policy.kl:>11.2f}{r.policy.true_mean:>8.3f}{r.policy.proxy_mean:>8.3f}{n_star:>8}")
+        span = f"{r.interval.n_low:.1f}–{r.interval.n_high:.1f}" if r.interval is not None else "–"
+        fired = ", ".join(a.rule for a in r.onsets)
+        print(
+            f"{r.step:>6}{r.policy.kl:>11.2f}{r.policy.true_mean:>8.3f}{r.policy.proxy_mean:>8.3f}{n_star:>8}  "
+            f"{span:<15}{fired}"
+        )
+    print(f"\nAlerts ({len(tracker.alerts)}):" if tracker.alerts else "\nNo alert fired.")
+    for alert in tracker.alerts:
+        print(f"  [{alert.rule}] {alert.message}")
     print()
     print("\n".join(where_to_look(tracker.backend)))
 

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +388,32 @@ def test_charts_show_the_interval_predictions_agreement_and_alerts(tmp_path):
     assert onsets
     lines = [line.get_xdata()[0] for line in trend.axes[0].get_lines() if line.get_linestyle() == "--"]
     assert sorted(set(lines)) == onsets
+
+
+def test_the_demo_shows_an_alert_and_the_report_explains_it(tmp_path):
+    import subprocess
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+    out = subprocess.run(
+        [sys.executable, str(demo), "--root", str(tmp_path), "--prompts", "128", "--samples", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert "\nAlerts (" in out
+    first = next(line for line in out.splitlines() if line.startswith("  [")).split("] ", 1)[1]
+    assert first.startswith("At step ")
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert "<h2>Alerts</h2>" in report and _unescape(report).count(first) == 1
+
+
+def test_agreement_past_2048_prompts_averages_an_even_subset():
+    from bon_tracker.tracking.alerting import MAX_AGREEMENT_PROMPTS, eval_statistics
+
+    rng = np.random.default_rng(6)
+    proxy = rng.normal(size=(3000, 8))
+    true = proxy + rng.normal(size=proxy.shape)
+    stats = eval_statistics(proxy, true, bon_curve(proxy, true))
+    assert stats.agreement.n_prompts[0] == MAX_AGREEMENT_PROMPTS == 2048
+    assert stats.interval.n_prompts == 3000  # the interval resamples every prompt

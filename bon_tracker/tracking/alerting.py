@@ -44,6 +44,7 @@ logger = logging.getLogger("bon_tracker")
 RESAMPLES = 1000  # bootstrap resamples of the interval and the predictions (calibrated at 1000)
 MIN_RESAMPLES = 200
 MAX_RESAMPLED = 2_000_000  # resamples x prompts: above it, fewer resamples (cost grows as B x P)
+MAX_AGREEMENT_PROMPTS = 2048  # agreement averages an evenly spaced subset past this many prompts (its cost ~ P N log N)
 MAX_PREDICTED_N = 1 << 20  # predictions stop here (about 13 nats), however far n* lies
 STATE_VERSION = 1
 
@@ -93,7 +94,8 @@ def eval_statistics(proxy: Any, true: Any, curve: BonCurve) -> EvalStatistics:
     """Interval, agreement and predictions for validated scores (a ``(P, N)`` array or ragged rows).
 
     The interval and predictions need n = 1 and two more n that every prompt reaches, and two
-    prompts; agreement needs dense input. What does not apply is None.
+    prompts; agreement needs dense input, and past ``MAX_AGREEMENT_PROMPTS`` prompts averages an
+    evenly spaced subset of them (``TopAgreement.n_prompts`` says how many). What does not apply is None.
     """
     dense = isinstance(proxy, np.ndarray)
     ns = curve.n
@@ -109,8 +111,11 @@ def eval_statistics(proxy: Any, true: Any, curve: BonCurve) -> EvalStatistics:
     except ValueError:  # no n = 1 on the grid, too few n or prompts to fit: no interval
         pass
     if dense:
+        rows = slice(None)
+        if proxy.shape[0] > MAX_AGREEMENT_PROMPTS:  # the SE (from the prompts used) says how sure it is
+            rows = np.unique(np.linspace(0, proxy.shape[0] - 1, MAX_AGREEMENT_PROMPTS).round().astype(np.int64))
         try:
-            agreement = topq_agreement(proxy, true)
+            agreement = topq_agreement(proxy[rows], true[rows])
         except ValueError:  # fewer than 4 samples per prompt
             agreement = None
     return EvalStatistics(interval, agreement, predictions)
