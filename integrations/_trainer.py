@@ -1,6 +1,6 @@
-"""The lifecycle shared by the ``Trainer`` callbacks (transformers, TRL): one tracking run per
-training run, the policy's KL from the trainer's logs, state saved in checkpoints and reopened
-on resume. Subclasses only say where an evaluation's scores come from."""
+"""What the ``Trainer`` callbacks (transformers, TRL) share: Trainer events translated into the
+tracking lifecycle (:mod:`bon_tracker.integrations._lifecycle`), the policy's KL from the
+trainer's logs, state in checkpoints. Subclasses only say where an evaluation's scores come from."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from bon_tracker.integrations._lifecycle import TrackerLifecycle
 from bon_tracker.optional import require
-from bon_tracker.tracking.alerting import alerts_that_stop, check_stop_on_alert
-from bon_tracker.tracking.config import resolve_config
 from bon_tracker.tracking.tracker import BonTracker
 
 transformers = require("transformers", "transformers")
@@ -37,13 +36,13 @@ def checkpoint_dir(args: Any, step: int) -> str:
 
 
 class TrainerTracking(transformers.TrainerCallback):
-    """Base of the Trainer callbacks: the tracker's lifecycle, the policy KL, checkpoints.
+    """Base of the Trainer callbacks: Trainer events -> the tracking lifecycle, the policy KL.
 
     Subclasses only say where an eval step's scores come from (:meth:`eval_scores`).
     A tracker built from ``tracker_kwargs`` is saved into every checkpoint (``on_save``)
-    and reopened when training resumes from one, so a resumed run continues the same
+    and continued when training resumes from one, so a resumed run continues the same
     tracking run and never logs a step twice. A tracker passed in is the caller's: it is
-    saved too, but not reopened or finished here.
+    saved too, but not replaced or finished here.
 
     ``stop_on_alert`` (True: any rule; or rule names) stops training the Trainer's own way,
     ``control.should_training_stop``, at the evaluation where such an alert starts.
@@ -58,23 +57,20 @@ class TrainerTracking(transformers.TrainerCallback):
         stop_on_alert: bool | Sequence[str] = False,
         on_alert: Any = None,
     ):
-        if tracker is not None and (tracker_kwargs or on_alert is not None):
-            given = sorted([*tracker_kwargs, *(["on_alert"] if on_alert is not None else [])])
-            raise TypeError(f"pass either tracker= or tracker options, not both (got {given})")
-        self.stop_on_alert = check_stop_on_alert(stop_on_alert)
-        # bon_tracker.yaml and BON_TRACKER_* apply here too; explicit options win.
-        config = resolve_config(**tracker_kwargs)
-        self.eval_every = config.eval_every
-        self._tracker_kwargs = config.tracker_kwargs()
-        if on_alert is not None:
-            self._tracker_kwargs["on_alert"] = on_alert
-        self._owns_tracker = tracker is None
-        self.tracker = tracker if tracker is not None else BonTracker(**self._tracker_kwargs)
+        self._life = TrackerLifecycle(tracker, tracker_kwargs, stop_on_alert=stop_on_alert, on_alert=on_alert)
+        self._life.live()  # built now: a configuration error surfaces when the callback is made
+        self.eval_every = self._life.config.eval_every
+        self.stop_on_alert = self._life.stop_on_alert
         self.kl_keys = tuple(kl_keys)
         self._policy_kl: float | None = None
         self._last_eval_step: int | None = None
         self._in_training = False
-        self._closed_in: str | None = None  # the folder holding a finished owned tracker's state
+
+    @property
+    def tracker(self) -> BonTracker:
+        """The tracker (after training: the finished one, whose history stays readable)."""
+        assert self._life.tracker is not None
+        return self._life.tracker
 
     def eval_scores(self, args: Any, state: Any, **kwargs: Any) -> tuple[Any, Any] | None:
         """``(proxy, true)`` of this process for this evaluation (None: nothing to log)."""
@@ -87,7 +83,7 @@ class TrainerTracking(transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._in_training = True
         if state.global_step > 0:
-            self._reopen(args, state)
+            self._resume(args, state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         kl = self.policy_kl_from(logs or {})
@@ -105,52 +101,30 @@ class TrainerTracking(transformers.TrainerCallback):
         scores = self.eval_scores(args, state, **kwargs)
         if scores is None:
             return
-        tracker = self._live()
-        seen = len(tracker.alerts)
-        tracker.log_scores(state.global_step, *scores, policy_kl=self._policy_kl)
+        stopping = self._life.log(state.global_step, *scores, policy_kl=self._policy_kl)
         self._policy_kl = None
-        stopping = alerts_that_stop(tracker.alerts[seen:], self.stop_on_alert)
         if stopping and self._in_training:
-            logger.warning(
-                "bon_tracker: stopping training at step %d on the %s alert (stop_on_alert)",
-                state.global_step,
-                ", ".join(a.rule for a in stopping),
-            )
             control.should_training_stop = True
-        if not self._in_training and self._owns_tracker:
-            self._close(args)
+        if not self._in_training:  # a stand-alone evaluate(): finished now, continued by the next call
+            self._life.close()
 
     def on_save(self, args, state, control, **kwargs):
         folder = checkpoint_dir(args, state.global_step)
         if os.path.isdir(folder):
-            self._live().save_state(folder)  # rank 0 only
+            self._life.live().save_state(folder)  # rank 0 only
 
     def on_train_end(self, args, state, control, **kwargs):
         self._in_training = False
-        if self._owns_tracker and self._closed_in is None:
-            self._close(args)
+        self._life.close()
+        if self._life.owns:  # kept beside the model, to continue the run from another process
+            self.tracker.save_state(args.output_dir)  # rank 0 only
 
     # ---- internals ------------------------------------------------------------------------
     def policy_kl_from(self, logs: dict[str, Any]) -> float | None:
         """The policy's KL to its reference in one log dict, if there is one."""
         return next((finite_number(logs[k]) for k in self.kl_keys if finite_number(logs.get(k)) is not None), None)
 
-    def _live(self) -> BonTracker:
-        """The tracker; an owned one finished by a stand-alone evaluate() or the end of training is
-        reopened on its saved state, so evaluate() before or after train() stays in the same run."""
-        if self._closed_in is not None and self._owns_tracker:
-            self.tracker = BonTracker(**{**self._tracker_kwargs, "resume": self._closed_in})
-            self._closed_in = None
-        return self.tracker
-
-    def _close(self, args: Any) -> None:
-        """Finish an owned tracker, keeping its state in ``output_dir`` for a later evaluate().
-        Finished first: the run id is known once delivery has opened the run."""
-        self.tracker.finish()
-        self.tracker.save_state(args.output_dir)
-        self._closed_in = args.output_dir
-
-    def _reopen(self, args: Any, state: Any) -> None:
+    def _resume(self, args: Any, state: Any) -> None:
         """Resuming from a checkpoint: continue the tracking run saved in it."""
         candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
         candidates.append(checkpoint_dir(args, state.global_step))
@@ -163,13 +137,5 @@ class TrainerTracking(transformers.TrainerCallback):
                     state.global_step,
                     candidates,
                 )
-        elif self._owns_tracker:
-            self.tracker = BonTracker(**{**self._tracker_kwargs, "resume": found})
-            self._closed_in = None
-        elif state.is_world_process_zero and self.tracker.last_step is None:
-            logger.warning(
-                "bon_tracker: resuming from %s with a tracker you created; to continue the saved "
-                "tracking run create it with BonTracker(..., resume=%r)",
-                found,
-                found,
-            )
+            return
+        self._life.resume(BonTracker.load_state(found), found)

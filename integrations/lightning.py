@@ -22,9 +22,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from bon_tracker.integrations._lifecycle import TrackerLifecycle
 from bon_tracker.optional import require
-from bon_tracker.tracking.alerting import alerts_that_stop, check_stop_on_alert
-from bon_tracker.tracking.config import resolve_config
 from bon_tracker.tracking.tracker import BonTracker
 
 pl = require("lightning.pytorch", "lightning")
@@ -66,20 +65,10 @@ class BonTrackerCallback(pl.Callback):
         on_alert: Callable[[Any], Any] | None = None,
         **tracker_kwargs: Any,
     ):
-        if tracker is not None and (tracker_kwargs or on_alert is not None):
-            given = sorted([*tracker_kwargs, *(["on_alert"] if on_alert is not None else [])])
-            raise TypeError(f"pass either tracker= or tracker options, not both (got {given})")
-        self.stop_on_alert = check_stop_on_alert(stop_on_alert)
-        self._on_alert = on_alert
-        self.tracker = tracker
-        self._owns_tracker = tracker is None
-        self._tracker_kwargs = dict(tracker_kwargs)
-        # bon_tracker.yaml and BON_TRACKER_* apply here too; explicit options win.
-        self._config = resolve_config(**tracker_kwargs)
+        self._life = TrackerLifecycle(tracker, tracker_kwargs, stop_on_alert=stop_on_alert, on_alert=on_alert)
         self.proxy_key, self.true_key, self.kl_metric = proxy_key, true_key, kl_metric
         self._proxy: list[Any] = []
         self._true: list[Any] = []
-        self._saved_state: dict[str, Any] | None = None  # from a checkpoint, or of a finished tracker
 
     # ---- collecting -------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer, pl_module):
@@ -92,7 +81,7 @@ class BonTrackerCallback(pl.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         proxy, true, self._proxy, self._true = self._proxy, self._true, [], []
-        if trainer.sanity_checking or trainer.global_step % self._config.eval_every:
+        if trainer.sanity_checking or trainer.global_step % self._life.config.eval_every:
             return
         if not proxy and trainer.world_size == 1:  # (with several processes the tracker says which rank)
             logger.warning(
@@ -103,33 +92,19 @@ class BonTrackerCallback(pl.Callback):
             return
         kl = trainer.callback_metrics.get(self.kl_metric) if self.kl_metric else None
         kl = float(kl) if kl is not None and math.isfinite(float(kl)) else None
-        tracker = self._tracker(trainer)
-        seen = len(tracker.alerts)
-        tracker.log_scores(trainer.global_step, proxy, true, policy_kl=kl)
-        stopping = alerts_that_stop(tracker.alerts[seen:], self.stop_on_alert)
-        if stopping and not trainer.sanity_checking and trainer.state.fn == "fit":
-            logger.warning(
-                "bon_tracker: stopping training at step %d on the %s alert (stop_on_alert)",
-                trainer.global_step,
-                ", ".join(a.rule for a in stopping),
-            )
+        stopping = self._life.log(trainer.global_step, proxy, true, policy_kl=kl, **self._logger_run(trainer))
+        if stopping and trainer.state.fn == "fit":
             trainer.should_stop = True
 
     # ---- the tracking run -----------------------------------------------------------------------
-    def _tracker(self, trainer: Any) -> BonTracker:
-        if self.tracker is None:
-            options = self._config.tracker_kwargs()
-            # the logger's run beats the config file, not an explicit option
-            options.update({k: v for k, v in self._logger_run(trainer).items() if k not in self._tracker_kwargs})
-            state = self._saved_state if trainer.is_global_zero else None  # other ranks never write
-            if self._on_alert is not None:
-                options["on_alert"] = self._on_alert
-            self.tracker = BonTracker(**options, resume=state)
-        return self.tracker
+    @property
+    def tracker(self) -> BonTracker | None:
+        """The tracker (None until the first validation; after one, the last one used)."""
+        return self._life.tracker
 
     def _logger_run(self, trainer: Any) -> dict[str, Any]:
         """Backend options pointing at the run of the trainer's logger of the same service."""
-        backend = self._config.backend
+        backend = self._life.config.backend
         if not trainer.is_global_zero:  # a logger's run exists on rank 0 only
             return {}
         for run_logger in trainer.loggers:
@@ -140,23 +115,11 @@ class BonTrackerCallback(pl.Callback):
         return {}
 
     def teardown(self, trainer, pl_module, stage):
-        if self._owns_tracker and self.tracker is not None:  # a later fit/validate continues the run
-            self.tracker.finish()  # first: the run id is known once delivery has opened the run
-            self._saved_state = self.tracker.state() if trainer.is_global_zero else None
-            self.tracker = None
+        self._life.close()  # a later fit/validate continues the same tracking run
 
     def state_dict(self) -> dict[str, Any]:
-        state = self.tracker.state() if self.tracker is not None else self._saved_state
+        state = self._life.state()
         return {"tracker": state} if state is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("tracker") is None:
-            return
-        if self._owns_tracker:
-            self._saved_state = state_dict["tracker"]
-            self.tracker = None
-        else:
-            logger.warning(
-                "bon_tracker: this checkpoint holds a tracking run; to continue it, let the callback "
-                "build its tracker (pass tracker options, not tracker=)"
-            )
+        self._life.resume(state_dict.get("tracker"), "this checkpoint")
