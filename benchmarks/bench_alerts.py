@@ -2,6 +2,11 @@
 
     python benchmarks/bench_alerts.py            # full: 400 runs per cell (about 2 minutes)
     python benchmarks/bench_alerts.py --quick    # 60 runs per cell, a smoke run
+    python benchmarks/bench_alerts.py --seed 1   # the seeds the default thresholds were chosen on
+
+The detection table's runs use ``simulated_runs(..., seed=S)`` for peaked and ``S + 1`` for
+rising runs. The default thresholds of ``AlertRules`` were chosen on S = 1 (seeds 1, 2);
+the default S = 3 (seeds 3, 4) are fresh runs, never used to choose them.
 
 1. Detection: on peaked runs (the policy's true reward peaks at a known eval) the delay,
    in evals, of the first alert after the peak, and the share of runs alerted by
@@ -73,19 +78,23 @@ RULE_SETS = {
 }
 
 
-def detection(n_runs: int, cells: list[tuple[int, int, float]]) -> list[str]:
+def detection(n_runs: int, cells: list[tuple[int, int, float]], seed: int = 3) -> list[str]:
     rules = AlertRules()
     misses = []
-    print(f"\n1. Detection (default AlertRules; {n_runs} runs per cell; % [95 % Wilson interval])")
+    print(
+        f"\n1. Detection (default AlertRules; {n_runs} runs per cell; seeds {seed} (peaked), {seed + 1} (rising);"
+        " % [95 % Wilson interval])"
+    )
+    print("   delay = first alert's eval - the true peak's eval; 'by peak+2': delay <= 2 (earlier counts)")
     header = f"{'P x N':>9} {'noise':>5} {'rules':<18}{'peaked: by peak+2':>22}{'fired <= peak-1':>17}"
-    header += f"{'median delay':>13}{'never':>7}{'rising: any alert':>22}"
+    header += f"{'<= peak-3':>17}{'median delay':>13}{'never':>7}{'rising: any alert':>22}"
     print(header)
     for P, N, noise in cells:
         family = {"n_prompts": P, "n_samples": N, "noise": noise}
-        peaked_runs = simulated_runs("peaked", n_runs, seed=1, **family)
+        peaked_runs = simulated_runs("peaked", n_runs, seed=seed, **family)
         peaked = [run_onsets(r, rules) for r in peaked_runs]
         peaks = [r.peak_eval for r in peaked_runs]
-        rising = [run_onsets(r, rules) for r in simulated_runs("rising", n_runs, seed=2, **family)]
+        rising = [run_onsets(r, rules) for r in simulated_runs("rising", n_runs, seed=seed + 1, **family)]
         for name, members in RULE_SETS.items():
             delays = []
             for onsets, peak in zip(peaked, peaks):
@@ -93,13 +102,14 @@ def detection(n_runs: int, cells: list[tuple[int, int, float]]) -> list[str]:
                 delays.append(min(fired) - peak if fired else None)
             hit = sum(d is not None and d <= 2 for d in delays)
             early = sum(d is not None and d < 0 for d in delays)
+            too_early = sum(d is not None and d <= -3 for d in delays)
             never = sum(d is None for d in delays)
             finite = [d for d in delays if d is not None]
             med = f"{np.median(finite):+.1f}" if finite else "-"
             false = sum(any(o[m] is not None for m in members) for o in rising)
             print(
                 f"{P:>4} x {N:<3} {noise:>5.1f} {name:<18}{pct(hit, n_runs):>22}{pct(early, n_runs):>17}"
-                f"{med:>13}{never:>7}{pct(false, n_runs):>22}"
+                f"{pct(too_early, n_runs):>17}{med:>13}{never:>7}{pct(false, n_runs):>22}"
             )
             if name == "default (all)":
                 if hit / n_runs < 0.95:
@@ -212,11 +222,14 @@ def cost() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="60 runs per cell, for a smoke run")
+    parser.add_argument(
+        "--seed", type=int, default=3, help="detection runs: seed S (peaked) and S + 1 (rising); default 3 (fresh)"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     n_runs = 60 if args.quick else 400
     cells = [(64, 16, 0.5), (64, 16, 1.0), (64, 16, 2.0), (256, 16, 1.0), (64, 64, 1.0)]
-    misses = detection(n_runs, cells if not args.quick else cells[:2])
+    misses = detection(n_runs, cells if not args.quick else cells[:2], seed=args.seed)
     models = [SimulationModel(gamma=0.8 / 3), SimulationModel(gamma=0.2)]
     cov_cells = [(64, 16), (64, 64), (256, 16), (256, 64), (1000, 64)]
     misses += coverage(100 if args.quick else 400, cov_cells if not args.quick else cov_cells[:2], models)

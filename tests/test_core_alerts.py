@@ -49,6 +49,11 @@ def test_from_dict_coerces_env_strings_and_rejects_unknown_or_bad_values():
         AlertRules(kl_budget=-1.0)
     with pytest.raises(ValueError, match="headroom_ratio"):
         AlertRules(headroom_ratio=1.5)
+    with pytest.raises(ValueError, match="headroom_n"):
+        AlertRules(headroom_n=0.5)
+    with pytest.raises(ValueError, match="goodhart_kl_spread"):
+        AlertRules(goodhart_kl_spread=1.0)
+    assert AlertRules.from_dict({"headroom_n": "inf", "goodhart_kl_spread": "inf"}).headroom_n == math.inf
     with pytest.raises(TypeError):
         AlertRules.from_dict([("window", 3)])
 
@@ -126,14 +131,41 @@ def test_goodhart_kl_needs_a_significant_reference_peak_but_the_budget_always_ap
     assert alert.threshold == 3.0 and "budget" in alert.message
 
 
-def test_headroom_fires_when_the_interval_falls_below_the_reference():
-    rules = AlertRules(policy_true_falls=False, bon_true_falls=False, goodhart_kl=False, headroom_ratio=0.5)
+def test_goodhart_kl_ignores_a_vague_reference_peak():
+    rules = AlertRules(policy_true_falls=False, bon_true_falls=False, headroom_shrinks=False)
+    vague = {"kl": 1.0, "kl_low": 0.5, "kl_high": 40.0}  # bounded, but known only within a factor of 40
+    for spread, fires in ((10.0, False), (math.inf, True)):
+        monitor = AlertMonitor(AlertRules(**{**rules.to_dict(), "goodhart_kl_spread": spread}))
+        assert monitor.update(summary(0, 0.0, 0.0, policy_kl=0.0, **vague)) == []
+        assert bool(monitor.update(summary(1, 0.0, 0.0, policy_kl=1.2, **vague))) is fires
+
+
+def test_headroom_fires_when_the_headroom_is_all_but_gone():
+    rules = AlertRules(policy_true_falls=False, bon_true_falls=False, goodhart_kl=False)
+    floor = math.log(3.0) - 2.0 / 3.0  # KL of best-of-3 (headroom_n = 3): 0.432 nats
+    points = [(2.0, 1.5, 3.0), (1.2, 0.8, 1.8), (0.9, 0.6, 1.4), (0.3, 0.15, 0.5), (0.2, 0.1, 0.4)]
+    points.append((2.0, 1.6, math.inf))
     monitor = AlertMonitor(rules)
-    points = [(2.0, 1.5, 3.0), (1.2, 0.8, 1.8), (0.9, 0.6, 1.6), (0.9, 0.6, 1.4), (0.5, 0.2, 1.0), (2.0, 1.6, math.inf)]
     fired = [monitor.update(summary(s, 0.0, 0.0, kl=k, kl_low=lo, kl_high=hi)) for s, (k, lo, hi) in enumerate(points)]
-    # step 2: ratio 0.45 but upper 1.6 > reference lower 1.5; step 3: both hold
-    assert [[e.kind for e in ev] for ev in fired] == [[], [], [], ["onset"], [], ["clear"]]
-    assert fired[3][0].value == pytest.approx(0.45)
+    # step 2: significantly below the reference (1.4 < 1.5) but n* may still reach ~10: headroom left, no alert;
+    # step 3: upper end 0.5 nats > 0.432; step 4: best-of-n peaks by n = 3 at 95 %
+    assert [[e.kind for e in ev] for ev in fired] == [[], [], [], [], ["onset"], ["clear"]]
+    onset = fired[4][0]
+    assert (onset.value, onset.threshold, onset.reference_step) == (0.4, pytest.approx(floor), 0)
+    # without the headroom floor (headroom_n = inf) the shrink alone fires, as soon as the ratio holds
+    monitor = AlertMonitor(AlertRules(**{**rules.to_dict(), "headroom_n": math.inf, "headroom_ratio": 0.5}))
+    fired = [monitor.update(summary(s, 0.0, 0.0, kl=k, kl_low=lo, kl_high=hi)) for s, (k, lo, hi) in enumerate(points)]
+    assert [[e.kind for e in ev] for ev in fired] == [[], [], ["onset"], [], [], ["clear"]]
+
+
+def test_headroom_reads_a_reference_without_a_peak_estimate():
+    monitor = AlertMonitor(AlertRules(policy_true_falls=False, bon_true_falls=False, goodhart_kl=False))
+    assert monitor.update(summary(0, 0.0, 0.0, kl=math.inf, kl_low=3.0, kl_high=math.inf)) == []
+    (onset,) = monitor.update(summary(1, 0.0, 0.0, kl=0.1, kl_low=0.0, kl_high=0.3))
+    assert onset.rule == "headroom_shrinks"
+    no_headroom_yet = AlertMonitor(AlertRules())  # a reference that already has no headroom: nothing can fall below it
+    assert no_headroom_yet.update(summary(0, 0.0, 0.0, kl=0.0, kl_low=0.0, kl_high=0.1)) == []
+    assert no_headroom_yet.update(summary(1, 0.0, 0.0, kl=0.0, kl_low=0.0, kl_high=0.0)) == []
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -172,7 +204,7 @@ def _onsets(run, rules):
     ns = default_ns(run.n_samples)
     first = {}
     for i, proxy, true, kl in run.evals():
-        interval = goodhart_interval(bon_estimate(proxy, true, ns), ns, n_resamples=300, rng=i)
+        interval = goodhart_interval(bon_estimate(proxy, true, ns), ns, n_resamples=400, rng=i)  # as the benchmark
         s = EvalSummary.from_curve(i, bon_curve(proxy, true, ns), policy_kl=kl, interval=interval)
         for event in monitor.update(s):
             first.setdefault(event.rule, i)
@@ -187,12 +219,33 @@ def test_simulated_peaked_runs_alert_near_the_known_peak():
         assert run.model.policy_true(run.lams[peak]) == pytest.approx(max(run.model.policy_true(run.lams)))
         assert min(first.values()) <= peak + 2
         assert peak - 1 <= first["goodhart_kl"] <= peak + 2  # policy KL passes the base fit's KL* just after the peak
-        assert first["headroom_shrinks"] <= peak  # n* shrinks to 1 as the policy reaches the peak
+        assert peak - 2 <= first["headroom_shrinks"] <= peak  # n* shrinks to 1 as the policy reaches the peak
         assert first.get("policy_true_falls", peak + 1) > peak  # a true fall needs time after a smooth peak
 
 
 def test_simulated_linear_runs_raise_no_alert():
     runs = [r for r in simulated_runs("rising", 8, n_prompts=64, seed=8) if r.model.gamma == 0]
     assert len(runs) == 4
+    for run in runs:
+        assert _onsets(run, AlertRules()) == {}
+
+
+def test_default_rules_do_not_fire_on_a_concave_rising_run_whose_goodhart_point_shrinks():
+    """Run 5 of the benchmark's tuning family (seed 2, 64 x 16, sigma = 1): concave, its true
+    peak about 4 times as far as the run goes. n* really shrinks (the reference's KL* interval
+    starts at ~5 nats, the last evals' end below it: the shrink alone fires) but best-of-n
+    still gains up to n* of ~10: headroom left, and the default rules stay quiet."""
+    run = simulated_runs("rising", 6, n_prompts=64, n_samples=16, noise=1.0, seed=2)[5]
+    assert run.model.gamma > 0 and run.peak_eval is None
+    assert run.model.peak_lam > 2 * run.lams[-1]
+    assert run.model.bon_peak(run.lams[-1])["n"] > 10  # the exact headroom at the last eval
+    shrink_only = AlertRules(headroom_n=math.inf)
+    assert "headroom_shrinks" in _onsets(run, shrink_only)
+    assert _onsets(run, AlertRules()) == {}
+
+
+def test_default_rules_do_not_fire_on_rising_runs():
+    runs = simulated_runs("rising", 8, n_prompts=64, n_samples=16, noise=1.0, seed=9)
+    assert sum(r.model.gamma > 0 for r in runs) == 4  # half concave, half linear
     for run in runs:
         assert _onsets(run, AlertRules()) == {}

@@ -14,11 +14,17 @@ The rules (each on by default; thresholds in :class:`AlertRules`):
    and ``(proxy_t - proxy_j) / sqrt(...) >= rise_z`` for the same earlier eval j.
 2. ``bon_true_falls``: the same at the deployment n (``bon_n``; default the largest n).
 3. ``goodhart_kl``: the policy's KL reached the Goodhart KL fitted on the reference eval's
-   best-of-n curve (Gao et al. 2022 compare RL and best-of-n on one KL axis), or the user's
-   ``kl_budget``.
-4. ``headroom_shrinks``: the Goodhart point fell significantly since the reference eval:
-   the current KL* interval lies entirely below the reference's and the point estimate
-   fell to at most ``headroom_ratio`` of the reference's.
+   best-of-n curve (Gao et al. 2022 compare RL and best-of-n on one KL axis), used only when
+   that fit is measured: its KL* interval bounded and its upper end at most
+   ``goodhart_kl_spread`` times the estimate; or the user's ``kl_budget``.
+4. ``headroom_shrinks``: the headroom left to the current policy is all but gone. The
+   current eval's best-of-n curve peaks by ``n = headroom_n`` at 95 % (the upper end of its
+   n* interval is at most ``headroom_n``: more selection no longer raises true reward), the
+   current KL* interval lies entirely below the reference's (the Goodhart point fell
+   significantly), and the point estimate fell to at most ``headroom_ratio`` of the
+   reference's. As the policy nears its own true peak, n* of its best-of-n curve falls to
+   1, so this rule sees the peak coming; a run whose Goodhart point shrinks but stays far
+   (n* of tens or more: true still rising) does not trigger it.
 
 Example:
     >>> monitor = AlertMonitor(AlertRules(fall_z=2.0, window=2))
@@ -70,6 +76,11 @@ class AlertRules:
         kl_budget: rule 3 also fires when the policy KL reaches this many nats; None: off.
         reference_step: the eval whose Goodhart point rules 3-4 compare with; None: the
             first eval that has one.
+        goodhart_kl_spread: rule 3 uses the reference's Goodhart KL only when the upper end
+            of its interval is at most this many times the estimate (a peak measured within
+            a factor, not merely "bounded"); inf: any bounded interval.
+        headroom_n: rule 4: the upper end of the current n* interval must be at most this n
+            (KL*_high <= log n - (n - 1)/n nats); inf: no such condition.
         headroom_ratio: rule 4: the current KL* must be at most this fraction of the
             reference's, with the intervals apart.
         clear_after: an active alert clears after this many consecutive evals without
@@ -86,6 +97,8 @@ class AlertRules:
     bon_n: int | None = None
     kl_budget: float | None = None
     reference_step: int | None = None
+    goodhart_kl_spread: float = 10.0
+    headroom_n: float = 3.0
     headroom_ratio: float = 0.25
     clear_after: int = 1
 
@@ -101,6 +114,12 @@ class AlertRules:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"AlertRules.{name} must be a finite number >= 0, got {value!r}")
+        if not _is_number(self.goodhart_kl_spread) or not self.goodhart_kl_spread > 1:
+            raise ValueError(
+                f"AlertRules.goodhart_kl_spread must be a number > 1 (or inf), got {self.goodhart_kl_spread!r}"
+            )
+        if not _is_number(self.headroom_n) or not self.headroom_n >= 1:
+            raise ValueError(f"AlertRules.headroom_n must be a number >= 1 (or inf), got {self.headroom_n!r}")
         if not _is_number(self.headroom_ratio) or not 0 < self.headroom_ratio <= 1:
             raise ValueError(f"AlertRules.headroom_ratio must be in (0, 1], got {self.headroom_ratio!r}")
         bad_n = not isinstance(self.bon_n, int) or isinstance(self.bon_n, bool) or self.bon_n < 1
@@ -179,8 +198,9 @@ class Alert:
         step: the eval step of the onset.
         rule: one of :data:`RULES`.
         message: one line for a person.
-        value: the statistic that crossed (a z-score, a KL, a ratio; see the rule).
-        threshold: what it crossed.
+        value: the statistic that crossed (rules 1-2: a z-score; 3: the policy KL; 4: the upper
+            end of the current KL* interval, nats).
+        threshold: what it crossed (rule 4: the KL of best-of-``headroom_n``).
         reference_step: the eval compared with (rules 1-2: the earlier eval; 3-4: the
             reference eval), or None.
     """
@@ -282,6 +302,11 @@ class EvalSummary:
         if index is None:
             return None
         return self.true_mean[index], self.true_se[index], self.proxy_mean[index], self.proxy_se[index]
+
+
+def _kl_of_n(n: float) -> float:
+    """KL of best-of-n for a continuous proxy, ``log n - (n - 1)/n`` (inf for inf)."""
+    return math.inf if math.isinf(n) else math.log(n) - (n - 1.0) / n
 
 
 def _fall_statistic(history: Sequence[Sequence[float]], current: Sequence[float], rise_z: float):
@@ -399,7 +424,10 @@ class AlertMonitor:
             }
         ref = self._reference
         if r.goodhart_kl and s.policy_kl is not None and math.isfinite(s.policy_kl):
-            if ref is not None and math.isfinite(ref["kl_high"]) and s.policy_kl >= ref["kl"]:
+            # the reference's Goodhart KL is used only when measured: bounded, and within a factor
+            measured = ref is not None and math.isfinite(ref["kl_high"])
+            measured = measured and ref["kl_high"] <= r.goodhart_kl_spread * ref["kl"]
+            if measured and s.policy_kl >= ref["kl"]:
                 out["goodhart_kl"] = (
                     f"policy KL {s.policy_kl:.3g} nats reached the Goodhart KL {ref['kl']:.3g} fitted at step "
                     f"{int(ref['step'])} (best-of-n peak n* = {ref['n']:.3g}): past it, true reward falls",
@@ -415,14 +443,16 @@ class AlertMonitor:
                     None,
                 )
         if r.headroom_shrinks and ref is not None and s.step > ref["step"] and math.isfinite(s.goodhart_kl_high):
-            ratio = s.goodhart_kl / ref["kl"] if math.isfinite(ref["kl"]) and ref["kl"] > 0 else math.nan
-            if s.goodhart_kl_high < ref["kl_low"] and ratio <= r.headroom_ratio:
+            ratio = s.goodhart_kl / ref["kl"] if 0 < ref["kl"] < math.inf else (0.0 if ref["kl"] > 0 else math.inf)
+            floor = _kl_of_n(r.headroom_n)
+            if s.goodhart_kl_high < ref["kl_low"] and s.goodhart_kl_high <= floor and ratio <= r.headroom_ratio:
                 out["headroom_shrinks"] = (
-                    f"Goodhart point fell: KL* {s.goodhart_kl:.3g} nats (n* = {s.goodhart_n:.3g}, interval up to "
-                    f"{s.goodhart_kl_high:.3g}) from {ref['kl']:.3g} (n* = {ref['n']:.3g}, interval from "
-                    f"{ref['kl_low']:.3g}) at step {int(ref['step'])}",
-                    ratio,
-                    r.headroom_ratio,
+                    f"headroom all but gone: best-of-n now peaks by n = {r.headroom_n:.3g} (n* = {s.goodhart_n:.3g}, "
+                    f"KL* {s.goodhart_kl:.3g} nats, interval up to {s.goodhart_kl_high:.3g}), down from "
+                    f"KL* {ref['kl']:.3g} (n* = {ref['n']:.3g}, interval from {ref['kl_low']:.3g}) at step "
+                    f"{int(ref['step'])}: the policy is at or near its true peak",
+                    s.goodhart_kl_high,
+                    floor,
                     int(ref["step"]),
                 )
         return out
