@@ -3,7 +3,9 @@
 A score table has one row per sample: a prompt id, a proxy score and a true score,
 and optionally a training step and a run name. Files are read in batches of at most
 ``batch_rows`` rows (Parquet with ``pyarrow.parquet.ParquetFile.iter_batches``,
-text files line by line), so a file of any size streams through in bounded memory.
+text files line by line), so a file of any size streams through in bounded memory. A
+text line is read with at most ``max_line_bytes`` (64 MiB) in memory: a longer one is
+an error naming the file and the line, never read whole.
 
 Every bad row, value or file raises :class:`ScoreFileError` with a message that
 names the file, the line (text files: physical line, counted from 1 with the header
@@ -42,6 +44,8 @@ _SUFFIXES = {
     ".pq": "parquet",
 }
 DEFAULT_BATCH_ROWS = 1 << 16
+# One line of a JSONL or CSV file longer than this is an error (read in bounded pieces, never whole).
+MAX_LINE_BYTES = 64 << 20
 
 
 class ScoreFileError(ValueError):
@@ -106,6 +110,7 @@ def read_score_batches(
     nan_policy: NanPolicy = "raise",
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress: Callable[[int], None] | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[ScoreBatch]:
     """Yield the rows of one score file in batches of at most ``batch_rows`` rows.
 
@@ -116,6 +121,8 @@ def read_score_batches(
         nan_policy: ``"raise"`` on a non-finite score, or ``"omit"`` that sample.
         batch_rows: rows per batch (bounds memory).
         progress: called with the number of bytes of the file consumed since the last call.
+        max_line_bytes: JSONL and CSV: a longer line is an error naming it (memory stays bounded
+            by this, whatever the file holds).
 
     Raises:
         ScoreFileError: the file is missing, malformed, or a row holds a bad value.
@@ -128,8 +135,13 @@ def read_score_batches(
         raise ScoreFileError(f"{path}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not path.is_file():
         raise ScoreFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[fmt]
-    yield from reader(path, columns, nan_policy, max(1, int(batch_rows)), progress or (lambda _: None))
+    if fmt == "parquet":
+        yield from _read_parquet(path, columns, nan_policy, max(1, int(batch_rows)), progress or (lambda _: None))
+        return
+    reader = {"jsonl": _read_jsonl, "csv": _read_csv}[fmt]
+    yield from reader(
+        path, columns, nan_policy, max(1, int(batch_rows)), progress or (lambda _: None), max(1, int(max_line_bytes))
+    )
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -185,8 +197,28 @@ def _open_binary(path: Path) -> tuple[IO[bytes], Callable[[], int]]:
     return raw, raw.tell
 
 
-def _decoded_lines(path: Path, stream: IO[bytes]) -> Iterator[str]:
-    for number, line in enumerate(stream, start=1):
+def _bounded_lines(path: Path, stream: IO[bytes], max_line_bytes: int) -> Iterator[bytes]:
+    """The stream's lines, each read with at most ``max_line_bytes + 1`` bytes in memory.
+
+    A longer line is an error naming the file and the line (it is never read whole).
+    """
+    readline = stream.readline
+    number = 0
+    while True:
+        line = readline(max_line_bytes + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > max_line_bytes:
+            raise ScoreFileError(
+                f"{path.name} line {number}: longer than {max_line_bytes:,} bytes, the limit of one line "
+                "(a score table has one short row per line: is this the right file, with newlines intact?)"
+            )
+        yield line
+
+
+def _decoded_lines(path: Path, stream: IO[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[str]:
+    for number, line in enumerate(_bounded_lines(path, stream, max_line_bytes), start=1):
         try:
             yield line.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as err:
@@ -289,11 +321,16 @@ class _TextBatch:
 
 
 def _read_csv(
-    path: Path, columns: Columns, nan_policy: str, batch_rows: int, progress: Callable[[int], None]
+    path: Path,
+    columns: Columns,
+    nan_policy: str,
+    batch_rows: int,
+    progress: Callable[[int], None],
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[ScoreBatch]:
     stream, position = _open_binary(path)
     with stream:
-        reader = csv.reader(_decoded_lines(path, stream))
+        reader = csv.reader(_decoded_lines(path, stream, max_line_bytes))
         try:
             header = next(reader)
             while not any(cell.strip() for cell in header):  # blank lines before the header
@@ -366,7 +403,12 @@ def _column_index(path: Path, names: list[str], columns: Columns) -> tuple[int, 
 
 
 def _read_jsonl(
-    path: Path, columns: Columns, nan_policy: str, batch_rows: int, progress: Callable[[int], None]
+    path: Path,
+    columns: Columns,
+    nan_policy: str,
+    batch_rows: int,
+    progress: Callable[[int], None],
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[ScoreBatch]:
     stream, position = _open_binary(path)
     has_step = has_run = None  # decided by the first row (the columns of a table are fixed)
@@ -375,7 +417,7 @@ def _read_jsonl(
     line = 0
     with stream:
         try:
-            for line, text in enumerate(_decoded_lines(path, stream), start=1):
+            for line, text in enumerate(_decoded_lines(path, stream, max_line_bytes), start=1):
                 if not text.strip():
                     continue
                 try:
@@ -510,7 +552,9 @@ def _arrow_floats(path: Path, array: Any, column: str, where: Callable[[int], st
         or pa.types.is_boolean(kind)
         or pa.types.is_decimal(kind)
     ):
-        out = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
+        if not pa.types.is_float64(kind):
+            array = pc.cast(array, pa.float64())
+        out = array.to_numpy(zero_copy_only=False)
         return np.asarray(out, dtype=np.float64)  # nulls became NaN: checked by nan_policy
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         values = array.to_pylist()

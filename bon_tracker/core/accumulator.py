@@ -237,11 +237,11 @@ class CurveAccumulator:
 
     @property
     def N(self) -> int:
-        return max([self._stats.N] + [len(p) for p in self._pending_proxy])
+        return max([self._stats.N] + [p.shape[-1] for p in self._pending_proxy])
 
     @property
     def n_prompts(self) -> int:
-        return self._stats.n_prompts + len(self._pending_proxy)
+        return self._stats.n_prompts + sum(1 if p.ndim == 1 else p.shape[0] for p in self._pending_proxy)
 
     @property
     def n_samples(self) -> int:
@@ -258,6 +258,20 @@ class CurveAccumulator:
         self._pending_proxy.append(proxy)
         self._pending_true.append(true)
         self._pending_samples += len(proxy)
+        if self._pending_samples >= self.chunk_samples:
+            self._flush()
+
+    def add_prompts(self, proxy: np.ndarray, true: np.ndarray) -> None:
+        """Add prompts with equal numbers of samples at once: ``(prompts, N)`` float arrays, finite.
+
+        The same as :meth:`add_prompt` for each row (up to float rounding), without Python
+        work per prompt.
+        """
+        if proxy.shape[0] == 0 or proxy.shape[1] == 0:
+            return
+        self._pending_proxy.append(proxy)
+        self._pending_true.append(true)
+        self._pending_samples += proxy.size
         if self._pending_samples >= self.chunk_samples:
             self._flush()
 
@@ -289,22 +303,28 @@ class CurveAccumulator:
             return
         from bon_tracker.core.curve import curve_stats, default_ns
 
-        proxy, true = self._pending_proxy, self._pending_true
+        pending_proxy, pending_true = self._pending_proxy, self._pending_true
         self._pending_proxy, self._pending_true = [], []
         samples, self._pending_samples = self._pending_samples, 0
-        largest = max(len(p) for p in proxy)
+        lengths = {p.shape[-1] for p in pending_proxy}
+        prompts = sum(1 if p.ndim == 1 else p.shape[0] for p in pending_proxy)
+        largest = max(lengths)
         if self.ns is None:
             grid = default_ns(largest)  # every n of the final grid that these prompts reach
         else:
             grid = np.array(sorted({n for n in self.ns if n <= largest}), dtype=np.int64)
             if grid.size == 0:  # these prompts have fewer samples than every n of the grid
                 part = CurveStats(**{**empty_curve_stats().__dict__, "N": largest})
-                self._stats = merge_curve_stats(
-                    self._stats, _with_counts(part, n_samples=samples, n_prompts=len(proxy))
-                )
+                self._stats = merge_curve_stats(self._stats, _with_counts(part, n_samples=samples, n_prompts=prompts))
                 return
-        if len({len(p) for p in proxy}) == 1:
-            proxy, true = np.stack(proxy), np.stack(true)  # type: ignore[assignment]
+        if len(pending_proxy) == 1 and pending_proxy[0].ndim == 2:  # one block: as it is
+            proxy, true = pending_proxy[0], pending_true[0]
+        elif len(lengths) == 1:  # one dense matrix
+            proxy = np.concatenate([p.reshape(-1, largest) for p in pending_proxy])
+            true = np.concatenate([t.reshape(-1, largest) for t in pending_true])
+        else:  # ragged: one row per prompt
+            proxy = [row for p in pending_proxy for row in (p if p.ndim == 2 else [p])]
+            true = [row for t in pending_true for row in (t if t.ndim == 2 else [t])]
         part = curve_stats(proxy, true, grid, kl_mode=self.kl_mode)  # type: ignore[arg-type]
         self._stats = merge_curve_stats(self._stats, part)
 

@@ -96,21 +96,49 @@ class BlasTurns:
             self._lock.release()
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+_IN_WORKER = threading.local()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers, started on first use and kept: starting threads costs
+    about a millisecond each on a busy machine, more than a small call's whole work."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = _POOLS[threads] = ThreadPoolExecutor(
+                max_workers=threads, thread_name_prefix="bon_tracker", initializer=_mark_worker
+            )
+        return pool
+
+
+def _mark_worker() -> None:
+    _IN_WORKER.active = True
+
+
 def map_in_order(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
     """``map(fn, items)`` on up to ``threads`` worker threads; results in the items' order.
 
     At most ``2 * threads`` items are in flight, so memory stays bounded by the blocks
-    being worked on.
+    being worked on. Called from one of the workers themselves, it runs on that thread
+    (a worker waiting on its own pool could wait forever).
     """
-    if threads <= 1:
+    if threads <= 1 or getattr(_IN_WORKER, "active", False):
         yield from map(fn, items)
         return
-    iterator = iter(items)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bon_tracker") as pool:
-        pending = []
-        for item in iterator:
+    pool = _pool(threads)
+    pending = []
+    try:
+        for item in items:
             pending.append(pool.submit(fn, item))
             if len(pending) >= 2 * threads:
                 yield pending.pop(0).result()
+        while pending:
+            yield pending.pop(0).result()
+    finally:
+        for future in pending:  # the caller stopped early, or a block failed: drop the rest
+            future.cancel()
         for future in pending:
-            yield future.result()
+            if not future.cancelled():
+                future.exception()  # wait, so no block outlives the call that owns its buffers

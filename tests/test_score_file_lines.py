@@ -1,0 +1,62 @@
+"""Score files: one line longer than the limit is an error naming it, read in bounded memory."""
+
+from __future__ import annotations
+
+import gzip
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from bon_tracker.analysis.score_files import MAX_LINE_BYTES, ScoreFileError, read_score_batches
+
+
+def rows_of(path, **options):
+    return [batch for batch in read_score_batches(path, **options)]
+
+
+@pytest.mark.parametrize("name", ["scores.jsonl", "scores.csv", "scores.jsonl.gz", "scores.csv.gz"])
+def test_a_line_over_the_limit_is_an_error_naming_the_file_and_line(tmp_path, name):
+    if ".jsonl" in name:
+        good = [b'{"prompt_id": "a", "proxy": 0.5, "true": 1.0}\n'] * 3
+        long = b'{"prompt_id": "' + b"x" * 500 + b'", "proxy": 1, "true": 2}\n'
+    else:
+        good = [b"prompt_id,proxy,true\n"] + [b"a,0.5,1.0\n"] * 2
+        long = b"b,0." + b"1" * 500 + b",2\n"
+    data = b"".join(good) + long + b"".join(good[1:])
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(ScoreFileError, match=rf"^{name} line 4: longer than 200 bytes, the limit of one line"):
+        rows_of(path, max_line_bytes=200)
+    batches = rows_of(path, max_line_bytes=len(long))  # exactly at the limit: read
+    assert sum(len(b) for b in batches) == (6 if ".jsonl" in name else 5)
+
+
+def test_lines_at_the_limit_and_without_a_final_newline(tmp_path):
+    path = tmp_path / "s.jsonl"
+    line = b'{"prompt_id": "a", "proxy": 0.25, "true": 1.0}'
+    path.write_bytes(line + b"\n" + line)  # the last line has no newline
+    (batch,) = rows_of(path, max_line_bytes=len(line) + 1)
+    np.testing.assert_array_equal(batch.proxy, [0.25, 0.25])
+    with pytest.raises(ScoreFileError, match=r"s\.jsonl line 1: longer than"):
+        rows_of(path, max_line_bytes=len(line))
+
+
+@pytest.mark.slow
+def test_a_huge_line_takes_bounded_memory(tmp_path):
+    """A 200 MiB line (over the default 64 MiB limit) is refused with about twice the limit in memory."""
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"prompt_id": 1, "proxy": 0.5, "true": 1.0}\n{"prompt_id": "')
+        chunk = b"x" * (1 << 20)
+        for _ in range(200):
+            f.write(chunk)
+        f.write(b'"}\n')
+    tracemalloc.start()
+    try:
+        with pytest.raises(ScoreFileError, match=r"huge\.jsonl line 2: longer than 67,108,864 bytes"):
+            rows_of(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.5 * MAX_LINE_BYTES, f"peak {peak / 2**20:.0f} MiB"
