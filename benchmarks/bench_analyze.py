@@ -116,6 +116,63 @@ def peak_rss_mib(command: list[str], env: dict) -> float:
     return result["maxrss"] / 1024
 
 
+def measure(prompts: int, samples: int, steps: int, threads: int, repeats: int, folder: Path) -> None:
+    """Write the file under ``folder``, time the floor and ``analyze``, print the ratios and memory."""
+    import pyarrow as pa
+
+    from bon_tracker.analysis.grouping import curves_from_batches
+    from bon_tracker.analysis.score_files import read_score_batches
+
+    os.environ["BON_TRACKER_THREADS"] = str(threads)
+    pa.set_cpu_count(threads)
+    path = folder / "scores.parquet"
+    start = time.perf_counter()
+    rows = write_scores(path, prompts, samples, steps)
+    print(
+        f"file: {rows:,} rows ({steps} steps x {prompts:,} prompts x {samples} samples), "
+        f"{path.stat().st_size / 2**20:.0f} MiB, written in {time.perf_counter() - start:.1f} s; "
+        f"core threads {threads}, pyarrow CPU pool {pa.cpu_count()}"
+    )
+    no_charts = folder / "no_charts.yaml"
+    no_charts.write_text("local:\n  charts: false\n")
+    out = folder / "runs"
+
+    read_and_sort(path, samples)  # warm the page cache and the imports
+    summary = run_analyze([str(path), "--out", str(out), "--config", str(no_charts)])
+    assert summary["rows"] == rows and summary["grouped"], summary
+
+    t_floor = best_time(lambda: read_and_sort(path, samples), repeats)
+    t_curves = best_time(lambda: curves_from_batches(lambda: read_score_batches(path)), repeats)
+    t_plain = best_time(lambda: run_analyze([str(path), "--out", str(out), "--config", str(no_charts)]), repeats)
+    t_charts = best_time(lambda: run_analyze([str(path), "--out", str(out)]), max(1, repeats - 1))
+
+    print(f"{'':<58}{'s':>8}{'ratio':>8}{'goal':>8}")
+    print(f"{'floor: pyarrow read of 3 columns + argsort per prompt':<58}{t_floor:>8.3f}{1.0:>8.2f}")
+    for name, seconds in (
+        ("curves_from_batches (the curves only)", t_curves),
+        ("analyze, no charts (curves, run folder, tables, report)", t_plain),
+        ("analyze with PNG charts (matplotlib, per eval step)", t_charts),
+    ):
+        print(f"{name:<58}{seconds:>8.3f}{seconds / t_floor:>8.2f}{'<= ' + str(GOAL):>8}")
+
+    env = {**os.environ, "BON_TRACKER_THREADS": str(threads)}
+    script = shutil.which("bon-tracker", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "bon_tracker.cli.main"]
+    rss_analyze = peak_rss_mib(
+        [*command, "analyze", str(path), "--out", str(out), "--config", str(no_charts), "--json", "--quiet"], env
+    )
+    here = str(Path(__file__).parent)
+    floor_code = (
+        f"import sys, pathlib; sys.path.insert(0, {here!r}); import bench_analyze as b, pyarrow as pa; "
+        f"pa.set_cpu_count({threads}); b.read_and_sort(pathlib.Path({str(path)!r}), {samples})"
+    )
+    rss_floor = peak_rss_mib([sys.executable, "-c", floor_code], env)
+    print(
+        f"peak RSS (fresh process): analyze {rss_analyze:,.0f} MiB (streams: bounded, whatever the rows), "
+        f"floor {rss_floor:,.0f} MiB (holds every row); the scores alone are {rows * 16 / 2**20:,.0f} MiB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="12,500 prompts instead of 50,000")
@@ -125,69 +182,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="core threads and pyarrow CPU pool (default 2)")
     parser.add_argument("--dir", help="where to write the file (default: a temporary folder, removed after)")
     args = parser.parse_args()
-    prompts = args.prompts or (12_500 if args.quick else 50_000)
-    repeats = 2 if args.quick else 3
-
-    os.environ["BON_TRACKER_THREADS"] = str(args.threads)
     import pyarrow as pa
 
-    from bon_tracker.analysis.grouping import curves_from_batches
-    from bon_tracker.analysis.score_files import read_score_batches
-    from bon_tracker.core.threads import thread_count
-
-    pa.set_cpu_count(args.threads)
     versions = f"numpy {np.__version__}, pyarrow {pa.__version__}, Python {platform.python_version()}"
-    print(f"{versions}, {os.cpu_count()} cores")
-    print(f"core threads: {thread_count()} (BON_TRACKER_THREADS); pyarrow CPU pool: {pa.cpu_count()}")
-
+    print(f"{versions}, {os.cpu_count()} cores\n")
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_analyze_"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        path = folder / "scores.parquet"
-        start = time.perf_counter()
-        rows = write_scores(path, prompts, args.samples, args.steps)
-        print(
-            f"\nfile: {rows:,} rows ({args.steps} steps x {prompts:,} prompts x {args.samples} samples), "
-            f"{path.stat().st_size / 2**20:.0f} MiB, written in {time.perf_counter() - start:.1f} s"
-        )
-        no_charts = folder / "no_charts.yaml"
-        no_charts.write_text("local:\n  charts: false\n")
-        out = folder / "runs"
-
-        read_and_sort(path, args.samples)  # warm the page cache and the imports
-        summary = run_analyze([str(path), "--out", str(out), "--config", str(no_charts)])
-        assert summary["rows"] == rows and summary["grouped"], summary
-
-        t_floor = best_time(lambda: read_and_sort(path, args.samples), repeats)
-        t_curves = best_time(lambda: curves_from_batches(lambda: read_score_batches(path)), repeats)
-        t_plain = best_time(lambda: run_analyze([str(path), "--out", str(out), "--config", str(no_charts)]), repeats)
-        t_charts = best_time(lambda: run_analyze([str(path), "--out", str(out)]), max(1, repeats - 1))
-
-        print(f"\n{'':<58}{'s':>8}{'ratio':>8}{'goal':>8}")
-        print(f"{'floor: pyarrow read of 3 columns + argsort per prompt':<58}{t_floor:>8.3f}{1.0:>8.2f}")
-        for name, seconds in (
-            ("curves_from_batches (the curves only)", t_curves),
-            ("analyze, no charts (curves, run folder, tables, report)", t_plain),
-            ("analyze with PNG charts (matplotlib, per eval step)", t_charts),
-        ):
-            print(f"{name:<58}{seconds:>8.3f}{seconds / t_floor:>8.2f}{'<= ' + str(GOAL):>8}")
-
-        env = {**os.environ, "BON_TRACKER_THREADS": str(args.threads)}
-        script = shutil.which("bon-tracker", path=str(Path(sys.executable).parent))
-        command = [script] if script else [sys.executable, "-m", "bon_tracker.cli.main"]
-        rss_analyze = peak_rss_mib(
-            [*command, "analyze", str(path), "--out", str(out), "--config", str(no_charts), "--json", "--quiet"], env
-        )
-        here = str(Path(__file__).parent)
-        floor_code = (
-            f"import sys, pathlib; sys.path.insert(0, {here!r}); import bench_analyze as b, pyarrow as pa; "
-            f"pa.set_cpu_count({args.threads}); b.read_and_sort(pathlib.Path({str(path)!r}), {args.samples})"
-        )
-        rss_floor = peak_rss_mib([sys.executable, "-c", floor_code], env)
-        print(
-            f"\npeak RSS (fresh process): analyze {rss_analyze:,.0f} MiB (streams: bounded, whatever the rows), "
-            f"floor {rss_floor:,.0f} MiB (holds every row); the scores alone are {rows * 16 / 2**20:,.0f} MiB"
-        )
+        prompts = args.prompts or (12_500 if args.quick else 50_000)
+        measure(prompts, args.samples, args.steps, args.threads, 2 if args.quick else 3, folder)
     finally:
         if not args.dir:
             shutil.rmtree(folder, ignore_errors=True)

@@ -14,6 +14,10 @@
    (bon_tracker.core.levels) instead of sorting when a prompt's proxy has few levels.
 3. bon_weights against a straightforward exact-binomial implementation at N = 12,600.
 4. Variance of the all-subsets estimator against naive Monte Carlo at equal N.
+5. ``bon-tracker analyze`` on a 12.8M-row Parquet file (50,000 prompts x 64 samples x
+   4 steps; --quick: 12,500 prompts) against reading its three columns with pyarrow and
+   argsorting each prompt: goal <= 2x, memory bounded (benchmarks/bench_analyze.py alone
+   runs only this; needs pyarrow, skipped without it).
 Timings are the best of several repeats (least disturbed by other processes). The
 core's thread count and whether BLAS was held to one thread are printed first.
 """
@@ -138,6 +142,27 @@ def main() -> None:
         exact = bon_estimate(proxy, true, n)
         mc = mc_bon_estimate(proxy, true, n, trials=64 // n, rng=1)
         print(f"{n:>5}{exact.var(ddof=1):>18.4f}{mc.var(ddof=1):>22.4f}{mc.var(ddof=1) / exact.var(ddof=1):>18.2f}")
+
+    print("\n5. bon-tracker analyze on a Parquet file / pyarrow read of 3 columns + argsort per prompt")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        print("skipped: pyarrow is not installed (pip install 'bon-tracker[parquet]')")
+        return
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_analyze
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_analyze_"))
+    try:
+        prompts = 12_500 if args.quick else 50_000
+        bench_analyze.measure(prompts, 64, 4, thread_count(), 2 if args.quick else 3, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
