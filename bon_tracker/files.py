@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 _pwrite = os.pwrite  # module-level, so a test can inject a full disk into exactly these writes
-_fsync = os.fsync
+_fsync = getattr(os, "fdatasync", os.fsync)  # the data and the size; not the timestamps
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
@@ -136,6 +136,10 @@ class LineFile:
                 os.ftruncate(self._fd, self._size)
             raise
         self._size += len(data)
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
 
     def close(self) -> None:
         if self._fd is not None:

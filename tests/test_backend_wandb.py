@@ -102,7 +102,13 @@ def test_curve_table_is_written_with_its_columns_and_rows(logged):
 
 def test_native_charts_and_image_are_logged(logged):
     visualize = txlog.read_config(logged.run_dir)["_wandb"]["visualize"]
-    assert set(visualize) == {"bon/curve_chart", "bon/overlay/true", "bon/overlay/proxy"}
+    assert set(visualize) == {
+        "bon/curve_chart",
+        "bon/overlay/true",
+        "bon/overlay/proxy",
+        "bon/1_true/over_steps",
+        "bon/2_proxy/over_steps",
+    }
     chart = visualize["bon/curve_chart"]["panel_config"]
     assert chart["panelDefId"] == "wandb/lineseries/v0"
     assert chart["fieldSettings"] == {"step": "kl", "lineKey": "series", "lineVal": "reward"}

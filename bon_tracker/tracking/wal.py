@@ -134,8 +134,9 @@ class WriteAheadLog:
 
     # ---- writing (raises OSError when the disk refuses) ----------------------------------
     def append(self, entry: Entry) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        append_whole(self.path, entry.to_line())
+        if not self._log.is_open:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._log.append(entry.to_line())
 
     def write_spec(self, spec: dict[str, Any]) -> None:
         """Record the backend's spec (only when it changed; atomic)."""
@@ -156,7 +157,7 @@ class WriteAheadLog:
         return {}
 
     def ack(self, seqs: list[int]) -> None:
-        append_whole(self.acks_path, "".join(f"{seq}\n" for seq in seqs).encode())
+        self._acks.append("".join(f"{seq}\n" for seq in seqs).encode())
 
     def dead_letter(self, entry: Entry, reason: str) -> None:
         line: dict[str, Any] = {"seq": entry.seq, "reason": reason, "spec": self.spec()}
