@@ -22,7 +22,7 @@ from bon_tracker.core import Alert, AlertRules, BonCurve, bon_curve
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores
 from bon_tracker.files import atomic_write_text
 from bon_tracker.record import EvalRecord
-from bon_tracker.tracking.alerting import AlertCallback, AlertReporter, alert_rules, eval_statistics
+from bon_tracker.tracking.alerting import AlertCallback, AlertReporter, EvalStatistics, alert_rules, eval_statistics
 from bon_tracker.tracking.delivery import DEFAULT_MAX_MEMORY_RECORDS, Delivery, DeliveryStats
 from bon_tracker.tracking.distributed import all_gather, rank_and_world_size
 from bon_tracker.tracking.wal import Entry, WriteAheadLog
@@ -283,8 +283,7 @@ class BonTracker:
             rows_p, rows_t = np.stack(rows_p), np.stack(rows_t)
         curve = bon_curve(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
         _check_finite_curve(curve, step)
-        stats = eval_statistics(rows_p, rows_t, curve)  # interval, agreement, predictions
-        events, states = self._alerts.update(step, curve, policy_kl, stats.interval) if self._alerts else ([], None)
+        stats, events, states = self._statistics(step, rows_p, rows_t, curve, policy_kl)
         record = EvalRecord.build(
             step,
             curve,
@@ -413,6 +412,23 @@ class BonTracker:
             logger.warning("bon_tracker: step %d is not after the last logged step %d; skipped", step, self.last_step)
             return False
         return True
+
+    def _statistics(self, step: int, proxy: Any, true: Any, curve: BonCurve, policy_kl: float | None) -> tuple:
+        """The Goodhart interval, agreement, predictions and alert events of this eval. These
+        add to the curve; a failure in them is reported and the curve is logged without them."""
+        try:
+            stats = eval_statistics(proxy, true, curve)
+            events, states = self._alerts.update(step, curve, policy_kl, stats.interval) if self._alerts else ([], None)
+            return stats, events, states
+        except Exception as err:  # never the reason a training run crashes
+            logger.warning(
+                "bon_tracker: the interval, agreement and alert statistics failed at step %d (%s: %s); "
+                "the curve is logged without them",
+                step,
+                type(err).__name__,
+                err,
+            )
+            return EvalStatistics(), [], None
 
     def _grid(self, lengths: set[int]) -> list[int] | None:
         if self.ns is None:
