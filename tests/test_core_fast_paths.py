@@ -213,9 +213,10 @@ def test_curve_kl_modes(rng):
     auto = bon_curve(proxy, true)
     assert auto.has_ties
     np.testing.assert_array_less(np.abs(auto.kl - kl_bon(auto.n)), 1e-5)  # one tie: a small change
-    discrete = bon_curve(proxy, true, kl_mode="discrete")
-    want = (3 * kl_bon(auto.n) + kl_bon_discrete(proxy[0], auto.n)) / 4
+    discrete = bon_curve(proxy, true, kl_mode="discrete")  # every level an atom, in every prompt
+    want = np.mean([kl_bon_discrete(row, auto.n) for row in proxy], axis=0)
     np.testing.assert_allclose(discrete.kl, want, rtol=1e-12)
+    assert np.all(discrete.kl[1:] < kl_bon(auto.n)[1:])  # atoms: below the continuous formula
     assert np.array_equal(bon_curve(proxy, true, kl_mode="continuous").kl, kl_bon(auto.n))
     with pytest.raises(ValueError, match="kl_mode must be one of 'auto', 'discrete', 'continuous'"):
         bon_curve(proxy, true, kl_mode="exact")

@@ -128,14 +128,9 @@ def test_counted_curve_equals_sorted_curve_and_brute_force(P, N, n_levels, seed,
     for j, n in enumerate(got.n.tolist()):  # the means themselves, exactly
         exact = [brute_force.bon_expected(list(proxy[i]), list(true[i]), n) for i in range(P)]
         assert got.true_mean[j] == pytest.approx(float(sum(exact) / P), rel=1e-12, abs=1e-12)
-    if kl_mode == "discrete" and N <= 6:  # KL by enumerating every draw (N^n of them); tie-free prompts: the formula
+    if kl_mode == "discrete" and N <= 6:  # KL by enumerating every draw (N^n of them); every level an atom
         for j, n in enumerate(got.n.tolist()):
-            exact_kl = np.mean(
-                [
-                    brute_force.discrete_kl(list(proxy[i]), n) if len(set(proxy[i])) < N else math.log(n) - (n - 1) / n
-                    for i in range(P)
-                ]
-            )
+            exact_kl = np.mean([brute_force.discrete_kl(list(proxy[i]), n) for i in range(P)])
             assert got.kl[j] == pytest.approx(exact_kl, rel=1e-9, abs=1e-12)
 
 

@@ -168,7 +168,7 @@ def curve_stats_compute(stats: CurveStats, ns: np.ndarray | None = None, *, kl_m
         return np.where(count > 0, values[at], np.nan)
 
     bound = np.asarray(kl_bon(grid), dtype=np.float64)
-    if stats.has_ties and kl_mode != "continuous":
+    if (stats.has_ties and kl_mode != "continuous") or kl_mode == "discrete":  # discrete: atoms even untied
         kl = np.where(count > 0, stats.kl_sum[at] / np.maximum(count, 1), np.nan)
     else:
         kl = np.where(count > 0, bound, np.nan)

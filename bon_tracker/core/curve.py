@@ -265,6 +265,11 @@ def _block_stats(ranked, estimates: np.ndarray, cols: np.ndarray, bound: np.ndar
     if has_ties and kl_mode != "continuous":
         kl = kl.copy()
         kl[ranked.tied] = _discrete_kl_sorted(ranked.proxy[ranked.tied], ranked.new_group, cols, kl_mode)
+    if kl_mode == "discrete" and len(ranked.tied) < m:  # a level seen once is an atom too
+        kl = kl.copy()
+        untied = np.setdiff1d(np.arange(m), ranked.tied)
+        every_level = np.ones((len(untied), ranked.proxy.shape[1]), dtype=bool)
+        kl[untied] = _discrete_kl_sorted(ranked.proxy[untied], every_level, cols, kl_mode)
     return curve_stats_update(cols, true_est, proxy_est, kl, N=N, has_ties=has_ties, n_samples=m * N)
 
 
@@ -275,7 +280,9 @@ def _level_block_stats(counts: LevelCounts, weights: LevelWeights, cols, bound, 
     m = counts.counts.shape[0]
     kl = np.broadcast_to(bound, true_est.shape)
     tied = counts.tied
-    if len(tied) and kl_mode != "continuous":
+    if kl_mode == "discrete":  # every level an atom, also in rows without a tie
+        kl = counted_level_kl(counts.counts, counts.below, N, cols, kl_mode)
+    elif len(tied) and kl_mode != "continuous":
         kl = kl.copy()
         kl[tied] = counted_level_kl(counts.counts[tied], counts.below[tied], N, cols, kl_mode)
     return curve_stats_update(cols, true_est, proxy_est, kl, N=N, has_ties=len(tied) > 0, n_samples=m * N)
