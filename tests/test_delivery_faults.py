@@ -363,19 +363,19 @@ def test_mlflow_run_id_that_does_not_exist_is_reported_loudly_not_spooled_silent
 # ---- W&B ----------------------------------------------------------------------------------------------------------
 
 
-def test_wandb_online_without_network_never_holds_up_training(tmp_path, rng, monkeypatch):
+def test_wandb_online_without_network_never_holds_up_training(tmp_path, rng):
     wandb = pytest.importorskip("wandb")
     from tests.mlflow_server import free_port
 
-    monkeypatch.setenv("WANDB_MODE", "online")
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    # Given to wandb.init itself: W&B keeps the settings of its first use in the process (offline in tests).
+    unreachable = wandb.Settings(init_timeout=5, base_url=f"http://127.0.0.1:{free_port()}", api_key="x" * 40)
     tracker = BonTracker(
         "wandb",
         project="offline-net",
+        mode="online",
         dir=str(tmp_path / "w"),
         images=False,
-        init_kwargs={"settings": wandb.Settings(init_timeout=5)},
+        init_kwargs={"settings": unreachable},
         spool_dir=tmp_path / "wal",
         backoff_max=1.0,
     )
