@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from bon_tracker.core.curve import BonCurve
-from bon_tracker.core.kl import kl_bon
 
 
 @dataclass(frozen=True)
@@ -116,12 +115,16 @@ def _n_at_kl(curve: BonCurve, kl_target: float) -> float:
         return float(np.exp(np.interp(kl_target, kl, np.log(n))))
     if kl_target > 700:  # n = e^(KL+1) overflows a float: the peak is unreachably far
         return math.inf
+
+    def kl_of(n: float) -> float:  # kl_bon on one float, without the array checks (called ~300 times)
+        return math.log(n) - (n - 1.0) / n
+
     low, high = 1.0, 2.0
-    while kl_bon(high) < kl_target:
+    while kl_of(high) < kl_target:
         low, high = high, high * 2
     for _ in range(200):
         mid = 0.5 * (low + high)
-        low, high = (mid, high) if kl_bon(mid) < kl_target else (low, mid)
+        low, high = (mid, high) if kl_of(mid) < kl_target else (low, mid)
         if high - low <= 1e-12 * high:
             break
     return 0.5 * (low + high)
@@ -137,6 +140,7 @@ def fit_overoptimization(curve: BonCurve) -> OveroptimizationFit:
 
     Example:
         >>> from bon_tracker.core.curve import BonCurve
+        >>> from bon_tracker.core.kl import kl_bon
         >>> d = np.sqrt(kl_bon(np.array([1, 2, 4, 8, 16])))
         >>> curve = BonCurve(n=np.array([1, 2, 4, 8, 16]), kl=d**2, kl_bound=d**2,
         ...     true_mean=d * (1.0 - 0.5 * d), true_se=np.zeros(5), proxy_mean=d,

@@ -124,7 +124,9 @@ def map_in_order(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iter
     being worked on. Called from one of the workers themselves, it runs on that thread
     (a worker waiting on its own pool could wait forever).
     """
-    if threads <= 1 or getattr(_IN_WORKER, "active", False):
+    items = list(items)
+    # One item (a small call: one block) runs here: a hand-off to a worker costs more than it.
+    if threads <= 1 or len(items) <= 1 or getattr(_IN_WORKER, "active", False):
         yield from map(fn, items)
         return
     pool = _pool(threads)
