@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_core import best_time
 
 GOAL = 2.0
 
@@ -79,15 +80,6 @@ def read_and_sort(path: Path, samples: int) -> None:
     table.column("true").to_numpy()
     proxy = table.column("proxy").to_numpy()
     np.argsort(proxy.reshape(-1, samples), axis=1)
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def run_analyze(args: list[str]) -> dict:

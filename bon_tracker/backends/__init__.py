@@ -13,7 +13,6 @@ from bon_tracker.backends.base import (
     ConfigurationError,
     RejectedRecord,
     RunNotFoundError,
-    TransientError,
 )
 
 # name -> "module:Class"; imported only when used, so no service client loads at import time.
@@ -51,7 +50,6 @@ __all__ = [
     "ConfigurationError",
     "RejectedRecord",
     "RunNotFoundError",
-    "TransientError",
     "backend_class",
     "backend_from_spec",
     "make_backend",

@@ -22,10 +22,6 @@ class RunNotFoundError(LookupError):
     """No such run (or a run without bon_tracker records): raised by ``read_records``."""
 
 
-class TransientError(RuntimeError):
-    """The service is unreachable or overloaded (connection, timeout, 5xx, 429): retry later."""
-
-
 class Backend(ABC):
     """Writes eval records to one tracking service, and reads them back.
 

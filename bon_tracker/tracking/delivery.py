@@ -296,8 +296,10 @@ class Delivery:
             logger.warning("bon_tracker: %s overview charts failed (%s: %s)", name, kind, err)
 
     def _bound_memory(self) -> None:
-        """Hold at most ``max_memory_records`` entries the disk refused (called under the lock)."""
-        memory_only = [e for e in self._queue if not e.persisted and e.record is not None]
+        """Hold at most ``max_memory_records`` entries the disk refused (called under the lock);
+        the one whose delivery is in flight is not counted: it is not lost unless that fails."""
+        in_flight = self._queue[0] if self._busy and self._queue else None
+        memory_only = [e for e in self._queue if not e.persisted and e.record is not None and e is not in_flight]
         excess = len(memory_only) - self.max_memory_records
         if excess <= 0:
             return

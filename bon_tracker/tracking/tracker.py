@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -522,8 +523,6 @@ class BonTracker:
 
     def _finish_backend(self, timeout: float) -> bool:
         """Close the backend on the delivery side, bounded by ``timeout``; True if it returned."""
-        import threading
-
         done = threading.Event()
 
         def close() -> None:
