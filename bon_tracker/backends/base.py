@@ -64,6 +64,11 @@ class Backend(ABC):
     def finish(self) -> None:  # noqa: B027
         """Flush and close what this backend opened (never a run it attached to)."""
 
+    def release(self) -> None:  # noqa: B027
+        """Give back what this process holds (a run folder's lock, open files) without
+        finishing the run: the tracker calls it when records are left for ``bon-tracker sync``,
+        so that the printed sync command works at once, also in this same process."""
+
     def alert(self, title: str, text: str, level: str = "WARN", *, step: int | None = None) -> None:  # noqa: B027
         """Raise the service's native alert, where it has one (W&B, trackio). Called by the
         delivery worker after :meth:`log_eval` delivered the record of ``step`` that holds the
@@ -110,4 +115,11 @@ def classify_common(error: BaseException) -> str:
         return "config"
     if isinstance(error, RejectedRecord):
         return "rejected"
+    if isinstance(error, _RECORD_ERRORS):
+        return "rejected"  # a property of the record (a value that cannot be encoded): retrying cannot help
     return "transient"
+
+
+# Errors that one record causes, whatever the service's state: encoding (an int too large for
+# a float, text that is not UTF-8, nesting too deep) and values the code cannot take.
+_RECORD_ERRORS = (OverflowError, UnicodeError, RecursionError, TypeError, ValueError, KeyError, IndexError)

@@ -91,6 +91,10 @@ class LocalBackend(Backend):
         run_id: str | None = None,
         charts: bool = True,
     ):
+        if root is not None and not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a folder path (a string or a Path), got {type(root).__name__}")
+        if run_name is not None and (not isinstance(run_name, str) or len(run_name) > 200 or not run_name.strip()):
+            raise ValueError(f"run_name must be a string of 1 to 200 characters, got {run_name!r:.80}")
         self.root = Path(root) if root is not None else default_root()
         self.run_name = run_name
         self._run_id = run_id
@@ -143,16 +147,22 @@ class LocalBackend(Backend):
             self._resume_existing(run_dir)
             self._tables_suspect = False
         if record.step not in self._steps:
+            # Everything encoded before anything is written: a record that cannot be encoded
+            # (rejected, dead-lettered) leaves neither a file nor a trace in this backend's state.
+            record_text = json.dumps(record.to_json())
+            rows = record.table_rows()
+            table_lines = [json.dumps(r) + "\n" for r in rows]
+            csv_lines = [_csv_line([r[c] for c in TABLE_COLUMNS]) for r in rows]
+            scalar_line = json.dumps({"step": record.step, **record.scalars()}) + "\n"
             # The record file first: it is the source of truth if we crash below.
-            atomic_write_text(run_dir / "records" / f"step_{record.step:09d}.json", json.dumps(record.to_json()))
+            atomic_write_text(run_dir / "records" / f"step_{record.step:09d}.json", record_text)
             self._steps.add(record.step)
             self._history.append(record)
             self._history.sort(key=lambda r: r.step)
-            rows = record.table_rows()
             self._tables_suspect = True  # until all three appends are done
-            _append_lines(run_dir / f"{TABLE_NAME}.jsonl", [json.dumps(r) + "\n" for r in rows])
-            _append_lines(run_dir / f"{TABLE_NAME}.csv", [_csv_line([r[c] for c in TABLE_COLUMNS]) for r in rows])
-            _append_lines(run_dir / "scalars.jsonl", [json.dumps({"step": record.step, **record.scalars()}) + "\n"])
+            _append_lines(run_dir / f"{TABLE_NAME}.jsonl", table_lines)
+            _append_lines(run_dir / f"{TABLE_NAME}.csv", csv_lines)
+            _append_lines(run_dir / "scalars.jsonl", [scalar_line])
             self._append_extras(run_dir, [record])
             self._tables_suspect = False
             self._write_meta(record)
@@ -180,6 +190,9 @@ class LocalBackend(Backend):
                 self.refresh_views()
             finally:
                 self._release()
+
+    def release(self) -> None:
+        self._release()
 
     @classmethod
     def claims(cls, ref: str) -> bool:

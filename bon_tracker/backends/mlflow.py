@@ -50,6 +50,7 @@ import re
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,8 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_TAGS_PER_BATCH = 100
 MAX_KEY_LENGTH = 250
 MAX_TAG_VALUE_LENGTH = 8000
+RUN_KEY_TAG = "bon_tracker.run_key"  # the client-chosen identity of a run this backend creates
+_RUN_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # mlflow.utils.mlflow_tags.MLFLOW_LOGGED_ARTIFACTS
 # Per-step tables are registered in that tag up to this many characters (oldest of ours
 # dropped first), leaving room for the cumulative table and for tables other code logs.
@@ -307,6 +310,11 @@ class MlflowBackend(Backend):
         charts: log PNG charts (curve per step; overlay, trend, RL views).
         end_run: end the run at :meth:`finish` (default: only a run this backend started;
             ``bon-tracker sync`` passes it on, so a replay ends the run the tracker started).
+        run_key: the client-chosen identity of a new run (default: a fresh random key). It
+            is in :meth:`spec`, hence in the write-ahead log, before the run exists, and the
+            run is created with it as the tag ``bon_tracker.run_key``: a process killed at any
+            point (even while ``create_run`` was in flight) is continued by ``bon-tracker
+            sync`` or a resumed tracker in that same run, never in a second one.
 
     Example:
         >>> backend = MlflowBackend(tracking_uri="sqlite:////tmp/demo/mlflow.db", experiment="demo")
@@ -329,7 +337,12 @@ class MlflowBackend(Backend):
         timeout: float = 10.0,
         charts: bool = True,
         end_run: bool | None = None,
+        run_key: str | None = None,
     ):
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ValueError(f"timeout must be a number of seconds, got {timeout!r:.60} ({type(timeout).__name__})")
+        if run_key is not None and not (isinstance(run_key, str) and _RUN_KEY.fullmatch(run_key)):
+            raise ValueError(f"run_key must be 8 to 64 letters, digits, '-' or '_', got {run_key!r:.80}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 10:
             raise ValueError(f"max_retries must be an integer from 0 to 10 (MLflow's limit), got {max_retries!r}")
         if not timeout > 0:
@@ -351,6 +364,7 @@ class MlflowBackend(Backend):
         self._views_stale = False
         self._experiment_id_cache: str | None = None
         self._image_steps: set[int] | None = None  # steps whose curve image the run holds
+        self.run_key = run_key or uuid.uuid4().hex
 
     # ---- identity ----------------------------------------------------------------------
     @property
@@ -397,10 +411,13 @@ class MlflowBackend(Backend):
             ("max_retries", self.max_retries, 1),
             ("timeout", self.timeout, 10.0),
             ("charts", self.charts, True),
-            ("end_run", self._end_run if self._end_run is not None else (self._owns_run or None), None),
         ):
             if value != default:
                 spec[key] = value
+        spec["run_key"] = self.run_key
+        # Always present (None: the backend decides, by whether it started the run), so that
+        # `bon-tracker sync` can say False for a run whose process crashed before finishing.
+        spec["end_run"] = self._end_run if self._end_run is not None else (self._owns_run or None)
         return spec
 
     def check(self) -> None:
@@ -528,7 +545,15 @@ class MlflowBackend(Backend):
                 self._run_id = run.info.run_id
                 self._experiment = self._experiment or client.get_experiment(run.info.experiment_id).name
                 return client, self._run_id
-        run = client.create_run(self._experiment_id(client), run_name=self._run_name, tags=_new_run_tags())
+        experiment_id = self._experiment_id(client)
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'", max_results=1
+        )
+        if found:  # created by this backend's run_key before a kill or a lost response: continue it
+            self._run_id, self._owns_run = found[0].info.run_id, True
+            return client, self._run_id
+        tags = {**_new_run_tags(), RUN_KEY_TAG: self.run_key}
+        run = client.create_run(experiment_id, run_name=self._run_name, tags=tags)
         self._run_id, self._owns_run = run.info.run_id, True
         url = self.ui_url
         if url is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from bon_tracker.cli.common import (
     EXIT_CODES_HELP,
+    EXIT_FAILURE,
     EXIT_OK,
     EXIT_PENDING,
     UsageError,
@@ -38,44 +39,75 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         print(f"nothing to replay: no spool files in {folder}")
         return EXIT_OK
     replayed = remaining = 0
+    damaged: list[str] = []  # logs with bad lines or that could not be read: the others go on
     for path in paths:
         wal = WriteAheadLog(path)
         if not args.dry_run and not wal.claim():
             print(f"{path}: in use by a running tracker ({wal.holder()}; it delivers its own records); skipped")
             continue
         try:
-            replayed_here, remaining_here = _sync_one(wal, args.dry_run)
+            replayed_here, remaining_here, ok = _sync_one(wal, args.dry_run)
+        except _UnreadableLog as err:
+            print(f"{path}: {err}", file=sys.stderr)
+            damaged.append(str(path))
+            continue
         finally:
             wal.release()
         replayed += replayed_here
         remaining += remaining_here
+        if not ok:
+            damaged.append(str(path))
     if args.dry_run:
         print(f"{remaining} record(s) pending in {len(paths)} spool file(s)")
         return EXIT_OK
     print(f"replayed {replayed} record(s); {remaining} remain")
-    return EXIT_PENDING if remaining else EXIT_OK
+    if damaged:
+        print(f"{len(damaged)} log(s) had damaged parts (see above): {', '.join(damaged)}", file=sys.stderr)
+    if remaining:
+        return EXIT_PENDING
+    return EXIT_FAILURE if damaged else EXIT_OK
 
 
-def _sync_one(wal: Any, dry_run: bool) -> tuple[int, int]:
+class _UnreadableLog(Exception):
+    """A log this command cannot deliver at all (its backend spec is unreadable)."""
+
+
+def _sync_one(wal: Any, dry_run: bool) -> tuple[int, int, bool]:
     """Deliver one write-ahead log in order through the tracker's own delivery path, then
-    finish the run if the tracker had finished it; returns (replayed, remaining)."""
-    from bon_tracker.backends import backend_from_spec
+    finish the run if the tracker had finished it; returns (replayed, remaining, no damage).
+
+    Bad lines (damaged on disk: a checksum mismatch, not an entry) are reported with their
+    line numbers and kept in ``<log>.bad.jsonl``; every good record is still delivered."""
+    from bon_tracker.backends import BACKENDS, backend_from_spec
     from bon_tracker.tracking.delivery import Delivery
 
-    path, pending = wal.path, wal.pending()
+    path = wal.path
+    pending, bad = wal.pending_and_bad()
+    for line in bad:
+        print(f"{path}: line {line.number}: {line.reason}; set aside in {wal.bad_path}", file=sys.stderr)
+    if bad and not dry_run:
+        wal.set_aside_bad_lines(bad)
     records = [e for e in pending if e.record is not None]
     finished = any(e.finish for e in pending)
     spec = wal.spec()
     if dry_run:
         steps = ", ".join(str(e.record.step) for e in records)
         print(f"{path}: {len(records)} record(s) for {spec.get('backend')} (steps {steps or 'none'})")
-        return 0, len(records)
+        return 0, len(records), not bad
     if not records and not finished:
-        wal.remove()  # an empty or torn-only log
-        return 0, 0
+        wal.remove()  # an empty or torn-only log (its bad lines, if any, are kept aside)
+        return 0, 0, not bad
+    if spec.get("backend") not in BACKENDS:
+        raise _UnreadableLog(
+            f"its backend spec {wal.spec_path} is missing or damaged (backend {spec.get('backend')!r:.40}); "
+            f"{len(records)} record(s) kept in the log; restore the spec file to deliver them"
+        )
     if "end_run" in spec:  # end the run only if the tracker had finished it (not after a crash)
-        spec = {**spec, "end_run": bool(spec["end_run"]) and finished}
-    backend = backend_from_spec(spec)
+        spec = {**spec, "end_run": spec["end_run"] if finished else False}
+    try:
+        backend = backend_from_spec(spec)
+    except (TypeError, ValueError) as err:
+        raise _UnreadableLog(f"its backend spec {wal.spec_path} is invalid ({err}); the records are kept") from None
     delivery = Delivery(backend, wal)
     left = delivery.run_once(pending)
     left_records = [e for e in left if e.record is not None]
@@ -98,7 +130,7 @@ def _sync_one(wal: Any, dry_run: bool) -> tuple[int, int]:
             f"{path}: stopped at step {left_records[0].record.step}: {why}; {len(left_records)} record(s) remain",
             file=sys.stderr,
         )
-    return done, len(left_records)
+    return done, len(left_records), not bad
 
 
 def add_parser(commands: Any) -> None:

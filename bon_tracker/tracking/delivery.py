@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,7 @@ class Delivery:
         self._backoff = 0.0
         self._failing = False
         self._unacked: list[int] = []  # delivered, but the disk refused the ack: retried with the next
+        self.on_exit: Callable[[], None] | None = None  # run by the worker thread as it ends
 
     # ---- the training thread's side --------------------------------------------------------
     def submit(self, entry: Entry) -> None:
@@ -103,6 +105,12 @@ class Delivery:
         """Records not delivered yet."""
         with self._cond:
             return sum(1 for e in self._queue if e.record is not None)
+
+    @property
+    def running(self) -> bool:
+        """The worker thread is alive (it may be inside a service call)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     @property
     def stopped(self) -> bool:
@@ -155,6 +163,14 @@ class Delivery:
 
     # ---- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._work()
+        finally:
+            if self.on_exit is not None:
+                with contextlib.suppress(Exception):
+                    self.on_exit()
+
+    def _work(self) -> None:
         while True:
             with self._cond:
                 while True:

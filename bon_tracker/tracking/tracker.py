@@ -7,6 +7,8 @@ the record to the run's write-ahead log on local disk and returns. A background 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import math
@@ -68,13 +70,74 @@ def _check_policy_kl(policy_kl: Any) -> float | None:
         raise TypeError(f"policy_kl must be a real number, got {type(policy_kl).__name__}")
     if hasattr(policy_kl, "item"):
         policy_kl = policy_kl.item()
+    if isinstance(policy_kl, complex):
+        raise TypeError("policy_kl must be a real number, got a complex value")
     try:
         value = float(policy_kl)
+    except OverflowError:
+        raise ValueError(f"policy_kl is too large for a float: {_short(policy_kl)}") from None
     except (TypeError, ValueError):
         raise TypeError(f"policy_kl must be a real number, got {type(policy_kl).__name__}") from None
     if not math.isfinite(value):
         raise ValueError(f"policy_kl must be finite, got {value!r}")
     return value
+
+
+MAX_NAME = 200  # characters of a run, reward or prefix name: each ends up in keys, labels, paths
+MAX_CONTEXT_TEXT = 1000  # characters of a string context value
+MAX_CONTEXT_KEYS = 100
+
+
+def check_name(value: Any, what: str, *, allow_slash: bool = True) -> str:
+    """A name that ends up in metric keys, chart labels and folder names: a string of 1 to
+    ``MAX_NAME`` characters, one line, no control characters."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > MAX_NAME:
+        raise ValueError(f"{what} is {len(value)} characters long; at most {MAX_NAME} are allowed ({_short(value)})")
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"{what} must not contain control characters (found {bad!r} in {_short(value)})")
+    if not allow_slash and ("/" in value or "\\" in value or value in (".", "..")):
+        raise ValueError(f"{what} must not contain '/' or '\\' or be '.' or '..', got {_short(value)}")
+    return value
+
+
+def check_context(context: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """The extras of one ``log_scores`` call as plain JSON values: finite real numbers
+    (numpy scalars and one-element tensors included), bools, None and bounded strings."""
+    if len(context) > MAX_CONTEXT_KEYS:
+        raise ValueError(f"log_scores at step {step}: {len(context)} context values; at most {MAX_CONTEXT_KEYS}")
+    out: dict[str, Any] = {}
+    for key, value in context.items():
+        check_name(key, f"log_scores at step {step}: the context key {_short(key)}")
+        where = f"log_scores at step {step}: context value {key}"
+        if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+            try:
+                value = value.item()
+            except (ValueError, RuntimeError):
+                raise ValueError(
+                    f"{where} must be a single number, got an array of shape {tuple(getattr(value, 'shape', ()))}"
+                ) from None
+        if value is None or isinstance(value, bool):
+            out[key] = value
+        elif isinstance(value, str):
+            if len(value) > MAX_CONTEXT_TEXT:
+                raise ValueError(f"{where} is a string of {len(value)} characters; at most {MAX_CONTEXT_TEXT}")
+            out[key] = value
+        elif isinstance(value, (int, float)):
+            try:
+                as_float = float(value)
+            except OverflowError:
+                raise ValueError(f"{where} is too large for a float: {_short(value)}") from None
+            if not math.isfinite(as_float):
+                raise ValueError(f"{where} must be finite, got {as_float!r}")
+            out[key] = value if isinstance(value, int) else as_float
+        else:
+            raise TypeError(f"{where} must be a number, a bool, None or a string, got {type(value).__name__}")
+    return out
 
 
 class BonTracker:
@@ -138,6 +201,11 @@ class BonTracker:
         check_nan_policy(nan_policy)
         if not isinstance(key_prefix, str) or not key_prefix.strip("/"):
             raise ValueError(f"key_prefix must be a non-empty string, got {key_prefix!r:.60}")
+        check_name(key_prefix, "key_prefix")
+        check_name(proxy_name, "proxy_name")
+        check_name(true_name, "true_name")
+        if run_name is not None:
+            check_name(run_name, "run_name")
         if not (isinstance(finish_timeout, (int, float)) and finish_timeout >= 0):
             raise ValueError(f"finish_timeout must be a number of seconds >= 0, got {finish_timeout!r:.60}")
         if isinstance(max_memory_records, bool) or not isinstance(max_memory_records, int) or max_memory_records < 0:
@@ -158,6 +226,9 @@ class BonTracker:
         self._delivery: Delivery | None = None
         self._next_seq = 0
         self._warned_disk = False
+        self._log_lock = threading.RLock()  # log_scores from any thread: one record at a time, in order
+        self._release_lock = threading.Lock()
+        self._released = False
         rules = alert_rules(alerts)
         self._alerts = AlertReporter(rules, on_alert) if rules is not None else None
 
@@ -257,10 +328,15 @@ class BonTracker:
         a multi-process run every rank calls this with its own prompts; rank 0 gathers
         all of them. A tracking service that fails, hangs or is slow is never waited for.
         """
+        with self._log_lock:
+            return self._log_scores(step, proxy, true, policy_kl, context)
+
+    def _log_scores(self, step: Any, proxy: Any, true: Any, policy_kl: Any, context: dict[str, Any]) -> BonCurve | None:
         if self._closed:
             raise RuntimeError("this tracker is finished; create a new BonTracker to log more")
         step = check_step(step)
         policy_kl = _check_policy_kl(policy_kl)
+        context = check_context(context, step)
 
         local = self._validated_local(proxy, true)
         gathered = all_gather(local)
@@ -310,15 +386,16 @@ class BonTracker:
         Same guarantees as :meth:`log_scores`; returns False when the step is skipped
         (not after the last logged step, or not rank 0).
         """
-        if self._closed:
-            raise RuntimeError("this tracker is finished; create a new BonTracker to log more")
-        check_step(record.step)
-        if not self.is_writer or not self._is_new_step(record.step):
-            return False
-        self._enqueue(record)
-        self.history.append(record)
-        self.last_step = record.step
-        return True
+        with self._log_lock:
+            if self._closed:
+                raise RuntimeError("this tracker is finished; create a new BonTracker to log more")
+            check_step(record.step)
+            if not self.is_writer or not self._is_new_step(record.step):
+                return False
+            self._enqueue(record)
+            self.history.append(record)
+            self.last_step = record.step
+            return True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds (default ``finish_timeout``) until every record
@@ -335,6 +412,7 @@ class BonTracker:
         if self._closed:
             return
         self._closed = True
+        _UNFINISHED.discard(self)
         if self._delivery is None or self._wal is None:
             return
         timeout = self.finish_timeout if timeout is None else float(timeout)
@@ -343,15 +421,19 @@ class BonTracker:
         idle = delivery.close(timeout)
         left = [e for e in delivery.leftover() if e.record is not None]
         stats = delivery.stats
-        closed = False
         if left or stats.config_error:
             self._append_finish_marker(wal)  # `bon-tracker sync` finishes the run once it delivered them
             self._report_left(left, stats, timeout)
+            # Every lock goes now, so the printed sync command works at once (also in this
+            # process); a service call still in flight gives them back when it returns.
+            delivery.on_exit = self._release_locks
+            if idle or not delivery.running:
+                self._release_locks()
         elif idle:
             # Closing the backend (W&B's run.finish, MLflow's run status) counts against the same timeout.
-            closed = self._finish_backend(max(deadline - time.monotonic(), 0.5))
-            if closed:
+            if self._finish_backend(max(deadline - time.monotonic(), 0.5)):
                 wal.remove()
+                self._release_locks()
             else:
                 self._append_finish_marker(wal)
         if stats.dropped:
@@ -363,8 +445,18 @@ class BonTracker:
                 wal.path,
                 self._backend_name,
             )
-        if idle and (closed or left or stats.config_error):
-            wal.release()  # else a service call is still in flight: the lock goes with the process
+
+    def _release_locks(self) -> None:
+        """Give back the log's lock and the backend's (a run folder's), once."""
+        with self._release_lock:
+            if self._released or self._wal is None:
+                return
+            self._released = True
+            try:
+                self._backend.release()
+            except Exception as err:  # never raise on the way out
+                logger.debug("bon_tracker: releasing the %s backend failed: %s", self._backend_name, err)
+            self._wal.release()
 
     def __enter__(self) -> BonTracker:
         return self
@@ -376,11 +468,10 @@ class BonTracker:
     def state(self) -> dict[str, Any]:
         """What a resumed process needs to continue this tracking run (and its log).
 
-        The run's id is known once the first record reached the backend (the worker opens
-        the run); until then this waits for that delivery, at most ``finish_timeout`` s.
+        Never waits for delivery: the backend's spec names the run (its id, or the
+        client-chosen key a run is created with), and ``wal`` the log holding what is
+        not delivered yet, which the resumed tracker adopts.
         """
-        if self._backend.run_id is None and self._delivery is not None and self._delivery.stats.delivered == 0:
-            self._delivery.drain(self.finish_timeout)
         return {
             "backend": self._backend.spec(),
             "last_step": self.last_step,
@@ -475,7 +566,7 @@ class BonTracker:
         if self._resumed_wal and Path(self._resumed_wal).exists():
             candidate = WriteAheadLog(self._resumed_wal)
             if candidate.claim():  # what the process this one continues could not deliver
-                wal, adopted = candidate, [e for e in candidate.pending() if e.record is not None]
+                wal, adopted = candidate, _adoptable(candidate)
         if wal is None:
             wal = WriteAheadLog.new(self._backend_name, self._spool_dir)
         self._wal = wal
@@ -485,6 +576,7 @@ class BonTracker:
         )
         for entry in adopted:
             self._delivery.submit(entry)
+        _finish_at_exit(self)
         return self._delivery
 
     def _enqueue(self, record: EvalRecord) -> None:
@@ -573,6 +665,66 @@ class BonTracker:
                 self._backend_name,
                 self._wal.path,
             )
+
+
+def _adoptable(wal: WriteAheadLog) -> list[Entry]:
+    """The records a resumed tracker takes over from its predecessor's log; damaged lines
+    are set aside and reported, and nothing read from the log ever raises into training."""
+    try:
+        pending, bad = wal.pending_and_bad()
+    except Exception as err:
+        logger.error(
+            "bon_tracker: cannot read the write-ahead log %s (%s); run: bon-tracker sync %s", wal.path, err, wal.path
+        )
+        return []
+    for line in bad:
+        logger.error(
+            "bon_tracker: line %d of the write-ahead log %s is damaged (%s); set aside in %s, the rest is delivered",
+            line.number,
+            wal.path,
+            line.reason,
+            wal.bad_path,
+        )
+    with contextlib.suppress(OSError):
+        wal.set_aside_bad_lines(bad)
+    return [e for e in pending if e.record is not None]
+
+
+# Trackers that a script may leave without finish(): delivered at interpreter exit. Held
+# strongly (a tracker that went out of scope unfinished still has records to deliver).
+_UNFINISHED: set[BonTracker] = set()
+_AT_EXIT_REGISTERED = False
+_AT_EXIT_LOCK = threading.Lock()
+
+
+def _finish_at_exit(tracker: BonTracker) -> None:
+    """Make sure ``tracker`` is finished at interpreter exit (bounded by its finish timeout).
+
+    The hook runs before the interpreter joins its threads (``threading``'s exit hooks run
+    before ``atexit``'s), while the daemon delivery thread is still alive, and before
+    MLflow's or W&B's own exit hooks close their runs."""
+    global _AT_EXIT_REGISTERED
+    _UNFINISHED.add(tracker)
+    with _AT_EXIT_LOCK:
+        if _AT_EXIT_REGISTERED:
+            return
+        register = getattr(threading, "_register_atexit", None) or atexit.register
+        try:
+            register(_finish_unfinished)
+        except RuntimeError:  # the interpreter is already shutting down
+            return
+        _AT_EXIT_REGISTERED = True
+
+
+def _finish_unfinished() -> None:
+    for tracker in list(_UNFINISHED):  # finish() removes it from the set
+        if tracker._closed:
+            continue
+        logger.info("bon_tracker: finishing a tracker that was not finished (at interpreter exit)")
+        try:
+            tracker.finish()
+        except Exception as err:  # never an exception at exit
+            logger.warning("bon_tracker: finishing at exit failed: %s", err)
 
 
 def _short(values: Any, limit: int = 60) -> str:

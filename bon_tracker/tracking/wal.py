@@ -2,9 +2,14 @@
 
 One log per tracker (``<backend>-<id>.jsonl`` in the WAL folder), written by one process:
 
-* ``<log>.jsonl``: one line per entry, ``{"seq": 3, "record": {...}}``. A last entry
+* ``<log>.jsonl``: one line per entry, ``{"crc32":"1a2b3c4d","entry":{"seq": 3, "record": {...}}}``;
+  the checksum covers the exact bytes of the ``entry`` value, so a damaged line (flipped
+  bytes, a digit changed) is found and never delivered as wrong data. A last entry
   ``{"seq": 9, "finish": true}`` says the run was finished with records still
   undelivered, so ``sync`` also ends the run once they are delivered.
+* ``<log>.bad.jsonl``: the damaged lines of the log, each with its line number and what
+  is wrong, set aside by :meth:`WriteAheadLog.set_aside_bad_lines` (never deleted); every
+  good line is still delivered.
 * ``<log>.spec.json``: the backend's spec (:meth:`Backend.spec`), which rebuilds it in
   another process pointing at the same run; replaced whole when it changes (the run id
   becomes known once the worker opened the run).
@@ -12,9 +17,10 @@ One log per tracker (``<backend>-<id>.jsonl`` in the WAL folder), written by one
 * ``<log>.dead.jsonl``: records the service rejected as invalid, each with its reason.
 * ``<log>.lock``: held (``flock``) by the process writing the log, with its pid inside.
 
-Every other file only grows by whole lines (:func:`bon_tracker.files.append_whole`): nothing is
-rewritten, a torn line from a crash is cut, a refused write leaves the file as it was.
-When every entry is acknowledged the log's files are removed.
+Appends come from any thread (one lock per log). Every file only grows by whole lines
+(:func:`bon_tracker.files.append_whole`) but the spec: nothing is rewritten, a torn line
+from a crash is cut, a refused write leaves the file as it was. When every entry is
+acknowledged the log's files are removed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import os
 import threading
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +68,56 @@ class Entry:
             data["record"] = self.record.to_json()
         if self.finish:
             data["finish"] = True
-        return (json.dumps(data, allow_nan=True, separators=(",", ":")) + "\n").encode("utf-8")
+        body = json.dumps(data, allow_nan=True, separators=(",", ":")).encode("utf-8")
+        return b'{"crc32":"%08x","entry":%s}\n' % (zlib.crc32(body), body)
+
+
+@dataclass
+class BadLine:
+    """A line of the log that is not an entry: damaged on disk, or not written by bon_tracker."""
+
+    number: int  # 1-based, as editors show it
+    reason: str
+    text: str  # the line as read (cut to a bounded length)
+
+
+_CRC_HEAD = b'{"crc32":"'
+_ENTRY_HEAD = b'","entry":'
+MAX_BAD_TEXT = 2000  # characters of a bad line kept beside the log
+
+
+def parse_line(line: bytes) -> Entry:
+    """One line of the log as an :class:`Entry`; ``ValueError`` naming what is wrong."""
+    if line.startswith(_CRC_HEAD):
+        head = len(_CRC_HEAD) + 8
+        if line[head : head + len(_ENTRY_HEAD)] != _ENTRY_HEAD or not line.endswith(b"}"):
+            raise ValueError("damaged line (its checksum frame is broken)")
+        body = line[head + len(_ENTRY_HEAD) : -1]
+        try:
+            expected = int(line[len(_CRC_HEAD) : head], 16)
+        except ValueError:
+            raise ValueError("damaged line (its checksum is not hexadecimal)") from None
+        if zlib.crc32(body) != expected:
+            raise ValueError("damaged line (checksum mismatch)")
+    else:
+        body = line  # a log of bon_tracker 0.1/0.2: lines without checksums
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("not JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"not a log entry (a JSON {type(data).__name__}, not an object)")
+    seq = data.get("seq")
+    if "seq" in data and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
+        raise ValueError(f"not a log entry (seq {seq!r:.40})")
+    record, finish = data.get("record"), data.get("finish", False)
+    if record is None and finish is not True:
+        raise ValueError("not a log entry (neither a record nor a finish marker)")
+    try:
+        parsed = None if record is None else EvalRecord.from_json(record)
+    except Exception as err:  # whatever a damaged record raises: it is this line's fault only
+        raise ValueError(f"not a valid eval record ({type(err).__name__}: {err})"[:300]) from None
+    return Entry(seq=-1 if seq is None else seq, record=parsed, finish=finish is True)
 
 
 class WriteAheadLog:
@@ -72,8 +128,9 @@ class WriteAheadLog:
         self._lock_fd: int | None = None
         self._spec_text: str | None = None
         self._spec_lock = threading.Lock()
-        self._log = LineFile(self.path)  # appended by the training thread
+        self._log = LineFile(self.path)  # appended by the training thread(s)
         self._acks = LineFile(self.acks_path)  # appended by the delivery worker
+        self._append_lock = threading.Lock()  # log_scores may be called from several threads
 
     @classmethod
     def new(cls, backend_name: str, directory: str | os.PathLike[str] | None = None) -> WriteAheadLog:
@@ -84,6 +141,10 @@ class WriteAheadLog:
     @property
     def acks_path(self) -> Path:
         return self.path.with_suffix(".acks")
+
+    @property
+    def bad_path(self) -> Path:
+        return self.path.with_suffix(".bad.jsonl")
 
     @property
     def dead_path(self) -> Path:
@@ -134,9 +195,11 @@ class WriteAheadLog:
 
     # ---- writing (raises OSError when the disk refuses) ----------------------------------
     def append(self, entry: Entry) -> None:
-        if not self._log.is_open:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._log.append(entry.to_line())
+        line = entry.to_line()  # encoded before the lock: a bad record never holds it
+        with self._append_lock:
+            if not self._log.is_open:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._log.append(line)
 
     def write_spec(self, spec: dict[str, Any]) -> None:
         """Record the backend's spec (only when it changed; atomic)."""
@@ -150,14 +213,18 @@ class WriteAheadLog:
 
     def spec(self) -> dict[str, Any]:
         """The backend spec of this log (0.1 spools kept it on every line)."""
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, TypeError):
             return dict(json.loads(self.spec_path.read_text(encoding="utf-8")))
-        with contextlib.suppress(OSError, ValueError, StopIteration), open(self.path, encoding="utf-8") as f:
+        with (
+            contextlib.suppress(OSError, ValueError, TypeError, AttributeError, StopIteration),
+            open(self.path, encoding="utf-8") as f,
+        ):
             return dict(json.loads(next(f)).get("spec") or {})
         return {}
 
     def ack(self, seqs: list[int]) -> None:
-        self._acks.append("".join(f"{seq}\n" for seq in seqs).encode())
+        with self._append_lock:
+            self._acks.append("".join(f"{seq}\n" for seq in seqs).encode())
 
     def dead_letter(self, entry: Entry, reason: str) -> None:
         line: dict[str, Any] = {"seq": entry.seq, "reason": reason, "spec": self.spec()}
@@ -167,8 +234,9 @@ class WriteAheadLog:
 
     def close(self) -> None:
         """Close the files this writer holds open."""
-        self._log.close()
-        self._acks.close()
+        with self._append_lock:
+            self._log.close()
+            self._acks.close()
 
     def remove(self) -> None:
         """Delete the log and its acks (everything was delivered); dead letters stay."""
@@ -178,25 +246,58 @@ class WriteAheadLog:
                 path.unlink()
 
     # ---- reading -------------------------------------------------------------------------
-    def entries(self) -> list[Entry]:
-        """Every entry of the log, in order (a torn last line is skipped)."""
+    def read(self) -> tuple[list[Entry], list[BadLine]]:
+        """Every entry of the log in order, and the lines that are not entries. An
+        unterminated last line (a crash in the middle of an append, never acknowledged to
+        the caller) is neither: it is cut at the next append."""
         if not self.path.exists():
+            return [], []
+        entries: list[Entry] = []
+        bad: list[BadLine] = []
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.endswith(b"\n"):
+                    break  # torn tail
+                try:
+                    entry = parse_line(line.rstrip(b"\r\n"))
+                except ValueError as err:
+                    text = line.decode("utf-8", errors="replace").rstrip("\n")[:MAX_BAD_TEXT]
+                    bad.append(BadLine(number, str(err), text))
+                    continue
+                if entry.seq < 0:
+                    entry.seq = number - 1  # logs of 0.1 (the spool) had no seq
+                entries.append(entry)
+        return entries, bad
+
+    def entries(self) -> list[Entry]:
+        """Every good entry of the log, in order (see :meth:`read`)."""
+        return self.read()[0]
+
+    def set_aside_bad_lines(self, bad: list[BadLine]) -> None:
+        """Keep the log's bad lines in ``<log>.bad.jsonl`` (replaced whole, so reading the
+        same log twice writes them once); the log itself is only removed once delivered."""
+        if not bad:
+            return
+        known = {(line.get("line"), line.get("text")) for line in self.bad_lines()}
+        new = [b for b in bad if (b.number, b.text) not in known]
+        if not new:
+            return
+        text = "".join(
+            json.dumps({"line": b.number, "reason": b.reason, "text": b.text, "log": str(self.path)}) + "\n"
+            for b in new
+        )
+        append_whole(self.bad_path, text.encode("utf-8"))
+
+    def bad_lines(self) -> list[dict[str, Any]]:
+        """What :meth:`set_aside_bad_lines` kept."""
+        if not self.bad_path.exists():
             return []
         out = []
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for i, line in enumerate(f):
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn line from a crash mid-append
-                record = data.get("record")
-                out.append(
-                    Entry(
-                        seq=int(data.get("seq", i)),  # logs of 0.1 (the spool) had no seq
-                        record=None if record is None else EvalRecord.from_json(record),
-                        finish=bool(data.get("finish", False)),
-                    )
-                )
+        for line in self.bad_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    out.append(value)
         return out
 
     def acked(self) -> set[int]:
@@ -213,9 +314,17 @@ class WriteAheadLog:
         done = self.acked()
         return [e for e in self.entries() if e.seq not in done]
 
+    def pending_and_bad(self) -> tuple[list[Entry], list[BadLine]]:
+        """:meth:`pending`, and the log's bad lines."""
+        entries, bad = self.read()
+        done = self.acked()
+        return [e for e in entries if e.seq not in done], bad
+
     def next_seq(self) -> int:
-        entries = self.entries()
-        return max((e.seq for e in entries), default=-1) + 1
+        """A sequence number after every line's (a bad line's seq is unknown: count lines too)."""
+        entries, bad = self.read()
+        lines = max([len(entries) + len(bad), *(b.number for b in bad)], default=0)
+        return max(max((e.seq for e in entries), default=-1) + 1, lines)
 
     def dead_letters(self) -> list[dict[str, Any]]:
         if not self.dead_path.exists():
@@ -234,4 +343,4 @@ def wal_files(directory: str | os.PathLike[str] | None = None) -> Iterator[Path]
     """The logs in a WAL folder (dead-letter files excluded)."""
     directory = Path(directory) if directory is not None else default_wal_dir()
     if directory.is_dir():
-        yield from sorted(p for p in directory.glob("*.jsonl") if not p.name.endswith(".dead.jsonl"))
+        yield from sorted(p for p in directory.glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".bad.jsonl")))
