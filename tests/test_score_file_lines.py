@@ -60,3 +60,41 @@ def test_a_huge_line_takes_bounded_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 2.5 * MAX_LINE_BYTES, f"peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "neg.csv",
+            "prompt_id,proxy,true,step\na,1,2,0\na,1,2,-5\n",
+            r"neg.csv line 3, column 'step': step -5 is negative",
+        ),
+        ("big.csv", "prompt_id,proxy,true,step\na,1,2,1e20\n", r"big.csv line 2, column 'step': step '1e20' is out of"),
+        (
+            "big.jsonl",
+            '{"prompt_id":"a","proxy":1,"true":2,"step":18446744073709551616}\n',
+            r"big.jsonl line 1.*out of",
+        ),
+        ("dup.csv", "prompt_id,proxy,true,proxy\na,1,2,3\n", r"dup.csv line 1: column 'proxy' appears twice"),
+    ],
+)
+def test_steps_outside_int64_and_duplicated_columns_are_errors_naming_the_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ScoreFileError, match=message):
+        rows_of(path)
+
+
+@pytest.mark.parametrize("step", [-5, 2**64 - 1])
+def test_parquet_steps_outside_int64_are_errors_naming_the_row(tmp_path, step):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    kind = pa.uint64() if step > 0 else pa.int64()
+    table = pa.table(
+        {"prompt_id": ["a", "a"], "proxy": [1.0, 2.0], "true": [2.0, 1.0], "step": pa.array([0, step], kind)}
+    )
+    pq.write_table(table, tmp_path / "s.parquet")
+    with pytest.raises(ScoreFileError, match=rf"s.parquet row 2, column 'step': step {step} is out of range"):
+        rows_of(tmp_path / "s.parquet")

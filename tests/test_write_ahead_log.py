@@ -408,3 +408,32 @@ def test_a_kill_or_a_lost_response_during_the_first_delivery_never_makes_a_secon
         assert cli_main(["sync", str(log)]) == 0
     (run,) = _runs(uri, "split")  # one run, whatever the kill point
     assert _metric_steps(uri, run.info.run_id) == ([0, 1] if when == "lost" else [0])
+
+
+def _killed_in_first_local_delivery(root: str, spool: str) -> None:
+    import bon_tracker.backends.local as local
+
+    real = local._append_lines
+
+    def append_then_die(path, lines):
+        real(path, lines)
+        os.kill(os.getpid(), signal.SIGKILL)  # the record file and one table are written, nothing else
+
+    local._append_lines = append_then_die
+    tracker = BonTracker("local", root=root, run_name="killed", charts=False, spool_dir=spool)
+    tracker.log_scores(0, *_scores(0))
+    time.sleep(60)
+
+
+def test_a_kill_during_the_first_local_delivery_is_continued_in_the_same_folder(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_killed_in_first_local_delivery, args=(str(tmp_path / "runs"), str(tmp_path / "wal")))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -signal.SIGKILL
+    (log,) = (tmp_path / "wal").glob("local-*.jsonl")
+    assert cli_main(["sync", str(log)]) == 0
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["killed"]  # no "killed-1a2b3c"
+    folder = tmp_path / "runs" / "killed"
+    assert [r.step for r in read_records(folder)] == [0]
+    assert len((folder / "scalars.jsonl").read_text().splitlines()) == 1  # the torn tables were rebuilt once

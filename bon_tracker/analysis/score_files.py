@@ -266,7 +266,22 @@ def _text_floats(
     return out
 
 
+MAX_STEP = 2**63  # steps are int64 in every tracking service
+_STEP_RANGE = "steps are integers from 0 to 2**63 - 1"
+
+
 def _text_steps(path: Path, values: list[Any], lines: list[int], column: str, *, json_values: bool) -> np.ndarray:
+    out = _parsed_text_steps(path, values, lines, column, json_values=json_values)
+    negative = np.flatnonzero(out < 0)
+    if negative.size:
+        i = int(negative[0])
+        raise _located(path, f"line {lines[i]}", column, f"step {int(out[i])} is negative; {_STEP_RANGE}")
+    return out
+
+
+def _parsed_text_steps(
+    path: Path, values: list[Any], lines: list[int], column: str, *, json_values: bool
+) -> np.ndarray:
     if not json_values:
         try:
             return np.array(values, dtype=np.int64)
@@ -274,27 +289,44 @@ def _text_steps(path: Path, values: list[Any], lines: list[int], column: str, *,
             pass
     out = np.empty(len(values), dtype=np.int64)
     for i, value in enumerate(values):
-        if json_values and type(value) is int:
-            out[i] = value
-            continue
-        if json_values and type(value) is float and value.is_integer():
-            out[i] = int(value)
-            continue
-        if not json_values:
-            try:
-                out[i] = int(value.strip())
+        try:
+            if _store_step(out, i, value, json_values):
                 continue
-            except ValueError:
-                try:
-                    as_float = float(value)
-                except ValueError:
-                    as_float = math.nan
-                if as_float.is_integer():
-                    out[i] = int(as_float)
-                    continue
+        except OverflowError:
+            shown = repr(value)[:40]
+            raise _located(path, f"line {lines[i]}", column, f"step {shown} is out of range; {_STEP_RANGE}") from None
         shown = json.dumps(value)[:40] if json_values and not isinstance(value, str) else repr(str(value)[:40])
         raise _located(path, f"line {lines[i]}", column, f"{shown} is not an integer step")
     return out
+
+
+def _store_step(out: np.ndarray, i: int, value: Any, json_values: bool) -> bool:
+    """Put ``value`` into ``out[i]`` if it is an integer step (OverflowError past int64)."""
+    if json_values and type(value) is int:
+        out[i] = _in_range(value)
+        return True
+    if json_values and type(value) is float and value.is_integer():
+        out[i] = _in_range(int(value))
+        return True
+    if not json_values:
+        try:
+            out[i] = _in_range(int(value.strip()))
+            return True
+        except ValueError:
+            try:
+                as_float = float(value)
+            except ValueError:
+                as_float = math.nan
+            if as_float.is_integer():
+                out[i] = _in_range(int(as_float))
+                return True
+    return False
+
+
+def _in_range(step: int) -> int:
+    if not -MAX_STEP <= step < MAX_STEP:
+        raise OverflowError(step)
+    return step
 
 
 class _TextBatch:
@@ -345,6 +377,14 @@ def _read_csv(
         except (EOFError, OSError, gzip.BadGzipFile) as err:
             raise ScoreFileError(f"{path.name}: cannot read ({err})") from None
         names = [h.strip() for h in header]
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names, start=1):
+            if name and name in seen:
+                raise ScoreFileError(
+                    f"{path.name} line 1: column {name!r} appears twice (columns {seen[name]} and {i}); "
+                    "rename one, so it is clear which holds the scores"
+                )
+            seen[name] = i
         index = _column_index(path, names, columns)
         i_prompt, i_proxy, i_true, i_step, i_run = index
         width = len(names)
@@ -581,13 +621,22 @@ def _arrow_steps(path: Path, array: Any, column: str, where: Callable[[int], str
     if array.null_count:
         raise _located(path, where(_first_null(array)), column, "missing step (null)")
     if pa.types.is_integer(kind):
-        return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64)
+        values = np.asarray(array.to_numpy(zero_copy_only=False))
+        bad = np.flatnonzero((values < 0) | (values >= MAX_STEP)) if values.size else values
+        if bad.size:
+            i = int(bad[0])
+            raise _located(path, where(i), column, f"step {int(values[i])} is out of range; {_STEP_RANGE}")
+        return values.astype(np.int64)
     if pa.types.is_floating(kind):
         values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)
         bad = ~(np.isfinite(values) & (values == np.round(values)))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise _located(path, where(i), column, f"{values[i]!r} is not an integer step")
+        outside = np.flatnonzero((values < 0) | (values >= MAX_STEP))
+        if outside.size:
+            i = int(outside[0])
+            raise _located(path, where(i), column, f"step {values[i]!r} is out of range; {_STEP_RANGE}")
         return values.astype(np.int64)
     raise ScoreFileError(f"{path.name}, column {column!r}: has type {kind}; steps must be integers")
 

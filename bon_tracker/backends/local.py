@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import glob
 import io
 import json
 import logging
@@ -51,6 +52,7 @@ logger = logging.getLogger("bon_tracker")
 
 MAX_OVERLAY_CURVES = 20
 LOCK_FILE = ".lock"
+RUN_KEY_FILE = ".run_key"  # the client-chosen identity of the run that made the folder
 ALERTS_FILE = "alerts.jsonl"
 
 
@@ -78,6 +80,10 @@ class LocalBackend(Backend):
             ``<run_name>-<suffix>``.
         run_id: reopen an existing run folder ``<root>/<run_id>`` (resuming).
         charts: draw PNG charts and inline them in the report (needs matplotlib).
+        run_key, run_folder: the identity of a new run, chosen at construction and kept in
+            :meth:`spec` (hence in the write-ahead log) before the folder exists, and the
+            folder name it is made under; a process killed during its first delivery is
+            continued in that same folder by ``bon-tracker sync``, never in a second one.
     """
 
     name = "local"
@@ -90,6 +96,8 @@ class LocalBackend(Backend):
         run_name: str | None = None,
         run_id: str | None = None,
         charts: bool = True,
+        run_key: str | None = None,
+        run_folder: str | None = None,
     ):
         if root is not None and not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root must be a folder path (a string or a Path), got {type(root).__name__}")
@@ -98,6 +106,11 @@ class LocalBackend(Backend):
         self.root = Path(root) if root is not None else default_root()
         self.run_name = run_name
         self._run_id = run_id
+        # Chosen now, so that the spec in the write-ahead log names the folder before it exists.
+        self.run_key = run_key or uuid.uuid4().hex
+        if run_folder is None:
+            run_folder = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name) if run_name else time.strftime("%Y%m%d-%H%M%S")
+        self._base_name = run_folder.strip(".") or "run"  # never "..": the folder stays under root
         self.charts = charts
         self.run_dir: Path | None = None
         self._lock_fd: int | None = None
@@ -119,6 +132,7 @@ class LocalBackend(Backend):
             "run_id": self._run_id,
             "run_name": self.run_name,
             "charts": self.charts,
+            **({"run_key": self.run_key, "run_folder": self._base_name} if self._run_id is None else {}),
         }
 
     def check(self) -> None:
@@ -216,15 +230,7 @@ class LocalBackend(Backend):
             return self.run_dir
         self.root.mkdir(parents=True, exist_ok=True)
         if self._run_id is None:
-            base = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_name) if self.run_name else time.strftime("%Y%m%d-%H%M%S")
-            run_id = base
-            while True:  # mkdir is atomic: of two processes opening the same name, one gets a new folder
-                try:
-                    (self.root / run_id).mkdir()
-                    break
-                except FileExistsError:
-                    run_id = f"{base}-{uuid.uuid4().hex[:6]}"
-            self._run_id = run_id
+            self._run_id = self._folder_of_run_key() or self._new_folder()
         run_dir = self.root / self._run_id
         (run_dir / "records").mkdir(parents=True, exist_ok=True)
         (run_dir / "charts").mkdir(exist_ok=True)
@@ -232,6 +238,32 @@ class LocalBackend(Backend):
         self.run_dir = run_dir
         self._resume_existing(run_dir)
         return run_dir
+
+    def _new_folder(self) -> str:
+        """A new run folder, named after the run, holding this backend's run key."""
+        base = self._base_name
+        run_id = base
+        while True:  # mkdir is atomic: of two processes opening the same name, one gets a new folder
+            try:
+                (self.root / run_id).mkdir()
+                break
+            except FileExistsError:
+                run_id = f"{base}-{uuid.uuid4().hex[:6]}"
+        with contextlib.suppress(OSError):  # without it a replay after a kill opens a second folder
+            atomic_write_text(self.root / run_id / RUN_KEY_FILE, self.run_key)
+        return run_id
+
+    def _folder_of_run_key(self) -> str | None:
+        """The folder this backend's run key made before (a process killed during its first
+        delivery, continued by ``bon-tracker sync`` or a resumed tracker): never a second one."""
+        base = self._base_name
+        for folder in sorted(self.root.glob(f"{glob.escape(base)}*")):
+            with contextlib.suppress(OSError):
+                if (folder.name == base or folder.name.startswith(f"{base}-")) and (
+                    (folder / RUN_KEY_FILE).read_text(encoding="utf-8") == self.run_key
+                ):
+                    return folder.name
+        return None
 
     def _lock(self, run_dir: Path) -> None:
         """Hold the run folder's lock while this backend lives (one writer per folder)."""
