@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -289,3 +290,83 @@ def test_constructing_touches_nothing(tmp_path):
     assert not (tmp_path / "never").exists()
     with pytest.raises(ValueError, match="mode"):
         WandbBackend(mode="sometimes")
+
+
+# ---- the process's exit ---------------------------------------------------------------------------------------------
+
+EXITING = r"""
+import socket, sys, time
+import numpy as np
+import wandb
+from bon_tracker import BonTracker
+
+online = sys.argv[1] == "online"
+root = sys.argv[2]
+options = {"mode": "offline"}
+if online:  # W&B online, its server unreachable: a closed loopback port
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    # wandb.init's own init_timeout (90 s) left as it is: that is the wait the exit must not inherit.
+    unreachable = wandb.Settings(base_url=f"http://127.0.0.1:{port}", api_key="x" * 40)
+    options = {"mode": "online", "init_kwargs": {"settings": unreachable}}
+tracker = BonTracker("wandb", project="exit", dir=root + "/w", images=False, spool_dir=root + "/wal", backoff_max=1.0,
+                     finish_timeout=3, **options)
+rng = np.random.default_rng(0)
+for step in range(2):
+    true = rng.normal(size=(16, 8))
+    tracker.log_scores(step, true + rng.normal(size=true.shape), true)
+if not online:
+    assert tracker.flush(60)
+print(tracker.wal_path, flush=True)
+print(time.time(), flush=True)  # finish() starts now; the parent times it to the process's exit
+tracker.finish()
+"""
+
+
+def _run_and_time_exit(tmp_path: Path, mode: str) -> tuple[float, str, subprocess.CompletedProcess]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("WANDB_SERVICE", None)  # this process's own W&B service (a run of an earlier test): not shared
+    for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):  # W&B's state: here
+        (tmp_path / key.lower()).mkdir()
+        env[key] = str(tmp_path / key.lower())
+    proc = subprocess.run(
+        [sys.executable, "-c", EXITING, mode, str(tmp_path)], capture_output=True, text=True, env=env, timeout=240
+    )
+    ended = time.time()
+    lines = proc.stdout.split()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stderr[-3000:]
+    return ended - float(lines[1]), lines[0], proc
+
+
+def test_process_exit_is_bounded_by_finish_timeout_when_wandb_is_unreachable(tmp_path):
+    """W&B's exit hook waited for its service, stuck on the unreachable server: ~85 s after finish()."""
+    from bon_tracker.tracking.wal import WriteAheadLog
+
+    took, wal, proc = _run_and_time_exit(tmp_path, "online")
+    assert took < 3 + 10, f"the process exited {took:.1f} s after finish(timeout=3)"
+    assert "stopped it" in proc.stderr  # said so
+    assert [e.record.step for e in WriteAheadLog(wal).pending() if e.record] == [0, 1]  # kept for `bon-tracker sync`
+
+
+def test_process_exit_leaves_a_healthy_wandb_alone(tmp_path):
+    took, _, proc = _run_and_time_exit(tmp_path, "offline")
+    assert took < 3 + 10
+    assert "stopped it" not in proc.stderr  # W&B's own exit: nothing of ours was in flight
+    (run_dir,) = (tmp_path / "w" / "wandb").glob("offline-run-*")
+    assert [r.step for r in txlog.read_records(run_dir)] == [0, 1]  # its log closed whole
+
+
+def test_a_state_saved_before_the_first_delivery_resumes_the_same_run(tmp_path, rng):
+    """save_state never waits for the run to exist: the run key in the spec is its id."""
+    first = BonTracker("wandb", project="test", mode="offline", dir=str(tmp_path / "a"), images=False)
+    first.log_scores(0, rng.normal(size=(4, 8)), rng.normal(size=(4, 8)))
+    state = first.state()  # at once; the worker may not have called wandb.init yet
+    first.finish()
+    assert first.backend.run_id == state["backend"]["run_key"]
+    second = BonTracker("wandb", resume={**state, "backend": {**state["backend"], "dir": str(tmp_path / "b")}})
+    second.log_scores(1, rng.normal(size=(4, 8)), rng.normal(size=(4, 8)))
+    second.finish()
+    assert second.backend.run_id == first.backend.run_id
+    assert [r.step for r in txlog.read_records(tmp_path / "b")] == [1]

@@ -224,3 +224,34 @@ def test_yaml_alias_bomb_is_refused_quickly_and_messages_stay_short(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert len(str(err.value)) < 400  # the value is quoted as a short prefix, not whole
+
+
+def test_bontracker_itself_follows_one_precedence_explicit_env_yaml_default(tmp_path, monkeypatch):
+    """BonTracker() reads bon_tracker.yaml and BON_TRACKER_* as tracker_from_config does."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bon_tracker.yaml").write_text(
+        "backend: mlflow\nns: [1, 2]\nkey_prefix: yaml\nproxy_name: rm\nmlflow:\n"
+        f"  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n  experiment: from-yaml\n"
+    )
+    from bon_tracker import BonTracker
+
+    tracker = BonTracker()
+    assert tracker.backend.name == "mlflow" and tracker.backend.spec()["experiment"] == "from-yaml"
+    assert (tracker.ns, tracker.key_prefix, tracker.proxy_name) == ([1, 2], "yaml", "rm")
+    monkeypatch.setenv("BON_TRACKER_NS", "1,4")
+    monkeypatch.setenv("BON_TRACKER_KEY_PREFIX", "env")
+    monkeypatch.setenv("BON_TRACKER_RUN_NAME", "env-run")
+    monkeypatch.setenv("BON_TRACKER_PROXY_NAME", "env-rm")
+    tracker = BonTracker()
+    assert (tracker.ns, tracker.key_prefix, tracker.proxy_name) == ([1, 4], "env", "env-rm")
+    assert tracker.backend.spec()["run_name"] == "env-run"
+    tracker = BonTracker("local", root=tmp_path / "runs", ns=[1], key_prefix="arg", run_name="arg-run")
+    assert (tracker.backend.name, tracker.ns, tracker.key_prefix) == ("local", [1], "arg")
+    assert tracker.backend.spec()["run_name"] == "arg-run"
+
+
+def test_a_misspelt_backend_option_says_what_was_meant(tmp_path):
+    from bon_tracker import BonTracker
+
+    with pytest.raises(TypeError, match="unknown option of the local backend 'run_nme'; did you mean 'run_name'"):
+        BonTracker("local", root=tmp_path, run_nme="x")

@@ -25,16 +25,30 @@ W&B settings say), from the delivery worker; its 0/1 state is the ``{pre}/7_aler
 
 The latest Goodhart point also goes to ``run.summary`` (``{pre}/4_goodhart/n``, ``/kl``,
 ``/peak_gain``, ``/within_range`` and ``/step``, the eval step it was fitted at).
+
+Exit: W&B's own exit hook waits, with no bound, for its service process (``wandb-core``),
+which waits on the network (``wandb.init`` alone waits 90 s for an unreachable server).
+When the process exits while a call of this backend into W&B is still in flight, or the
+last one failed on the network (the tracker's ``finish`` already gave up on it), the
+service gets :data:`EXIT_GRACE` seconds to shut down and is then stopped: what it had not
+uploaded stays in the run's local folder (``wandb sync``), our records in bon_tracker's
+write-ahead log (``bon-tracker sync``).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import io
 import json
 import logging
 import os
+import subprocess
 import sys
-from collections.abc import Mapping
+import threading
+import uuid
+import weakref
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +70,7 @@ logger = logging.getLogger("bon_tracker")
 
 CURVE_CHART_KEY = "curve_chart"
 OVERLAY_KEY = "overlay"
+EXIT_GRACE = 2.0  # seconds W&B's service gets at exit when W&B is stuck, before it is stopped
 _MODES = {
     "online": "online",
     "run": "online",
@@ -92,6 +107,10 @@ class WandbBackend(Backend):
         init_kwargs: more arguments for ``wandb.init`` (``tags``, ``group``, ``config``...).
         finish_timeout: seconds :meth:`finish` waits, after finishing a run it started,
             for W&B to close the run's local log (``run-<id>.wandb``); 0: do not wait.
+        run_key: the id a new run gets (default: chosen now, at random). It is in
+            :meth:`spec`, hence in the write-ahead log and a saved state, before the run
+            exists, so a process killed before its first delivery is continued in that same
+            run (``resume="allow"``) by ``bon-tracker sync`` or a resumed tracker.
     """
 
     name = "wandb"
@@ -112,6 +131,7 @@ class WandbBackend(Backend):
         overlay_steps: int = 20,
         init_kwargs: Mapping[str, Any] | None = None,
         finish_timeout: float = 30.0,
+        run_key: str | None = None,
     ):
         if mode is not None and mode not in _MODES.values():
             raise ValueError(f"mode must be 'online', 'offline', 'disabled', 'shared' or None, got {mode!r}")
@@ -130,10 +150,15 @@ class WandbBackend(Backend):
         self._given_run = run
         self._run: Any = None
         self._run_id = run_id
+        self.run_key = run_key or uuid.uuid4().hex[:16]  # W&B run ids: letters and digits
         self._owns_run = False
         self._defined: set[str] = set()  # key prefixes whose define_metric calls are done
         self._logged: set[tuple[str, int]] = set()  # (prefix, step) written by this process
         self._history: dict[str, list[EvalRecord]] = {}  # per prefix, for the overlay charts
+        self._calls = 0  # calls into W&B in flight (the delivery worker's, finish's)
+        self._calls_lock = threading.Lock()
+        self._failed = False  # the last call into W&B failed on the network
+        self._exiting = False  # the process is exiting and W&B was stopped: call it no more
 
     # ---- Backend interface ----------------------------------------------------------
     @property
@@ -158,6 +183,7 @@ class WandbBackend(Backend):
             "project": (run.project if run is not None else None) or self.project,
             "entity": (run.entity if run is not None else None) or self.entity,
             "run_id": self.run_id,
+            "run_key": self.run_key,
             "run_name": self.run_name,
             "mode": mode,
             "dir": None if root is None else str(root),
@@ -191,6 +217,8 @@ class WandbBackend(Backend):
                 return "config"
         if type(error).__name__ == "ValidationError":  # pydantic: an invalid setting
             return "config"
+        if self._exiting:  # whatever W&B raised once it was stopped: the record waits in the log
+            return "transient"
         return classify_common(error)
 
     @classmethod
@@ -226,25 +254,26 @@ class WandbBackend(Backend):
             logger.debug("bon_tracker: wandb already has %s step %d; skipped", pre, record.step)
             return
         wandb = require("wandb", "wandb")
-        run = self._open(wandb)
-        self._define_metrics(run, pre)
-        history = [r for r in self._history.get(pre, []) if r.step != record.step] + [record]
-        history.sort(key=lambda r: r.step)
+        with self._calling_wandb():
+            run = self._open(wandb)
+            self._define_metrics(run, pre)
+            history = [r for r in self._history.get(pre, []) if r.step != record.step] + [record]
+            history.sort(key=lambda r: r.step)
 
-        # Summary first: setting it again on a retry is harmless, logging a row twice is not.
-        if record.goodhart is not None:
-            g = record.goodhart
-            run.summary.update(
-                {
-                    metric_key("goodhart", "n", pre): float(g.n),
-                    metric_key("goodhart", "kl", pre): float(g.kl),
-                    metric_key("goodhart", "peak_gain", pre): float(g.peak_gain),
-                    metric_key("goodhart", "within_range", pre): bool(g.within_range),
-                    metric_key("goodhart", "step", pre): record.step,
-                }
-            )
-        # One call, and no step=: the trainer owns W&B's step; ours is the step metric.
-        run.log(self._row(wandb, record, history))
+            # Summary first: setting it again on a retry is harmless, logging a row twice is not.
+            if record.goodhart is not None:
+                g = record.goodhart
+                run.summary.update(
+                    {
+                        metric_key("goodhart", "n", pre): float(g.n),
+                        metric_key("goodhart", "kl", pre): float(g.kl),
+                        metric_key("goodhart", "peak_gain", pre): float(g.peak_gain),
+                        metric_key("goodhart", "within_range", pre): bool(g.within_range),
+                        metric_key("goodhart", "step", pre): record.step,
+                    }
+                )
+            # One call, and no step=: the trainer owns W&B's step; ours is the step metric.
+            run.log(self._row(wandb, record, history))
         self._logged.add((pre, record.step))
         self._history[pre] = history
 
@@ -252,9 +281,10 @@ class WandbBackend(Backend):
         """``run.alert``: W&B emails or posts it to Slack as the user's settings say; offline runs
         keep it in their transaction log (``bon-tracker`` reads it back, ``wandb sync`` sends it)."""
         wandb = require("wandb", "wandb")
-        run = self._open(wandb)
-        name = str(level).upper()
-        run.alert(title=title[:63], text=text, level=getattr(wandb.AlertLevel, name, wandb.AlertLevel.WARN))
+        with self._calling_wandb():
+            run = self._open(wandb)
+            name = str(level).upper()
+            run.alert(title=title[:63], text=text, level=getattr(wandb.AlertLevel, name, wandb.AlertLevel.WARN))
 
     def finish(self) -> None:
         run, self._run = self._run, None
@@ -262,11 +292,37 @@ class WandbBackend(Backend):
         if run is not None:
             self._run_id = run.id  # a later log_eval continues this same run
             if self._owns_run:
-                run.finish()
+                with self._calling_wandb():
+                    run.finish()
                 self._wait_for_log(run)
         self._owns_run = False
 
     # ---- internals ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _calling_wandb(self) -> Iterator[None]:
+        """Around every call into W&B: counts the calls in flight and remembers whether the
+        last one failed on the network, which is what decides how the process exits."""
+        if self._exiting:
+            raise ConnectionError("the process is exiting and W&B was stopped")
+        _watch_exit(self)
+        with self._calls_lock:
+            self._calls += 1
+        try:
+            yield
+        except Exception as err:
+            self._failed = self.classify(err) == "transient"
+            raise
+        else:
+            self._failed = False
+        finally:
+            with self._calls_lock:
+                self._calls -= 1
+
+    @property
+    def _stuck(self) -> bool:
+        """A call into W&B is in flight, or the last one failed on the network."""
+        return self._calls > 0 or self._failed
+
     def _wait_for_log(self, run: Any) -> None:
         """Return from finish() only once the run's local log is whole, so that the run
         folder can be read (``bon-tracker compare``) right away in this process."""
@@ -303,8 +359,7 @@ class WandbBackend(Backend):
         if self.dir is not None:
             Path(self.dir).mkdir(parents=True, exist_ok=True)  # wandb ignores a missing dir
             options["dir"] = self.dir
-        if self._run_id is not None:
-            options.update(id=self._run_id, resume="allow")
+        options.update(id=self._run_id or self.run_key, resume="allow")
         self._run = wandb.init(**{k: v for k, v in options.items() if v is not None})
         self._owns_run = True
         return self._run
@@ -406,6 +461,87 @@ class WandbBackend(Backend):
             self.images = False  # say it once
             return None
         return wandb.Image(Image.open(io.BytesIO(png)), caption=f"step {record.step}")
+
+
+# ---- the process's exit -----------------------------------------------------------------
+_BACKENDS: weakref.WeakSet[WandbBackend] = weakref.WeakSet()
+_EXIT_HOOKED = False
+_EXIT_LOCK = threading.Lock()
+
+
+def _watch_exit(backend: WandbBackend) -> None:
+    """Hook the process's exit once, before the first call into W&B.
+
+    W&B's own hook (``atexit``, registered when its service starts) waits for the service;
+    ours must run first. ``threading._register_atexit`` (what ``concurrent.futures`` uses)
+    runs at the start of the interpreter's shutdown, before every ``atexit`` hook."""
+    global _EXIT_HOOKED
+    with _EXIT_LOCK:
+        _BACKENDS.add(backend)
+        if _EXIT_HOOKED:
+            return
+        _EXIT_HOOKED = True
+    register = getattr(threading, "_register_atexit", None) or atexit.register
+    with contextlib.suppress(RuntimeError):  # the interpreter is already shutting down
+        register(_at_exit)
+
+
+def _at_exit() -> None:
+    stuck = [backend for backend in list(_BACKENDS) if backend._stuck]
+    if not stuck:
+        return  # W&B has nothing of ours in flight: its own exit, unchanged
+    for backend in stuck:
+        backend._exiting = True  # no new wandb.init (a new service) from a retry, mid-shutdown
+    _stop_service(EXIT_GRACE)
+
+
+def _stop_service(grace: float) -> None:
+    """``wandb.teardown()``, waiting at most ``grace`` seconds for W&B's service process to
+    end, then stopping it. Needs this SDK's internals (the process started by
+    ``wandb.sdk.lib.service``); where they differ, W&B's own exit is left as it is."""
+    wandb = sys.modules.get("wandb")
+    setup = getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None)
+    if wandb is None or setup is None or getattr(setup, "_pid", os.getpid()) != os.getpid():
+        return
+    connection = getattr(setup, "_connection", None)
+    core = getattr(getattr(connection, "_proc", None), "_process", None)  # None: a service not ours to stop
+    if connection is None or getattr(connection, "_torn_down", False) or not isinstance(core, subprocess.Popen):
+        return
+    exit_code = _exit_code()
+    done = threading.Event()
+
+    def teardown() -> None:
+        try:
+            wandb.teardown(exit_code)  # also removes W&B's exit hook, so it does not wait afterwards
+        except BaseException:  # SystemExit (the service's exit code) included: nothing to do about it here
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=teardown, name="bon_tracker-wandb-teardown", daemon=True).start()
+    if done.wait(grace):
+        return
+    logger.warning(
+        "bon_tracker: W&B's service (wandb-core, pid %d) had not shut down %.0f s into the process's exit "
+        "(W&B unreachable); stopped it. What it had not uploaded stays in the run's local folder (wandb sync)",
+        core.pid,
+        grace,
+    )
+    for stop in (core.terminate, core.kill):
+        with contextlib.suppress(OSError):
+            stop()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            core.wait(1.0)
+            break
+    done.wait(1.0)
+
+
+def _exit_code() -> int:
+    """The exit code W&B's own hook would report: its ``ExitHooks`` records ``sys.exit`` and
+    uncaught exceptions (``sys.excepthook`` is its bound method)."""
+    hooks = getattr(sys.excepthook, "__self__", None)
+    code = getattr(hooks, "exit_code", 0) if type(hooks).__name__ == "ExitHooks" else 0
+    return code if isinstance(code, int) else 0
 
 
 def _read_online(run_path: str, key_prefix: str) -> tuple[str, list[EvalRecord]]:

@@ -6,7 +6,10 @@ delivery thread it would hold the GIL against the training thread (and every
 one long-lived child process (``python -m bon_tracker.reports.render``, started on first
 use, shared by every backend of the process) draws them. The protocol is one JSON line in
 (chart name, records, options) and one framed reply out (status byte, length, payload);
-the child exits when its stdin closes, so it never outlives the training process.
+the child never outlives the training process: it exits when its stdin closes, and (since
+a process forked from training, e.g. a data-loader worker, may still hold that pipe open)
+when its parent dies (Linux: a parent-death signal; elsewhere: a check of its parent every
+second). A process forked from training lets go of the pipe and starts its own child.
 
 Set ``BON_TRACKER_CHART_PROCESS=0`` to draw in this process instead (the fallback too
 when the child cannot start or dies: charts are then drawn here, and that is logged once).
@@ -16,13 +19,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import json
 import logging
 import os
+import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import IO, Any
 
@@ -67,8 +73,10 @@ class ChartProcess:
 
     def __init__(self) -> None:
         env = dict(os.environ, MPLBACKEND="Agg", BON_TRACKER_CHART_PROCESS="0")
+        self._owner = os.getpid()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "bon_tracker.reports.render"],
+            # The child exits as soon as this process is gone, even before reading its pid.
+            [sys.executable, "-m", "bon_tracker.reports.render", "--parent", str(self._owner)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -94,6 +102,8 @@ class ChartProcess:
         return payload
 
     def close(self) -> None:
+        if os.getpid() != self._owner:
+            return  # a forked copy of the owner (its atexit hooks): the child is not ours to stop
         if self._process.stdin is not None:
             with contextlib.suppress(OSError):
                 self._process.stdin.close()  # the child exits at EOF
@@ -101,6 +111,19 @@ class ChartProcess:
             self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self._process.kill()
+
+    def release_inherited_pipes(self) -> None:
+        """In a process forked from the owner: let go of the pipes to the child (so its stdin
+        reaches EOF when the owner closes it or dies) without closing file descriptors that
+        the file objects still own: each is pointed at /dev/null instead."""
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_RDWR)
+            try:
+                for stream in (self._process.stdin, self._process.stdout):
+                    if stream is not None and not stream.closed:
+                        os.dup2(devnull, stream.fileno(), inheritable=False)
+            finally:
+                os.close(devnull)
 
 
 def _read_frame(stream: IO[bytes]) -> tuple[bytes, bytes]:
@@ -117,6 +140,22 @@ def _read_frame(stream: IO[bytes]) -> tuple[bytes, bytes]:
 _PROCESS: ChartProcess | None = None
 _PROCESS_LOCK = threading.Lock()
 _FELL_BACK = False
+_INHERITED: list[ChartProcess] = []  # a forked process's copies of its parent's child: never used, never closed
+
+
+def _after_fork_in_child() -> None:
+    """A forked process neither shares its parent's child (requests and replies on one pipe
+    from two processes would interleave) nor keeps it alive: it starts its own on first use."""
+    global _PROCESS, _PROCESS_LOCK
+    if _PROCESS is not None:
+        _PROCESS.release_inherited_pipes()
+        _INHERITED.append(_PROCESS)
+    _PROCESS = None
+    _PROCESS_LOCK = threading.Lock()  # another thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _chart_process() -> ChartProcess | None:
@@ -161,8 +200,49 @@ def render_png(chart: str, records: Sequence[EvalRecord], **options: Any) -> byt
     return draw_png(chart, records, options)
 
 
-def _serve() -> None:
-    """The child: draw each request from stdin, reply on stdout, exit at EOF."""
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PARENT_GONE_SIGNAL = signal.SIGUSR1 if hasattr(signal, "SIGUSR1") else None
+
+
+def _exit_with_parent(parent: int) -> None:
+    """The child: exit as soon as ``parent`` (the process that started it) is gone.
+
+    Linux sends a parent-death signal when the *thread* that started this child ends (the
+    child then passes to another thread of the same process), so the signal is only a
+    prompt to look: the child exits when its parent process is no longer ``parent``. The
+    check after arming it covers a parent that died before. Elsewhere a thread looks every
+    second."""
+
+    def parent_gone() -> bool:
+        return os.getppid() != parent
+
+    def on_signal(signum: int, frame: object) -> None:
+        if parent_gone():
+            os._exit(0)
+
+    armed = False
+    if sys.platform.startswith("linux") and _PARENT_GONE_SIGNAL is not None:
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            signal.signal(_PARENT_GONE_SIGNAL, on_signal)
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(_PARENT_GONE_SIGNAL), 0, 0, 0) == 0
+    if parent_gone():
+        os._exit(0)
+    if not armed:
+
+        def watch() -> None:
+            while not parent_gone():
+                time.sleep(1.0)
+            os._exit(0)
+
+        threading.Thread(target=watch, name="bon_tracker-parent-watch", daemon=True).start()
+
+
+def _serve(parent: int | None = None) -> None:
+    """The child: draw each request from stdin, reply on stdout, exit at EOF (or when
+    ``parent`` dies)."""
+    if parent is not None:
+        _exit_with_parent(parent)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     for line in stdin:
         try:
@@ -175,5 +255,11 @@ def _serve() -> None:
         stdout.flush()
 
 
+def _parent_arg(argv: Sequence[str]) -> int | None:
+    if len(argv) == 2 and argv[0] == "--parent" and argv[1].isdigit():
+        return int(argv[1])
+    return None
+
+
 if __name__ == "__main__":
-    _serve()
+    _serve(_parent_arg(sys.argv[1:]))

@@ -295,6 +295,16 @@ def _check_option(backend: str, key: str, value: Any, known: dict[str, inspect.P
     return value
 
 
+def unknown_backend_options(backend: str, options: Mapping[str, Any]) -> None:
+    """A ``TypeError`` naming an option the backend does not take, with the closest one."""
+    known = _backend_parameters(backend)
+    if known is None:
+        return
+    for key in options:
+        if key not in known:
+            raise TypeError(_unknown(key, list(known), f"option of the {backend} backend"))
+
+
 def _unknown(key: str, known: list[str], what: str = "key") -> str:
     guess = difflib.get_close_matches(str(key), known, n=1)
     hint = f"; did you mean {guess[0]!r}?" if guess else ""

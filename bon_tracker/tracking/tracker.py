@@ -143,6 +143,10 @@ def check_context(context: Mapping[str, Any], step: int) -> dict[str, Any]:
 class BonTracker:
     """Computes best-of-n curves at each eval step and logs them to one backend.
 
+    Every setting that is not given comes from the environment (``BON_TRACKER_*``), then
+    ``bon_tracker.yaml`` (or ``$BON_TRACKER_CONFIG``), then the default below: the same
+    precedence as :func:`~bon_tracker.tracking.config.tracker_from_config` and the CLI.
+
     Args:
         backend: a registered backend name (``"local"``, the default: a run folder;
             ``"mlflow"``, ``"wandb"``, ...) or a :class:`~bon_tracker.backends.Backend`.
@@ -181,23 +185,47 @@ class BonTracker:
 
     def __init__(
         self,
-        backend: str | Backend = "local",
+        backend: str | Backend | None = None,
         *,
         ns: Any = None,
         run_name: str | None = None,
-        key_prefix: str = "bon",
-        nan_policy: NanPolicy = "raise",
-        proxy_name: str = "proxy",
-        true_name: str = "true",
+        key_prefix: str | None = None,
+        nan_policy: NanPolicy | None = None,
+        proxy_name: str | None = None,
+        true_name: str | None = None,
         spool_dir: str | Path | None = None,
         resume: str | Path | Mapping[str, Any] | None = None,
-        finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
+        finish_timeout: float | None = None,
         backoff_max: float = 60.0,
         max_memory_records: int = DEFAULT_MAX_MEMORY_RECORDS,
         alerts: AlertRules | Mapping[str, Any] | bool | None = None,
         on_alert: AlertCallback | None = None,
         **backend_options: Any,
     ):
+        # What is not given comes from the environment, then bon_tracker.yaml, then the
+        # defaults: one precedence rule for every entry point (docs: Configuration).
+        from bon_tracker.tracking.config import resolve_config, unknown_backend_options
+
+        config = resolve_config(backend=backend if isinstance(backend, str) and backend in BACKENDS else None)
+        if backend is None:
+            backend = config.backend
+        if isinstance(backend, str) and backend in BACKENDS:
+            unknown_backend_options(backend, backend_options)  # `run_nme=`: did you mean 'run_name'?
+            configured = config.backend_options(backend)
+            run_name = run_name if run_name is not None else configured.pop("run_name", None)
+            configured.pop("run_name", None)
+            backend_options = {**configured, **backend_options}
+        elif run_name is None:
+            run_name = config.run_name
+        ns = ns if ns is not None else (None if config.ns is None else list(config.ns))
+        key_prefix = key_prefix if key_prefix is not None else config.key_prefix
+        nan_policy = nan_policy if nan_policy is not None else config.nan_policy  # type: ignore[assignment]
+        proxy_name = proxy_name if proxy_name is not None else config.proxy_name
+        true_name = true_name if true_name is not None else config.true_name
+        spool_dir = spool_dir if spool_dir is not None else config.spool_dir
+        finish_timeout = finish_timeout if finish_timeout is not None else config.finish_timeout
+        if alerts is None:
+            alerts = config.alerts
         check_nan_policy(nan_policy)
         if not isinstance(key_prefix, str) or not key_prefix.strip("/"):
             raise ValueError(f"key_prefix must be a non-empty string, got {key_prefix!r:.60}")
