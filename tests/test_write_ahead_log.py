@@ -229,7 +229,9 @@ print("logged", flush=True)
 """
 
 
-def _run_script(tmp_path: Path, backend: str, finish_timeout: float, **options) -> tuple[subprocess.CompletedProcess, float]:
+def _run_script(
+    tmp_path: Path, backend: str, finish_timeout: float, **options
+) -> tuple[subprocess.CompletedProcess, float]:
     script = _SCRIPT.format(backend=backend, spool=str(tmp_path / "wal"), timeout=finish_timeout, options=options)
     start = time.monotonic()
     result = subprocess.run(
@@ -437,3 +439,32 @@ def test_a_kill_during_the_first_local_delivery_is_continued_in_the_same_folder(
     folder = tmp_path / "runs" / "killed"
     assert [r.step for r in read_records(folder)] == [0]
     assert len((folder / "scalars.jsonl").read_text().splitlines()) == 1  # the torn tables were rebuilt once
+
+
+# ---- issue 20: where the run went; a local folder is complete when finish() returns ----------------------------
+
+
+class _SlowCharts(LocalBackend):
+    """A run folder whose per-step chart takes 0.3 s (as matplotlib does on a busy machine)."""
+
+    def _draw_step(self, record: EvalRecord) -> None:
+        time.sleep(0.3)
+
+
+def test_finish_completes_a_local_folder_however_long_its_charts_take_and_names_it(tmp_path, capsys, caplog):
+    tracker = BonTracker(_SlowCharts(root=tmp_path, run_name="slow", charts=False), spool_dir=tmp_path / "wal")
+    for step in range(8):
+        tracker.log_scores(step, *_scores(step))
+    tracker.finish(timeout=0.5)  # 8 x 0.3 s of charts: more than the timeout, still complete
+    assert [r.step for r in read_records(tmp_path / "slow")] == list(range(8))
+    assert "did not reach" not in caplog.text and not tracker.wal_path.exists()
+    assert f"bon_tracker: 8 eval step(s) logged to {tmp_path / 'slow'}" in capsys.readouterr().err
+
+
+def test_a_second_run_with_a_taken_name_says_where_it_writes(tmp_path, caplog):
+    for _ in range(2):
+        with BonTracker("local", root=tmp_path, run_name="my-run", charts=False, spool_dir=tmp_path / "wal") as t:
+            t.log_scores(0, *_scores(0))
+    (other,) = [p for p in tmp_path.iterdir() if p.name.startswith("my-run-")]
+    assert f"the run folder {tmp_path / 'my-run'} holds another run; this run is written to {other}" in caplog.text
+    assert "pass run_id='my-run'" in caplog.text

@@ -87,6 +87,16 @@ class Backend(ABC):
         """An id that lets a later process continue the same run (None before opening)."""
         return None
 
+    @property
+    def location(self) -> str | None:
+        """Where a user finds the run: a folder, a URL, or a run id and the command that
+        opens it (None before the run was opened). Printed when the tracker finishes."""
+        return None
+
+    # Delivery only writes local files (no network): finish() waits until everything is
+    # written, however long the charts take, as long as writes make progress.
+    completes_at_finish: ClassVar[bool] = False
+
     def spec(self) -> dict[str, Any]:
         """JSON-able ``{"backend": name, **options}`` to rebuild this backend for a replay
         (``bon-tracker sync``), pointing at the same run."""

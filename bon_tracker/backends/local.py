@@ -88,6 +88,7 @@ class LocalBackend(Backend):
 
     name = "local"
     extra = "charts"
+    completes_at_finish = True
 
     def __init__(
         self,
@@ -208,6 +209,13 @@ class LocalBackend(Backend):
     def release(self) -> None:
         self._release()
 
+    @property
+    def location(self) -> str | None:
+        if self.run_dir is None:
+            return None
+        report = self.run_dir / "report.html"
+        return f"{self.run_dir}" + (f" (report: {report})" if report.exists() else "")
+
     @classmethod
     def claims(cls, ref: str) -> bool:
         return (Path(ref) / "records").is_dir()
@@ -249,6 +257,14 @@ class LocalBackend(Backend):
                 break
             except FileExistsError:
                 run_id = f"{base}-{uuid.uuid4().hex[:6]}"
+        if run_id != base:
+            logger.warning(
+                "bon_tracker: the run folder %s holds another run; this run is written to %s "
+                "(to continue that run instead, pass run_id=%r)",
+                self.root / base,
+                self.root / run_id,
+                base,
+            )
         with contextlib.suppress(OSError):  # without it a replay after a kill opens a second folder
             atomic_write_text(self.root / run_id / RUN_KEY_FILE, self.run_key)
         return run_id

@@ -389,6 +389,17 @@ class MlflowBackend(Backend):
         return mlflow_run_url(self.tracking_uri, self.experiment_id or "0", self._run_id)
 
     @property
+    def location(self) -> str | None:
+        """The run's page for a server; for a local store, the run id and how to open it."""
+        if self._run_id is None:
+            return None
+        if self.ui_url is not None:
+            return self.ui_url
+        page = mlflow_run_url("http://127.0.0.1:5000", self.experiment_id or "0", self._run_id)
+        uri = self.tracking_uri
+        return f"MLflow run {self._run_id} in {uri}; view: mlflow ui --backend-store-uri {uri}, then {page}"
+
+    @property
     def experiment_id(self) -> str | None:
         """The id of the run's experiment (None when unknown; looked up once)."""
         if self._experiment_id_cache is None and self._run_id is not None:

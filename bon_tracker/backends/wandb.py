@@ -171,6 +171,17 @@ class WandbBackend(Backend):
         run = self._run if self._run is not None else self._given_run
         return run.id if run is not None else self._run_id
 
+    @property
+    def location(self) -> str | None:
+        run = self._run if self._run is not None else self._given_run
+        if run is None:
+            return None
+        url = getattr(run, "url", None)
+        if url:
+            return str(url)
+        folder = getattr(getattr(run, "settings", None), "sync_dir", None)
+        return f"W&B run {run.id}" + (f" in {folder} (upload: wandb sync {folder})" if folder else "")
+
     def spec(self) -> dict[str, Any]:
         run = self._run if self._run is not None else self._given_run
         mode, root = self.mode, self.dir

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -446,12 +447,14 @@ class BonTracker:
         timeout = self.finish_timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         delivery, wal = self._delivery, self._wal
+        if self._backend.completes_at_finish:
+            self._complete_local(delivery, timeout)
         idle = delivery.close(timeout)
         left = [e for e in delivery.leftover() if e.record is not None]
         stats = delivery.stats
         if left or stats.config_error:
             self._append_finish_marker(wal)  # `bon-tracker sync` finishes the run once it delivered them
-            self._report_left(left, stats, timeout)
+            self._report_left(left, stats, timeout, in_flight=not idle)
             # Every lock goes now, so the printed sync command works at once (also in this
             # process); a service call still in flight gives them back when it returns.
             delivery.on_exit = self._release_locks
@@ -459,9 +462,13 @@ class BonTracker:
                 self._release_locks()
         elif idle:
             # Closing the backend (W&B's run.finish, MLflow's run status) counts against the same timeout.
-            if self._finish_backend(max(deadline - time.monotonic(), 0.5)):
+            finish_in = max(deadline - time.monotonic(), 0.5)
+            if self._backend.completes_at_finish:
+                finish_in = max(finish_in, 300.0)  # overview charts and the report: local files, never a network
+            if self._finish_backend(finish_in):
                 wal.remove()
                 self._release_locks()
+                self._announce(delivery)
             else:
                 self._append_finish_marker(wal)
         if stats.dropped:
@@ -473,6 +480,35 @@ class BonTracker:
                 wal.path,
                 self._backend_name,
             )
+
+    def _complete_local(self, delivery: Delivery, timeout: float) -> None:
+        """A backend that writes local files only (a run folder) is completed, however long
+        its charts take, while each wait of ``timeout`` seconds delivers something."""
+        said = False
+        while True:
+            before = delivery.stats.delivered + delivery.stats.dead_lettered
+            if delivery.drain(max(timeout, 1.0)):
+                return
+            if delivery.stats.delivered + delivery.stats.dead_lettered == before:
+                return  # no progress (a full disk): the rest waits in the log
+            if not said:
+                logger.warning(
+                    "bon_tracker: completing the %s run (%d eval record(s) and their charts still to write; "
+                    "charts=False skips the charts)",
+                    self._backend_name,
+                    delivery.pending,
+                )
+                said = True
+
+    def _announce(self, delivery: Delivery) -> None:
+        """One line naming where the run is, once it is complete."""
+        try:
+            where = self._backend.location
+        except Exception:  # a link is a convenience, never an error
+            where = None
+        if where:
+            steps = delivery.stats.delivered
+            print(f"bon_tracker: {steps} eval step(s) logged to {where}", file=sys.stderr)
 
     def _release_locks(self) -> None:
         """Give back the log's lock and the backend's (a run folder's), once."""
@@ -670,11 +706,14 @@ class BonTracker:
         except OSError:
             pass  # sync then delivers the records without ending the run
 
-    def _report_left(self, left: list[Entry], stats: DeliveryStats, timeout: float) -> None:
+    def _report_left(self, left: list[Entry], stats: DeliveryStats, timeout: float, *, in_flight: bool) -> None:
         on_disk = [e for e in left if e.persisted]
         in_memory = len(left) - len(on_disk)
         assert self._wal is not None
         why = stats.config_error or stats.last_error or f"not delivered within {timeout:.0f} s"
+        if in_flight and left and left[0].record is not None:
+            # Counted here, it may still arrive; sync then skips it (its ack is in the log).
+            why += f"; step {left[0].record.step} was being delivered and may still arrive"
         if on_disk or not left:
             logger.warning(
                 "bon_tracker: %d eval record(s) did not reach %s (%s) and are kept in %s; "
