@@ -121,3 +121,17 @@ def test_integrations_use_the_tracker_not_services_internals():
     for path in sorted((ROOT / "integrations").glob("*.py")):
         for line, name in _imports(path):
             assert not name.startswith(("bon_tracker.reports", "bon_tracker.cli")), f"{path.name}:{line} imports {name}"
+
+
+def test_import_loads_no_heavy_module():
+    """``import bon_tracker`` stays light: scipy.stats (~1.5 s), service clients and matplotlib
+    load only when a function needs them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bon_tracker; heavy = ['scipy.stats', 'mlflow', 'wandb', 'matplotlib', 'torch', 'pyarrow']; "
+        "print([m for m in heavy if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -13,7 +13,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,8 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, axis=1)
     s = np.take_along_axis(x, order, axis=1)
     if np.any(s[:, 1:] == s[:, :-1]):
+        from scipy.stats import rankdata  # scipy.stats takes ~1.5 s to import: only when used
+
         return rankdata(x, axis=1)
     return np.argsort(order, axis=1).astype(np.float64)
 
@@ -62,6 +63,8 @@ def _spearman_rows(proxy_desc: np.ndarray, true: np.ndarray) -> np.ndarray:
     """
     m = proxy_desc.shape[1]
     if np.any(proxy_desc[:, 1:] == proxy_desc[:, :-1]):
+        from scipy.stats import rankdata
+
         rp = rankdata(proxy_desc, axis=1)
     else:
         rp = np.broadcast_to(np.arange(m, 0, -1, dtype=np.float64), proxy_desc.shape)
