@@ -17,7 +17,7 @@ import pytest
 
 wandb = pytest.importorskip("wandb")
 
-from bon_tracker.backends import backend_from_spec  # noqa: E402
+from bon_tracker.backends import ConfigurationError, backend_from_spec  # noqa: E402
 from bon_tracker.backends import wandb_transaction_log as txlog  # noqa: E402
 from bon_tracker.backends.wandb import WandbBackend  # noqa: E402
 from bon_tracker.core import bon_curve  # noqa: E402
@@ -370,3 +370,15 @@ def test_a_state_saved_before_the_first_delivery_resumes_the_same_run(tmp_path, 
     second.finish()
     assert second.backend.run_id == first.backend.run_id
     assert [r.step for r in txlog.read_records(tmp_path / "b")] == [1]
+
+
+def test_online_without_an_api_key_is_an_error_at_construction(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(ConfigurationError, match=r"W&B is online but no API key .* was found: run `wandb login`"):
+        BonTracker("wandb", project="test", spool_dir=tmp_path / "wal")
+    (tmp_path / ".netrc").write_text("machine api.example.test login user password " + "k" * 40 + "\n")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://api.example.test")
+    BonTracker("wandb", project="test", spool_dir=tmp_path / "wal")  # credentials found: no error

@@ -214,6 +214,15 @@ class WandbBackend(Backend):
                 settings.mode = self.mode
         except Exception as err:  # pydantic's ValidationError: names the setting and the value
             raise ConfigurationError(f"invalid W&B settings: {err}") from None
+        given = self.init_kwargs.get("settings")
+        mode = self.mode or self.init_kwargs.get("mode") or getattr(given, "mode", None) or settings.mode
+        if _MODES.get(mode, mode) == "online" and self._given_run is None and wandb.run is None:
+            base_url = getattr(given, "base_url", None) or settings.base_url
+            if not (getattr(given, "api_key", None) or _has_credentials(settings, base_url)):
+                raise ConfigurationError(
+                    f"W&B is online but no API key for {base_url} was found: run `wandb login`, set "
+                    "WANDB_API_KEY, or log offline (mode='offline', or WANDB_MODE=offline)"
+                )
 
     def classify(self, error: BaseException) -> str:
         """W&B's own errors: ``CommError`` is the network (retry), ``AuthenticationError`` and
@@ -573,3 +582,19 @@ def _read_online(run_path: str, key_prefix: str) -> tuple[str, list[EvalRecord]]
                 seen.add(record.step)
                 records.append(record)
     return run.name or run.id, records
+
+
+def _has_credentials(settings: Any, base_url: str) -> bool:
+    """Whether W&B will find credentials for ``base_url`` the way ``wandb.init`` looks for
+    them (environment, ``.netrc``, settings); True when that cannot be told (other SDKs)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE") or settings.api_key:
+        return True
+    try:
+        from wandb.sdk.lib.wbauth import wbnetrc
+        from wandb.sdk.lib.wbauth.authenticate import session_credentials
+    except ImportError:
+        return True
+    try:
+        return bool(wbnetrc.read_netrc_auth(host=base_url) or session_credentials(host=base_url))
+    except Exception:  # an unreadable .netrc: wandb.init reports it itself
+        return True
