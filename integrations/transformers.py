@@ -58,6 +58,9 @@ class BonTrackerCallback(TrainerTracking):
         stop_on_alert: stop training (``control.should_training_stop``) when an alert starts:
             True for any rule, or a list of rule names (e.g. ``["goodhart_kl"]``).
         on_alert: called with each :class:`~bon_tracker.core.Alert` at its onset.
+        eval_every: compute curves only at evaluations whose global step is a multiple of
+            this (default: ``eval_every`` of the config, ``BON_TRACKER_EVAL_EVERY``, else 1:
+            every evaluation the Trainer runs).
         **tracker_kwargs: options of :class:`BonTracker` (``backend="mlflow"``, ``root=...``,
             ``alerts={"fall_z": 2.5}`` or ``alerts=False``).
     """
@@ -76,8 +79,11 @@ class BonTrackerCallback(TrainerTracking):
         kl_keys: Sequence[str] = KL_KEYS,
         stop_on_alert: bool | Sequence[str] = False,
         on_alert: Callable[[Any], Any] | None = None,
+        eval_every: int | None = None,
         **tracker_kwargs: Any,
     ):
+        if eval_every is not None:
+            tracker_kwargs["eval_every"] = eval_every
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:

@@ -204,3 +204,14 @@ def test_wandb_curves_go_into_the_trainers_run(tmp_path, monkeypatch):
     for call, record in enumerate(records):
         np.testing.assert_allclose(record.curve.true_mean, _expected(proxy, true, call).true_mean)
     assert any("train/loss" in row for row in wandb_transaction_log.read_history(run_dir))  # the Trainer's metrics
+
+
+def test_eval_every_is_a_documented_argument(tmp_path):
+    import inspect
+
+    assert "eval_every" in inspect.signature(BonTrackerCallback).parameters
+    assert "eval_every:" in BonTrackerCallback.__doc__
+    callback = BonTrackerCallback(
+        prompts=PROMPTS, proxy_fn=proxy_reward, true_fn=true_reward, num_samples=N, eval_every=4, root=tmp_path
+    )
+    assert callback.eval_every == 4
