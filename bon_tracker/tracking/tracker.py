@@ -347,7 +347,9 @@ class BonTracker:
             true: true scores, same shape.
             policy_kl: the trained policy's KL to its reference policy at this step,
                 if known; recorded with the policy's own mean scores (n = 1).
-            **context: extra scalars logged beside the curves.
+            **context: extras of this eval: numbers are logged as scalars
+                (``{prefix}/context/<key>``); strings (at most 1,000 characters), bools and
+                None are kept in the eval record (its JSON in every backend), not charted.
 
         Returns:
             The :class:`BonCurve` on rank 0 (None on other ranks, and when ``step`` is
