@@ -8,9 +8,13 @@ Metric names (:func:`metric_key`; ``bon`` is the key prefix, n zero-padded)::
     bon/1_true/n0016          true reward of best-of-n, per n
     bon/2_proxy/n0016         proxy reward of best-of-n, per n
     bon/3_gap/n0016           proxy - true, per n
-    bon/4_goodhart/n, /kl     the fitted Goodhart point (when the fit peaks)
+    bon/4_goodhart/n, /kl     the fitted Goodhart point (when the fit peaks; n = 1, kl = 0 when
+                              the true reward falls from the start); left out when it lies
+                              beyond GOODHART_HORIZON x the largest n (an extrapolation)
     bon/4_goodhart/n_low, /n_high, /kl_low, /kl_high, /gain, /gain_low, /gain_high
-                              its 95 % interval from resampling prompts (bounds up to 1e30 only)
+                              its 95 % interval from resampling prompts: each bound only while
+                              its n lies within the same horizon (the gains: while the point's,
+                              and for gain_high the interval's upper end, does)
     bon/5_policy/kl, /true, /proxy   the trained policy itself (when its KL is given)
     bon/6_kl/n0016            KL of best-of-n per n (only when the proxy has ties)
     bon/7_alert/<rule>        1 while the rule's alert is active, else 0 (every enabled rule)
@@ -44,6 +48,8 @@ from bon_tracker.core import (
     TopAgreement,
     fit_overoptimization,
 )
+from bon_tracker.core.fit import GOODHART_HORIZON, goodhart_horizon  # noqa: F401 (GOODHART_HORIZON: re-exported)
+from bon_tracker.core.validation import as_float
 
 logger = logging.getLogger("bon_tracker")
 
@@ -91,9 +97,10 @@ METRIC_SECTIONS = {
     "alert": "7_alert",  # alert states, 0/1 per enabled rule
     "agreement": "8_agreement",  # top-q rank agreement of proxy and true
 }
-MAX_SCALAR = 1e30  # interval bounds past this (a fit that barely bends) are left out of the scalars
+MAX_SCALAR = 1e30  # gains past this (a fit that barely bends) are left out of the scalars
 INTERVAL_FIELDS = ("n_low", "n_high", "kl_low", "kl_high", "gain", "gain_low", "gain_high")
-EXTRAPOLATION_LIMIT = 1.5  # a Goodhart point past 1.5x the largest measured KL is "beyond the measured range"
+# A Goodhart point past GOODHART_HORIZON (4) x the largest measured n is "beyond the measured range":
+# said in words ("beyond n = 64"), never logged or drawn as a number (bon_tracker.core.fit).
 N_DIGITS = 4  # n0001 ... n9999 sort numerically as text; a larger n keeps all its digits
 
 
@@ -173,13 +180,14 @@ def evenly_spaced(items: Sequence[Any], limit: int) -> list[Any]:
 class GoodhartPoint:
     """Summary of the fitted best-of-n overoptimization curve at one step."""
 
-    n: float  # the n at the fitted true-score peak
-    kl: float  # its KL, nats
+    n: float  # the n at the fitted true-score peak (1 when the true reward falls from the start)
+    kl: float  # its KL, nats (0 when the true reward falls from the start)
     peak_gain: float  # fitted true-score gain over n = 1 at the peak
     within_range: bool  # the peak lies inside the measured KL range
     true_alpha: float
     true_beta: float
     true_r2: float
+    falls_from_start: bool = False  # n* = 1: any selection on this proxy already lowers the true reward
 
     @classmethod
     def from_fit(cls, fit: OveroptimizationFit) -> GoodhartPoint | None:
@@ -188,11 +196,12 @@ class GoodhartPoint:
         return cls(
             n=fit.goodhart_n,
             kl=fit.goodhart_kl,
-            peak_gain=fit.true.peak_gain,
+            peak_gain=fit.goodhart_gain,
             within_range=fit.peak_within_range,
             true_alpha=fit.true.alpha,
             true_beta=fit.true.beta,
             true_r2=fit.true.r2,
+            falls_from_start=fit.falls_from_start,
         )
 
 
@@ -256,7 +265,8 @@ class EvalRecord:
         if policy_kl is not None:
             at_one = curve.n.tolist().index(1) if 1 in curve.n.tolist() else None
             if at_one is not None:
-                policy = PolicyPoint(float(policy_kl), float(curve.true_mean[at_one]), float(curve.proxy_mean[at_one]))
+                kl = as_float(policy_kl, "policy_kl")  # 10**400: a ValueError naming it, not an OverflowError
+                policy = PolicyPoint(kl, float(curve.true_mean[at_one]), float(curve.proxy_mean[at_one]))
         return cls(
             step=int(step),
             curve=curve,
@@ -277,11 +287,12 @@ class EvalRecord:
     def scalars(self) -> dict[str, float]:
         """Scalars at this step, named by :func:`metric_key` (see :data:`METRIC_SECTIONS`):
         ``{prefix}/1_true/n0016``, ``{prefix}/2_proxy/n0016``, ``{prefix}/3_gap/n0016`` for
-        every n of the grid; ``{prefix}/4_goodhart/n`` and ``/kl`` when the fit has a peak;
+        every n of the grid; ``{prefix}/4_goodhart/n`` and ``/kl`` when the fit has a peak within
+        :attr:`horizon_n` (``n = 1``, ``kl = 0`` when the true reward falls from the start);
         ``{prefix}/5_policy/kl``, ``/true``, ``/proxy`` when the policy's KL is known;
         ``{prefix}/6_kl/n0016`` only when the proxy has ties (otherwise KL is the formula
         ``log n − (n−1)/n``, a function of n alone, and it is in the curve table anyway);
-        ``{prefix}/4_goodhart/n_low`` ... ``/gain_high``: the interval's finite bounds;
+        ``{prefix}/4_goodhart/n_low`` ... ``/gain_high``: the interval's bounds within the horizon;
         ``{prefix}/7_alert/{rule}`` (0/1) for every enabled rule; ``{prefix}/8_agreement/top0_25``
         ...; ``{prefix}/context/{key}`` for the user's numeric extras."""
         pre, c = self.key_prefix, self.curve
@@ -289,7 +300,7 @@ class EvalRecord:
         for kind, values in (("true", c.true_mean), ("proxy", c.proxy_mean), ("gap", c.proxy_mean - c.true_mean)):
             for n, value in zip(c.n.tolist(), values.tolist()):
                 out[metric_key(kind, n, pre)] = float(value)
-        if self.goodhart is not None:
+        if self.goodhart is not None and self.goodhart_status() in ("measured", "extrapolated"):
             out[metric_key("goodhart", "n", pre)] = float(self.goodhart.n)
             out[metric_key("goodhart", "kl", pre)] = float(self.goodhart.kl)
         if self.policy is not None:
@@ -300,10 +311,7 @@ class EvalRecord:
             for n, value in zip(c.n.tolist(), c.kl.tolist()):
                 out[metric_key("kl", n, pre)] = float(value)
         if self.interval is not None:
-            for name in INTERVAL_FIELDS:
-                value = float(getattr(self.interval, name))
-                if abs(value) <= MAX_SCALAR:  # n_high = inf ("maybe no peak") is no metric value
-                    out[metric_key("goodhart", name, pre)] = value
+            out.update(self._interval_scalars())
         for rule, state in (self.alert_states or {}).items():
             out[metric_key("alert", rule, pre)] = float(state)
         if self.agreement is not None:
@@ -313,6 +321,40 @@ class EvalRecord:
         for key, value in self.context.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 out[f"{pre}/context/{key}"] = float(value)
+        return out
+
+    @property
+    def horizon_n(self) -> float:
+        """The largest n* reported as a number: ``GOODHART_HORIZON`` times the largest n measured;
+        with ties in the proxy the largest n itself (past the measured KL its n is not known)."""
+        if not len(self.curve.n):
+            return math.nan
+        largest = int(self.curve.n.max())
+        return float(largest) if self.curve.has_ties else goodhart_horizon(largest)
+
+    def _interval_scalars(self) -> dict[str, float]:
+        """The interval's bounds whose n lies within :attr:`horizon_n` (n_high = inf, "maybe no
+        peak", or 4e7 from a fit that barely bends, is no metric value)."""
+        i, pre, horizon = self.interval, self.key_prefix, self.horizon_n
+        assert i is not None
+
+        def within(n: float) -> bool:
+            return math.isfinite(n) and n <= horizon
+
+        keep = {
+            "n_low": within(i.n_low),
+            "kl_low": within(i.n_low),
+            "n_high": within(i.n_high),
+            "kl_high": within(i.n_high),
+            "gain": within(i.n),
+            "gain_low": within(i.n),
+            "gain_high": within(i.n_high),
+        }
+        out = {}
+        for name in INTERVAL_FIELDS:
+            value = float(getattr(i, name))
+            if keep[name] and math.isfinite(value) and abs(value) <= MAX_SCALAR:
+                out[metric_key("goodhart", name, pre)] = value
         return out
 
     def run_params(self) -> dict[str, str]:
@@ -333,21 +375,40 @@ class EvalRecord:
         """Where the fitted Goodhart point lies, for charts and reports:
 
         * ``"none"``: no fitted peak (the true reward still rises with n);
-        * ``"measured"``: the peak lies within the measured KL range;
-        * ``"extrapolated"``: past the largest n, but within ``EXTRAPOLATION_LIMIT`` times
-          the largest measured KL, close enough to draw;
-        * ``"beyond"``: farther (a fit can put it at n ≈ 1e200): say "beyond the measured
-          range" instead of plotting it.
+        * ``"measured"``: the peak lies within the measured KL range (also ``n* = 1``, when the
+          true reward falls from the start: ``goodhart.falls_from_start``);
+        * ``"extrapolated"``: past the largest n, but within ``GOODHART_HORIZON`` times the
+          largest n measured (:attr:`horizon_n`), close enough to draw;
+        * ``"beyond"``: farther (a fit can put it at n ≈ 1e200): say "beyond n = <horizon>"
+          instead of plotting or logging it.
         """
         g = self.goodhart
         if g is None:
             return "none"
         if g.within_range:
             return "measured"
-        max_kl = float(np.nanmax(self.curve.kl)) if len(self.curve.kl) else math.nan
-        if math.isfinite(g.kl) and math.isfinite(g.n) and g.kl <= EXTRAPOLATION_LIMIT * max_kl:
+        if math.isfinite(g.kl) and math.isfinite(g.n) and g.n <= self.horizon_n:
             return "extrapolated"
         return "beyond"
+
+    def goodhart_resolved(self) -> bool | None:
+        """Whether the interval of the Goodhart point pins it down; None without an interval.
+
+        Not resolved (False) when the 95 % interval of n* starts within the measured range and
+        either spans it (from the first n > 1 or below to the largest n or beyond) or runs past
+        :attr:`horizon_n`: the data cannot tell whether the peak lies within the measured range
+        at all. A point past the horizon, or a curve without a peak, needs no interval to say so.
+        """
+        i = self.interval
+        if i is None or not len(self.curve.n):
+            return None
+        ns = sorted(int(n) for n in self.curve.n.tolist())
+        largest = ns[-1]
+        second = next((n for n in ns if n > 1), largest)
+        starts_within = i.n_low <= largest
+        spans = i.n_low <= second and i.n_high >= largest
+        runs_past = not i.n_high <= self.horizon_n
+        return not (starts_within and (spans or runs_past))
 
     def table_rows(self) -> list[dict[str, float | int]]:
         """Rows of the ``bon_curves`` table for this step (columns ``TABLE_COLUMNS``)."""

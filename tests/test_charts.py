@@ -13,6 +13,7 @@ pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg
 
 from bon_tracker import bon_curve
+from bon_tracker.core import kl_to_n
 from bon_tracker.record import EvalRecord
 from bon_tracker.reports import charts
 
@@ -120,7 +121,8 @@ def test_curve_chart_gives_each_reward_a_readable_scale(rng):
 
 def test_curve_chart_marks_the_extrapolated_fit(history):
     record = next(r for r in history if r.goodhart is not None)
-    extrapolated = with_goodhart(record, kl=float(record.curve.kl.max()) * 1.3, within_range=False)
+    kl = float(record.curve.kl.max()) * 1.3  # past the largest n (32), within 4 x 32: drawn, hollow
+    extrapolated = with_goodhart(record, kl=kl, n=float(kl_to_n(kl)), within_range=False)
     assert extrapolated.goodhart_status() == "extrapolated"
     fig = charts.curve_chart(extrapolated)
     texts = legend_texts(fig)

@@ -210,8 +210,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _step_summary(record: EvalRecord, info: dict[str, Any], run: Any) -> dict[str, Any]:
-    c, g = record.curve, record.goodhart
+    from bon_tracker.reports.charts import goodhart_text
+
+    c, g, status = record.curve, record.goodhart, record.goodhart_status()
     ns = c.n.tolist()
+    shown = g is not None and status in ("measured", "extrapolated")  # past the horizon: no number
     return {
         "step": record.step,
         "prompts": info["prompts"][(run, record.step)],
@@ -221,9 +224,13 @@ def _step_summary(record: EvalRecord, info: dict[str, Any], run: Any) -> dict[st
         "n_max": ns[-1],
         "true@n_max": float(c.true_mean[-1]),
         "proxy@n_max": float(c.proxy_mean[-1]),
-        "goodhart_n": None if g is None else g.n,
-        "goodhart_kl": None if g is None else g.kl,
+        "goodhart_n": g.n if shown else None,
+        "goodhart_kl": g.kl if shown else None,
         "goodhart_within_range": None if g is None else g.within_range,
+        "goodhart_status": status,
+        "goodhart_falls_from_start": bool(g is not None and g.falls_from_start),
+        "goodhart_horizon_n": record.horizon_n,
+        "goodhart": goodhart_text(record),
     }
 
 
@@ -236,11 +243,7 @@ def _print_analyze_summary(summary: dict[str, Any], as_json: bool, files: Sequen
     for run in summary["runs"]:
         print(f"run {run['name']!r}: {len(run['steps'])} eval step{'s' if len(run['steps']) != 1 else ''}")
         for s in run["steps"][-5:]:
-            goodhart = "no Goodhart point (true reward does not peak)"
-            if s["goodhart_n"] is not None:
-                goodhart = f"Goodhart point n*≈{s['goodhart_n']:.3g}, KL*≈{s['goodhart_kl']:.3g} nats" + (
-                    "" if s["goodhart_within_range"] else " (extrapolated)"
-                )
+            goodhart = s["goodhart"]  # the report's wording: n* = 1, "beyond n = ...", "not resolved"
             true1 = f"true@1 {s['true@1']:.4g}, " if s["true@1"] is not None else ""
             print(
                 f"  step {s['step']}: {s['prompts']:,} prompts, N={s['N']}; {true1}"

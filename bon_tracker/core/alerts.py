@@ -24,7 +24,13 @@ The rules (each on by default; thresholds in :class:`AlertRules`):
    significantly), and the point estimate fell to at most ``headroom_ratio`` of the
    reference's. As the policy nears its own true peak, n* of its best-of-n curve falls to
    1, so this rule sees the peak coming; a run whose Goodhart point shrinks but stays far
-   (n* of tens or more: true still rising) does not trigger it.
+   (n* of tens or more: true still rising) does not trigger it. ``n* = 1`` (``KL* = 0``: the
+   true reward falls from the start, any selection on the proxy lowers it) is the smallest
+   headroom there is, never a missing value; a reference that is itself at ``n* = 1`` has
+   no headroom left to shrink.
+
+Messages never print an n* as a number past ``GOODHART_HORIZON`` times the largest n of
+its eval (an extrapolation of the fit): they say "beyond n = 64" (:func:`describe_n`).
 
 Example:
     >>> monitor = AlertMonitor(AlertRules(fall_z=2.0, window=2))
@@ -47,6 +53,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from bon_tracker.core.fit import goodhart_horizon
+from bon_tracker.core.validation import as_float
 
 RULES = ("policy_true_falls", "bon_true_falls", "goodhart_kl", "headroom_shrinks")
 STATE_VERSION = 1
@@ -103,6 +112,10 @@ class AlertRules:
     clear_after: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("fall_z", "rise_z", "goodhart_kl_spread", "headroom_n", "headroom_ratio", "kl_budget"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                as_float(value, f"AlertRules.{name}")  # 10**400: a ValueError naming the setting, not an OverflowError
         for name in RULES:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AlertRules.{name} must be true or false, got {getattr(self, name)!r}")
@@ -279,7 +292,7 @@ class EvalSummary:
             true_se=tuple(float(v) for v in curve.true_se),
             proxy_mean=tuple(float(v) for v in curve.proxy_mean),
             proxy_se=tuple(float(v) for v in curve.proxy_se),
-            policy_kl=None if policy_kl is None else float(policy_kl),
+            policy_kl=None if policy_kl is None else as_float(policy_kl, "policy_kl"),
             **extra,
         )
 
@@ -302,6 +315,22 @@ class EvalSummary:
         if index is None:
             return None
         return self.true_mean[index], self.true_se[index], self.proxy_mean[index], self.proxy_se[index]
+
+
+def describe_n(n: float, n_max: float = math.nan) -> str:
+    """An n* in words for messages: ``"1"`` (the true reward falls from the start), a number,
+    or ``"beyond n = <horizon>"`` past :func:`~bon_tracker.core.fit.goodhart_horizon` of the
+    largest measured n ``n_max`` (never "inf" or "∞"); ``"unknown"`` for NaN.
+
+    >>> describe_n(1.0), describe_n(17.53, 32), describe_n(4.3e7, 16), describe_n(math.inf)
+    ('1', '17.5', 'beyond n = 64', 'beyond the measured range')
+    """
+    if math.isnan(n):
+        return "unknown"
+    horizon = goodhart_horizon(n_max) if math.isfinite(n_max) else math.inf
+    if math.isinf(n) or n > horizon:
+        return f"beyond n = {horizon:.0f}" if math.isfinite(horizon) else "beyond the measured range"
+    return f"{n:.3g}"
 
 
 def _kl_of_n(n: float) -> float:
@@ -421,6 +450,7 @@ class AlertMonitor:
                 "kl_low": s.goodhart_kl_low,
                 "kl_high": s.goodhart_kl_high,
                 "n": s.goodhart_n,
+                "n_max": float(max(s.n)),
             }
         ref = self._reference
         if r.goodhart_kl and s.policy_kl is not None and math.isfinite(s.policy_kl):
@@ -430,7 +460,7 @@ class AlertMonitor:
             if measured and s.policy_kl >= ref["kl"]:
                 out["goodhart_kl"] = (
                     f"policy KL {s.policy_kl:.3g} nats reached the Goodhart KL {ref['kl']:.3g} fitted at step "
-                    f"{int(ref['step'])} (best-of-n peak n* = {ref['n']:.3g}): past it, true reward falls",
+                    f"{int(ref['step'])} (best-of-n peak n* {_n_phrase(ref)}): past it, true reward falls",
                     s.policy_kl,
                     ref["kl"],
                     int(ref["step"]),
@@ -446,10 +476,11 @@ class AlertMonitor:
             ratio = s.goodhart_kl / ref["kl"] if 0 < ref["kl"] < math.inf else (0.0 if ref["kl"] > 0 else math.inf)
             floor = _kl_of_n(r.headroom_n)
             if s.goodhart_kl_high < ref["kl_low"] and s.goodhart_kl_high <= floor and ratio <= r.headroom_ratio:
+                now = {"n": s.goodhart_n, "kl": s.goodhart_kl, "n_max": float(max(s.n))}
                 out["headroom_shrinks"] = (
-                    f"headroom all but gone: best-of-n now peaks by n = {r.headroom_n:.3g} (n* = {s.goodhart_n:.3g}, "
+                    f"headroom all but gone: best-of-n now peaks by n = {r.headroom_n:.3g} (n* {_n_phrase(now)}, "
                     f"KL* {s.goodhart_kl:.3g} nats, interval up to {s.goodhart_kl_high:.3g}), down from "
-                    f"KL* {ref['kl']:.3g} (n* = {ref['n']:.3g}, interval from {ref['kl_low']:.3g}) at step "
+                    f"KL* {ref['kl']:.3g} (n* {_n_phrase(ref)}, interval from {ref['kl_low']:.3g}) at step "
                     f"{int(ref['step'])}: the policy is at or near its true peak",
                     s.goodhart_kl_high,
                     floor,
@@ -493,6 +524,15 @@ class AlertMonitor:
         self._reference = None if state["reference"] is None else {k: _decode(v) for k, v in state["reference"].items()}
         self._active = {rule: dict(value) for rule, value in state["active"].items()}
         self._last_step = state["last_step"]
+
+
+def _n_phrase(point: Mapping[str, float]) -> str:
+    """``"= 1: ..."`` / ``"= 17.5"`` / ``"beyond n = 64"`` for a point ``{"n", "kl", "n_max"}``."""
+    n, n_max = float(point["n"]), float(point.get("n_max", math.nan))
+    if n == 1.0 and point.get("kl", math.nan) == 0.0:
+        return "= 1: any selection on this proxy already lowers the true reward"
+    words = describe_n(n, n_max)
+    return words if words.startswith("beyond") else f"= {words}"
 
 
 def _encode(value: float) -> float | str | None:

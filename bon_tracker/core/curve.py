@@ -19,7 +19,7 @@ from bon_tracker.core.levels import LevelCounts, LevelWeights, concat_level_coun
 from bon_tracker.core.ranking import BlockRanker, NonFiniteInput, block_rows, blocks_by_length, dense_blocks
 from bon_tracker.core.threads import BlasTurns, map_in_order, single_threaded_blas, thread_count
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores, sample_counts
-from bon_tracker.core.weights import RankWeights, ScanWeights
+from bon_tracker.core.weights import MANY_NS, RankWeights, ScanWeights, TailWeights
 
 # One prompt with more samples than this, in a call with few such prompts, gets its
 # weights built block by block (ScanWeights) instead of as one dense matrix.
@@ -184,9 +184,10 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
     bound = np.asarray(kl_bon(cols), dtype=np.float64)
     same = same_array(p, t)
     level_weights = LevelWeights(N, cols)
+    many = len(cols) > MANY_NS  # a large grid: TailWeights, work vectorised over n (see weights.py)
     if N > SCAN_MIN_N and P <= SCAN_MAX_PROMPTS:
-        scan = ScanWeights(N, cols)
-        positions = scan.positions().ravel()
+        scan = TailWeights(N, cols) if many else ScanWeights(N, cols)
+        positions = None if many else scan.positions().ravel()
         for row in range(P):
             counts = _counted(p[row : row + 1], t[row : row + 1], same, check_finite)
             if counts is not None:
@@ -194,10 +195,13 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
                 continue
             ranker = BlockRanker(1, N)
             ranked = ranker.rank(p[row : row + 1], t[row : row + 1], check_finite=check_finite)
-            estimates = _scan_estimates(scan, ranked.stacked, positions, cols, workers, turns)
+            if many:
+                estimates = _tail_estimates(scan, ranked.stacked, workers)
+            else:
+                estimates = _scan_estimates(scan, ranked.stacked, positions, cols, workers, turns)
             yield _block_stats(ranked, estimates, cols, bound, kl_mode, N)
         return
-    weights = RankWeights(N, cols)
+    weights = TailWeights(N, cols) if many else RankWeights(N, cols)
     local = threading.local()
 
     def sorted_stats(rows: slice) -> CurveStats:
@@ -236,6 +240,15 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
     items = [blocks[i : i + size] for i in range(0, len(blocks), size)]
     for parts in map_in_order(work, items, min(workers, len(items))):
         yield from parts
+
+
+def _tail_estimates(tail: TailWeights, stacked: np.ndarray, workers: int) -> np.ndarray:
+    """Estimates for one huge prompt on a large grid: the chunks of n dealt to the threads."""
+    out = np.empty((stacked.shape[0], len(tail.ns)))
+    indices = list(range(len(tail.chunks)))
+    for index, part in zip(indices, map_in_order(lambda i: tail.apply_chunk(stacked, i), indices, workers)):
+        out[:, tail.chunks[index][0]] = part
+    return out
 
 
 def _scan_estimates(scan, stacked, positions, cols, workers, turns) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 from bon_tracker.core.levels import LevelWeights, count_levels, same_array
 from bon_tracker.core.ranking import BlockRanker, block_rows, blocks_by_length, dense_blocks
 from bon_tracker.core.validation import NanPolicy, check_ns, paired_scores, sample_counts
-from bon_tracker.core.weights import RankWeights, ScanWeights
+from bon_tracker.core.weights import MANY_NS, RankWeights, ScanWeights, TailWeights
 
 
 def estimate_per_prompt(proxy, score, ns: np.ndarray) -> np.ndarray:
@@ -23,8 +23,9 @@ def estimate_per_prompt(proxy, score, ns: np.ndarray) -> np.ndarray:
         same = same_array(p, s)
         level_weights = LevelWeights(N, ns[cols])
         ranker = BlockRanker(block_rows(N), N)
-        huge = N * len(cols) > RankWeights.DENSE_LIMIT
-        rank_weights = (ScanWeights if huge else RankWeights)(N, ns[cols])
+        many = len(cols) > MANY_NS  # a large grid: work vectorised over n, on each n's tail
+        huge = not many and N * len(cols) > RankWeights.DENSE_LIMIT
+        rank_weights = TailWeights(N, ns[cols]) if many else (ScanWeights if huge else RankWeights)(N, ns[cols])
         if huge:
             positions = rank_weights.positions().ravel()
             shape = (1, rank_weights.n_blocks, rank_weights.R, rank_weights.SEGMENTS)

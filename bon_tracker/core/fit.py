@@ -7,7 +7,16 @@ With d = sqrt(KL) and scores taken relative to the starting policy (n = 1):
 
 Both forms are linear in (alpha, beta), so ordinary least squares solves them exactly.
 The fitted peak of the true score is the "Goodhart point": past that much
-optimisation, more proxy optimisation lowers the true reward.
+optimisation, more proxy optimisation lowers the true reward. The peak is taken on the
+measured half-line ``d >= 0``: when the fitted true score falls from the start (it never
+rises above its n = 1 value over the measured range), the peak is ``d* = 0``, i.e.
+``n* = 1`` and ``KL* = 0``: any selection on this proxy already lowers the true reward --
+the strongest form of Goodhart, not its absence.
+
+A fitted peak far past the largest measured n is an extrapolation of the functional form,
+not a measurement: past ``GOODHART_HORIZON`` times the largest n measured it is reported
+as "beyond the measured range" (``beyond n = 4 N``), never as a number (see
+:func:`goodhart_horizon`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from bon_tracker.core.curve import BonCurve
+from bon_tracker.core.validation import as_float, float_array
+
+# A Goodhart point beyond this many times the largest measured n is "beyond the measured
+# range": the fit's peak there is an extrapolation of the functional form, reported as
+# "beyond n = <GOODHART_HORIZON x N>" and never logged or drawn as a number. 4 N is also
+# the farthest n at which the tracker always predicts the curve (2 N and 4 N).
+GOODHART_HORIZON = 4
+
+
+def goodhart_horizon(max_n: float) -> float:
+    """The largest n* reported as a number for a curve measured up to ``max_n``:
+    ``GOODHART_HORIZON * max_n``.
+
+    >>> goodhart_horizon(16)
+    64.0
+    """
+    return float(GOODHART_HORIZON * max_n)
 
 
 @dataclass(frozen=True)
@@ -37,12 +63,26 @@ class FunctionalFit:
         form alpha > 0 too (the RL form's slope is +inf at d -> 0, so beta > 0 suffices)."""
         return self.beta > 0 and (self.alpha > 0 or self.form == "rl")
 
+    def falls_from_start(self, d_max: float = math.inf) -> bool:
+        """True when the best-of-n fit has its maximum over ``0 <= d <= d_max`` at d = 0: it never
+        rises above its start. Concave or straight (``beta >= 0``) with ``alpha <= 0``; or convex
+        (``beta < 0``) with ``alpha < 0`` and its minimum ``alpha / (2 beta)`` at or past ``d_max``
+        (the largest measured d), so that it falls over the whole measured range. Never for the RL form.
+        """
+        if self.form != "bon" or not (math.isfinite(self.alpha) and math.isfinite(self.beta)):
+            return False
+        if self.beta >= 0:
+            return self.alpha <= 0
+        return self.alpha < 0 and self.alpha / (2 * self.beta) >= d_max
+
     @property
     def peak_d(self) -> float:
-        """sqrt(KL) at the fitted maximum; NaN without a peak."""
-        if not self.has_peak:
-            return math.nan
-        return self.alpha / (2 * self.beta) if self.form == "bon" else math.exp(self.alpha / self.beta - 1)
+        """sqrt(KL) at the fitted maximum (0 when the fit falls from the start); NaN without a peak."""
+        if self.has_peak:
+            return self.alpha / (2 * self.beta) if self.form == "bon" else math.exp(self.alpha / self.beta - 1)
+        if self.form == "bon" and self.beta >= 0 and self.falls_from_start():
+            return 0.0
+        return math.nan
 
     @property
     def peak_kl(self) -> float:
@@ -50,8 +90,9 @@ class FunctionalFit:
 
     @property
     def peak_gain(self) -> float:
-        """Fitted score gain over the start at the peak."""
-        return float(self.predict(self.peak_d)) if self.has_peak else math.nan
+        """Fitted score gain over the start at the peak (0 when the fit falls from the start)."""
+        d = self.peak_d
+        return float(self.predict(d)) if math.isfinite(d) else math.nan
 
     def predict(self, d: object) -> np.ndarray | float:
         d_arr = np.asarray(d, dtype=np.float64)
@@ -68,13 +109,28 @@ class OveroptimizationFit:
     proxy: FunctionalFit
     baseline_true: float  # true score at n = 1 (scores are relative to it)
     baseline_proxy: float
-    goodhart_kl: float  # KL at the true-score peak, NaN if the fit has no peak
-    goodhart_n: float  # the n with that KL (interpolated on the curve's own KL), NaN if none
+    goodhart_kl: float  # KL at the true-score peak (0 when true falls from the start), NaN if no peak
+    goodhart_n: float  # the n with that KL (interpolated on the curve's own KL; 1 when true falls), NaN if none
     peak_within_range: bool  # the peak lies inside the measured KL range (not an extrapolation)
+    falls_from_start: bool = False  # the fitted true score never rises above n = 1: n* = 1, KL* = 0
+    max_n: float = math.nan  # the largest n of the fitted curve
 
     @property
     def has_goodhart_point(self) -> bool:
-        return self.true.has_peak and math.isfinite(self.goodhart_n)
+        return (self.true.has_peak or self.falls_from_start) and math.isfinite(self.goodhart_n)
+
+    @property
+    def goodhart_gain(self) -> float:
+        """Fitted true-score gain over n = 1 at the Goodhart point (0 when true falls from the start)."""
+        return 0.0 if self.falls_from_start else self.true.peak_gain
+
+    @property
+    def beyond_horizon(self) -> bool:
+        """The fitted peak lies past :func:`goodhart_horizon` of the largest measured n (or its n
+        is infinite): "beyond the measured range", an extrapolation reported without a number."""
+        if not self.has_goodhart_point:
+            return False
+        return not self.goodhart_n <= goodhart_horizon(self.max_n) if math.isfinite(self.max_n) else False
 
 
 def _least_squares(d: np.ndarray, y: np.ndarray, form: str) -> FunctionalFit:
@@ -136,7 +192,9 @@ def fit_overoptimization(curve: BonCurve) -> OveroptimizationFit:
     ``d = sqrt(KL)`` (the curve's ``kl``), and R is the score minus its value at
     n = 1, for the true and for the proxy score. The Goodhart point is the peak of
     the true-score fit: ``d* = alpha / (2 beta)``, its KL ``d*^2`` and the n with
-    that KL.
+    that KL. When the fitted true score falls from the start over the measured range
+    (:meth:`FunctionalFit.falls_from_start`), the Goodhart point is ``n* = 1``, ``KL* = 0``
+    (``falls_from_start``): any selection on this proxy lowers the true reward.
 
     Example:
         >>> from bon_tracker.core.curve import BonCurve
@@ -159,10 +217,17 @@ def fit_overoptimization(curve: BonCurve) -> OveroptimizationFit:
     base_proxy = float(curve.proxy_mean[at_one[0]])
     true_fit = _least_squares(d, np.asarray(curve.true_mean) - base_true, "bon")
     proxy_fit = _least_squares(d, np.asarray(curve.proxy_mean) - base_proxy, "bon")
+    max_kl = float(np.nanmax(curve.kl))
+    max_n = float(np.max(np.asarray(curve.n)))
+    falls = not true_fit.has_peak and true_fit.falls_from_start(math.sqrt(max(max_kl, 0.0)))
+    if falls:  # the maximum over the measured range is the start: n* = 1
+        return OveroptimizationFit(true_fit, proxy_fit, base_true, base_proxy, 0.0, 1.0, True, True, max_n)
     goodhart_kl = true_fit.peak_kl
     goodhart_n = _n_at_kl(curve, goodhart_kl) if true_fit.has_peak else math.nan
-    within = bool(true_fit.has_peak and goodhart_kl <= float(np.nanmax(curve.kl)))
-    return OveroptimizationFit(true_fit, proxy_fit, base_true, base_proxy, goodhart_kl, goodhart_n, within)
+    within = bool(true_fit.has_peak and goodhart_kl <= max_kl)
+    return OveroptimizationFit(
+        true_fit, proxy_fit, base_true, base_proxy, goodhart_kl, goodhart_n, within, False, max_n
+    )
 
 
 def fit_rl_overoptimization(kl: object, score: object, baseline: float = 0.0) -> FunctionalFit:
@@ -179,8 +244,9 @@ def fit_rl_overoptimization(kl: object, score: object, baseline: float = 0.0) ->
         >>> round(fit.alpha, 6), round(fit.beta, 6), round(fit.peak_d, 6)
         (2.0, 1.0, 2.718282)
     """
-    kl_arr = np.asarray(kl, dtype=np.float64).ravel()
-    score_arr = np.asarray(score, dtype=np.float64).ravel()
+    kl_arr = float_array(kl, "kl").ravel()
+    score_arr = float_array(score, "score").ravel()
+    baseline = as_float(baseline, "baseline")
     if kl_arr.shape != score_arr.shape:
         raise ValueError(f"kl and score must have the same length, got {kl_arr.shape} and {score_arr.shape}")
     if np.any(kl_arr < 0):

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 
 from bon_tracker.core.ranking import rank_by_proxy
-from bon_tracker.core.validation import NanPolicy, paired_scores
+from bon_tracker.core.validation import NanPolicy, float_array, paired_scores
 
 
 def kl_bon(n: object) -> np.ndarray | float:
@@ -21,9 +21,9 @@ def kl_bon(n: object) -> np.ndarray | float:
         >>> round(float(kl_bon(1024)), 4)
         5.9324
     """
-    n_arr = np.asarray(n, dtype=np.float64)
+    n_arr = n if isinstance(n, np.ndarray) and n.dtype == np.float64 else float_array(n, "n")
     if np.any(~np.isfinite(n_arr)) or np.any(n_arr < 1):
-        raise ValueError(f"n must be finite and >= 1, got {n!r}")
+        raise ValueError(f"n must be finite and >= 1, got {n!r:.200}")
     out = np.log(n_arr) - (n_arr - 1.0) / n_arr
     return float(out) if out.ndim == 0 else out
 
@@ -35,6 +35,10 @@ KL_MODES = ("auto", "discrete", "continuous")
 def check_kl_mode(kl_mode: str) -> None:
     if kl_mode not in KL_MODES:
         raise ValueError(f"kl_mode must be one of {', '.join(repr(m) for m in KL_MODES)}, got {kl_mode!r}")
+
+
+# exp(x) is exactly 0.0 below about -745.13 (the smallest subnormal is 4.9e-324).
+_UNDERFLOW = -746.0
 
 
 def _continuous_part(u: np.ndarray, n: float) -> np.ndarray:
@@ -88,18 +92,32 @@ def level_kl(
     log_f = np.log(end[atom] / N)
     with np.errstate(divide="ignore"):
         log_f_below = np.log(start[atom] / N)  # -inf for the lowest level
+    with np.errstate(divide="ignore"):
+        log_a_end, log_b_end = np.log(a), np.log(b)
     out = np.empty((P, len(ns)))
     for j, n in enumerate(np.asarray(ns, dtype=np.float64)):
-        gap = n * (log_f - log_f_below)  # +inf for the lowest level
+        # Levels with n log F < -746 have best-of-n mass exp(...) = 0 exactly (and G(u) = 0 for
+        # u^n = 0): they add exact zeros, so they are left out -- in their order, so the sums
+        # are the same floats -- and a large n costs only the few levels near the top.
+        cut = _UNDERFLOW / n
+        live = log_f > cut
+        every = bool(live.all())
+        lf, lfb, lq, rows = (
+            (log_f, log_f_below, log_q, atom_rows)
+            if every
+            else (log_f[live], log_f_below[live], log_q[live], atom_rows[live])
+        )
+        gap = n * (lf - lfb)  # +inf for the lowest level
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            log_a = n * log_f + np.log1p(-np.exp(-gap))
+            log_a = n * lf + np.log1p(-np.exp(-gap))
             mass = np.exp(log_a)
-            term = np.where(mass > 0, mass * (log_a - log_q), 0.0)
+            term = np.where(mass > 0, mass * (log_a - lq), 0.0)
         total = np.zeros(P)
-        total += np.bincount(atom_rows, weights=term, minlength=P)
+        total += np.bincount(rows, weights=term, minlength=P)
         if len(b):
-            total += np.bincount(b_rows, weights=_continuous_part(b, n), minlength=P)
-            total -= np.bincount(a_rows, weights=_continuous_part(a, n), minlength=P)
+            keep_b, keep_a = log_b_end > cut, log_a_end > cut
+            total += np.bincount(b_rows[keep_b], weights=_continuous_part(b[keep_b], n), minlength=P)
+            total -= np.bincount(a_rows[keep_a], weights=_continuous_part(a[keep_a], n), minlength=P)
         out[:, j] = total
     # KL is >= 0 and exactly 0 at n = 1; clear the rounding residue of the log sums.
     out[:, np.asarray(ns) == 1] = 0.0

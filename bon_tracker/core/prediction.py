@@ -17,6 +17,7 @@ import numpy as np
 
 from bon_tracker.core.kl import kl_bon
 from bon_tracker.core.uncertainty import _design, _relative_true, prompt_resample_counts
+from bon_tracker.core.validation import float_array
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ def predict_curve(
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
-    n_arr = np.asarray(ns, dtype=np.float64).ravel()
-    t = np.asarray(true_pp, dtype=np.float64)
-    p = np.asarray(proxy_pp, dtype=np.float64)
+    n_arr = float_array(ns, "ns").ravel()
+    t = float_array(true_pp, "true_pp")
+    p = float_array(proxy_pp, "proxy_pp")
     if t.shape != p.shape:
         raise ValueError(f"true_pp and proxy_pp must have the same shape, got {t.shape} and {p.shape}")
     rel_t, keep = _relative_true(t, n_arr)
@@ -101,7 +102,7 @@ def predict_curve(
     if not np.array_equal(keep, keep_p):
         raise ValueError("true_pp and proxy_pp must have NaN (n beyond a prompt's samples) in the same places")
     at_one = int(np.flatnonzero(n_arr == 1)[0])
-    target = np.atleast_1d(np.asarray(predict_ns, dtype=np.float64))
+    target = np.atleast_1d(float_array(predict_ns, "predict_ns"))
     X = _design(kl_bon(n_arr[keep]))
     solve = X @ np.linalg.pinv(X.T @ X)
     design_new = _design(kl_bon(target))  # (M, 2)

@@ -123,6 +123,10 @@ def map_in_order(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iter
     At most ``2 * threads`` items are in flight, so memory stays bounded by the blocks
     being worked on. Called from one of the workers themselves, it runs on that thread
     (a worker waiting on its own pool could wait forever).
+
+    A ``KeyboardInterrupt`` (Ctrl-C) while waiting cancels the items not yet started and is
+    raised at once, without waiting for the items already running (they finish on their own,
+    each one block of work): Ctrl-C is never held up until the whole call would have ended.
     """
     items = list(items)
     # One item (a small call: one block) runs here: a hand-off to a worker costs more than it.
@@ -131,6 +135,7 @@ def map_in_order(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iter
         return
     pool = _pool(threads)
     pending = []
+    interrupted = False
     try:
         for item in items:
             pending.append(pool.submit(fn, item))
@@ -138,9 +143,13 @@ def map_in_order(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iter
                 yield pending.pop(0).result()
         while pending:
             yield pending.pop(0).result()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         for future in pending:  # the caller stopped early, or a block failed: drop the rest
             future.cancel()
-        for future in pending:
-            if not future.cancelled():
-                future.exception()  # wait, so no block outlives the call that owns its buffers
+        if not interrupted:  # Ctrl-C: raise now; a running block holds its own references
+            for future in pending:
+                if not future.cancelled():
+                    future.exception()  # wait, so no block outlives the call that owns its buffers

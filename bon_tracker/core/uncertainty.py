@@ -9,8 +9,11 @@ product: closed-form least squares over all B resamples at once.
 
 The peak is taken on the whole half-line ``d >= 0``, so every resample has one:
 ``d* = max(alpha / (2 beta), 0)`` when ``beta > 0`` (``d* = 0``, ``n* = 1``: true falls from
-the start), ``d* = inf`` when ``beta <= 0`` (no peak: true keeps rising). Intervals for
-``n*`` and ``KL*`` are monotone maps of the interval for ``d*``.
+the start), ``d* = inf`` when ``beta <= 0`` (no peak: true keeps rising) -- except where a
+straight or convex fit falls over the whole measured range (``alpha < 0`` and its minimum
+``alpha / (2 beta)`` at or past the largest measured d), whose maximum over what was measured
+is the start: ``d* = 0`` as well, as :func:`~bon_tracker.core.fit.fit_overoptimization` says.
+Intervals for ``n*`` and ``KL*`` are monotone maps of the interval for ``d*``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from scipy.special import lambertw, ndtr, ndtri
 
 from bon_tracker.core.kl import kl_bon
+from bon_tracker.core.validation import float_array
 
 _METHODS = ("percentile", "bca")
 
@@ -77,7 +81,7 @@ def kl_to_n(kl: object) -> np.ndarray | float:
         >>> round(float(kl_to_n(kl_bon(64.0))), 9)
         64.0
     """
-    k = np.asarray(kl, dtype=np.float64)
+    k = kl if isinstance(kl, np.ndarray) and kl.dtype == np.float64 else float_array(kl, "kl")
     if np.any(k < 0):
         raise ValueError(f"kl must be >= 0, got {kl!r}")
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -88,19 +92,41 @@ def kl_to_n(kl: object) -> np.ndarray | float:
     return float(n) if n.ndim == 0 else n
 
 
+def _n_of_kl(kl: np.ndarray, ns: np.ndarray, curve_kl: np.ndarray | None) -> np.ndarray:
+    """The n of each KL in ``kl``: :func:`kl_to_n` for a tie-free curve (``curve_kl`` None or the
+    formula). With ties (a smaller exact KL, ``curve_kl``) the formula would put n far too low:
+    within the measured KL range log n is interpolated on the curve's own points (as
+    :func:`~bon_tracker.core.fit.fit_overoptimization` does); beyond it the n is not known
+    (the exact KL of larger n grows slower than the formula, and may never reach that KL):
+    ``inf``, "beyond the measured range"."""
+    kl = np.asarray(kl, dtype=np.float64)
+    if curve_kl is None or np.allclose(curve_kl, kl_bon(ns), rtol=1e-12, atol=0.0):
+        return kl_to_n(kl)
+    order = np.argsort(curve_kl, kind="stable")
+    known_kl, log_n = curve_kl[order], np.log(ns[order])
+    inside = np.exp(np.interp(np.minimum(kl, known_kl[-1]), known_kl, log_n))
+    return np.where(kl <= known_kl[-1], inside, np.inf)
+
+
 def _design(kl: np.ndarray) -> np.ndarray:
     d = np.sqrt(kl)
     return np.column_stack([d, -(d * d)])
 
 
-def _peak(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Extended peak ``(d*, gain)`` of ``d (alpha - beta d)`` on ``d >= 0``, elementwise."""
+def _peak(alpha: np.ndarray, beta: np.ndarray, d_max: float = math.inf) -> tuple[np.ndarray, np.ndarray]:
+    """Extended peak ``(d*, gain)`` of ``d (alpha - beta d)`` on ``d >= 0``, elementwise.
+
+    ``d_max``: the largest measured d; a convex fit (``beta < 0``) that falls over all of it
+    (``alpha < 0``, minimum at ``alpha / (2 beta) >= d_max``) peaks at the start, ``d* = 0``.
+    """
     concave = beta > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         d_star = np.where(concave, np.maximum(alpha / (2.0 * beta), 0.0), np.inf)
         gain = np.where(concave, np.where(alpha > 0, alpha * alpha / (4.0 * beta), 0.0), np.inf)
-    d_star = np.where(~concave & (beta == 0) & (alpha <= 0), 0.0, d_star)
-    gain = np.where(~concave & (beta == 0) & (alpha <= 0), 0.0, gain)
+        convex_falls = (beta < 0) & (alpha < 0) & (alpha / (2.0 * np.where(beta < 0, beta, -1.0)) >= d_max)
+    at_start = (~concave & (beta == 0) & (alpha <= 0)) | convex_falls
+    d_star = np.where(at_start, 0.0, d_star)
+    gain = np.where(at_start, 0.0, gain)
     return d_star, gain
 
 
@@ -203,7 +229,8 @@ def goodhart_interval(
             ``bon_estimate(proxy, true, ns)``.
         ns: the n grid (must include 1).
         kl: the KL of each n (the curve's ``kl``); default ``kl_bon(ns)``. With ties (a
-            smaller exact KL) n* is still mapped from KL* by the continuous formula.
+            smaller exact KL) n* and its bounds are mapped from KL on the curve's own points
+            within the measured range, and are ``inf`` (not known) beyond it.
         level: two-sided confidence level.
         n_resamples: bootstrap resamples B.
         method: ``"percentile"`` (default: calibrated in the simulation benchmark) or
@@ -228,9 +255,9 @@ def goodhart_interval(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
-    n_arr = np.asarray(ns, dtype=np.float64).ravel()
-    rel, keep = _relative_true(np.asarray(true_pp, dtype=np.float64), n_arr)
-    kl_arr = kl_bon(n_arr) if kl is None else np.asarray(kl, dtype=np.float64).ravel()
+    n_arr = float_array(ns, "ns").ravel()
+    rel, keep = _relative_true(float_array(true_pp, "true_pp"), n_arr)
+    kl_arr = kl_bon(n_arr) if kl is None else float_array(kl, "kl").ravel()
     if kl_arr.shape != n_arr.shape:
         raise ValueError(f"kl must have one value per n, got {kl_arr.shape} for {n_arr.shape}")
     X = _design(kl_arr[keep])
@@ -238,9 +265,10 @@ def goodhart_interval(
     P = rel.shape[0]
     proj = rel @ solve  # (P, 2): each prompt's contribution; fits are linear in the mean
     alpha_hat, beta_hat = proj.mean(axis=0)
+    d_max = float(np.sqrt(max(float(np.nanmax(kl_arr[keep])), 0.0)))
     coef = resample_prompt_means(proj, n_resamples, rng)  # (B, 2)
-    d_boot, gain_boot = _peak(coef[:, 0], coef[:, 1])
-    (d_hat,), (gain_hat,) = _peak(np.array([alpha_hat]), np.array([beta_hat]))
+    d_boot, gain_boot = _peak(coef[:, 0], coef[:, 1], d_max)
+    (d_hat,), (gain_hat,) = _peak(np.array([alpha_hat]), np.array([beta_hat]), d_max)
     a = 1.0 - level
     bounds = {}
     jack = None
@@ -249,15 +277,17 @@ def goodhart_interval(
         if method == "bca":
             if jack is None:
                 loo = (P * proj.mean(axis=0) - proj) / (P - 1)  # leave-one-prompt-out coefficients
-                jack = _peak(loo[:, 0], loo[:, 1])
+                jack = _peak(loo[:, 0], loo[:, 1], d_max)
             levels = _bca_levels(boot, float(point), jack[0] if name == "d" else jack[1], a)
         lo_q, hi_q = levels if levels is not None else (a / 2.0, 1.0 - a / 2.0)
         bounds[name] = _order_stat_interval(boot, lo_q, hi_q)
     d_lo, d_hi = bounds["d"]
+    curve_kl = None if kl is None else kl_arr[keep]
+    n_hat, n_lo, n_hi = _n_of_kl(np.array([d_hat, d_lo, d_hi]) ** 2, n_arr[keep], curve_kl).tolist()
     return GoodhartInterval(
-        n=float(kl_to_n(d_hat**2)),
-        n_low=float(kl_to_n(d_lo**2)),
-        n_high=float(kl_to_n(d_hi**2)),
+        n=float(n_hat),
+        n_low=float(n_lo),
+        n_high=float(n_hi),
         kl=float(d_hat**2),
         kl_low=d_lo**2,
         kl_high=d_hi**2,

@@ -16,20 +16,101 @@ import numpy as np
 
 NanPolicy = Literal["raise", "omit"]
 
+# The most points of an n grid (``ns``) one call accepts. Each n costs work over every
+# sample (its weights reach down to rank ~737 N / n), so a grid of every n up to a large N
+# is minutes of work for a curve that 16 or 32 points describe; the tracker allows 4096.
+MAX_NS = 1 << 14  # 16,384
+_FLOAT_MAX = float(np.finfo(np.float64).max)
+
+
+def describe_number(value: object) -> str:
+    """A number for an error message: huge integers by their size (never thousands of digits,
+    and never wrapped around as a fixed-width integer would be).
+
+    >>> describe_number(2**63), describe_number(10**400), describe_number(1.5)
+    ('9223372036854775808', 'an integer of 401 digits', '1.5')
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return repr(bool(value))
+    if isinstance(value, (int, np.integer)):
+        value = int(value)
+        if value.bit_length() > 100:
+            digits = len(str(abs(value))) if value.bit_length() < 13_000 else int(value.bit_length() * 0.30103) + 1
+            return f"an integer of {digits} digits"
+        return str(value)
+    return repr(float(value)) if isinstance(value, (float, np.floating)) else repr(value)
+
+
+def as_float(value: object, name: str) -> float:
+    """A real scalar as a float, with a ``TypeError`` for complex and non-numbers and a
+    ``ValueError`` naming ``name`` when it is too large for a float (``10**400``).
+
+    >>> as_float(3, "policy_kl")
+    3.0
+    """
+    if hasattr(value, "item") and np.ndim(value) == 0:  # numpy scalars, 0-d arrays and tensors
+        value = value.item()
+    if isinstance(value, (complex, np.complexfloating)):
+        raise TypeError(f"{name} must be a real number, got the complex value {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} = {describe_number(value)} is too large for a float (at most about {_FLOAT_MAX:.3g})"
+        ) from None
+
+
+def _object_to_float(array: np.ndarray, name: str) -> np.ndarray:
+    """An object array (nested lists holding huge integers, complex numbers, ...) as float64,
+    or an error naming the first value that is not a real number a float can hold."""
+    out = np.empty(array.shape, dtype=np.float64)
+    for index in np.ndindex(array.shape):
+        item = array[index]
+        where = name if not index else f"{name} at {index if len(index) != 1 else index[0]}"
+        if isinstance(item, (complex, np.complexfloating)):
+            raise TypeError(f"{where} is the complex value {item!r}: scores must be real-valued")
+        if not isinstance(item, (int, float, np.integer, np.floating, np.bool_)):
+            raise TypeError(f"{name} must be numeric, got a {type(item).__name__} at {index}")
+        try:
+            out[index] = float(item)
+        except OverflowError:
+            raise ValueError(
+                f"{where} is {describe_number(item)}: too large for a float (at most about {_FLOAT_MAX:.3g})"
+            ) from None
+    return out
+
 
 def _to_float_array(values: object, name: str) -> np.ndarray:
-    """Convert array-likes (lists, numpy, CPU/CUDA tensors) to a float64 array."""
+    """Convert array-likes (lists, numpy, CPU/CUDA tensors) to a float64 array.
+
+    Complex values (numpy, tensors, or inside nested lists) are a ``TypeError`` -- casting
+    would drop their imaginary part; an integer too large for a float is a ``ValueError``
+    naming it.
+    """
     if hasattr(values, "detach") and hasattr(values, "cpu"):  # torch tensors, duck-typed
+        is_complex = getattr(values, "is_complex", None)
+        if callable(is_complex) and is_complex():
+            raise TypeError(f"{name} must be real-valued, got a complex tensor (dtype {values.dtype})")
         values = values.detach().cpu().double().numpy()  # also bfloat16, which numpy lacks
     try:
         array = np.asarray(values)
     except (TypeError, ValueError) as err:  # e.g. inhomogeneous nested lists
         raise TypeError(f"{name} could not be converted to a numeric array: {err}") from err
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)):
-        raise TypeError(f"{name} must be numeric, got an array of dtype {array.dtype}")
     if np.issubdtype(array.dtype, np.complexfloating):
         raise TypeError(f"{name} must be real-valued, got dtype {array.dtype}")
+    if array.dtype == object:
+        return _object_to_float(array, name)
+    if not (np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)):
+        raise TypeError(f"{name} must be numeric, got an array of dtype {array.dtype}")
     return array.astype(np.float64, copy=False)
+
+
+def float_array(values: object, name: str) -> np.ndarray:
+    """:func:`_to_float_array` for the core's other numeric inputs (KL values, grids of n to
+    predict at, ...): float64, with the same clear errors for complex and overflowing values."""
+    return _to_float_array(values, name)
 
 
 def _all_finite(array: np.ndarray) -> bool:
@@ -155,8 +236,17 @@ def sample_counts(rows: np.ndarray | list[np.ndarray]) -> np.ndarray:
     return np.array([len(r) for r in rows], dtype=np.int64)
 
 
+def _values(values: Sequence[object], limit: int = 5) -> str:
+    shown = ", ".join(describe_number(v) for v in list(values)[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
 def check_ns(ns: object, max_n: int) -> tuple[np.ndarray, bool]:
-    """Validate the best-of-n grid. Returns ``(ns as int64 array, was_scalar)``."""
+    """Validate the best-of-n grid. Returns ``(ns as int64 array, was_scalar)``.
+
+    At most :data:`MAX_NS` points. Values are checked before any conversion to int64, so an
+    error shows the value given (``2**63``, ``10**400``), never a wrapped-around one.
+    """
     scalar = np.ndim(ns) == 0
     try:
         arr = np.atleast_1d(np.asarray(ns))
@@ -164,17 +254,37 @@ def check_ns(ns: object, max_n: int) -> tuple[np.ndarray, bool]:
         raise TypeError(f"ns must be an integer or a sequence of integers: {err}") from err
     if arr.size == 0:
         raise ValueError("ns is empty: give at least one n")
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_):
+    if arr.ndim != 1:
+        raise ValueError(f"ns must be 1-D, got shape {arr.shape}")
+    if arr.size > MAX_NS:
+        raise ValueError(
+            f"ns has {arr.size:,} points; at most {MAX_NS:,} are supported "
+            "(bon_tracker.core.validation.MAX_NS): each n costs work over every sample, and a few dozen "
+            "points describe a curve -- use e.g. powers of two (the default) or a geometric grid"
+        )
+    if arr.dtype == object:  # Python integers beyond 64 bits, or a mix of types
+        items = arr.tolist()
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items):
+            kinds = sorted({type(v).__name__ for v in items})
+            raise TypeError(f"ns must be integers, got values of type {', '.join(kinds)}")
+        values = [int(v) for v in items]
+        small = [v for v in values if v < 1]
+        if small:
+            raise ValueError(f"every n must be >= 1, got {_values(small)}")
+        big = [v for v in values if v > max_n]
+        if big:
+            raise ValueError(f"n cannot exceed the number of samples per prompt N = {max_n}; got n = {_values(big)}")
+        return np.array(values, dtype=np.int64), scalar
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"ns must be integers, got complex values (dtype {arr.dtype})")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_):
         raise TypeError(f"ns must be integers, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.floating) and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))):
         raise TypeError(f"ns must be whole numbers, got {arr.tolist()}")
-    arr = arr.astype(np.int64)
-    if arr.ndim != 1:
-        raise ValueError(f"ns must be 1-D, got shape {arr.shape}")
+    # range checks in the given dtype (uint64 2**63, float 1e300): int64 would wrap them around
     if np.any(arr < 1):
-        raise ValueError(f"every n must be >= 1, got {arr[arr < 1].tolist()}")
+        raise ValueError(f"every n must be >= 1, got {_values(arr[arr < 1].tolist())}")
     if np.any(arr > max_n):
-        raise ValueError(
-            f"n cannot exceed the number of samples per prompt N = {max_n}; got n = {arr[arr > max_n].tolist()}"
-        )
-    return arr, scalar
+        big = _values(arr[arr > max_n].tolist())
+        raise ValueError(f"n cannot exceed the number of samples per prompt N = {max_n}; got n = {big}")
+    return arr.astype(np.int64), scalar

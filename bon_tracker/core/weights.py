@@ -158,7 +158,8 @@ class ScanWeights:
         K = laid_out.shape[0]
         R, S, N = self.R, self.SEGMENTS, self.N
         picked = np.arange(len(self.ns)) if columns is None else np.asarray(columns)
-        js = [j for j in range(len(self.ns)) if self.order[j] in set(picked.tolist())]
+        wanted = set(picked.tolist())  # built once: a set per j made this quadratic in the grid
+        js = [j for j in range(len(self.ns)) if self.order[j] in wanted]
         scale_exponent = self.SCALE_EXPONENT
         if not np.all(np.abs(laid_out) < 2.0 ** (1000 - scale_exponent)):
             scale_exponent = 0  # absurdly large scores: unscaled (slower, never overflows)
@@ -204,6 +205,88 @@ class ScanWeights:
         for j in js:
             result[:, self.order[j]] = totals[j] / scale
         return result
+
+
+class TailWeights:
+    """The weights of a large grid of n for one N, built vectorised over n and applied on each
+    n's non-negligible tail only.
+
+    :class:`RankWeights` holds a dense ``(N, len(ns))`` matrix built one n at a time, and
+    :class:`ScanWeights` lays out every n over all N ranks: both cost per n (a Python loop, and
+    memory or work over all N) -- minutes for a grid of every n. Here the n's, in ascending
+    order (descending tail length), are cut into chunks of similar tail length with at most
+    ``CHUNK`` weights each; a chunk's weights are one 2-D cumulative product of the same exact
+    ratios as :func:`bon_weight_tail_desc` (so every weight is the same float), and its
+    estimates one matrix product with the top ``L`` ranks of the scores. Total work is the sum
+    of the tails (about ``737 N / n`` ranks for n > 737), not ``N x len(ns)``; each chunk is
+    short, so a call stays responsive to Ctrl-C. Chunks are kept while they total at most
+    ``CACHE`` weights, else rebuilt at each use (memory stays bounded).
+    """
+
+    CHUNK = 1 << 20  # weights per chunk (8 MiB)
+    CACHE = 1 << 24  # weights kept between calls (128 MiB)
+
+    def __init__(self, N: int, ns: np.ndarray):
+        self.N = int(N)
+        self.ns = np.asarray(ns, dtype=np.int64)
+        order = np.argsort(self.ns, kind="stable")  # ascending n: descending tails
+        tails = np.array([self.N - _lowest_nonzero_rank(self.N, int(n)) + 1 for n in self.ns[order]], dtype=np.int64)
+        self.chunks: list[tuple[np.ndarray, np.ndarray, int]] = []  # (columns, their tails, chunk length)
+        i = 0
+        while i < len(order):
+            length = int(tails[i])
+            j = i + 1
+            while j < len(order) and (j - i + 1) * length <= self.CHUNK and 2 * tails[j] >= length:
+                j += 1
+            self.chunks.append((order[i:j], tails[i:j], length))
+            i = j
+        self.size = int(sum(len(cols) * length for cols, _, length in self.chunks))
+        self._cache = [self._build(*chunk) for chunk in self.chunks] if self.size <= self.CACHE else None
+
+    def _build(self, cols: np.ndarray, tails: np.ndarray, length: int) -> np.ndarray:
+        """``(len(cols), length)`` weights from the top rank down (position i: rank ``N - i``)."""
+        N = self.N
+        n = self.ns[cols].astype(np.float64)[:, None]
+        ranks = np.arange(N, N - length + 1, -1, dtype=np.float64)[None, :]  # N, N-1, ..., N-length+2
+        w = np.empty((len(cols), length))
+        w[:, :1] = n / N
+        # w_{j-1} = w_j (j - n) / (j - 1): the ratios of bon_weight_tail_desc, one row per n
+        np.subtract(ranks, n, out=w[:, 1:])
+        np.divide(w[:, 1:], ranks - 1.0, out=w[:, 1:])
+        np.cumprod(w, axis=1, out=w)
+        for row, tail in enumerate(tails.tolist()):
+            # Each row decreases down the ranks: zero past its own tail, and (as RankWeights) below
+            # 1e-300, which moves no estimate and would take the slow subnormal path.
+            small = int(np.searchsorted(-w[row, :tail], -1e-300, side="right"))
+            w[row, small:] = 0.0
+        return w
+
+    def chunk_weights(self, index: int) -> np.ndarray:
+        """The weights of chunk ``index`` (kept, or built now), from the top rank down."""
+        return self._cache[index] if self._cache is not None else self._build(*self.chunks[index])
+
+    def apply_chunk(self, stacked: np.ndarray, index: int) -> np.ndarray:
+        """Estimates ``(rows, len(chunk))`` of chunk ``index`` for rank-sorted ``stacked (rows, N)``."""
+        length = self.chunks[index][2]
+        top_down = np.ascontiguousarray(stacked[:, self.N - length :][:, ::-1])  # (rows, length): cheap next to w
+        return top_down @ self.chunk_weights(index).T
+
+    def apply_stacked(self, stacked: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``(rows, N)`` scores sorted by proxy rank -> ``(rows, len(ns))`` estimates."""
+        if out is None:
+            out = np.empty((stacked.shape[0], len(self.ns)))
+        for index, (cols, _, _) in enumerate(self.chunks):
+            out[:, cols] = self.apply_chunk(stacked, index)
+        return out
+
+    def apply(self, *sorted_scores: np.ndarray) -> list[np.ndarray]:
+        """Each ``(P, N)`` matrix of scores sorted by proxy rank -> ``(P, len(ns))`` estimates."""
+        return [self.apply_stacked(s) for s in sorted_scores]
+
+
+# Grids with more points than this use TailWeights (work vectorised over n) instead of
+# RankWeights / ScanWeights, whose cost grows per n (a Python loop, and N work per n).
+MANY_NS = 64
 
 
 def bon_weights(N: int, n: int) -> np.ndarray:

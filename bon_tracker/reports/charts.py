@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bon_tracker.core import fit_rl_overoptimization
+from bon_tracker.core.fit import GOODHART_HORIZON
 from bon_tracker.optional import require
 from bon_tracker.record import evenly_spaced
 
@@ -85,11 +86,13 @@ def _placeholder(ax: Axes, text: str) -> None:
 
 
 def _note(ax: Axes, text: str) -> None:
-    """A small boxed note in the lower right corner of a panel."""
+    """A small boxed note in the lower right corner of a panel (wrapped to fit it)."""
+    import textwrap
+
     ax.text(
         0.99,
         0.03,
-        text,
+        textwrap.fill(text, 80),
         ha="right",
         va="bottom",
         transform=ax.transAxes,
@@ -157,19 +160,69 @@ def _base_true(record: EvalRecord) -> float | None:
     return float(record.curve.true_mean[ns.index(1)]) if 1 in ns else None
 
 
+FALLS_TEXT = "n* = 1: any selection on this proxy already lowers the true reward"
+NOT_RESOLVED = "not resolved"
+
+
+def n_text(n: float, horizon: float) -> str:
+    """An n* (or a bound of its interval) in words: a plain number, or "beyond n = <horizon>"
+    past the horizon (never "∞", never 4.3e+07).
+
+    >>> n_text(17.53, 128), n_text(4.3e7, 128), n_text(math.inf, 128)
+    ('17.5', 'beyond n = 128', 'beyond n = 128')
+    """
+    if not n <= horizon:  # also inf and NaN
+        return f"beyond n = {_plain(horizon)}"
+    return _plain(n) if n >= 1 else f"{n:.3g}"
+
+
+def interval_text(record: EvalRecord) -> str:
+    """The 95 % interval of n* (resampling prompts) in words; "" without an interval.
+
+    >>> from bon_tracker.core import bon_curve
+    >>> from bon_tracker.record import EvalRecord
+    >>> interval_text(EvalRecord.build(0, bon_curve(np.eye(4), np.eye(4))))
+    ''
+    """
+    i = record.interval
+    if i is None:
+        return ""
+    horizon = record.horizon_n
+    low, high = n_text(i.n_low, horizon), n_text(i.n_high, horizon)
+    span = f"n* {low}" if low == high else f"n* from {low} to {high}"
+    kl = f"KL* {i.kl_low:.3g} to {i.kl_high:.3g} nats" if math.isfinite(i.kl_high) else f"KL* from {i.kl_low:.3g} nats"
+    return f"{100 * i.level:g} % interval from resampling {i.n_prompts} prompts: {span} ({kl})"
+
+
 def goodhart_text(record: EvalRecord) -> str:
-    """One line on the record's Goodhart point, as charts and reports word it."""
+    """One line on the record's Goodhart point, with its interval when known, as the CLI,
+    charts and reports word it. ``n* = 1`` when the fitted true reward falls from the start
+    (:data:`FALLS_TEXT`); "beyond n = <horizon>" past ``GOODHART_HORIZON`` times the largest
+    n; "not resolved" when the interval spans the measured range
+    (:meth:`EvalRecord.goodhart_resolved`)."""
     g, status = record.goodhart, record.goodhart_status()
+    interval = interval_text(record)
+    resolved = record.goodhart_resolved()
     if g is None or status == "none":
-        return "no Goodhart point: the fitted true reward still rises with n"
-    where = {
-        "measured": "within the measured range",
-        "extrapolated": f"extrapolated past n = {int(record.curve.n.max())}",
-        "beyond": "beyond the measured range",
-    }[status]
+        return "no Goodhart point: the fitted true reward still rises with n" + (f" ({interval})" if interval else "")
+    if g.falls_from_start:
+        text = f"{FALLS_TEXT} (the fitted true reward falls from n = 1 to n = {int(record.curve.n.max())})"
+        if interval:
+            text += f"; {interval}" + (f": {NOT_RESOLVED}" if resolved is False else "")
+        return text
     if status == "beyond":
-        return f"Goodhart point {where} (fitted n* ≈ {g.n:.2g}, KL* ≈ {g.kl:.3g} nats): not drawn"
-    return f"Goodhart point n* ≈ {_plain(g.n)}, KL* = {g.kl:.2f} nats ({where})"
+        return (
+            f"Goodhart point beyond the measured range (beyond n = {_plain(record.horizon_n)}, "
+            f"{GOODHART_HORIZON} × the largest n measured): the fitted true reward still rises over the measured n; "
+            "not drawn"
+        )
+    point = f"n* ≈ {_plain(g.n)}, KL* = {g.kl:.2f} nats"
+    if resolved is False:
+        return f"Goodhart point {point}: {NOT_RESOLVED} ({interval}, spanning the measured range)"
+    where = (
+        "within the measured range" if status == "measured" else f"extrapolated past n = {int(record.curve.n.max())}"
+    )
+    return f"Goodhart point {point} ({where})" + (f"; {interval}" if interval else "")
 
 
 # ---- one eval step -------------------------------------------------------------------------------
@@ -242,8 +295,16 @@ def curve_chart(
             label="Goodhart point" + ("" if status == "measured" else " (extrapolated)"),
             zorder=5,
         )
+        if g.falls_from_start or record.goodhart_resolved() is False:
+            _note(ax_true, goodhart_text(record))
+        if g.falls_from_start:
+            label = "n* = 1: any selection on this proxy\nalready lowers the true reward"
+        else:
+            label = f"n* ≈ {_plain(g.n)}\nKL* = {g.kl:.2f} nats"
+            if record.goodhart_resolved() is False:
+                label += f"\n({NOT_RESOLVED})"
         ax_true.annotate(
-            f"n* ≈ {_plain(g.n)}\nKL* = {g.kl:.2f} nats",
+            label,
             (peak_x, peak_y),
             xytext=(9, -6),
             textcoords="offset points",

@@ -179,6 +179,24 @@ def _fmt(value: float, digits: int = 4) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
 
+def _goodhart_cells(record: EvalRecord) -> tuple[str, str, str]:
+    """The comparison table's n*, KL* and "peak measured" cells: n* = 1 when the true reward falls
+    from the start, "beyond n = …" past the horizon (never a far extrapolated number), "–" without a peak."""
+    from bon_tracker.reports.charts import NOT_RESOLVED, n_text
+
+    g, status = record.goodhart, record.goodhart_status()
+    if g is None or status == "none":
+        return "–", "–", "–"
+    if status == "beyond":
+        return n_text(math.inf, record.horizon_n), "–", "beyond the measured range"
+    if g.falls_from_start:
+        return "1", _fmt(g.kl, 3), "n* = 1: true falls from n = 1"
+    where = "yes" if status == "measured" else "extrapolated"
+    if record.goodhart_resolved() is False:
+        where += f" ({NOT_RESOLVED})"
+    return _fmt(g.n, 3), _fmt(g.kl, 3), where
+
+
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
@@ -217,7 +235,6 @@ def write_comparison(
     for (label, record), run in zip(shown, runs):
         c, ns = record.curve, record.curve.n.tolist()
         i = ns.index(n) if n is not None and n in ns else len(ns) - 1
-        g = record.goodhart
         rows.append(
             "<tr>"
             + "".join(
@@ -233,9 +250,7 @@ def write_comparison(
                     _fmt(float(c.true_mean[ns.index(1)])) if 1 in ns else "–",
                     _fmt(float(c.true_mean[i])),
                     _fmt(float(c.proxy_mean[i])),
-                    _fmt(g.n, 3) if g else "–",
-                    _fmt(g.kl, 3) if g else "–",
-                    ("yes" if g.within_range else "extrapolated") if g else "–",
+                    *_goodhart_cells(record),
                 )
             )
             + "</tr>"

@@ -8,7 +8,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from bon_tracker.core.fit import GOODHART_HORIZON
 from bon_tracker.record import EvalRecord
+from bon_tracker.reports.charts import _plain, n_text
 
 REPORT_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }
@@ -44,24 +46,30 @@ def goodhart_summary(record: EvalRecord) -> str:
     """The report's one-paragraph answer: where the Goodhart point of ``record`` lies."""
     g, status = record.goodhart, record.goodhart_status()
     step = record.step
+    N = int(record.curve.n.max())
     if g is None or status == "none":
+        return f"<b>No Goodhart point</b> at step {step}: the fitted true reward still rises with n up to n = {N}."
+    if g.falls_from_start:
         return (
-            f"<b>No Goodhart point</b> at step {step}: the fitted true reward still rises with n "
-            f"up to n = {int(record.curve.n.max())}."
+            f"<b>Goodhart point n* = 1</b> at step {step}: any selection on this proxy already lowers the true "
+            f"reward (the fitted true reward falls from n = 1 to n = {N}; KL* = 0). "
+            f"Fit R²(true) = {g.true_r2:.3f}."
         )
     if status == "beyond":
         return (
-            f"<b>Goodhart point beyond the measured range</b> at step {step}: the fit puts the peak of "
-            f"true reward at n ≈ {g.n:.2g} (KL ≈ {g.kl:.3g} nats), far past the largest n measured "
-            f'({int(record.curve.n.max())}); treat it as "no peak in sight". Fit R²(true) = {g.true_r2:.3f}.'
+            f"<b>Goodhart point beyond the measured range</b> at step {step}: beyond n = {_plain(record.horizon_n)} "
+            f"({GOODHART_HORIZON} × the largest n measured, {N}), an extrapolation of the fit; the fitted true "
+            f'reward still rises over the measured n: treat it as "no peak in sight". Fit R²(true) = {g.true_r2:.3f}.'
         )
-    where = (
-        "within the measured range"
-        if status == "measured"
-        else f"extrapolated past the largest n measured ({int(record.curve.n.max())})"
-    )
+    if record.goodhart_resolved() is False:
+        return (
+            f"<b>Goodhart point not resolved</b> at step {step}: the fit peaks at n* ≈ {_plain(g.n)} "
+            f"(KL* = {g.kl:.3g} nats), but its interval spans the measured range, so the data do not say "
+            f"whether true reward peaks within n ≤ {N}. Fit R²(true) = {g.true_r2:.3f}."
+        )
+    where = "within the measured range" if status == "measured" else f"extrapolated past the largest n measured ({N})"
     return (
-        f"<b>Goodhart point</b> at step {step}: n* ≈ {g.n:.3g}, KL* = {g.kl:.3g} nats ({where}); "
+        f"<b>Goodhart point</b> at step {step}: n* ≈ {_plain(g.n)}, KL* = {g.kl:.3g} nats ({where}); "
         f"past it, more best-of-n optimisation lowers the true reward. Fit R²(true) = {g.true_r2:.3f}."
     )
 
@@ -91,10 +99,12 @@ def _interval_text(record: EvalRecord) -> str:
     if i is None or record.goodhart is None:
         return ""
     pct = f"{100 * i.level:g} %"
-    high = "no peak in sight" if not math.isfinite(i.n_high) else f"{i.n_high:.3g}"
+    horizon = record.horizon_n
+    high = "no peak in sight" if not math.isfinite(i.n_high) else n_text(i.n_high, horizon)
+    gain_high = _fmt(i.gain_high, 3) if i.n_high <= horizon else "–"
     return (
-        f" {pct} interval from resampling the {i.n_prompts} prompts: n* from {i.n_low:.3g} to {high}, "
-        f"KL* from {i.kl_low:.3g} to {_fmt(i.kl_high, 3)} nats, peak gain {i.gain_low:+.3g} to {_fmt(i.gain_high, 3)}."
+        f" {pct} interval from resampling the {i.n_prompts} prompts: n* from {n_text(i.n_low, horizon)} to {high}, "
+        f"KL* from {i.kl_low:.3g} to {_fmt(i.kl_high, 3)} nats, peak gain {i.gain_low:+.3g} to {gain_high}."
     )
 
 
@@ -103,9 +113,21 @@ def _goodhart_cells(record: EvalRecord) -> tuple[str, str]:
     if g is None or status == "none":
         return "–", "–"
     if status == "beyond":
-        return "beyond range", "beyond range"
+        return f"beyond n = {_plain(record.horizon_n)}", "beyond range"
+    if g.falls_from_start:
+        return "1 (falls from n = 1)", _fmt(g.kl, 3)
     mark = "" if status == "measured" else " (extrap.)"
+    if record.goodhart_resolved() is False:
+        mark += " (not resolved)"
     return _fmt(g.n, 3) + mark, _fmt(g.kl, 3)
+
+
+def _span(record: EvalRecord) -> str:
+    """n*'s interval for the steps table: plain numbers, "beyond n = …" past the horizon."""
+    i = record.interval
+    if i is None:
+        return "–"
+    return f"{n_text(i.n_low, record.horizon_n)}–{n_text(i.n_high, record.horizon_n)}"
 
 
 def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None = None) -> str:
@@ -164,7 +186,7 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
         top = len(ns) - 1
         t1 = _fmt(float(r.curve.true_mean[ns.index(1)])) if 1 in ns else "–"
         gn, gk = _goodhart_cells(r)
-        span = "–" if r.interval is None else f"{_fmt(r.interval.n_low, 3)}–{_fmt(r.interval.n_high, 3)}"
+        span = _span(r)
         agree = "–"
         if r.agreement is not None and 0.25 in r.agreement.q:
             at = r.agreement.q.index(0.25)
@@ -178,7 +200,8 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
     parts.append(
         "</table><p class='note'>Tables: bon_curves.csv / bon_curves.jsonl in the run folder; predicted rows "
         "(the fitted law beyond the measured n, with 95 % intervals) in bon_predictions.csv; alerts in "
-        "alerts.jsonl. n* interval: 95 % from resampling prompts (∞: maybe no peak). "
+        "alerts.jsonl. n* interval: 95 % from resampling prompts (“beyond n = …”: past "
+        f"{GOODHART_HORIZON} × the largest n measured, maybe no peak). "
         "Estimator: unbiased all-subsets best-of-n (Nakano et al. 2021); fit: Gao et al. 2022.</p>"
     )
     parts.append("</body></html>")

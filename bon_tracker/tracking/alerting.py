@@ -37,7 +37,7 @@ from bon_tracker.core import (
     predict_curve,
     topq_agreement,
 )
-from bon_tracker.core.alerts import RULES
+from bon_tracker.core.alerts import RULES, describe_n
 
 logger = logging.getLogger("bon_tracker")
 
@@ -161,7 +161,16 @@ def alerts_that_stop(alerts: Sequence[Alert], stop_on_alert: bool | frozenset[st
 
 
 def _num(value: float) -> str:
-    return f"{value:.3g}" if math.isfinite(value) else "∞"
+    return f"{value:.3g}" if math.isfinite(value) else "unbounded"
+
+
+def _n_star(n: float, kl: float, n_max: float) -> str:
+    """n* in words (never "∞"): "n* = 1 (...)" when the true reward falls from the start,
+    "n* ≈ 17.5", or "n* beyond n = 64" past the horizon (:func:`describe_n`)."""
+    if n == 1.0 and kl == 0.0:
+        return "n* = 1 (any selection on this proxy already lowers the true reward)"
+    words = describe_n(n, n_max)
+    return f"n* {words}" if words.startswith("beyond") or words == "unknown" else f"n* ≈ {words}"
 
 
 def explain(
@@ -190,17 +199,23 @@ def explain(
                 f"At step {step} the policy's KL from its reference reached {_num(alert.value)} nats, the KL "
                 f"budget of {_num(alert.threshold)} nats set for this run."
             )
+        ref_n = reference.get("n", math.nan) if reference is not None else math.nan
+        if math.isnan(ref_n):
+            ref_n = float(kl_to_n(alert.threshold))
+        n_max = reference.get("n_max", math.nan) if reference is not None else math.nan
         return (
             f"At step {step} the policy's KL from its reference ({_num(alert.value)} nats) reached the "
             f"Goodhart KL* = {_num(alert.threshold)} nats fitted on the best-of-n curve of step "
-            f"{alert.reference_step} (n* ≈ {_num(float(kl_to_n(alert.threshold)))}): past it, optimizing "
+            f"{alert.reference_step} ({_n_star(ref_n, alert.threshold, n_max)}): past it, optimizing "
             "the proxy further is expected to lower the true reward."
         )
     if alert.rule == "headroom_shrinks" and reference is not None:
+        now = _n_star(current.goodhart_n, current.goodhart_kl, float(max(current.n)))
+        then = _n_star(reference["n"], reference["kl"], reference.get("n_max", math.nan))
         return (
-            f"At step {step} the Goodhart point of best-of-n fell to n* ≈ {_num(current.goodhart_n)} "
+            f"At step {step} the Goodhart point of best-of-n fell to {now} "
             f"(KL* {_num(current.goodhart_kl)} nats, interval up to {_num(current.goodhart_kl_high)}) from "
-            f"n* ≈ {_num(reference['n'])} (KL* {_num(reference['kl'])} nats) at step {int(reference['step'])}: "
+            f"{then} (KL* {_num(reference['kl'])} nats) at step {int(reference['step'])}: "
             "the proxy now stops tracking the true reward after far less selection."
         )
     return alert.message
