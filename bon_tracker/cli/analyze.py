@@ -17,6 +17,7 @@ from bon_tracker.analysis.score_files import (
     detect_format,
     read_score_batches,
 )
+from bon_tracker.backends import BACKENDS
 from bon_tracker.cli.common import (
     EXIT_CODES_HELP,
     EXIT_OK,
@@ -350,8 +351,8 @@ def add_parser(commands: Any) -> None:
     backend = analyze.add_argument_group("tracking backend (also log the curves to a run)")
     backend.add_argument(
         "--backend",
-        choices=("local", "mlflow", "wandb"),
-        help="local (default: the run folder only), mlflow or wandb (config: backend)",
+        choices=tuple(BACKENDS),
+        help=f"{', '.join(BACKENDS)} (default local: the run folder only; config: backend)",
     )
     backend.add_argument("--root", metavar="DIR", help="local: folder of run folders (config: local.root)")
     backend.add_argument("--tracking-uri", metavar="URI", help="mlflow: tracking URI (config: mlflow.tracking_uri)")

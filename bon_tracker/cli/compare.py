@@ -57,13 +57,16 @@ def add_parser(commands: Any) -> None:
             "  PATH or local:PATH           a local run folder (holds records/)\n"
             "  PATH or wandb:PATH           a W&B run folder (holds run-*.wandb), e.g. an offline run\n"
             "  wandb:ENTITY/PROJECT/RUN_ID  a W&B run, through the W&B API (online)\n"
-            "  ID_OR_NAME or mlflow:ID_OR_NAME   an MLflow run id or run name (at --tracking-uri)"
+            "  ID_OR_NAME or mlflow:ID_OR_NAME   an MLflow run id or run name (at --tracking-uri)\n"
+            "  PATH or tensorboard:PATH     a TensorBoard log dir written by bon_tracker (holds its event files)\n"
+            "  trackio:PROJECT/RUN_NAME     a trackio run in the local trackio store"
         ),
         epilog=(
             "examples:\n"
             "  bon-tracker compare bon_runs/ppo-a bon_runs/ppo-b\n"
             "  bon-tracker compare mlflow:ppo-a mlflow:ppo-b --tracking-uri sqlite:///mlflow.db --step 2000\n"
-            "  bon-tracker compare wandb/offline-run-20250101_120000-abc123 bon_runs/baseline --out cmp\n\n"
+            "  bon-tracker compare wandb/offline-run-20250101_120000-abc123 bon_runs/baseline --out cmp\n"
+            "  bon-tracker compare tensorboard:runs/ppo-a trackio:goodhart/ppo-b\n\n"
             + EXIT_CODES_HELP
         ),
     )
