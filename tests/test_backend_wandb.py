@@ -382,3 +382,16 @@ def test_online_without_an_api_key_is_an_error_at_construction(tmp_path, monkeyp
     (tmp_path / ".netrc").write_text("machine api.example.test login user password " + "k" * 40 + "\n")
     monkeypatch.setenv("WANDB_BASE_URL", "https://api.example.test")
     BonTracker("wandb", project="test", spool_dir=tmp_path / "wal")  # credentials found: no error
+
+
+def test_a_goodhart_point_beyond_the_horizon_is_no_number_in_the_summary(tmp_path):
+    from tests.test_goodhart_reporting import far_record
+
+    record = far_record()
+    assert record.goodhart_status() == "beyond" and record.goodhart.n > 1e6
+    backend = WandbBackend(project="test", mode="offline", dir=str(tmp_path), images=False)
+    backend.log_eval(record)
+    backend.finish()
+    summary = txlog.read_summary(tmp_path)
+    assert summary.get("bon/4_goodhart/n") is None and summary.get("bon/4_goodhart/kl") is None
+    assert summary["bon/4_goodhart/status"] == "beyond"

@@ -282,11 +282,14 @@ class WandbBackend(Backend):
 
             # Summary first: setting it again on a retry is harmless, logging a row twice is not.
             if record.goodhart is not None:
-                g = record.goodhart
+                g, scalars = record.goodhart, record.scalars()
+                n_key, kl_key = metric_key("goodhart", "n", pre), metric_key("goodhart", "kl", pre)
                 run.summary.update(
                     {
-                        metric_key("goodhart", "n", pre): float(g.n),
-                        metric_key("goodhart", "kl", pre): float(g.kl),
+                        # The logged scalars decide: none beyond the horizon (a fit may say 4e7).
+                        n_key: scalars.get(n_key),
+                        kl_key: scalars.get(kl_key),
+                        metric_key("goodhart", "status", pre): record.goodhart_status(),
                         metric_key("goodhart", "peak_gain", pre): float(g.peak_gain),
                         metric_key("goodhart", "within_range", pre): bool(g.within_range),
                         metric_key("goodhart", "step", pre): record.step,
