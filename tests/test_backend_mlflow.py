@@ -130,7 +130,10 @@ def test_constructing_touches_nothing(tmp_path, monkeypatch):
         "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "run_id": None,
         "experiment": "exp",
+        "run_key": backend.run_key,  # the identity a new run is created with, known before it exists
+        "end_run": None,
     }
+    assert len(backend.run_key) == 32 and MlflowBackend().run_key != backend.run_key
     backend.finish()  # nothing opened: nothing to close, nothing created
     assert list(tmp_path.iterdir()) == []
 

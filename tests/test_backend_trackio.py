@@ -191,3 +191,73 @@ def test_spec_check_classify_and_errors(project):
         TrackioBackend.read_records("no-slash")
     with pytest.raises(ValueError, match="resume"):
         TrackioBackend(resume="sometimes")
+
+
+def test_a_replay_continues_the_run_of_its_own_id_when_a_later_run_has_the_same_name(project, rng):
+    """trackio resumes the latest run of a name; a replay belongs to its own run."""
+    records = _records(rng, steps=(10, 20))
+    (first, _), (second, _) = records.values()
+    older = TrackioBackend(project=project, run_name="ppo", charts=False)
+    older.log_eval(first)
+    older.finish()
+    spec = json.loads(json.dumps(older.spec()))
+    later = TrackioBackend(project=project, run_name="ppo", charts=False)  # another process, same name
+    later.log_eval(first)
+    later.log_eval(second)
+    later.finish()
+    assert later.run_id != older.run_id
+    replay = backend_from_spec(spec)  # `bon-tracker sync` of the older run's log
+    replay.log_eval(first)
+    replay.log_eval(second)  # was: written to the later run, which has it: skipped, lost to the older one
+    assert replay.run_id == older.run_id
+    replay.finish()
+    assert sorted(_rows(project, "ppo", older.run_id)) == [10, 20]
+    assert sorted(_rows(project, "ppo", later.run_id)) == [10, 20]
+
+
+def test_a_row_trackio_drops_is_retried_and_stored_once(project, rng, monkeypatch):
+    """trackio's run.log never raises: a row its store refuses is dropped with a warning.
+    The backend reads the step back, raises a retryable error, and stores it on the retry."""
+    from bon_tracker.backends.trackio import NotStoredError
+
+    records = _records(rng, steps=(10, 20))
+    (first, _), (second, _) = records.values()
+    backend = TrackioBackend(project=project, run_name="ppo", charts=False)
+    backend.log_eval(first)
+    real = SQLiteStorage.bulk_log
+
+    def refuse(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(SQLiteStorage, "bulk_log", staticmethod(refuse))
+    with pytest.warns(UserWarning, match="database or disk is full"), pytest.raises(NotStoredError) as error:
+        backend.log_eval(second)  # was: returned, and the step was never stored
+    assert backend.classify(error.value) == "transient"
+    assert sorted(_rows(project, "ppo", backend.run_id)) == [10]
+    monkeypatch.setattr(SQLiteStorage, "bulk_log", staticmethod(real))
+    backend.log_eval(second)  # the delivery worker's retry
+    backend.log_eval(second)  # and a replay: skipped
+    backend.finish()
+    assert sorted(_rows(project, "ppo", backend.run_id)) == [10, 20]
+
+
+def test_spec_of_a_run_that_holds_nothing_yet_does_not_insist_on_resuming_it(project, rng, monkeypatch):
+    """A process killed between opening its run and storing a first row: trackio knows no
+    such run, so a replay must start it, not fail on ``resume="must"``."""
+    (record, _), *_ = _records(rng, steps=(10,)).values()
+    from bon_tracker.backends.trackio import NotStoredError
+
+    backend = TrackioBackend(project=project, run_name="fresh", charts=False)
+    real = SQLiteStorage.bulk_log
+    monkeypatch.setattr(SQLiteStorage, "bulk_log", staticmethod(lambda *a, **k: None))  # nothing reaches the store
+    with pytest.raises(NotStoredError, match="did not store step 10"):
+        backend.log_eval(record)
+    spec = json.loads(json.dumps(backend.spec()))
+    assert spec["resume"] == "allow" and spec["run_name"] == "fresh"  # was "must": sync failed, run not found
+    monkeypatch.setattr(SQLiteStorage, "bulk_log", staticmethod(real))
+    backend.finish()  # (the process that wrote this spec is gone)
+    replay = backend_from_spec(spec)
+    replay.log_eval(record)
+    replay.finish()
+    _, read = TrackioBackend.read_records(f"{project}/fresh")
+    assert [r.step for r in read] == [10]

@@ -24,6 +24,13 @@ atomically (temporary file, then rename). A step whose file is in the log dir is
 skipped, so a replayed record (``bon-tracker sync``, a retry) duplicates nothing, and a
 crash never leaves half a step.
 
+One process writes a log dir: it holds ``<log dir>/.bon_tracker.lock`` (``flock``, with its
+pid inside) from its first record until it finishes. A second writer of the same log dir
+gets a :class:`ConfigurationError` naming the holder (its records stay in its write-ahead
+log for ``bon-tracker sync``); the lock of a process that died is simply taken over. A new
+run named ``run_name`` whose folder ``runs/<run_name>`` is taken (by a live process or an
+earlier run) gets a folder of its own, ``runs/<run_name>-<suffix>``, as the local backend does.
+
 To write beside a transformers ``Trainer`` that reports to TensorBoard, pass its log dir:
 ``log_dir=trainer.args.logging_dir``; TensorBoard then shows the curves in the Trainer's
 own run. View with ``tensorboard --logdir <log_dir or its parent>``.
@@ -31,6 +38,7 @@ own run. View with ``tensorboard --logdir <log_dir or its parent>``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -39,7 +47,9 @@ import logging
 import os
 import re
 import struct
+import threading
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +60,11 @@ from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundEr
 from bon_tracker.files import atomic_write_bytes
 from bon_tracker.optional import MissingDependencyError, require
 from bon_tracker.record import EvalRecord, curve_image_key
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from tensorboard.compat.proto.summary_pb2 import Summary
@@ -66,6 +81,46 @@ UPPER_SUFFIX = "mean_plus_se"
 CUSTOM_SCALARS_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
 _STEP_FILE = re.compile(rf"^events\.out\.tfevents\.\d+\.{FILE_MARK}\.(?P<slug>[A-Za-z0-9_-]+)\.step(?P<step>-?\d+)$")
 _CONFIG_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+LOCK_FILE = ".bon_tracker.lock"  # no "tfevents" in the name: TensorBoard never reads it
+DEFAULT_ROOT = "runs"  # the default log dir is <DEFAULT_ROOT>/<run_name>, as torch's SummaryWriter names it
+MAX_RUN_NAME = 200  # characters: the folder name stays within every file system's limit (255 bytes)
+_TEMP_FILE = re.compile(r"^\.bon_tracker-[0-9a-f]{12}\.tmp$")  # bon_tracker.files.atomic_write_bytes
+
+
+def check_run_name(run_name: Any) -> str | None:
+    """``run_name`` if it names one folder under ``runs/``; else a ValueError saying why.
+
+    >>> check_run_name("ppo lr=1e-5")
+    'ppo lr=1e-5'
+    >>> check_run_name("../elsewhere")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: run_name '../elsewhere' contains a path separator ('/'): a run name is one folder name ...
+    """
+    if run_name is None:
+        return None
+    if not isinstance(run_name, str):
+        raise TypeError(f"run_name must be a string, got {type(run_name).__name__}")
+    shown = repr(run_name if len(run_name) <= 60 else run_name[:57] + "...")
+    if not run_name.strip():
+        raise ValueError(f"run_name must not be empty, got {shown}")
+    if len(run_name) > MAX_RUN_NAME:
+        raise ValueError(f"run_name is {len(run_name)} characters long; at most {MAX_RUN_NAME} are allowed ({shown})")
+    bad = next((c for c in run_name if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"run_name must not contain a control character (found {bad!r} in {shown})")
+    separator = next((c for c in ("/", "\\") if c in run_name), None)
+    if separator is not None:
+        raise ValueError(
+            f"run_name {shown} contains a path separator ({separator!r}): a run name is one folder name "
+            f"under {DEFAULT_ROOT}/; pass log_dir= to write elsewhere"
+        )
+    if run_name in (".", ".."):
+        raise ValueError(
+            f"run_name {shown} must not be '.' or '..': the log dir would be {DEFAULT_ROOT}/ itself or the "
+            "folder above it, outside the run's own folder"
+        )
+    return run_name
 
 
 def _slug(prefix: str) -> str:
@@ -126,13 +181,14 @@ def goodhart_text(record: EvalRecord) -> str:
             f"No Goodhart point at step {record.step}: the fitted {record.true_name} reward does not peak "
             f"over the measured n (up to {int(c.n.max())}), or too few n to fit."
         )
-    where = "inside the measured KL range" if g.within_range else "past the measured KL range, extrapolated by the fit"
+    from bon_tracker.reports.charts import goodhart_text as headline  # the CLI's and reports' wording
+
+    sentence = headline(record).replace("*", "\\*")  # Markdown: n* is no emphasis
     return (
-        f"**Goodhart point at step {record.step}**: n\\* ≈ {g.n:.4g}, KL\\* ≈ {g.kl:.4g} nats "
-        f"(√KL\\* ≈ {np.sqrt(max(g.kl, 0.0)):.4g}), {where} "
-        f"(0 to {float(np.nanmax(c.kl)):.4g} nats).\n\n"
+        f"**Step {record.step}**: {sentence}\n\n"
         f"Fitted {record.true_name} reward gain over n = 1 at the peak: {g.peak_gain:+.4g}. "
-        f"Fit R(d) = d(α − βd), d = √KL: α = {g.true_alpha:.4g}, β = {g.true_beta:.4g}, R² = {g.true_r2:.3f}."
+        f"Fit R(d) = d(α − βd), d = √KL: α = {g.true_alpha:.4g}, β = {g.true_beta:.4g}, R² = {g.true_r2:.3f}. "
+        f"Measured KL: 0 to {float(np.nanmax(c.kl)):.4g} nats."
     )
 
 
@@ -153,6 +209,16 @@ def alerts_text(record: EvalRecord) -> str:
     return "\n\n".join(lines)
 
 
+def _held_message(log_dir: Path, lock_fd: int) -> str:
+    holder = "another process"
+    with contextlib.suppress(OSError, ValueError):
+        holder = f"process {int(os.pread(lock_fd, 32, 0).decode().strip())}"
+    return (
+        f"the TensorBoard log dir {log_dir} is being written by {holder}; one writer per log dir: "
+        "use another log_dir or run_name, or wait until that process has finished"
+    )
+
+
 def _png_size(png: bytes) -> tuple[int, int]:
     """(width, height) from a PNG's IHDR chunk."""
     width, height = struct.unpack(">II", png[16:24])
@@ -167,8 +233,12 @@ class TensorBoardBackend(Backend):
             ``args.logging_dir`` (or a Lightning ``TensorBoardLogger.log_dir``) to put the
             curves into the trainer's own TensorBoard run. Default: ``runs/<run_name>``,
             or ``runs/<date-time>-bon`` without a run name.
-        run_name: names the default log dir.
+        run_name: names the default log dir: one folder name (no path separator, not
+            ``.`` or ``..``, at most 200 characters); a name whose folder is taken gets a
+            folder of its own, ``runs/<run_name>-<suffix>``.
         charts: log the curve chart as an image per step (needs matplotlib).
+
+    One process writes a log dir at a time (see the module docstring).
 
     Example:
         >>> backend = TensorBoardBackend(log_dir="/tmp/tb/demo")
@@ -186,10 +256,13 @@ class TensorBoardBackend(Backend):
             raise ValueError(f"log_dir must be a path, got {log_dir!r}")
         if not isinstance(charts, bool):
             raise ValueError(f"charts must be true or false, got {charts!r}")
+        self.run_name = check_run_name(run_name)
         self._log_dir = None if log_dir is None else Path(log_dir)
-        self.run_name = run_name
         self.charts = charts
-        self._opened = False
+        self._opened = False  # the log dir was opened (run_id is known from then on)
+        self._held = False  # this backend holds the log dir now: its lock taken, its step files read
+        self._lock_fd: int | None = None  # the log dir's lock, held from the first record until finish
+        self._claim = threading.Lock()  # the default log dir is claimed once, by whichever thread asks first
         self._written: set[tuple[str, int]] = set()  # (prefix slug, step) of the step files in the log dir
         self._layout: dict[str, Any] = {}  # key prefix -> its custom-scalars category
         self._warned_no_charts = False
@@ -197,15 +270,44 @@ class TensorBoardBackend(Backend):
     # ---- identity ----------------------------------------------------------------------
     @property
     def log_dir(self) -> Path:
-        """The log dir written to (the default is fixed on first use)."""
-        if self._log_dir is None:
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_name) if self.run_name else None
-            self._log_dir = Path("runs") / (name or time.strftime("%Y%m%d-%H%M%S-bon"))
-        return self._log_dir
+        """The log dir written to. The default one is claimed on first use (here, or by
+        :meth:`spec` when the first record is queued): a new folder ``runs/<run_name>``
+        (``runs/<run_name>-<suffix>`` when that is taken), locked by this process, so that
+        the spec a replay rebuilds this backend from names this run's folder and no other."""
+        with self._claim:
+            if self._log_dir is None:
+                self._log_dir = self._claim_default_log_dir()
+            return self._log_dir
+
+    def _claim_default_log_dir(self) -> Path:
+        root = Path(DEFAULT_ROOT).absolute()
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_name) if self.run_name else time.strftime("%Y%m%d-%H%M%S-bon")
+        root.mkdir(parents=True, exist_ok=True)
+        name = base
+        while True:  # mkdir is atomic: of two processes claiming the same name, one gets a new folder
+            try:
+                (root / name).mkdir()
+                break
+            except FileExistsError:
+                name = f"{base}-{uuid.uuid4().hex[:6]}"
+        try:
+            self._lock(root / name)  # a folder just made: nobody else holds it
+        except BaseException:  # the disk refused the lock file: the next attempt claims the name again
+            with contextlib.suppress(OSError):
+                (root / name / LOCK_FILE).unlink(missing_ok=True)
+                (root / name).rmdir()
+            raise
+        return root / name
 
     @property
     def run_id(self) -> str | None:
         return str(self.log_dir.resolve()) if self._opened else None
+
+    @property
+    def location(self) -> str | None:
+        if not self._opened:
+            return None
+        return f"{self.log_dir.resolve()} (view: tensorboard --logdir {self.log_dir.resolve().parent})"
 
     def spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"backend": self.name, "log_dir": str(self.log_dir.resolve())}
@@ -214,10 +316,30 @@ class TensorBoardBackend(Backend):
         return spec
 
     def check(self) -> None:
-        """Raise :class:`ConfigurationError` when tensorboard is missing or the log dir is a file."""
+        """Raise :class:`ConfigurationError` when tensorboard is missing, the log dir is a
+        file, or another live process writes it. Claims nothing."""
         require("tensorboard", "tensorboard")
-        if self.log_dir.exists() and not self.log_dir.is_dir():
-            raise ConfigurationError(f"log_dir {self.log_dir} is a file, not a directory")
+        log_dir = self._log_dir
+        if log_dir is None:  # the default: a folder of its own under runs/, made on first use
+            root = Path(DEFAULT_ROOT)
+            if root.exists() and not root.is_dir():
+                raise ConfigurationError(f"{root.absolute()} is a file: the default log dirs go into a folder there")
+            return
+        if log_dir.exists() and not log_dir.is_dir():
+            raise ConfigurationError(f"log_dir {log_dir} is a file, not a directory")
+        lock = log_dir / LOCK_FILE
+        if self._lock_fd is not None or fcntl is None or not lock.exists():
+            return
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            return  # unreadable: writing it will say why
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigurationError(_held_message(log_dir, fd)) from None
+        finally:
+            os.close(fd)  # closing releases a lock taken just to look
 
     def classify(self, error: BaseException) -> str:
         """A log dir that cannot be written (permissions, read-only, a file in the way) is a
@@ -238,16 +360,50 @@ class TensorBoardBackend(Backend):
         atomic_write_bytes(log_dir / step_file_name(record), self._event_bytes(record))
         self._written.add(key)
 
+    def finish(self) -> None:
+        """Let go of the log dir (its lock): another process may write it now."""
+        self.release()
+
+    def release(self) -> None:
+        """Give back the log dir's lock; a later :meth:`log_eval` takes it again."""
+        with self._claim:
+            self._held = False
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
     def _open(self) -> Path:
         log_dir = self.log_dir
-        if not self._opened:
+        if not self._held:
             log_dir.mkdir(parents=True, exist_ok=True)
-            for path in log_dir.iterdir():
-                match = _STEP_FILE.match(path.name)
-                if match:
-                    self._written.add((match["slug"], int(match["step"])))
-            self._opened = True
+            with self._claim:
+                self._lock(log_dir)
+                for path in log_dir.iterdir():
+                    match = _STEP_FILE.match(path.name)
+                    if match:
+                        self._written.add((match["slug"], int(match["step"])))
+                    elif _TEMP_FILE.match(path.name):  # left by a writer that died mid-write; we hold the lock
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                self._held = self._opened = True
         return log_dir
+
+    def _lock(self, log_dir: Path) -> None:
+        """Hold the log dir's lock while this backend writes it (one writer per log dir).
+        The lock of a process that died is free: flock locks go with their process."""
+        if self._lock_fd is not None or fcntl is None:
+            return
+        fd = os.open(log_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            message = _held_message(log_dir, fd)
+            os.close(fd)
+            raise ConfigurationError(message) from None
+        with contextlib.suppress(OSError):  # the pid is for messages only; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def _event_bytes(self, record: EvalRecord) -> bytes:
         from tensorboard.compat.proto import event_pb2

@@ -20,17 +20,30 @@ and POSTed to a webhook when one is configured (``TRACKIO_WEBHOOK_URL``).
 The backend writes into the trackio run that is active on the training thread (the one
 ``trackio.init`` or transformers' ``report_to="trackio"`` started), or into ``run``;
 otherwise it starts its own run on the first record and finishes only that one. A step
-already in the run (logged by this process, or found in the local store when the run is
-opened) is skipped, so a replayed record duplicates nothing.
+already in the run (logged by this process, or found in the local store) is skipped, so a
+replayed record duplicates nothing.
+
+A record counts as delivered only once it is in trackio's local store. ``run.log`` itself
+only queues a row (trackio's own thread writes it up to half a second later) and never
+raises: a row the store refuses (a full disk, a database locked by another process for
+longer than trackio waits) is dropped with a warning. So for a run in the local store,
+:meth:`TrackioBackend.log_eval` saves the chart image first (a refused file raises),
+makes trackio write the queued row at once, and reads the step back from the store;
+a step that is not there raises, and the delivery worker retries it. A process killed
+after the acknowledgement therefore never loses the step, and a retry never writes it
+twice (the store is asked first). A replay (``bon-tracker sync``) continues the run of
+its own id, also when another run of the same name was started later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import sqlite3
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +64,11 @@ DEFAULT_PROJECT = "bon_tracker"
 RECORD_KEY = "eval_record"
 _RESUME = ("never", "allow", "must")
 _LEVELS = {"info": "info", "warn": "warn", "warning": "warn", "error": "error"}
+STORE_WAIT = 5.0  # seconds to wait for trackio's own thread to store a row, where it cannot be asked to
+
+
+class NotStoredError(RuntimeError):
+    """trackio took a row but its local store does not hold it (trackio only warned): retried."""
 
 
 def _current_run() -> Any:
@@ -114,6 +132,7 @@ class TrackioBackend(Backend):
         self._run_id = run_id
         self._owns_run = False
         self._logged: set[tuple[str, int]] = set()  # (prefix, step) the run holds
+        self._scanned = False  # the steps already in the open run's local store are in _logged
         self._last_step: int | None = None
         self._warned_no_charts = False
 
@@ -127,15 +146,29 @@ class TrackioBackend(Backend):
     def run_id(self) -> str | None:
         return self._run.id if self._run is not None else self._run_id
 
+    @property
+    def location(self) -> str | None:
+        run = self._run
+        if run is None:
+            return None
+        return f"trackio run {run.name} in project {run.project} (view: trackio show --project {run.project})"
+
     def spec(self) -> dict[str, Any]:
-        """Rebuilds a backend that continues this run (``resume="must"``) once it is open."""
+        """Rebuilds a backend that continues this run: ``resume="must"`` once it holds a
+        record (before, ``"allow"``: a run trackio's store does not know yet cannot be resumed)."""
         run = self._run or self._given_run or self._bound_run
+        if run is None:
+            resume = self.resume
+        elif self._run is not None and self._owns_run and not self._logged:
+            resume = "allow"  # a run this backend started that holds nothing yet: trackio may not know it
+        else:
+            resume = "must"
         spec: dict[str, Any] = {
             "backend": self.name,
             "project": run.project if run is not None else self.project or DEFAULT_PROJECT,
             "run_name": run.name if run is not None else self.run_name,
             "run_id": self.run_id,
-            "resume": "must" if run is not None or self.resume == "must" else self.resume,
+            "resume": resume,
         }
         if self.group is not None:
             spec["group"] = self.group
@@ -166,22 +199,33 @@ class TrackioBackend(Backend):
         or image it refuses) rejects the record."""
         if isinstance(error, (ConfigurationError, MissingDependencyError, RejectedRecord)):
             return classify_common(error)
-        if isinstance(error, sqlite3.OperationalError):
-            return "transient"
+        if isinstance(error, (sqlite3.OperationalError, NotStoredError, OSError)):
+            return "transient"  # a busy, locked or full store or disk: it may take the row later
         if isinstance(error, (ValueError, TypeError)):
             return "rejected"
         return classify_common(error)
 
     # ---- writing -------------------------------------------------------------------------
     def log_eval(self, record: EvalRecord) -> None:
-        """Log the step's scalars, table, chart and record in one ``run.log`` call."""
+        """Log the step's scalars, table, chart and record in one ``run.log`` call; for a run
+        in the local store, return only once the store holds the step (see the module docstring)."""
         trackio = require("trackio", "trackio")
         run = self._open(trackio, record)
         key = (record.key_prefix, record.step)
-        if key in self._logged:
+        local = _in_local_store(run)
+        if key in self._logged or (local and _stored(run, key)):  # the store first: an earlier attempt may be there
             logger.debug("bon_tracker: trackio run %s already has %s step %d; skipped", run.name, *key)
+            self._logged.add(key)
             return
-        run.log(self._row(trackio, record), step=record.step)
+        row = self._row(trackio, record, run)
+        run.log(row, step=record.step)
+        if local:
+            _write_now(run)
+            if not _wait_stored(run, key):
+                raise NotStoredError(
+                    f"trackio did not store step {record.step} of run {run.name!r} in "
+                    f"{_db_path(run)} (trackio's warning says why); retried"
+                )
         self._logged.add(key)
         self._last_step = record.step
 
@@ -191,25 +235,33 @@ class TrackioBackend(Backend):
         run = self._open(trackio)
         alert_level = trackio.AlertLevel(_LEVELS.get(str(level).lower(), "warn"))
         run.alert(title=title, text=text, level=alert_level, step=self._last_step if step is None else step)
+        if _in_local_store(run):
+            _write_now(run)  # stored now, not half a second later (a crash would lose it)
 
     def finish(self) -> None:
         """Finish the run if this backend started it (trackio then writes what it queued)."""
         run, self._run = self._run, None
         if run is None:
             return
+        self._scanned = False
         self._run_id, self.run_name, self.project = run.id, run.name, run.project
         if self._owns_run:
             run.finish()
             trackio = sys.modules.get("trackio")
             if trackio is not None and trackio.context_vars.current_run.get() is run:
                 trackio.context_vars.current_run.set(None)
-            self.resume = "must"  # a later log_eval continues this same run
+            if self._logged:
+                self.resume = "must"  # a later log_eval continues this same run
+            else:
+                self._run_id = None  # it holds nothing: trackio's store knows no such run
         self._owns_run = False
 
     # ---- internals -----------------------------------------------------------------------
     def _open(self, trackio: Any, record: EvalRecord | None = None) -> Any:
         """The run to write into: the one given, the training thread's, this thread's, or a new one."""
         if self._run is not None:
+            if not self._scanned:
+                self._scan()
             return self._run
         run = self._given_run or self._bound_run or trackio.context_vars.current_run.get()
         if run is not None:
@@ -233,13 +285,41 @@ class TrackioBackend(Backend):
                 raise ConfigurationError(f"trackio.init failed: {err}") from err
             self._owns_run = True
             if self._run_id is not None and self._run.id != self._run_id:
-                logger.warning(
-                    "bon_tracker: trackio resumed run %s with id %s, not %s", self._run.name, self._run.id, self._run_id
-                )
-        self._logged |= _stored_steps(self._run)
+                self._run = self._continue_by_id(trackio, self._run, options)
+        self._scan()
         return self._run
 
-    def _row(self, trackio: Any, record: EvalRecord) -> dict[str, Any]:
+    def _scan(self) -> None:
+        """The steps already in the open run's local store (a resumed or attached run)."""
+        self._logged |= _stored_steps(self._run)
+        self._scanned = True
+
+    def _continue_by_id(self, trackio: Any, resumed: Any, options: dict[str, Any]) -> Any:
+        """trackio resumes the latest run of a name; a replay belongs to the run of its own
+        id (two processes may have started runs of the same name). Continue that one when
+        the local store has it."""
+        if not _in_local_store(resumed) or not _run_exists(resumed.project, self._run_id):
+            logger.warning(
+                "bon_tracker: trackio resumed run %s with id %s, not %s", resumed.name, resumed.id, self._run_id
+            )
+            return resumed
+        resumed.finish()  # nothing logged to it: it writes nothing
+        run = trackio.Run(
+            url=None,
+            project=resumed.project,
+            client=None,
+            name=resumed.name,
+            run_id=self._run_id,
+            group=options.get("group"),
+            config=options.get("config"),
+            auto_log_gpu=False,
+            auto_log_cpu=False,
+        )
+        trackio.context_vars.current_run.set(run)
+        logger.info("bon_tracker: continuing trackio run %s of id %s (not the latest of that name)", run.name, run.id)
+        return run
+
+    def _row(self, trackio: Any, record: EvalRecord, run: Any) -> dict[str, Any]:
         pre = record.key_prefix
         row: dict[str, Any] = dict(record.scalars())
         row[f"{pre}/{TABLE_NAME}"] = trackio.Table(
@@ -252,6 +332,7 @@ class TrackioBackend(Backend):
             )
         image = self._curve_image(trackio, record)
         if image is not None:
+            _save_media(image, run, record.step)
             row[curve_image_key(pre)] = image
         row[f"{pre}/{RECORD_KEY}"] = json.dumps(record.to_json(), allow_nan=True, separators=(",", ":"))
         return row
@@ -313,9 +394,101 @@ def _records(project: str, run_name: str, run_id: str | None) -> list[EvalRecord
     return sorted(records.values(), key=lambda r: (r.step, r.key_prefix))
 
 
+def _in_local_store(run: Any) -> bool:
+    """Whether the run writes trackio's local SQLite store (not a Space, a server, or
+    trackio's JSONL fragments), which this process can read back."""
+    if getattr(run, "url", None) is not None or getattr(run, "_is_local", True) is False:
+        return False
+    return getattr(run, "_storage_mode", "sqlite") == "sqlite"
+
+
+def _db_path(run: Any) -> Any:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    return SQLiteStorage.get_project_db_path(run.project)
+
+
+def _query(project: str, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Rows of a read-only query on a project's local store ([] before it exists). A plain
+    connection: trackio's own set one up first (a write), which a full disk refuses."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    path = SQLiteStorage.get_project_db_path(project)
+    if not path.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(str(path), timeout=30)) as conn:
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as err:
+            if "no such table" in str(err):
+                return []
+            raise
+
+
+def _stored(run: Any, key: tuple[str, int]) -> bool:
+    """Whether the run's local store holds the record of (prefix, step)."""
+    prefix, step = key
+    try:
+        rows = _query(run.project, "SELECT metrics FROM metrics WHERE run_id = ? AND step = ?", (run.id, step))
+    except sqlite3.OperationalError as err:
+        if "no such column" not in str(err):
+            raise
+        return key in _stored_steps(run)  # a store from before trackio kept run ids
+    name = f"{prefix}/{RECORD_KEY}"
+    for (metrics,) in rows:
+        with contextlib.suppress(ValueError, TypeError):
+            if name in json.loads(metrics):
+                return True
+    return False
+
+
+def _run_exists(project: str, run_id: str | None) -> bool:
+    try:
+        return bool(_query(project, "SELECT 1 FROM metrics WHERE run_id = ? LIMIT 1", (run_id,)))
+    except sqlite3.OperationalError:
+        return False
+
+
+def _write_now(run: Any) -> None:
+    """Have trackio write what it queued now, on this thread (its own thread would, within
+    half a second). Private to trackio: without it, :func:`_wait_stored` waits instead."""
+    flush, lock = getattr(run, "_flush_queues_inline", None), getattr(run, "_client_lock", None)
+    if callable(flush) and lock is not None:
+        with lock:
+            flush()
+
+
+def _wait_stored(run: Any, key: tuple[str, int]) -> bool:
+    """Whether the store holds the step once trackio wrote it (at once, or within STORE_WAIT)."""
+    if _stored(run, key):
+        return True
+    if callable(getattr(run, "_flush_queues_inline", None)):
+        return False  # written at once, and not there: refused
+    deadline = time.monotonic() + STORE_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if _stored(run, key):
+            return True
+    return False
+
+
+def _save_media(media: Any, run: Any, step: int) -> None:
+    """Save a chart's file before ``run.log``, which would drop a file the disk refuses
+    (with a warning) and store the row without it; here the refusal raises instead."""
+    save = getattr(media, "_save", None)
+    if not callable(save):
+        return
+    try:
+        save(run.project, run.name, step)
+    except ValueError as err:  # trackio wraps a refused folder in a ValueError
+        if isinstance(err.__context__, OSError):
+            raise OSError(err.__context__.errno, f"trackio could not save the chart: {err}") from err
+        raise
+
+
 def _stored_steps(run: Any) -> set[tuple[str, int]]:
     """(prefix, step) of the records already in a local run (a resumed or attached run)."""
-    if getattr(run, "url", None) is not None:  # a Space or server: its store is not local
+    if not _in_local_store(run):  # a Space or server: its store is not local
         return set()
     from trackio.sqlite_storage import SQLiteStorage
 
