@@ -468,3 +468,28 @@ def test_a_second_run_with_a_taken_name_says_where_it_writes(tmp_path, caplog):
     (other,) = [p for p in tmp_path.iterdir() if p.name.startswith("my-run-")]
     assert f"the run folder {tmp_path / 'my-run'} holds another run; this run is written to {other}" in caplog.text
     assert "pass run_id='my-run'" in caplog.text
+
+
+_THREAD_SCRIPT = """
+import threading, time, numpy as np
+from bon_tracker import BonTracker
+tracker = BonTracker("local", root={root!r}, run_name="thread", charts=False, spool_dir={spool!r})
+first = {first}
+if first:  # the tracker's exit hook is registered while the main thread lives
+    tracker.log_scores(0, np.ones((2, 4)), np.ones((2, 4)))
+def train():
+    rng = np.random.default_rng(0)
+    for step in range(first, 4):
+        time.sleep(0.5)  # still training after the main thread has ended
+        true = rng.normal(size=(4, 8))
+        tracker.log_scores(step, true + rng.normal(size=true.shape), true)
+threading.Thread(target=train).start()
+"""
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_training_in_a_thread_that_outlives_the_main_thread_is_finished_after_it(tmp_path, first):
+    script = _THREAD_SCRIPT.format(root=str(tmp_path / "runs"), spool=str(tmp_path / "wal"), first=first)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert [r.step for r in read_records(tmp_path / "runs" / "thread")] == [0, 1, 2, 3]

@@ -780,12 +780,20 @@ def _finish_at_exit(tracker: BonTracker) -> None:
         register = getattr(threading, "_register_atexit", None) or atexit.register
         try:
             register(_finish_unfinished)
-        except RuntimeError:  # the interpreter is already shutting down
-            return
+        except RuntimeError:  # threading's exit already runs (the main thread ended first): after the joins
+            atexit.register(_finish_trackers)
         _AT_EXIT_REGISTERED = True
 
 
 def _finish_unfinished() -> None:
+    busy = [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread() and t.is_alive()]
+    if busy:  # training may go on in a thread the interpreter still joins: finish after it ended
+        atexit.register(_finish_trackers)
+        return
+    _finish_trackers()
+
+
+def _finish_trackers() -> None:
     for tracker in list(_UNFINISHED):  # finish() removes it from the set
         if tracker._closed:
             continue
