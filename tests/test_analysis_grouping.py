@@ -124,3 +124,37 @@ def test_read_errors_surface_at_their_batch_and_the_file_is_closed(rng):
     with pytest.raises(ScoreFileError, match="line 97"):
         curves_from_batches(failing)
     assert state["read"] == 5 and state["closed"]
+
+
+@pytest.mark.parametrize("order", ["grouped", "shuffled"])
+def test_ragged_prompts_are_reported_in_info_and_warned_either_way(rng, order, caplog):
+    """30 prompts, 4 of them with 11 samples and the rest 8: best-of-11 averages 4 prompts."""
+    rows = table(rng, 30, [11] * 4 + [8] * 26, steps=(0, 5))
+    n_rows = sum(len(r[3]) for r in rows)
+    shuffle = rng.permutation(n_rows) if order == "shuffled" else None
+    with caplog.at_level("WARNING", logger="bon_tracker"):
+        curves, info = curves_from_batches(batches_of(rows, 50, with_run=False, order=shuffle))
+    assert info["grouped"] is (order == "grouped")
+    check(curves, rows)
+    assert info["min_samples"] == {(None, 0): 8, (None, 5): 8}
+    assert curves[None][0].N == 11 and curves[None][0].n_prompts.tolist() == [30, 30, 30, 30, 4]
+    (message,) = info["warnings"]
+    assert message.startswith("step 0 (and 1 more step): prompts have 8 to 11 samples, so best-of-11 averages only")
+    assert "the 4 of 30 prompts with that many; n ≤ 8 averages all 30" in message
+    assert [r.getMessage() for r in caplog.records if "best-of-11" in r.getMessage()] == [f"bon_tracker: {message}"]
+
+
+def test_n_1_and_one_prompt_are_warned_with_an_example_id(rng):
+    single = table(rng, 12, 1)
+    _, info = curves_from_batches(batches_of(single, 5, with_run=False))
+    (message,) = info["warnings"]
+    assert "every prompt has one sample (N = 1; 12 prompts, e.g. 0)" in message
+    assert "no best-of-n curve beyond n = 1" in message
+    one = table(rng, 1, 16, runs=("r",))
+    _, info = curves_from_batches(batches_of(one, 5, with_run=True))
+    assert info["warnings"] == [
+        "step 0 of run 'r': all 16 samples are one prompt (0): the curve averages over nothing and has no standard "
+        "errors. If the data holds several prompts, name the column that tells them apart"
+    ]
+    _, info = curves_from_batches(batches_of(table(rng, 6, 8), 7, with_run=False))
+    assert info["warnings"] == []

@@ -29,11 +29,18 @@ Parquet one row group, which the file's writer sized):
   per row of one (run, step) while that step is sorted: ~40 bytes per row at the
   peak (4 million shuffled rows: +141 MiB). The stream is read twice: the first pass
   stops at the first prompt that reappears after other prompts.
+
+Curves that rest on less than they seem to are reported with a warning on the
+``bon_tracker`` logger (the command line prints it), one per run and kind: every
+prompt has one sample (N = 1: no curve beyond n = 1), all samples are one prompt,
+or prompts have different numbers of samples so that the largest n averages only
+some of them (``n_prompts`` of the curve says how many at each n).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -43,9 +50,32 @@ from bon_tracker.analysis.score_files import ScoreBatch, ScoreFileError
 from bon_tracker.core import BonCurve
 from bon_tracker.core.accumulator import DEFAULT_CHUNK_SAMPLES, CurveAccumulator
 
-__all__ = ["DEFAULT_CHUNK_SAMPLES", "CurveAccumulator", "curves_from_batches"]
+__all__ = ["DEFAULT_CHUNK_SAMPLES", "CurveAccumulator", "curve_warnings", "curves_from_batches"]
+
+logger = logging.getLogger("bon_tracker")
 
 RunSteps = dict[Any, dict[int, BonCurve]]  # run name (None without a run column) -> step -> curve
+
+
+class _SizedAccumulator(CurveAccumulator):
+    """A :class:`CurveAccumulator` that also keeps the smallest number of samples of a
+    prompt and one prompt id (for the warnings about the shape of the data)."""
+
+    def __init__(self, ns: Sequence[int] | None, chunk_samples: int):
+        super().__init__(ns, chunk_samples=chunk_samples)
+        self.min_samples: int | None = None
+        self.example: Any = None
+
+    def add_prompt(self, proxy: np.ndarray, true: np.ndarray) -> None:
+        if len(proxy):
+            self.min_samples = len(proxy) if self.min_samples is None else min(self.min_samples, len(proxy))
+        super().add_prompt(proxy, true)
+
+    def add_prompts(self, proxy: np.ndarray, true: np.ndarray) -> None:
+        if proxy.size:
+            n = proxy.shape[1]
+            self.min_samples = n if self.min_samples is None else min(self.min_samples, n)
+        super().add_prompts(proxy, true)
 
 
 class _NotGrouped(Exception):
@@ -91,6 +121,9 @@ class _StepBuffer:
         self.true.extend(true)
 
     def feed(self, accumulator: CurveAccumulator) -> None:
+        if isinstance(accumulator, _SizedAccumulator) and self.codes:
+            example = next(iter(self.codes))
+            accumulator.example = example.item() if isinstance(example, np.generic) else example
         codes = self.code.view()
         order = np.argsort(codes, kind="stable")
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
@@ -198,10 +231,11 @@ def _grouped(batches: Iterable[ScoreBatch], make: Callable[[], CurveAccumulator]
     open_proxy: list[np.ndarray] = []
     open_true: list[np.ndarray] = []
 
-    def accumulator(run: Any, step: int) -> CurveAccumulator:
+    def accumulator(run: Any, step: int, prompt: Any) -> CurveAccumulator:
         found = accumulators.get((run, step))
         if found is None:
             found = accumulators[(run, step)] = make()
+            found.example = prompt.item() if isinstance(prompt, np.generic) else prompt
         return found
 
     def close() -> None:
@@ -211,7 +245,7 @@ def _grouped(batches: Iterable[ScoreBatch], make: Callable[[], CurveAccumulator]
         closed.add(run, np.array([step]), _object_or_array([prompt]))
         proxy = open_proxy[0] if len(open_proxy) == 1 else np.concatenate(open_proxy)
         true = open_true[0] if len(open_true) == 1 else np.concatenate(open_true)
-        accumulator(run, step).add_prompt(proxy, true)
+        accumulator(run, step, prompt).add_prompt(proxy, true)
 
     for batch in batches:
         if len(batch) == 0:
@@ -243,7 +277,7 @@ def _grouped(batches: Iterable[ScoreBatch], make: Callable[[], CurveAccumulator]
                 closed.add(run, steps[a:b], prompts[a:b])
                 N = int(lengths[a])
                 rows = slice(int(starts[first + a]), int(starts[first + a]) + (b - a) * N)
-                accumulator(run, int(steps[a])).add_prompts(
+                accumulator(run, int(steps[a]), prompts[a]).add_prompts(
                     batch.proxy[rows].reshape(b - a, N), batch.true[rows].reshape(b - a, N)
                 )
         last = len(starts) - 1
@@ -323,10 +357,12 @@ def curves_from_batches(
 
     Returns:
         ``({run: {step: BonCurve}}, info)`` with runs in order of first appearance and
-        steps ascending; ``info`` holds ``grouped`` (bool), ``prompts`` and ``samples``
-        per (run, step).
+        steps ascending; ``info`` holds ``grouped`` (bool), and per (run, step)
+        ``prompts``, ``samples`` and ``min_samples`` (the fewest samples of a prompt; the
+        most is the curve's ``N``), and ``warnings``: the messages also logged (see
+        :func:`curve_warnings`).
     """
-    make = lambda: CurveAccumulator(ns, chunk_samples=chunk_samples)  # noqa: E731
+    make = lambda: _SizedAccumulator(ns, chunk_samples)  # noqa: E731
     try:
         with _closing(open_batches()) as batches:
             accumulators = _grouped(batches, make)
@@ -348,9 +384,79 @@ def curves_from_batches(
             except ValueError as err:
                 where = f"step {step}" + ("" if run is None else f" of run {run!r}")
                 raise ScoreFileError(f"{where}: {err}") from None
-    info = {
+    info: dict[str, Any] = {
         "grouped": grouped,
         "prompts": {key: acc.n_prompts for key, acc in accumulators.items()},
         "samples": {key: acc.n_samples for key, acc in accumulators.items()},
+        "min_samples": {key: acc.min_samples for key, acc in accumulators.items()},
     }
+    examples = {key: acc.example for key, acc in accumulators.items()}
+    info["warnings"] = curve_warnings(out, info["prompts"], info["min_samples"], examples)
+    for message in info["warnings"]:
+        logger.warning("bon_tracker: %s", message)
     return out, info
+
+
+def _where(step: int, run: Any, more: int) -> str:
+    where = f"step {step}" + ("" if run is None else f" of run {run!r}")
+    return where + (f" (and {more} more step{'s' if more != 1 else ''})" if more else "")
+
+
+def curve_warnings(
+    curves: RunSteps,
+    prompts: dict[tuple[Any, int], int],
+    min_samples: dict[tuple[Any, int], int | None] | None = None,
+    examples: dict[tuple[Any, int], Any] | None = None,
+) -> list[str]:
+    """What the curves rest on when it is less than they seem to show, one message per run and kind.
+
+    * every prompt has one sample (N = 1): best-of-n has no curve beyond n = 1;
+    * all samples are one prompt: nothing to average, no standard errors;
+    * prompts have different numbers of samples, so the curve's largest n averages only
+      the prompts that have that many (``n_prompts`` at each n), not all of them.
+
+    Args:
+        curves: ``{run: {step: BonCurve}}`` as :func:`curves_from_batches` returns.
+        prompts: the number of prompts per (run, step).
+        min_samples: the fewest samples of a prompt per (run, step), shown in the messages.
+        examples: a prompt id per (run, step), shown in the messages.
+    """
+    min_samples, examples = min_samples or {}, examples or {}
+    messages: list[str] = []
+    for run, steps in curves.items():
+        total = {s: int(prompts.get((run, s), int(c.n_prompts.max()))) for s, c in steps.items()}
+        single = [s for s, c in steps.items() if c.N == 1]
+        one_prompt = [s for s, c in steps.items() if c.N > 1 and total[s] == 1]
+        ragged = [s for s, c in steps.items() if c.N > 1 and total[s] > 1 and int(c.n_prompts[-1]) < total[s]]
+        if single:
+            step = single[0]
+            example = examples.get((run, step))
+            shown = f", e.g. {example!r}" if example is not None else ""
+            messages.append(
+                f"{_where(step, run, len(single) - 1)}: every prompt has one sample (N = 1; {total[step]:,} "
+                f"prompts{shown}), so there is no best-of-n curve beyond n = 1. Best-of-n needs several samples "
+                "of each prompt, their rows sharing its prompt id: is the prompt id column the right one?"
+            )
+        if one_prompt:
+            step = one_prompt[0]
+            example = examples.get((run, step))
+            shown = f" ({example!r})" if example is not None else ""
+            messages.append(
+                f"{_where(step, run, len(one_prompt) - 1)}: all {steps[step].N:,} samples are one prompt{shown}: "
+                "the curve averages over nothing and has no standard errors. If the data holds several prompts, "
+                "name the column that tells them apart"
+            )
+        if ragged:
+            step = ragged[0]
+            c, P = steps[step], total[step]
+            low = min_samples.get((run, step))
+            sizes = f"{low} to {c.N}" if low is not None else f"up to {c.N}"
+            full = [int(n) for n, k in zip(c.n.tolist(), c.n_prompts.tolist()) if int(k) == P]
+            every = f"; n ≤ {full[-1]} averages all {P:,}" if full else ""
+            limit = f"; for a curve on every prompt, limit the grid to n ≤ {low} (ns, --ns)" if low and low > 1 else ""
+            messages.append(
+                f"{_where(step, run, len(ragged) - 1)}: prompts have {sizes} samples, so best-of-{int(c.n[-1])} "
+                f"averages only the {int(c.n_prompts[-1]):,} of {P:,} prompts with that many{every}. Points at "
+                f"larger n rest on fewer, different prompts (n_prompts in the curve table){limit}"
+            )
+    return messages

@@ -1,7 +1,11 @@
-"""Read per-sample score tables (JSONL, CSV, Parquet) in bounded batches.
+"""Read score tables (JSONL, CSV, Parquet) in bounded batches.
 
 A score table has one row per sample: a prompt id, a proxy score and a true score,
-and optionally a training step and a run name. Files are read in batches of at most
+and optionally a training step and a run name. JSONL and Parquet also take one row
+per prompt: the proxy and true columns hold lists, one score per sample (equal
+lengths within a row; any length across rows). Such a row is one prompt; its prompt
+id column is optional (without it, every row is a prompt of its own), and the row
+reads as its samples, one after another. Files are read in batches of at most
 ``batch_rows`` rows (Parquet with ``pyarrow.parquet.ParquetFile.iter_batches``,
 text files line by line), so a file of any size streams through in bounded memory. A
 text line is read with at most ``max_line_bytes`` (64 MiB) in memory: a longer one is
@@ -15,7 +19,8 @@ as line 1) or row (Parquet: data rows counted from 1) and the column, e.g.
 Normalisation, the same for every format: prompt ids and run names are compared as
 text in JSONL and CSV (``3`` and ``"3"`` are the same prompt); Parquet keeps the
 column's own type. Steps are integers. Scores are float64; JSON booleans count as
-0/1. Non-finite scores (NaN, inf, empty cells, JSON null) are an error with
+0/1, and JSON strings are read as CSV cells are (``"0.5"`` is 0.5, ``""`` is missing,
+``"abc"`` an error; the same for steps). Non-finite scores (NaN, inf, empty cells, JSON null) are an error with
 ``nan_policy="raise"`` and are dropped with ``"omit"``.
 """
 
@@ -59,6 +64,11 @@ class Columns:
     ``step`` and ``run`` are optional columns: used when the file has them, else every
     row is step 0 of one run. ``require_step`` / ``require_run`` make a missing one an
     error (the user named the column explicitly).
+
+    Rows of one prompt each (the proxy and true columns hold lists) need no ``prompt``
+    column: when a row lacks it, the row is a prompt of its own (id ``"line 7"`` in
+    JSONL, the row number in Parquet). When the rows have it, rows with the same id at
+    the same step are one prompt, as with one row per sample.
     """
 
     prompt: str = "prompt_id"
@@ -147,12 +157,39 @@ def read_score_batches(
 # ---- shared helpers ------------------------------------------------------------------------
 
 
-def _located(path: Path, where: str, column: str, problem: str) -> ScoreFileError:
-    return ScoreFileError(f"{path.name} {where}, column {column!r}: {problem}")
+def _located(path: Path, where: str, column: str, problem: str, item: str = "") -> ScoreFileError:
+    """``scores.jsonl line 3, column 'proxy'[, sample 2 of 8]: problem``."""
+    return ScoreFileError(f"{path.name} {where}, column {column!r}{item}: {problem}")
+
+
+def _no_item(i: int) -> str:
+    return ""
+
+
+def _shown_json(value: Any, limit: int = 40) -> str:
+    """A JSON value for a message, at most about ``limit`` characters, cut between items (never mid-number)."""
+    if isinstance(value, str):
+        return repr(value[:limit])
+    text = json.dumps(value)
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(", ", 0, limit)
+    shown = (text[:cut] if cut > 0 else text[:limit]) + ", …"
+    if isinstance(value, list):
+        return f"{shown}] (a list of {len(value)})"
+    if isinstance(value, dict):
+        return shown + "}"
+    return shown
 
 
 def _finite_or_drop(
-    path: Path, proxy: np.ndarray, true: np.ndarray, columns: Columns, nan_policy: str, where: Callable[[int], str]
+    path: Path,
+    proxy: np.ndarray,
+    true: np.ndarray,
+    columns: Columns,
+    nan_policy: str,
+    where: Callable[[int], str],
+    item: Callable[[int], str] = _no_item,
 ) -> np.ndarray | None:
     """Indices to keep (None: keep all); raise on a non-finite score under ``"raise"``."""
     with np.errstate(over="ignore", invalid="ignore"):  # a finite sum: every value is finite (no temporaries)
@@ -166,7 +203,8 @@ def _finite_or_drop(
     i = int(np.flatnonzero(~good)[0])
     column, value = (columns.proxy, proxy[i]) if not np.isfinite(proxy[i]) else (columns.true, true[i])
     shown = "missing or NaN (an empty cell, null or 'nan')" if math.isnan(value) else f"{value} is not finite"
-    raise _located(path, where(i), column, f"{shown}; clean the file, or pass --nan-policy omit to drop such samples")
+    problem = f"{shown}; clean the file, or pass --nan-policy omit to drop such samples"
+    raise _located(path, where(i), column, problem, item(i))
 
 
 def _select(batch: ScoreBatch, keep: np.ndarray | None) -> ScoreBatch:
@@ -231,10 +269,24 @@ def _decoded_lines(path: Path, stream: IO[bytes], max_line_bytes: int = MAX_LINE
 _NUMBER_TYPES = (int, float, bool)
 
 
+_CSV_LIST_HINT = (
+    " (a CSV cell holds one score: write one row per sample, or lists of a prompt's scores as JSONL or Parquet)"
+)
+
+
 def _text_floats(
-    path: Path, values: list[Any], lines: list[int], column: str, nan_policy: str, *, json_values: bool
+    path: Path,
+    values: list[Any],
+    where: Callable[[int], str],
+    column: str,
+    *,
+    json_values: bool,
+    item: Callable[[int], str] = _no_item,
 ) -> np.ndarray:
-    """Convert one column of a text batch to float64, naming the line of a bad value."""
+    """Convert one column of a text batch to float64, naming the line of a bad value.
+
+    A JSON string is read as a CSV cell is: a number's text is the number, an empty
+    (or blank) one is missing."""
     if json_values:
         if all(type(v) in _NUMBER_TYPES for v in values):
             return np.array(values, dtype=np.float64)
@@ -245,24 +297,22 @@ def _text_floats(
             pass
     out = np.empty(len(values), dtype=np.float64)
     for i, value in enumerate(values):
-        if json_values:
+        if json_values and not isinstance(value, str):
             if type(value) in _NUMBER_TYPES:
                 out[i] = float(value)
                 continue
             if value is None:
                 out[i] = math.nan  # missing: an error or dropped, by nan_policy (checked later)
                 continue
-            shown = json.dumps(value)[:40]
-            if isinstance(value, str):
-                shown = repr(value[:40])
-            raise _located(path, f"line {lines[i]}", column, f"{shown} is not a number")
+            raise _located(path, where(i), column, f"{_shown_json(value)} is not a number", item(i))
         try:
             out[i] = float(value)
         except ValueError:
             if value.strip() == "":
                 out[i] = math.nan
                 continue
-            raise _located(path, f"line {lines[i]}", column, f"{value[:40]!r} is not a number") from None
+            hint = _CSV_LIST_HINT if not json_values and value.lstrip().startswith("[") else ""
+            raise _located(path, where(i), column, f"{value[:40]!r} is not a number{hint}", item(i)) from None
     return out
 
 
@@ -270,17 +320,19 @@ MAX_STEP = 2**63  # steps are int64 in every tracking service
 _STEP_RANGE = "steps are integers from 0 to 2**63 - 1"
 
 
-def _text_steps(path: Path, values: list[Any], lines: list[int], column: str, *, json_values: bool) -> np.ndarray:
-    out = _parsed_text_steps(path, values, lines, column, json_values=json_values)
+def _text_steps(
+    path: Path, values: list[Any], where: Callable[[int], str], column: str, *, json_values: bool
+) -> np.ndarray:
+    out = _parsed_text_steps(path, values, where, column, json_values=json_values)
     negative = np.flatnonzero(out < 0)
     if negative.size:
         i = int(negative[0])
-        raise _located(path, f"line {lines[i]}", column, f"step {int(out[i])} is negative; {_STEP_RANGE}")
+        raise _located(path, where(i), column, f"step {int(out[i])} is negative; {_STEP_RANGE}")
     return out
 
 
 def _parsed_text_steps(
-    path: Path, values: list[Any], lines: list[int], column: str, *, json_values: bool
+    path: Path, values: list[Any], where: Callable[[int], str], column: str, *, json_values: bool
 ) -> np.ndarray:
     if not json_values:
         try:
@@ -294,9 +346,9 @@ def _parsed_text_steps(
                 continue
         except OverflowError:
             shown = repr(value)[:40]
-            raise _located(path, f"line {lines[i]}", column, f"step {shown} is out of range; {_STEP_RANGE}") from None
-        shown = json.dumps(value)[:40] if json_values and not isinstance(value, str) else repr(str(value)[:40])
-        raise _located(path, f"line {lines[i]}", column, f"{shown} is not an integer step")
+            raise _located(path, where(i), column, f"step {shown} is out of range; {_STEP_RANGE}") from None
+        shown = _shown_json(value) if json_values and not isinstance(value, str) else repr(str(value)[:40])
+        raise _located(path, where(i), column, f"{shown} is not an integer step")
     return out
 
 
@@ -308,7 +360,7 @@ def _store_step(out: np.ndarray, i: int, value: Any, json_values: bool) -> bool:
     if json_values and type(value) is float and value.is_integer():
         out[i] = _in_range(int(value))
         return True
-    if not json_values:
+    if not json_values or isinstance(value, str):  # a JSON string: read as a CSV cell
         try:
             out[i] = _in_range(int(value.strip()))
             return True
@@ -339,19 +391,28 @@ class _TextBatch:
         self.step: list[Any] | None = [] if has_step else None
         self.run: list[Any] | None = [] if has_run else None
         self.lines: list[int] = []
+        self.lists: dict[int, tuple[int, int]] = {}  # line of a row of lists -> (its first sample's index, samples)
+
+    def where(self, i: int) -> str:
+        return f"line {self.lines[i]}"
+
+    def item(self, i: int) -> str:
+        """``, sample 2 of 8`` for a score from a row of lists, else nothing."""
+        found = self.lists.get(self.lines[i])
+        return "" if found is None else f", sample {i - found[0] + 1} of {found[1]}"
 
     def build(self, path: Path, columns: Columns, nan_policy: str, *, json_values: bool) -> ScoreBatch:
-        lines = self.lines
+        where, item = self.where, self.item
         batch = ScoreBatch(
             prompt=_object_array(self.prompt),
-            proxy=_text_floats(path, self.proxy, lines, columns.proxy, nan_policy, json_values=json_values),
-            true=_text_floats(path, self.true, lines, columns.true, nan_policy, json_values=json_values),
+            proxy=_text_floats(path, self.proxy, where, columns.proxy, json_values=json_values, item=item),
+            true=_text_floats(path, self.true, where, columns.true, json_values=json_values, item=item),
             step=None
             if self.step is None
-            else _text_steps(path, self.step, lines, columns.step, json_values=json_values),
+            else _text_steps(path, self.step, where, columns.step, json_values=json_values),
             run=None if self.run is None else _object_array(self.run),
         )
-        keep = _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, lambda i: f"line {lines[i]}")
+        keep = _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, where, item)
         return _select(batch, keep)
 
 
@@ -387,6 +448,7 @@ def _read_csv(
             seen[name] = i
         index = _column_index(path, names, columns)
         i_prompt, i_proxy, i_true, i_step, i_run = index
+        assert i_prompt is not None
         width = len(names)
         batch = _TextBatch(i_step is not None, i_run is not None)
         reported = 0
@@ -425,7 +487,9 @@ def _read_csv(
         progress(position() - reported)
 
 
-def _column_index(path: Path, names: list[str], columns: Columns) -> tuple[int, int, int, int | None, int | None]:
+def _column_index(
+    path: Path, names: list[str], columns: Columns, *, prompt_required: bool = True
+) -> tuple[int | None, int, int, int | None, int | None]:
     def find(name: str, option: str, required: bool) -> int | None:
         if name in names:
             return names.index(name)
@@ -437,11 +501,41 @@ def _column_index(path: Path, names: list[str], columns: Columns) -> tuple[int, 
         return None
 
     return (
-        find(columns.prompt, "--prompt-col", True),  # type: ignore[return-value]
-        find(columns.proxy, "--proxy-col", True),
+        find(columns.prompt, "--prompt-col", prompt_required),
+        find(columns.proxy, "--proxy-col", True),  # type: ignore[return-value]
         find(columns.true, "--true-col", True),
         find(columns.step, "--step-col", columns.require_step),
         find(columns.run, "--run-col", columns.require_run),
+    )
+
+
+_MISSING = object()
+
+
+def _samples_of_row(path: Path, line: int, columns: Columns, proxy: Any, true: Any) -> int | None:
+    """How many samples a row of one prompt holds (its proxy and true lists); None for a row of one sample."""
+    proxy_list, true_list = isinstance(proxy, list), isinstance(true, list)
+    if not proxy_list and not true_list:
+        return None
+    if proxy_list and true_list:
+        if len(proxy) != len(true):
+            raise _located(
+                path,
+                f"line {line}",
+                columns.true,
+                f"a list of {len(true)} scores, but {columns.proxy!r} has {len(proxy)}: a row of one prompt "
+                "holds one proxy and one true score per sample",
+            )
+        return len(proxy)
+    listed, other, value = (columns.proxy, columns.true, true) if proxy_list else (columns.true, columns.proxy, proxy)
+    if value is _MISSING:
+        return len(proxy if proxy_list else true)  # the caller reports the missing column
+    raise _located(
+        path,
+        f"line {line}",
+        other,
+        f"{_shown_json(value)} is one score, but {listed!r} holds a list: a row holds either one sample "
+        "(a number in each score column) or one prompt's samples (a list in each, of equal length)",
     )
 
 
@@ -477,33 +571,53 @@ def _read_jsonl(
                     has_step = columns.step in row or columns.require_step
                     has_run = columns.run in row or columns.require_run
                     batch = _TextBatch(bool(has_step), bool(has_run))
-                for name, present in (
-                    (columns.prompt, True),
-                    (columns.proxy, True),
-                    (columns.true, True),
-                    (columns.step, has_step),
-                    (columns.run, has_run),
+                proxy, true = row.get(columns.proxy, _MISSING), row.get(columns.true, _MISSING)
+                samples = _samples_of_row(path, line, columns, proxy, true)  # None: one sample
+                for name, option, present in (
+                    (columns.prompt, "--prompt-col", samples is None),  # a row of lists is a prompt by itself
+                    (columns.proxy, "--proxy-col", True),
+                    (columns.true, "--true-col", True),
+                    (columns.step, "--step-col", has_step),
+                    (columns.run, "--run-col", has_run),
                 ):
                     if present and name not in row:
                         keys = ", ".join(repr(k) for k in list(row)[:20])
-                        raise _located(path, f"line {line}", name, f"missing (the row has {keys})")
-                prompt = row[columns.prompt]
-                if prompt is None or isinstance(prompt, (dict, list)) or prompt == "":
+                        raise _located(
+                            path, f"line {line}", name, f"missing (the row has {keys}); name the column with {option}"
+                        )
+                prompt = row.get(columns.prompt, _MISSING)
+                if prompt is _MISSING:
+                    prompt = f"line {line}"
+                elif prompt is None or isinstance(prompt, (dict, list)) or prompt == "":
                     raise _located(
                         path,
                         f"line {line}",
                         columns.prompt,
-                        f"{json.dumps(prompt)[:40]} is not a prompt id (use a string or an integer)",
+                        f"{_shown_json(prompt)} is not a prompt id (use a string or an integer)",
                     )
-                batch.prompt.append(prompt if isinstance(prompt, str) else str(prompt))
-                batch.proxy.append(row[columns.proxy])
-                batch.true.append(row[columns.true])
-                if has_step:
-                    batch.step.append(row[columns.step])  # type: ignore[union-attr]
-                if has_run:
-                    run = row[columns.run]
-                    batch.run.append(run if isinstance(run, str) else json.dumps(run))  # type: ignore[union-attr]
-                batch.lines.append(line)
+                prompt = prompt if isinstance(prompt, str) else str(prompt)
+                run = row[columns.run] if has_run else None
+                if has_run and not isinstance(run, str):
+                    run = json.dumps(run)
+                if samples is None:
+                    batch.prompt.append(prompt)
+                    batch.proxy.append(proxy)
+                    batch.true.append(true)
+                    if has_step:
+                        batch.step.append(row[columns.step])  # type: ignore[union-attr]
+                    if has_run:
+                        batch.run.append(run)  # type: ignore[union-attr]
+                    batch.lines.append(line)
+                elif samples:
+                    batch.lists[line] = (len(batch.lines), samples)
+                    batch.prompt.extend([prompt] * samples)
+                    batch.proxy.extend(proxy)
+                    batch.true.extend(true)
+                    if has_step:
+                        batch.step.extend([row[columns.step]] * samples)  # type: ignore[union-attr]
+                    if has_run:
+                        batch.run.extend([run] * samples)  # type: ignore[union-attr]
+                    batch.lines.extend([line] * samples)
                 if len(batch.lines) >= batch_rows:
                     yield batch.build(path, columns, nan_policy, json_values=True)
                     batch = _TextBatch(bool(has_step), bool(has_run))
@@ -538,8 +652,10 @@ def _read_parquet(
     except (pa.ArrowException, OSError) as err:
         raise ScoreFileError(f"{path.name}: not a readable Parquet file ({err})") from None
     with parquet:
-        names = list(parquet.schema_arrow.names)
-        index = _column_index(path, names, columns)
+        schema = parquet.schema_arrow
+        names = list(schema.names)
+        lists = _list_layout(path, schema, columns)
+        index = _column_index(path, names, columns, prompt_required=not lists)
         wanted = [names[i] for i in index if i is not None]
         total_rows = parquet.metadata.num_rows
         size = path.stat().st_size
@@ -551,6 +667,14 @@ def _read_parquet(
                 if n == 0:
                     continue
                 where = (lambda start: lambda i: f"row {start + i + 1}")(first_row)
+                if lists:
+                    batch, keep = _arrow_prompt_rows(path, record_batch, columns, index, first_row, where, nan_policy)
+                    first_row += n
+                    yield _select(batch, keep)
+                    done = int(size * first_row / total_rows) if total_rows else size
+                    progress(done - reported)
+                    reported = done
+                    continue
                 batch = ScoreBatch(
                     prompt=_arrow_ids(path, record_batch.column(columns.prompt), columns.prompt, where),
                     proxy=_arrow_floats(path, record_batch.column(columns.proxy), columns.proxy, where),
@@ -576,13 +700,99 @@ def _read_parquet(
             raise ScoreFileError(f"{path.name}: cannot read past row {first_row} ({err})") from None
 
 
+def _is_list(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+def _list_layout(path: Path, schema: Any, columns: Columns) -> bool:
+    """Whether the score columns hold lists (one row per prompt); an error when only one does."""
+    kinds = {name: schema.field(name).type for name in (columns.proxy, columns.true) if name in schema.names}
+    listed = [name for name, kind in kinds.items() if _is_list(kind)]
+    if not listed or len(listed) == len(kinds) == 2:
+        return bool(listed)
+    if len(kinds) < 2:
+        return True  # the missing score column is reported by name
+    (other,) = [name for name in kinds if name not in listed]
+    raise ScoreFileError(
+        f"{path.name}, column {other!r}: has type {kinds[other]}, but {listed[0]!r} holds lists: a row holds "
+        "either one sample (a number in each score column) or one prompt's samples (a list in each)"
+    )
+
+
+def _arrow_prompt_rows(
+    path: Path,
+    record_batch: Any,
+    columns: Columns,
+    index: tuple[int | None, ...],
+    first_row: int,
+    where: Callable[[int], str],
+    nan_policy: str,
+) -> tuple[ScoreBatch, np.ndarray | None]:
+    """Rows of one prompt each (list columns) as samples: each row's lists, one after another."""
+    import pyarrow.compute as pc
+
+    lengths = {}
+    for column in (columns.proxy, columns.true):
+        array = record_batch.column(column)
+        if array.null_count:
+            raise _located(path, where(_first_null(array)), column, "missing (null instead of a list of scores)")
+        lengths[column] = np.asarray(pc.list_value_length(array).to_numpy(zero_copy_only=False), dtype=np.int64)
+    count = lengths[columns.proxy]
+    unequal = np.flatnonzero(count != lengths[columns.true])
+    if unequal.size:
+        r = int(unequal[0])
+        raise _located(
+            path,
+            where(r),
+            columns.true,
+            f"a list of {lengths[columns.true][r]} scores, but {columns.proxy!r} has {count[r]}: a row of one "
+            "prompt holds one proxy and one true score per sample",
+        )
+    parent = np.repeat(np.arange(len(count)), count)  # the row of each sample
+    start = np.concatenate(([0], np.cumsum(count)[:-1]))
+
+    def sample_where(i: int) -> str:
+        return where(int(parent[i]))
+
+    def item(i: int) -> str:
+        r = int(parent[i])
+        return f", sample {i - int(start[r]) + 1} of {int(count[r])}"
+
+    if index[0] is not None:
+        prompt = _arrow_ids(path, record_batch.column(columns.prompt), columns.prompt, where)[parent]
+    else:  # no prompt column: each row is a prompt, named by its row number (from 1)
+        prompt = first_row + 1 + parent
+    batch = ScoreBatch(
+        prompt=prompt,
+        proxy=_arrow_floats(
+            path, pc.list_flatten(record_batch.column(columns.proxy)), columns.proxy, sample_where, item
+        ),
+        true=_arrow_floats(path, pc.list_flatten(record_batch.column(columns.true)), columns.true, sample_where, item),
+        step=(
+            _arrow_steps(path, record_batch.column(columns.step), columns.step, where)[parent]
+            if index[3] is not None
+            else None
+        ),
+        run=(
+            _arrow_runs(path, record_batch.column(columns.run), columns.run, where)[parent]
+            if index[4] is not None
+            else None
+        ),
+    )
+    return batch, _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, sample_where, item)
+
+
 def _first_null(array: Any) -> int:
     import pyarrow.compute as pc
 
     return int(pc.index(pc.is_null(array), True).as_py())
 
 
-def _arrow_floats(path: Path, array: Any, column: str, where: Callable[[int], str]) -> np.ndarray:
+def _arrow_floats(
+    path: Path, array: Any, column: str, where: Callable[[int], str], item: Callable[[int], str] = _no_item
+) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -609,7 +819,7 @@ def _arrow_floats(path: Path, array: Any, column: str, where: Callable[[int], st
             try:
                 out[i] = float(value)
             except ValueError:
-                raise _located(path, where(i), column, f"{value[:40]!r} is not a number") from None
+                raise _located(path, where(i), column, f"{value[:40]!r} is not a number", item(i)) from None
         return out
     raise ScoreFileError(f"{path.name}, column {column!r}: has type {kind}, not a number type")
 
