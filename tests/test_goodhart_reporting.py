@@ -402,3 +402,10 @@ def test_numbers_too_large_for_a_float_are_a_value_error_naming_them():
         kl_bon(10**400)
     with pytest.raises(ValueError, match="kl at 1"):
         fit_rl_overoptimization([1, 10**400], [1.0, 2.0])
+
+
+def test_one_sample_per_prompt_says_there_is_no_curve():
+    from bon_tracker.reports.charts import goodhart_text
+
+    record = EvalRecord.build(0, bon_curve(np.arange(4.0)[:, None], np.arange(4.0)[:, None]))
+    assert goodhart_text(record).startswith("N = 1 sample per prompt: no curve beyond n = 1")

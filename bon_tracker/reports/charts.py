@@ -203,6 +203,8 @@ def goodhart_text(record: EvalRecord) -> str:
     g, status = record.goodhart, record.goodhart_status()
     interval = interval_text(record)
     resolved = record.goodhart_resolved()
+    if int(record.curve.n.max()) <= 1:
+        return "N = 1 sample per prompt: no curve beyond n = 1, so no Goodhart point (sample more completions)"
     if g is None or status == "none":
         return "no Goodhart point: the fitted true reward still rises with n" + (f" ({interval})" if interval else "")
     if g.falls_from_start:
