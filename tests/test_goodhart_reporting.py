@@ -409,3 +409,14 @@ def test_one_sample_per_prompt_says_there_is_no_curve():
 
     record = EvalRecord.build(0, bon_curve(np.arange(4.0)[:, None], np.arange(4.0)[:, None]))
     assert goodhart_text(record).startswith("N = 1 sample per prompt: no curve beyond n = 1")
+
+
+def test_ragged_prompts_say_how_many_reach_the_largest_n():
+    from bon_tracker.reports.html import samples_text
+
+    rows = [np.arange(11.0)] * 4 + [np.arange(8.0)] * 26
+    text = samples_text(bon_curve(rows, rows))
+    assert text == (
+        "30 prompts with up to N = 11 samples each (ragged: n = 11 averages only the 4 of 30 prompts with that many)"
+    )
+    assert samples_text(bon_curve(np.ones((3, 4)), np.ones((3, 4)))) == "3 prompts, N = 4 samples per prompt"

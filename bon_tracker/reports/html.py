@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from bon_tracker.core import BonCurve
 from bon_tracker.core.fit import GOODHART_HORIZON
 from bon_tracker.record import EvalRecord
 from bon_tracker.reports.charts import _plain, n_text
@@ -26,6 +27,18 @@ figcaption { color: #555; font-size: 0.85em; }
 .alerts li { margin: 0.3em 0; }
 .predicted { color: #666; font-style: italic; }
 """
+
+
+def samples_text(curve: BonCurve) -> str:
+    """How many prompts and samples a curve stands on; for ragged prompts, how many reach
+    the largest n (a best-of-11 over 4 of 30 prompts is not a best-of-11 over 30)."""
+    total, top = int(curve.n_prompts.max()), int(curve.n_prompts[-1])
+    if top == total:
+        return f"{total} prompts, N = {curve.N} samples per prompt"
+    return (
+        f"{total} prompts with up to N = {curve.N} samples each (ragged: n = {int(curve.n[-1])} averages "
+        f"only the {top} of {total} prompts with that many)"
+    )
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -141,7 +154,7 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
         f"<title>{name} — bon_tracker</title><style>{REPORT_STYLE}</style></head><body>",
         f"<h1>Best-of-n report: {name}</h1>",
         f"<p class='note'>{len(records)} eval step(s); latest step {last.step}: "
-        f"{int(c.n_prompts.max())} prompts, N = {c.N} samples per prompt"
+        + samples_text(c)
         + (
             "; proxy has ties, so KL is the exact value over proxy levels (kl_bound is the continuous formula)"
             if c.has_ties
