@@ -425,7 +425,8 @@ class MlflowBackend(Backend):
         ):
             if value != default:
                 spec[key] = value
-        spec["run_key"] = self.run_key
+        if self._run_id is None:
+            spec["run_key"] = self.run_key  # names the run before it exists; then its id does
         # Always present (None: the backend decides, by whether it started the run), so that
         # `bon-tracker sync` can say False for a run whose process crashed before finishing.
         spec["end_run"] = self._end_run if self._end_run is not None else (self._owns_run or None)
