@@ -48,6 +48,7 @@ from bon_tracker.core import (
     TopAgreement,
     fit_overoptimization,
 )
+from bon_tracker.core.agreement import AGREEMENT_SECTION, agreement_label
 from bon_tracker.core.fit import GOODHART_HORIZON, goodhart_horizon  # noqa: F401 (GOODHART_HORIZON: re-exported)
 from bon_tracker.core.validation import as_float
 
@@ -95,7 +96,7 @@ METRIC_SECTIONS = {
     "policy": "5_policy",  # the trained policy itself: kl, true, proxy
     "kl": "6_kl",  # KL of best-of-n per n: only when the proxy has ties
     "alert": "7_alert",  # alert states, 0/1 per enabled rule
-    "agreement": "8_agreement",  # top-q rank agreement of proxy and true
+    "agreement": AGREEMENT_SECTION,  # top-q rank agreement of proxy and true
 }
 MAX_SCALAR = 1e30  # gains past this (a fit that barely bends) are left out of the scalars
 INTERVAL_FIELDS = ("n_low", "n_high", "kl_low", "kl_high", "gain", "gain_low", "gain_high")
@@ -124,16 +125,6 @@ def metric_key(kind: str, leaf: int | str, prefix: str = "bon") -> str:
         raise ValueError(f"unknown metric kind {kind!r}; expected one of {', '.join(METRIC_SECTIONS)}")
     name = n_label(leaf) if isinstance(leaf, int) and not isinstance(leaf, bool) else str(leaf)
     return f"{prefix}/{METRIC_SECTIONS[kind]}/{name}"
-
-
-def agreement_label(q: float) -> str:
-    """The leaf of a top-q agreement metric: ``top`` and q with ``_`` for the decimal point
-    (W&B reads ``.`` in a key as nesting); as text these sort in the numeric order of q.
-
-    >>> [agreement_label(q) for q in (1.0, 0.5, 0.25, 0.0625)]
-    ['top1', 'top0_5', 'top0_25', 'top0_0625']
-    """
-    return "top" + f"{float(q):g}".replace(".", "_")
 
 
 def curve_image_key(prefix: str = "bon") -> str:

@@ -48,7 +48,7 @@ def test_known_values_and_metrics():
     assert topq_agreement(proxy, proxy * 2 + 1).mean == (1.0, 1.0)
     flipped = topq_agreement(proxy, -proxy)
     assert flipped.mean == (-1.0, -1.0) and flipped.n_top == (8, 4)
-    assert set(flipped.metrics("x")) == {"x/agreement/top1", "x/agreement/top0.5"}
+    assert set(flipped.metrics("x")) == {"x/8_agreement/top1", "x/8_agreement/top0_5"}
 
 
 def test_agreement_falls_in_the_tail_under_goodhart():

@@ -11,6 +11,7 @@ from bon_tracker.core import bon_curve, bon_estimate, default_ns
 from bon_tracker.core.alerts import RULES, Alert, AlertCleared, AlertMonitor, AlertRules, EvalSummary
 from bon_tracker.core.simulation import simulated_runs
 from bon_tracker.core.uncertainty import goodhart_interval
+from bon_tracker.record import metric_key
 
 
 def summary(step, true, proxy, se=0.1, *, n=(1,), policy_kl=None, kl=math.nan, kl_low=math.nan, kl_high=math.nan):
@@ -195,7 +196,7 @@ def test_resume_from_json_state_gives_the_same_events():
     got += [[e.to_dict() for e in resumed.update(EvalSummary.from_dict(s.to_dict()))] for s in summaries[6:]]
     assert got == expected
     assert resumed.metrics() == whole.metrics()
-    assert set(whole.metrics()) == {f"bon/alert/{rule}" for rule in RULES}
+    assert set(whole.metrics()) == {metric_key("alert", rule) for rule in RULES}  # the tracker's names
 
 
 # ---- simulated runs with known onset ----------------------------------------------------------

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +147,68 @@ def test_tracker_inside_a_ray_actor(cluster, tmp_path, goodhart_scores):
         np.testing.assert_allclose(record.curve.true_mean, expected.true_mean, atol=1e-12)
         np.testing.assert_allclose(record.curve.proxy_se, expected.proxy_se, atol=1e-12)
     ray.kill(actor)
+
+
+def _peaked_dumps(folder: Path, prompts: int = 400) -> Path:
+    """A simulated run whose best-of-16 true reward falls at step 200 while its proxy rises, and whose
+    headroom is gone by step 300 (tests/test_cli_user_reports.py), one Parquet file per eval."""
+    from bon_tracker.core.simulation import SimulationModel
+
+    model = SimulationModel(rho=0.8, gamma=0.267, noise=0.5)
+    sim = np.random.default_rng(3)
+    ids = model.draw_prompts(prompts, sim)
+    folder.mkdir()
+    for i, lam in enumerate((0.0, 0.4, 0.8, 1.2, 1.6, 2.0)):
+        proxy, true = model.sample(ids, 16, lam, sim)
+        rows = [
+            {"step": 100 * i, "prompt_id": f"p{p:04d}", "proxy": float(a), "true": float(b)}
+            for p in range(proxy.shape[0])
+            for a, b in zip(proxy[p], true[p])
+        ]
+        write(rows, folder / f"{i}.parquet")
+    return folder
+
+
+def test_analyze_engine_ray_raises_the_alerts_of_the_stream_engine(cluster, tmp_path, capsys):
+    """The README's command, quoted glob and relative paths included: the same alerts at the same steps
+    as the single-process engine (prompt ids in id order = file order here, so the same intervals too)."""
+    _peaked_dumps(tmp_path / "dumps")
+    args = ["analyze", "dumps/*.parquet", "--json", "-q"]
+    assert main([*args, "--engine", "ray", "--out", "ray"]) == 0
+    with_ray = json.loads(capsys.readouterr().out)
+    assert main([*args, "--out", "stream"]) == 0
+    stream = json.loads(capsys.readouterr().out)
+    (run_ray,), (run_stream,) = with_ray["runs"], stream["runs"]
+    onsets = [(a["step"], a["rule"]) for a in run_ray["alerts"]]
+    assert (
+        onsets
+        == [(a["step"], a["rule"]) for a in run_stream["alerts"]]
+        == [
+            (200, "bon_true_falls"),
+            (300, "headroom_shrinks"),
+        ]
+    )
+    for a, b in zip(read_records(run_ray["run_dir"]), read_records(run_stream["run_dir"])):
+        np.testing.assert_allclose(a.interval.kl_high, b.interval.kl_high, rtol=1e-9)
+        np.testing.assert_allclose(a.agreement.mean, b.agreement.mean, rtol=1e-9)
+        assert len(a.predictions) == len(b.predictions)
+
+
+def test_analyze_engine_ray_quiet_prints_no_line_of_rays(cluster, tmp_path):
+    """``-q``: no progress bar, no progress or INFO line of Ray's (the command itself, in a process of its own,
+    connected to this module's cluster); without it Ray says what it runs."""
+    _peaked_dumps(tmp_path / "dumps", prompts=20)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "bon_tracker.cli", "analyze", "--engine", "ray", "dumps/*.parquet"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([*command, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    loud = run("--out", "loud")
+    assert "Dataset" in loud.stderr  # Ray Data's own lines (what it executes, its progress)
+    quiet = run("--out", "quiet", "-q")
+    ray_lines = [line for line in quiet.stderr.splitlines() if "Dataset" in line or "INFO" in line]
+    assert ray_lines == [] and "\r" not in quiet.stderr, quiet.stderr
+    assert "run folder: quiet/0 (report: quiet/0/report.html)" in quiet.stdout

@@ -1,13 +1,34 @@
-"""``bon-tracker analyze``: score files -> curves, Goodhart point, a run folder, a tracking run."""
+"""``bon-tracker analyze``: score files -> curves, Goodhart point, alerts, a run folder, a tracking run.
+
+What each eval step gets is what ``BonTracker.log_scores`` computes in training: the curve, the
+Goodhart point's interval (resampling prompts), the predictions beyond the measured n, the tail
+agreement (dense input) and the alerts (the tracker's :class:`AlertReporter`, over the steps of
+each run in order; ``alerts: off`` or ``BON_TRACKER_ALERTS=off`` turns them off). The curves come
+from one streaming pass (:func:`~bon_tracker.analysis.grouping.curves_from_batches`); a second pass
+over the files computes each prompt's estimates on the step's grid, in the order of the input,
+for the interval and the predictions (2 x 8 bytes per prompt and n of the grid are kept, never
+the rows) and keeps the scores of the prompts the agreement averages (at most 2,048 per step).
+
+Run folders: ``<root>/<run name>``. When that folder exists (an earlier run of the same name),
+the run goes to the first free ``<run name>-2``, ``-3``, ... and one line says so and names
+``--overwrite``; with ``--overwrite`` the earlier folder is replaced instead, if
+``bon-tracker analyze`` wrote it (it holds ``analyze.json``) and no process is writing it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bon_tracker.analysis.score_files import (
     FORMATS,
@@ -31,14 +52,30 @@ from bon_tracker.cli.common import (
     _parse_ns,
     _Progress,
     _safe_name,
+    expand_file_patterns,
     logger,
+    plural,
 )
+from bon_tracker.core import BonCurve, TopAgreement, topq_agreement
+from bon_tracker.files import atomic_write_text
 from bon_tracker.optional import MissingDependencyError
 from bon_tracker.record import EvalRecord
 from bon_tracker.reports.compare import write_run_report
+from bon_tracker.tracking.alerting import (
+    MAX_AGREEMENT_PROMPTS,
+    AlertReporter,
+    EvalStatistics,
+    alert_rules,
+    prediction_ns,
+    resamples_for,
+)
 from bon_tracker.tracking.config import TrackerConfig
+from bon_tracker.version import __version__
 
-# ---- analyze ------------------------------------------------------------------------------------------------
+ANALYZE_FILE = "analyze.json"  # in a run folder analyze wrote: what --overwrite may replace
+STATISTICS_CHUNK = 1 << 18  # samples of prompts whose estimates are computed at once
+
+# ---- reading ------------------------------------------------------------------------------------------------
 
 
 def _open_batches(
@@ -71,55 +108,433 @@ def _open_batches(
         progress.update(pending[0])
 
 
-def _deliver(config: TrackerConfig, name: str, records: Sequence[EvalRecord]) -> dict[str, Any]:
-    """Log records to the configured backend through a tracker: the same write-ahead log and
-    delivery as training. Returns what reached the backend and what waits in the log."""
+# ---- the statistics beside the curve (what log_scores computes) ------------------------------------------
+
+
+class _StepEstimates:
+    """One (run, step): each prompt's estimates on the step's grid, in the order prompts come,
+    and the scores of the prompts the tail agreement averages (every prompt, or the tracker's
+    evenly spaced subset of ``MAX_AGREEMENT_PROMPTS`` when the step has more)."""
+
+    def __init__(self, grid: np.ndarray, n_prompts: int):
+        self.grid = np.asarray(grid, dtype=np.int64)
+        self.true_parts: list[np.ndarray] = []
+        self.proxy_parts: list[np.ndarray] = []
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_samples = 0
+        self.count = 0
+        self.lengths: set[int] = set()
+        self.picks = None
+        if n_prompts > MAX_AGREEMENT_PROMPTS:  # the rows eval_statistics takes
+            self.picks = np.unique(np.linspace(0, n_prompts - 1, MAX_AGREEMENT_PROMPTS).round().astype(np.int64))
+        self.agree_proxy: list[np.ndarray] = []
+        self.agree_true: list[np.ndarray] = []
+
+    def add(self, proxy: np.ndarray, true: np.ndarray) -> None:
+        """Prompts with equal numbers of samples: ``(k, N)`` arrays, in input order."""
+        k, N = proxy.shape
+        if k == 0 or N == 0:
+            return
+        self.lengths.add(N)
+        if self.picks is None:
+            rows: Any = slice(None)
+        else:
+            lo, hi = np.searchsorted(self.picks, [self.count, self.count + k])
+            rows = self.picks[lo:hi] - self.count
+        if len(self.lengths) == 1:  # agreement needs one N: kept only while every prompt has it
+            self.agree_proxy.append(np.array(proxy[rows]))
+            self.agree_true.append(np.array(true[rows]))
+        else:
+            self.agree_proxy, self.agree_true = [], []
+        self.count += k
+        self.pending.append((proxy, true))
+        self.pending_samples += proxy.size
+        if self.pending_samples >= STATISTICS_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        from bon_tracker.analysis.ray_engine import prompt_estimates
+
+        if not self.pending:
+            return
+        pending, self.pending, self.pending_samples = self.pending, [], 0
+        if len({p.shape[1] for p, _ in pending}) == 1:
+            proxy: Any = np.concatenate([p for p, _ in pending])
+            true: Any = np.concatenate([t for _, t in pending])
+        else:
+            proxy = [row for p, _ in pending for row in p]
+            true = [row for _, t in pending for row in t]
+        true_pp, proxy_pp = prompt_estimates(proxy, true, self.grid)
+        self.true_parts.append(true_pp)
+        self.proxy_parts.append(proxy_pp)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, TopAgreement | None]:
+        self._flush()
+        G = len(self.grid)
+        true_pp = np.concatenate(self.true_parts) if self.true_parts else np.empty((0, G))
+        proxy_pp = np.concatenate(self.proxy_parts) if self.proxy_parts else np.empty((0, G))
+        agreement = None
+        if len(self.lengths) == 1 and self.agree_proxy:
+            try:
+                agreement = topq_agreement(np.concatenate(self.agree_proxy), np.concatenate(self.agree_true))
+            except ValueError:  # fewer than 4 samples per prompt
+                agreement = None
+        return true_pp, proxy_pp, agreement
+
+
+def _segments(batch: ScoreBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end of each run of rows with the same (run, step, prompt)."""
+    change = batch.prompt[1:] != batch.prompt[:-1]
+    if batch.step is not None:
+        change |= batch.step[1:] != batch.step[:-1]
+    if batch.run is not None:
+        change |= batch.run[1:] != batch.run[:-1]
+    starts = np.concatenate(([0], np.flatnonzero(change) + 1))
+    return starts, np.append(starts[1:], len(batch))
+
+
+def _key(batch: ScoreBatch, i: int) -> tuple[Any, int, Any]:
+    prompt = batch.prompt[i]
+    return (
+        None if batch.run is None else batch.run[i],
+        0 if batch.step is None else int(batch.step[i]),
+        prompt.item() if isinstance(prompt, np.generic) else prompt,
+    )
+
+
+def _feed_grouped(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _StepEstimates]) -> None:
+    """Input whose prompts are contiguous: prompts complete in a batch go in blocks of equal length;
+    a prompt cut by a batch's end is joined with the next batch's first rows."""
+    open_key: tuple[Any, int, Any] | None = None
+    open_proxy: list[np.ndarray] = []
+    open_true: list[np.ndarray] = []
+
+    def close() -> None:
+        if open_key is not None and (open_key[0], open_key[1]) in steps:
+            proxy = np.concatenate(open_proxy)
+            steps[(open_key[0], open_key[1])].add(proxy[None, :], np.concatenate(open_true)[None, :])
+
+    for batch in batches:
+        if len(batch) == 0:
+            continue
+        starts, ends = _segments(batch)
+        first = 0
+        if _key(batch, 0) == open_key:  # the open prompt goes on in this batch
+            open_proxy.append(batch.proxy[: ends[0]])
+            open_true.append(batch.true[: ends[0]])
+            if len(starts) == 1:
+                continue
+            first = 1
+        close()
+        complete = slice(first, len(starts) - 1)
+        at, lengths = starts[complete], ends[complete] - starts[complete]
+        if len(at):
+            step_of = np.zeros(len(at), dtype=np.int64) if batch.step is None else batch.step[at]
+            cut = (lengths[1:] != lengths[:-1]) | (step_of[1:] != step_of[:-1])
+            if batch.run is not None:
+                cut |= batch.run[at][1:] != batch.run[at][:-1]
+            pieces = np.concatenate(([0], np.flatnonzero(cut) + 1, [len(at)]))
+            for a, b in zip(pieces[:-1].tolist(), pieces[1:].tolist()):
+                key = (None if batch.run is None else batch.run[at[a]], int(step_of[a]))
+                if key not in steps:
+                    continue
+                N, lo = int(lengths[a]), int(at[a])
+                rows = slice(lo, lo + (b - a) * N)
+                steps[key].add(batch.proxy[rows].reshape(b - a, N), batch.true[rows].reshape(b - a, N))
+        last = int(starts[-1])
+        open_key = _key(batch, last)
+        open_proxy, open_true = [batch.proxy[last:]], [batch.true[last:]]
+    close()
+
+
+def _feed_buffered(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _StepEstimates]) -> None:
+    """Input whose prompts are scattered: every row of a step is kept, then its prompts go in
+    the order they first appear (as the curves' own pass buffers them: about 20 bytes per row)."""
+    rows: dict[tuple[Any, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for batch in batches:
+        if len(batch) == 0:
+            continue
+        runs = batch.run if batch.run is not None else np.zeros(len(batch), dtype=np.int8)
+        step_of = batch.step if batch.step is not None else np.zeros(len(batch), dtype=np.int64)
+        run_values, run_index = np.unique(runs, return_inverse=True)
+        step_values, step_index = np.unique(step_of, return_inverse=True)
+        group = run_index.ravel() * len(step_values) + step_index.ravel()
+        for g in np.unique(group).tolist():
+            where = np.flatnonzero(group == g)
+            key = (
+                None if batch.run is None else run_values[g // len(step_values)],
+                int(step_values[g % len(step_values)]),
+            )
+            if key in steps:
+                rows.setdefault(key, []).append((batch.prompt[where], batch.proxy[where], batch.true[where]))
+    for key in list(rows):
+        parts = rows.pop(key)
+        prompt = np.concatenate([p for p, _, _ in parts])
+        proxy = np.concatenate([p for _, p, _ in parts])
+        true = np.concatenate([t for _, _, t in parts])
+        del parts
+        _, first, inverse = np.unique(prompt, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        codes = rank[inverse.ravel()]
+        order = np.argsort(codes, kind="stable")
+        for prompt_rows in np.split(order, np.flatnonzero(np.diff(codes[order])) + 1):
+            steps[key].add(proxy[prompt_rows][None, :], true[prompt_rows][None, :])
+
+
+def _eval_statistics(
+    curve: BonCurve, true_pp: np.ndarray, proxy_pp: np.ndarray, agreement: TopAgreement | None
+) -> EvalStatistics:
+    """The interval, the predictions and the agreement of one step, as the tracker's
+    :func:`~bon_tracker.tracking.alerting.eval_statistics` computes them from the scores."""
+    ns = curve.n
+    B = resamples_for(int(curve.n_prompts.max()))
+    interval = predictions = None
+    try:
+        from bon_tracker.core import goodhart_interval, predict_curve
+
+        interval = goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B)
+        predicted = predict_curve(true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B)
+        predictions = tuple(predicted.rows())
+    except ValueError:  # no n = 1 on the grid, too few n or prompts to fit: no interval
+        pass
+    return EvalStatistics(interval, agreement, predictions)
+
+
+def _step_statistics(
+    curves: dict[Any, dict[int, BonCurve]], estimates: dict[tuple[Any, int], tuple]
+) -> dict[tuple[Any, int], EvalStatistics]:
+    out = {}
+    for run, steps in curves.items():
+        for step, curve in steps.items():
+            found = estimates.get((run, step))
+            if found is None:
+                continue
+            try:
+                out[(run, step)] = _eval_statistics(curve, *found)
+            except Exception as err:  # as in the tracker: the curve is reported without them
+                where = f"step {step}" + ("" if run is None else f" of run {run!r}")
+                logger.warning(
+                    "bon_tracker: the interval, agreement and alert statistics failed at %s (%s: %s); "
+                    "the curve is reported without them",
+                    where,
+                    type(err).__name__,
+                    err,
+                )
+    return out
+
+
+# ---- run folders ---------------------------------------------------------------------------------------------
+
+
+def _folder_name(name: str) -> str:
+    return _safe_name(name).strip(".") or "run"
+
+
+def _claim_folder(root: Path, name: str, overwrite: bool) -> tuple[str, Path | None, str | None]:
+    """The folder under ``root`` this run is written to (made now, empty), the earlier run folder
+    it replaces (moved aside; removed once the new one is written) and the note to print."""
+    from bon_tracker.backends.base import ConfigurationError
+    from bon_tracker.backends.local import LocalBackend
+
+    root.mkdir(parents=True, exist_ok=True)
+    base = _folder_name(name)
+    target = root / base
+    try:
+        target.mkdir()
+        return base, None, None
+    except FileExistsError:
+        pass
+    if overwrite:
+        if not (target / ANALYZE_FILE).is_file():
+            raise UsageError(
+                f"--overwrite replaces only a run folder that bon-tracker analyze wrote, and {target} is not one "
+                f"(no {ANALYZE_FILE} in it): choose another --run-name or --out, or remove it yourself"
+            )
+        try:
+            LocalBackend(root=root, run_id=base).check()  # a live process writing it: an error, never replaced
+        except ConfigurationError as err:
+            raise UsageError(f"cannot replace {target}: {err}") from None
+        aside = root / f".{base}.replaced-{uuid.uuid4().hex[:8]}"
+        target.rename(aside)
+        target.mkdir()
+        return base, aside, None
+    k = 2
+    while True:  # mkdir is atomic: of two runs of the same name at once, each gets its own folder
+        candidate = f"{base}-{k}"
+        try:
+            (root / candidate).mkdir()
+            break
+        except FileExistsError:
+            k += 1
+    note = (
+        f"{target} holds an earlier run, so this run is written to {root / candidate}; "
+        "pass --overwrite to replace the earlier one instead"
+    )
+    return candidate, None, note
+
+
+def _write_run_folder(
+    root: Path,
+    name: str,
+    records: Sequence[EvalRecord],
+    *,
+    overwrite: bool,
+    draw: bool,
+    files: Sequence[Path],
+    names: dict[str, str | None],
+) -> tuple[Path, Path, bool]:
+    """The run folder of one run, its report; and whether it replaced an earlier one."""
+    from bon_tracker.backends.local import LocalBackend
+
+    folder, aside, note = _claim_folder(root, name, overwrite)
+    if note:
+        print(f"bon-tracker analyze: {note}", file=sys.stderr)
+    run_dir = root / folder
+    try:
+        local = LocalBackend(root=root, run_id=folder, run_name=name, charts=False)
+        for record in records:
+            local.log_eval(record)
+        local.finish()
+        report = run_dir / "report.html"
+        if draw:
+            try:
+                report = write_run_report(records, run_dir, title=name, **names)
+            except MissingDependencyError as err:
+                logger.warning("bon_tracker: no charts in the report: %s", err)
+        atomic_write_text(
+            run_dir / ANALYZE_FILE,
+            json.dumps(
+                {
+                    "written_by": "bon-tracker analyze",
+                    "bon_tracker_version": __version__,
+                    "run_name": name,
+                    "inputs": [str(f) for f in files],
+                },
+                indent=2,
+            ),
+        )
+    except BaseException:
+        if aside is not None:  # the earlier run comes back: a failed run replaces nothing
+            shutil.rmtree(run_dir, ignore_errors=True)
+            aside.rename(run_dir)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return run_dir, report, aside is not None
+
+
+# ---- the tracking backend ---------------------------------------------------------------------------------------
+
+
+def _make_tracker(config: TrackerConfig, name: str) -> Any:
+    """A tracker for ``--backend``: made before anything is computed, so that a configuration
+    error (a missing extra, W&B online without an API key, a bad option) stops the command at once."""
     from bon_tracker.tracking.tracker import BonTracker
 
     options = {**config.backend_options(), "run_name": name}
     try:
-        tracker = BonTracker(
+        return BonTracker(
             config.backend,
             key_prefix=config.key_prefix,
+            proxy_name=config.proxy_name,
+            true_name=config.true_name,
+            nan_policy=config.nan_policy,  # type: ignore[arg-type]
             spool_dir=config.spool_dir,
             finish_timeout=config.finish_timeout,
+            alerts=True if config.alerts is None else config.alerts,
             **options,
         )
     except (TypeError, ValueError) as err:  # ConfigurationError is a ValueError
         raise UsageError(f"cannot set up the {config.backend} backend: {err}") from None
-    for record in records:
-        tracker.log_record(record)
-    tracker.finish()
+
+
+class _LeftReports(logging.Filter):
+    """Holds back the tracker's own report, at finish, of records left in its log: the command
+    says it once, with the cause unless the delivery already said it (as it does at first failure)."""
+
+    LEFT = "bon_tracker: %d eval record(s) did not reach"
+    FAILED = ("bon_tracker: the %s backend is not set up correctly", "bon_tracker: the %s backend is unreachable")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cause_shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) else ""
+        if message.startswith(self.FAILED):
+            self.cause_shown = True
+        return not message.startswith(self.LEFT)
+
+
+def _deliver(tracker: Any, records: Sequence[EvalRecord]) -> dict[str, Any]:
+    """Log records to the backend through the tracker: the same write-ahead log and delivery as
+    training. Returns what reached the backend, where it is, and what waits in the log."""
+    held = _LeftReports()
+    logger.addFilter(held)
+    # The summary names where the run is, once: not the tracker's own line as well.
+    tracker._announce = lambda delivery: None
+    location = None
+    try:
+        for record in records:
+            tracker.log_record(record)
+        # Where the run is, read while it is open (W&B and trackio forget it once closed); the
+        # two waits together take at most finish_timeout, as finish() alone would.
+        started = time.monotonic()
+        tracker.flush(tracker.finish_timeout)
+        try:
+            location = tracker.backend.location
+        except Exception:  # a link is a convenience, never an error
+            location = None
+        tracker.finish(timeout=max(tracker.finish_timeout - (time.monotonic() - started), 1.0))
+    finally:
+        logger.removeFilter(held)
     stats = tracker.delivery_stats
     left = len(records) - stats.delivered - stats.dead_lettered
     return {
-        "name": config.backend,
+        "name": tracker.backend.name,
         "run_id": tracker.backend.run_id,
+        "location": location,
         "delivered": stats.delivered,
         "dead_lettered": stats.dead_lettered,
         "spooled": left,
         "spool": str(tracker.wal_path) if left else None,
         "error": stats.config_error or (stats.last_error if left else None),
+        "error_shown": held.cause_shown,
     }
 
 
-def _cmd_analyze(args: argparse.Namespace) -> int:
-    from bon_tracker.analysis.grouping import curves_from_batches
-    from bon_tracker.backends.local import LocalBackend, default_root
+# ---- the command ------------------------------------------------------------------------------------------------
 
-    config = _config(args)
-    files = [Path(f) for f in args.files]
+
+def _input_files(args: argparse.Namespace) -> tuple[list[Path], Callable[..., Iterator[ScoreBatch]]]:
+    patterns = expand_file_patterns(args.files)
     reader: Callable[..., Iterator[ScoreBatch]] = read_score_batches
+    files = [Path(f) for f in patterns]
     if args.preset == "verl":  # verl's trainer.validation_data_dir dumps, as they are
         from bon_tracker.analysis import verl_dumps
 
-        files = verl_dumps.dump_files(args.files)
+        files = verl_dumps.dump_files(patterns)
         reader = verl_dumps.read_dump_batches
     for path in files:
         if not path.is_file():
             raise ScoreFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
         if args.format is None:
             detect_format(path)
+    return files, reader
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from bon_tracker.analysis.grouping import curves_from_batches
+    from bon_tracker.backends.local import default_root
+
+    config = _config(args)
+    if args.out and args.root and Path(args.out) != Path(args.root):
+        raise UsageError(
+            "--out and --root both name the folder that holds the run folders; give one of them "
+            f"(got --out {args.out} and --root {args.root})"
+        )
+    files, reader = _input_files(args)
     columns = Columns(
         prompt=args.prompt_col,
         proxy=args.proxy_col,
@@ -130,16 +545,25 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         require_run=args.run_col is not None,
     )
     if args.preset == "verl":
+        from bon_tracker.analysis import verl_dumps
+
         columns = verl_dumps.dump_columns(files[0], args.true_col)
+    base = config.run_name or _file_stem(files[0])
+    explicit_name = config.run_name is not None
+    out_root = Path(args.out or config.local.get("root") or default_root())
+    rules = alert_rules(config.alerts)
+    # Configuration errors of the backend now, before any file is read.
+    first_tracker = _make_tracker(config, base) if config.backend != "local" else None
+
     total = sum(p.stat().st_size for p in files)
     enabled = not args.quiet and sys.stderr.isatty()
     counts: dict[str, int] = {}
     bars: list[_Progress] = []
 
-    def open_batches() -> Iterator[ScoreBatch]:
+    def open_batches(desc: str | None = None) -> Iterator[ScoreBatch]:
         for bar in bars:
             bar.close()
-        bars.append(_Progress(total, "reading" if len(bars) == 0 else "re-reading", enabled))
+        bars.append(_Progress(total, desc or ("reading" if len(bars) == 0 else "re-reading"), enabled))
         return _open_batches(files, columns, args.format, config.nan_policy, args.batch_rows, bars[-1], counts, reader)
 
     def on_ungrouped(key: tuple) -> None:
@@ -156,21 +580,39 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             from bon_tracker.analysis.ray_engine import ray_curves
 
             curves, info = ray_curves(
-                files, columns, ns=config.ns, nan_policy=config.nan_policy, fmt=args.format, preset=args.preset
+                files,
+                columns,
+                ns=config.ns,
+                nan_policy=config.nan_policy,
+                fmt=args.format,
+                preset=args.preset,
+                statistics=True,
+                progress=False if args.quiet else None,  # -q: no Ray progress bars or INFO lines either
             )
             counts.update(rows=info["rows"], omitted=sum(info["omitted"].values()))
+            estimates = {key: (*info["estimates"][key], info["agreement"][key]) for key in info.get("estimates", {})}
         else:
             curves, info = curves_from_batches(open_batches, ns=config.ns, on_ungrouped=on_ungrouped)
+            estimates = {}
+            if curves:
+                read = dict(counts)
+                steps = {
+                    (run, step): _StepEstimates(curve.n, info["prompts"][(run, step)])
+                    for run, by_step in curves.items()
+                    for step, curve in by_step.items()
+                }
+                feed = _feed_grouped if info["grouped"] else _feed_buffered
+                feed(open_batches("statistics"), steps)
+                counts.update(read)
+                estimates = {key: step.result() for key, step in steps.items()}
     finally:
         for bar in bars:
             bar.close()
     if not curves:
         dropped = f" ({counts['omitted']:,} dropped by --nan-policy omit)" if counts.get("omitted") else ""
         raise ScoreFileError(f"no samples in {', '.join(str(f) for f in files)}{dropped}")
+    statistics = _step_statistics(curves, estimates)
 
-    base = config.run_name or _file_stem(files[0])
-    explicit_name = config.run_name is not None
-    out_root = Path(args.out) if args.out else Path(config.local.get("root") or default_root())
     draw = bool(config.local.get("charts", True))
     names = {"proxy_name": config.proxy_name, "true_name": config.true_name}
     summary: dict[str, Any] = {
@@ -182,32 +624,69 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     exit_code = EXIT_OK
     for run, steps in curves.items():
         name = base if run is None else (f"{base}-{run}" if explicit_name else str(run))
-        records = [EvalRecord.build(step, curve, key_prefix=config.key_prefix) for step, curve in steps.items()]
-        local = LocalBackend(root=out_root, run_name=_safe_name(name), charts=False)
-        for record in records:
-            local.log_eval(record)
-        local.finish()
-        run_dir = local.run_dir
-        assert run_dir is not None
-        report = run_dir / "report.html"
-        if draw:
-            try:
-                report = write_run_report(records, run_dir, title=name, **names)
-            except MissingDependencyError as err:
-                logger.warning("bon_tracker: no charts in the report: %s", err)
+        records = _records(steps, run, statistics, config, rules)
+        run_dir, report, replaced = _write_run_folder(
+            out_root, name, records, overwrite=args.overwrite, draw=draw, files=files, names=names
+        )
         entry: dict[str, Any] = {
             "name": name,
             "run_dir": str(run_dir),
             "report": str(report),
+            "replaced": replaced,
             "steps": [_step_summary(r, info, run) for r in records],
+            "alerts": [{"step": r.step, **a.to_dict()} for r in records for a in r.onsets],
         }
         if config.backend != "local":
-            entry["backend"] = _deliver(config, name, records)
+            if first_tracker is not None and name == base:  # the tracker made before computing: this run's
+                tracker, first_tracker = first_tracker, None
+            else:
+                tracker = _make_tracker(config, name)
+            entry["backend"] = _deliver(tracker, records)
             if entry["backend"]["spooled"] or entry["backend"]["dead_lettered"]:
                 exit_code = EXIT_PENDING
         summary["runs"].append(entry)
+    if first_tracker is not None:  # the input named its runs: that tracker logged nothing
+        first_tracker.finish()
     _print_analyze_summary(summary, args.json, files)
     return exit_code
+
+
+def _records(
+    steps: dict[int, BonCurve],
+    run: Any,
+    statistics: dict[tuple[Any, int], EvalStatistics],
+    config: TrackerConfig,
+    rules: Any,
+) -> list[EvalRecord]:
+    """The eval records of one run, as ``log_scores`` builds them: interval, agreement,
+    predictions, and the alerts of the run's steps in order (the tracker's reporter)."""
+    reporter = AlertReporter(rules) if rules is not None else None
+    records = []
+    for step, curve in sorted(steps.items()):
+        stats = statistics.get((run, step), EvalStatistics())
+        events: list = []
+        states = None
+        if reporter is not None:
+            try:
+                events, states = reporter.update(step, curve, None, stats.interval)
+            except Exception as err:  # as in the tracker: never the reason the curves are not reported
+                where = f"step {step}" + ("" if run is None else f" of run {run!r}")
+                logger.warning("bon_tracker: the alerts failed at %s (%s: %s)", where, type(err).__name__, err)
+        records.append(
+            EvalRecord.build(
+                step,
+                curve,
+                key_prefix=config.key_prefix,
+                proxy_name=config.proxy_name,
+                true_name=config.true_name,
+                interval=stats.interval,
+                agreement=stats.agreement,
+                predictions=stats.predictions,
+                alerts=events,
+                alert_states=states,
+            )
+        )
+    return records
 
 
 def _step_summary(record: EvalRecord, info: dict[str, Any], run: Any) -> dict[str, Any]:
@@ -232,6 +711,7 @@ def _step_summary(record: EvalRecord, info: dict[str, Any], run: Any) -> dict[st
         "goodhart_falls_from_start": bool(g is not None and g.falls_from_start),
         "goodhart_horizon_n": record.horizon_n,
         "goodhart": goodhart_text(record),
+        "alerts": sorted(rule for rule, state in (record.alert_states or {}).items() if state),
     }
 
 
@@ -239,29 +719,37 @@ def _print_analyze_summary(summary: dict[str, Any], as_json: bool, files: Sequen
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    omitted = f", {summary['omitted']:,} non-finite samples omitted" if summary["omitted"] else ""
-    print(f"read {summary['rows']:,} samples from {len(files)} file{'s' if len(files) != 1 else ''}{omitted}")
+    omitted = f", {plural(summary['omitted'], 'non-finite sample')} omitted" if summary["omitted"] else ""
+    print(f"read {plural(summary['rows'], 'sample')} from {plural(len(files), 'file')}{omitted}")
     for run in summary["runs"]:
-        print(f"run {run['name']!r}: {len(run['steps'])} eval step{'s' if len(run['steps']) != 1 else ''}")
+        print(f"run {run['name']!r}: {plural(len(run['steps']), 'eval step')}")
         for s in run["steps"][-5:]:
             goodhart = s["goodhart"]  # the report's wording: n* = 1, "beyond n = ...", "not resolved"
             true1 = f"true@1 {s['true@1']:.4g}, " if s["true@1"] is not None else ""
             print(
-                f"  step {s['step']}: {s['prompts']:,} prompts, N={s['N']}; {true1}"
+                f"  step {s['step']}: {plural(s['prompts'], 'prompt')}, N={s['N']}; {true1}"
                 f"true@{s['n_max']} {s['true@n_max']:.4g}; {goodhart}"
             )
         if len(run["steps"]) > 5:
-            print(f"  ({len(run['steps']) - 5} earlier steps in the report)")
-        print(f"  report: {run['report']}")
+            earlier = len(run["steps"]) - 5
+            print(f"  ({plural(earlier, 'earlier step')} in the report)")
+        for alert in run["alerts"]:
+            print(f"  alert {alert['rule']} at step {alert['step']}: {alert['message']}")
+        print(f"  run folder: {run['run_dir']} (report: {run['report']})")
         backend = run.get("backend")
         if backend:
-            print(f"  {backend['name']} run: {backend['run_id']} ({backend['delivered']} records logged)")
+            where = backend["location"] or f"run {backend['run_id']}"
+            logged = f"{plural(backend['delivered'], 'eval step')} logged"
             if backend["spool"]:
+                cause = "" if backend["error_shown"] or not backend["error"] else f" ({backend['error']})"
                 print(
-                    f"  {backend['spooled']} records could not be logged ({backend['error']}); they are kept in "
-                    f"{backend['spool']}; replay them with: bon-tracker sync {backend['spool']}",
+                    f"  {backend['name']}: {logged}; {plural(backend['spooled'], 'record')} could not be "
+                    f"logged{cause} and {'is' if backend['spooled'] == 1 else 'are'} kept in {backend['spool']}; "
+                    f"replay with: bon-tracker sync {backend['spool']}",
                     file=sys.stderr,
                 )
+            else:
+                print(f"  {backend['name']}: {where} ({logged})")
 
 
 def add_parser(commands: Any) -> None:
@@ -292,7 +780,13 @@ def add_parser(commands: Any) -> None:
             "  bon-tracker analyze scores.csv --backend wandb --project goodhart --run-name ppo-1\n\n" + EXIT_CODES_HELP
         ),
     )
-    analyze.add_argument("files", nargs="+", metavar="FILE", help="score files (read in order, as one table)")
+    analyze.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="score files (read in order, as one table); a glob pattern ('dumps/*.parquet', quoted or not) "
+        "stands for the files it matches, in sorted order, and is an error when it matches none",
+    )
     _add_config(analyze)
     cols = analyze.add_argument_group("columns")
     cols.add_argument(
@@ -337,16 +831,22 @@ def add_parser(commands: Any) -> None:
     output.add_argument(
         "--out",
         metavar="DIR",
-        help="folder for the run folder and report (default: --root, config local.root, "
-        "$BON_TRACKER_DIR, else ./bon_runs)",
+        help="the folder that holds the run folders (the same as --root: give one of them; default: "
+        "config local.root, $BON_TRACKER_DIR, else ./bon_runs)",
     )
     output.add_argument(
         "--run-name",
         metavar="NAME",
         help="run name (default: the first file's name; with a run column, each run's value)",
     )
+    output.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run folder of the same name that an earlier analyze wrote (default: a new folder "
+        "<name>-2, <name>-3, ..., and a line saying so)",
+    )
     output.add_argument("--json", action="store_true", help="print the summary as JSON")
-    output.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    output.add_argument("-q", "--quiet", action="store_true", help="no progress bars (also Ray's, and its INFO lines)")
     output.add_argument("--batch-rows", type=int, default=1 << 16, help=argparse.SUPPRESS)
     backend = analyze.add_argument_group("tracking backend (also log the curves to a run)")
     backend.add_argument(
@@ -354,7 +854,9 @@ def add_parser(commands: Any) -> None:
         choices=tuple(BACKENDS),
         help=f"{', '.join(BACKENDS)} (default local: the run folder only; config: backend)",
     )
-    backend.add_argument("--root", metavar="DIR", help="local: folder of run folders (config: local.root)")
+    backend.add_argument(
+        "--root", metavar="DIR", help="the folder that holds the run folders, as --out (config: local.root)"
+    )
     backend.add_argument("--tracking-uri", metavar="URI", help="mlflow: tracking URI (config: mlflow.tracking_uri)")
     backend.add_argument("--experiment", metavar="NAME", help="mlflow: experiment name (config: mlflow.experiment)")
     backend.add_argument("--project", metavar="NAME", help="wandb: project (config: wandb.project)")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
+import os
 import re
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,36 @@ class _Progress:
 
 
 # ---- shared option handling --------------------------------------------------------------------------------
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``count`` and ``word``, in the plural unless ``count`` is 1.
+
+    >>> plural(1, "sample"), plural(2_000, "prompt"), plural(0, "eval step"), plural(2, "entry", "entries")
+    ('1 sample', '2,000 prompts', '0 eval steps', '2 entries')
+    """
+    return f"{count:,} {word if count == 1 else (many or word + 's')}"
+
+
+_MAGIC = re.compile(r"[*?[]")
+
+
+def expand_file_patterns(patterns: Sequence[str]) -> list[str]:
+    """File arguments with glob patterns expanded, as a shell does, also when the shell did not
+    (a quoted ``'dumps/*.parquet'``): each pattern stands for its matches in sorted order
+    (``**`` matches folders at any depth). A path that exists is taken as it is, even with
+    ``*``, ``?`` or ``[`` in its name; a pattern that matches nothing is an error naming it."""
+    out: list[str] = []
+    for pattern in patterns:
+        text = str(pattern)
+        if os.path.exists(text) or not _MAGIC.search(text):
+            out.append(text)
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
+        if not matches:
+            raise UsageError(f"{text}: no file matches this pattern")
+        out.extend(matches)
+    return out
 
 
 def _parse_ns(text: str) -> list[int]:

@@ -9,14 +9,16 @@ from typing import Any
 from bon_tracker.cli.common import (
     EXIT_CODES_HELP,
     EXIT_OK,
+    UsageError,
     _add_config,
     _add_labels,
     _add_run_source,
     _config,
     _Formatter,
     _run_source,
+    plural,
 )
-from bon_tracker.reports.compare import resolve_run, write_comparison
+from bon_tracker.reports.compare import check_n, resolve_run, write_comparison
 
 # ---- compare and report --------------------------------------------------------------------------------------
 
@@ -25,6 +27,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     config = _config(args)
     source = _run_source(args, config)
     runs = [resolve_run(ref, **source) for ref in args.runs]
+    if args.n is not None:
+        try:
+            check_n(runs, args.n, args.step)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     report = write_comparison(
         runs,
         Path(args.out),
@@ -37,7 +44,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for run in runs:
         shown = run.at_step(args.step)
         print(
-            f"{run.kind} run {run.label!r} ({run.location}): {len(run.records)} eval steps, showing step {shown.step}"
+            f"{run.kind} run {run.label!r} ({run.location}): {plural(len(run.records), 'eval step')}, "
+            f"showing step {shown.step}"
         )
     print(f"comparison: {report}")
     return EXIT_OK
@@ -66,8 +74,7 @@ def add_parser(commands: Any) -> None:
             "  bon-tracker compare bon_runs/ppo-a bon_runs/ppo-b\n"
             "  bon-tracker compare mlflow:ppo-a mlflow:ppo-b --tracking-uri sqlite:///mlflow.db --step 2000\n"
             "  bon-tracker compare wandb/offline-run-20250101_120000-abc123 bon_runs/baseline --out cmp\n"
-            "  bon-tracker compare tensorboard:runs/ppo-a trackio:goodhart/ppo-b\n\n"
-            + EXIT_CODES_HELP
+            "  bon-tracker compare tensorboard:runs/ppo-a trackio:goodhart/ppo-b\n\n" + EXIT_CODES_HELP
         ),
     )
     compare.add_argument("runs", nargs="+", metavar="RUN", help="runs to compare (see above)")
@@ -80,7 +87,11 @@ def add_parser(commands: Any) -> None:
         help="overlay each run's latest eval step at or before STEP (default: its latest)",
     )
     compare.add_argument(
-        "--n", type=int, metavar="N", help="n of true@n over training (default: the largest n every run measured)"
+        "--n",
+        type=int,
+        metavar="N",
+        help="n of true@n in the table and over training (default: the largest n every run measured); "
+        "an n missing from a run's grid at the step shown is an error naming the largest n they share",
     )
     compare.add_argument("--sqrt-kl", action="store_true", help="x axis √KL (Gao et al.'s d) instead of KL")
     _add_run_source(compare)

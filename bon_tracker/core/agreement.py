@@ -32,17 +32,32 @@ class TopAgreement:
     n_prompts: tuple[int, ...]
 
     def metrics(self, prefix: str = "bon") -> dict[str, float]:
-        """``{prefix}/agreement/top{q}`` -> mean Spearman (``top1`` is all samples, ``top0.25`` the top quarter).
+        """``{prefix}/8_agreement/top{q}`` -> mean Spearman (``top1`` is all samples,
+        ``top0_25`` the top quarter): the tracker's metric names.
 
         Example:
             >>> agreement = topq_agreement([[0.1, 0.2, 0.3, 0.4]], [[1.0, 2.0, 3.0, 4.0]], min_samples=2)
             >>> agreement.metrics()
-            {'bon/agreement/top1': 1.0, 'bon/agreement/top0.5': 1.0}
+            {'bon/8_agreement/top1': 1.0, 'bon/8_agreement/top0_5': 1.0}
         """
-        return {f"{prefix}/agreement/top{q:g}": m for q, m in zip(self.q, self.mean)}
+        return {f"{prefix}/{AGREEMENT_SECTION}/{agreement_label(q)}": m for q, m in zip(self.q, self.mean)}
 
     def to_dict(self) -> dict[str, list]:
         return {k: list(v) for k, v in asdict(self).items()}
+
+
+# The agreement section of the metric names: bon_tracker.record.METRIC_SECTIONS["agreement"].
+AGREEMENT_SECTION = "8_agreement"
+
+
+def agreement_label(q: float) -> str:
+    """The leaf of a top-q agreement metric: ``top`` and q with ``_`` for the decimal point
+    (W&B reads ``.`` in a key as nesting); as text these sort in the numeric order of q.
+
+    >>> [agreement_label(q) for q in (1.0, 0.5, 0.25, 0.0625)]
+    ['top1', 'top0_5', 'top0_25', 'top0_0625']
+    """
+    return "top" + f"{float(q):g}".replace(".", "_")
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

@@ -59,6 +59,8 @@ from bon_tracker.core.validation import as_float
 
 RULES = ("policy_true_falls", "bon_true_falls", "goodhart_kl", "headroom_shrinks")
 STATE_VERSION = 1
+# The alert section of the metric names: bon_tracker.record.METRIC_SECTIONS["alert"] (core imports no record).
+ALERT_SECTION = "7_alert"
 
 
 def _is_number(value: object) -> bool:
@@ -500,9 +502,10 @@ class AlertMonitor:
         return self._last_step
 
     def metrics(self, prefix: str = "bon") -> dict[str, float]:
-        """``{prefix}/alert/{rule}``: 1.0 while the rule's alert is active, else 0.0, for every enabled rule."""
+        """``{prefix}/7_alert/{rule}``: 1.0 while the rule's alert is active, else 0.0, for every
+        enabled rule; the tracker's metric names (``bon_tracker.record.metric_key("alert", rule)``)."""
         enabled = [rule for rule in RULES if getattr(self.rules, rule)]
-        return {f"{prefix}/alert/{rule}": 1.0 if rule in self._active else 0.0 for rule in enabled}
+        return {f"{prefix}/{ALERT_SECTION}/{rule}": 1.0 if rule in self._active else 0.0 for rule in enabled}
 
     # ---- resume --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -202,6 +202,33 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def check_n(runs: Sequence[RunRecords], n: int, step: int | None = None) -> None:
+    """``n`` (``compare --n``) must be on the grid of every run at the step shown (its latest, or
+    the latest at or before ``step``), which the table and the panels show it at; a ValueError
+    names a run without it and the largest n every run has there.
+
+    >>> import numpy as np
+    >>> from bon_tracker.core import bon_curve
+    >>> run = RunRecords("a", "local", "bon_runs/a", (EvalRecord.build(0, bon_curve(np.eye(16), np.eye(16))),))
+    >>> check_n([run], 64)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: --n 64: run 'a' has no n = 64 at step 0 (N = 16; its n: 1, 2, 4, 8, 16); the largest n ...
+    """
+    shown = [(run, run.at_step(step)) for run in runs]
+    missing = [(run, record) for run, record in shown if n not in record.curve.n.tolist()]
+    if not missing:
+        return
+    run, record = missing[0]
+    shared = set.intersection(*(set(r.curve.n.tolist()) for _, r in shown))
+    largest = f"the largest n every run has there is {max(shared)}" if shared else "the runs share no n"
+    grid = ", ".join(str(v) for v in record.curve.n.tolist())
+    raise ValueError(
+        f"--n {n}: run {run.label!r} has no n = {n} at step {record.step} (N = {record.curve.N}; its n: {grid}); "
+        f"{largest}"
+    )
+
+
 def write_comparison(
     runs: Sequence[RunRecords],
     out_dir: str | Path,
@@ -214,7 +241,9 @@ def write_comparison(
 ) -> Path:
     """Compare runs: ``compare_curves.png`` (each run's curve at its latest step, or at
     ``step``), ``runs_over_steps.png`` (true@n and the Goodhart point against training
-    step) and ``compare.html`` with both and a summary table, in ``out_dir``."""
+    step) and ``compare.html`` with both and a summary table, in ``out_dir``. ``n``: the n of
+    true@n in the table and the panel (default the largest n every step of every run has); it
+    must be on every run's grid at the step shown (:func:`check_n`: a ValueError otherwise)."""
     from bon_tracker.files import atomic_write_text
     from bon_tracker.reports import charts
     from bon_tracker.reports.html import REPORT_STYLE
@@ -225,6 +254,8 @@ def write_comparison(
     labels = unique_labels(runs)
     shown = [(label, run.at_step(step)) for label, run in zip(labels, runs)]
     histories = [(label, list(run.records)) for label, run in zip(labels, runs)]
+    if n is not None:
+        check_n(runs, n, step)  # never a table of another n under the heading true@n
     n = n if n is not None else charts.common_n(histories)
     names = {"proxy_name": proxy_name, "true_name": true_name}
     _save(charts.compare_chart(shown, sqrt_kl=sqrt_kl, **names), out_dir / "compare_curves.png")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -423,10 +424,28 @@ class BonTracker:
             check_step(record.step)
             if not self.is_writer or not self._is_new_step(record.step):
                 return False
+            events: list = []
+            if record.alert_states is None and self._alerts is not None:
+                record, events = self._alerted(record)  # built elsewhere (a score file): the rules still run
             self._enqueue(record)
             self.history.append(record)
             self.last_step = record.step
+            if events:
+                self._alerts.report(events)  # type: ignore[union-attr]
             return True
+
+    def _alerted(self, record: EvalRecord) -> tuple[EvalRecord, list]:
+        """The record with this tracker's alert events and states at its step (the rules that
+        need the interval only fire when the record carries one)."""
+        assert self._alerts is not None
+        try:
+            kl = None if record.policy is None else record.policy.kl
+            events, states = self._alerts.update(record.step, record.curve, kl, record.interval)
+        except Exception as err:  # never the reason a training run crashes
+            name = type(err).__name__
+            logger.warning("bon_tracker: the alert rules failed at step %d (%s: %s)", record.step, name, err)
+            return record, []
+        return dataclasses.replace(record, alerts=tuple(events), alert_states=states), list(events)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds (default ``finish_timeout``) until every record
