@@ -418,3 +418,12 @@ def test_the_readme_shows_a_row_of_each_sample_file():
     csv_lines = (EXAMPLES / "scores.csv").read_text(encoding="utf-8").splitlines()
     assert "| `scores.csv` | `0,q1,0.51,0.5` under the header `step,prompt_id,proxy,true` |" in readme
     assert csv_lines[:2] == ["step,prompt_id,proxy,true", "0,q1,0.51,0.5"]
+
+
+def test_analyze_names_a_verl_run_after_its_dump_folder(tmp_path, capsys):
+    folder = verl_dump(tmp_path / "ppo-lr1e-5", lambda q, j: f"u{q}_{j}_0")
+    files = sorted(str(p) for p in folder.glob("*.jsonl"))
+    assert (
+        main(["analyze", *files, "--preset", "verl", "--true-col", "gold", "--out", str(tmp_path / "out"), "-q"]) == 0
+    )
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["ppo-lr1e-5"]

@@ -548,7 +548,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         from bon_tracker.analysis import verl_dumps
 
         columns = verl_dumps.dump_columns(files[0], args.true_col)
-    base = config.run_name or _file_stem(files[0])
+    dump_name = None
+    if args.preset == "verl":  # verl names its dump files by step ("10.jsonl"): the folder names the run
+        dump_name = verl_dumps.default_run_name(args.files) or Path(files[0]).resolve().parent.name or None
+    base = config.run_name or dump_name or _file_stem(files[0])
     explicit_name = config.run_name is not None
     out_root = Path(args.out or config.local.get("root") or default_root())
     rules = alert_rules(config.alerts)
@@ -837,7 +840,8 @@ def add_parser(commands: Any) -> None:
     output.add_argument(
         "--run-name",
         metavar="NAME",
-        help="run name (default: the first file's name; with a run column, each run's value)",
+        help="run name (default: the first file's name, for a verl dump folder the folder's; with a run "
+        "column, each run's value)",
     )
     output.add_argument(
         "--overwrite",
