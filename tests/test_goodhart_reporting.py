@@ -420,3 +420,12 @@ def test_ragged_prompts_say_how_many_reach_the_largest_n():
         "30 prompts with up to N = 11 samples each (ragged: n = 11 averages only the 4 of 30 prompts with that many)"
     )
     assert samples_text(bon_curve(np.ones((3, 4)), np.ones((3, 4)))) == "3 prompts, N = 4 samples per prompt"
+
+
+def test_none_in_a_row_is_a_missing_score_under_nan_policy():
+    """As docs/trl.md says: a reward function's None counts as missing, as in TRL's nansum."""
+    curve = bon_curve([[1.0, None, 2.0], [1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], nan_policy="omit")
+    want = bon_curve([[1.0, 2.0], [1.0, 2.0, 3.0]], [[1.0, 3.0], [1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(curve.true_mean, want.true_mean)
+    with pytest.raises(ValueError, match=r"proxy has 1 non-finite value\(s\) \(NaN, inf or None: missing\) at"):
+        bon_curve([[1.0, None, 2.0]], [[1.0, 2.0, 3.0]])

@@ -62,7 +62,7 @@ def as_float(value: object, name: str) -> float:
         ) from None
 
 
-def _object_to_float(array: np.ndarray, name: str) -> np.ndarray:
+def _object_to_float(array: np.ndarray, name: str, none_is_missing: bool = False) -> np.ndarray:
     """An object array (nested lists holding huge integers, complex numbers, ...) as float64,
     or an error naming the first value that is not a real number a float can hold."""
     out = np.empty(array.shape, dtype=np.float64)
@@ -71,6 +71,9 @@ def _object_to_float(array: np.ndarray, name: str) -> np.ndarray:
         where = name if not index else f"{name} at {index if len(index) != 1 else index[0]}"
         if isinstance(item, (complex, np.complexfloating)):
             raise TypeError(f"{where} is the complex value {item!r}: scores must be real-valued")
+        if item is None and none_is_missing:  # a reward function's "no score", as TRL's nansum reads it
+            out[index] = np.nan
+            continue
         if not isinstance(item, (int, float, np.integer, np.floating, np.bool_)):
             raise TypeError(f"{name} must be numeric, got a {type(item).__name__} at {index}")
         try:
@@ -82,7 +85,7 @@ def _object_to_float(array: np.ndarray, name: str) -> np.ndarray:
     return out
 
 
-def _to_float_array(values: object, name: str) -> np.ndarray:
+def _to_float_array(values: object, name: str, none_is_missing: bool = False) -> np.ndarray:
     """Convert array-likes (lists, numpy, CPU/CUDA tensors) to a float64 array.
 
     Complex values (numpy, tensors, or inside nested lists) are a ``TypeError`` -- casting
@@ -101,7 +104,7 @@ def _to_float_array(values: object, name: str) -> np.ndarray:
     if np.issubdtype(array.dtype, np.complexfloating):
         raise TypeError(f"{name} must be real-valued, got dtype {array.dtype}")
     if array.dtype == object:
-        return _object_to_float(array, name)
+        return _object_to_float(array, name, none_is_missing)
     if not (np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)):
         raise TypeError(f"{name} must be numeric, got an array of dtype {array.dtype}")
     return array.astype(np.float64, copy=False)
@@ -142,7 +145,7 @@ def _describe_bad(mask: np.ndarray, name: str, ragged_row: int | None = None) ->
         str(tuple(int(i) for i in idx)) if ragged_row is None else str((ragged_row, int(idx[0]))) for idx in where[:5]
     )
     more = f" (first 5 of {count})" if count > 5 else ""
-    return f"{name} has {count} non-finite value(s) (NaN or inf) at (prompt, sample) {shown}{more}"
+    return f"{name} has {count} non-finite value(s) (NaN, inf or None: missing) at (prompt, sample) {shown}{more}"
 
 
 def check_nan_policy(nan_policy: str) -> None:
@@ -165,8 +168,8 @@ def paired_scores(
     if _is_ragged(proxy) or _is_ragged(score):
         return _paired_ragged(proxy, score, nan_policy, names)
 
-    p = _to_float_array(proxy, p_name)
-    s = _to_float_array(score, s_name)
+    p = _to_float_array(proxy, p_name, none_is_missing=True)
+    s = _to_float_array(score, s_name, none_is_missing=True)
     if p.shape != s.shape:
         raise ValueError(f"{p_name} and {s_name} must have the same shape, got {p.shape} and {s.shape}")
     if p.ndim not in (1, 2):
@@ -201,8 +204,8 @@ def _paired_ragged(proxy, score, nan_policy, names):
         raise ValueError(f"{p_name} has {len(proxy)} prompts but {s_name} has {len(score)}")
     rows_p, rows_s = [], []
     for i, (row_p, row_s) in enumerate(zip(proxy, score)):
-        a = _to_float_array(row_p, f"{p_name}[{i}]")
-        b = _to_float_array(row_s, f"{s_name}[{i}]")
+        a = _to_float_array(row_p, f"{p_name}[{i}]", none_is_missing=True)
+        b = _to_float_array(row_s, f"{s_name}[{i}]", none_is_missing=True)
         if a.ndim != 1 or a.shape != b.shape:
             raise ValueError(
                 f"prompt {i}: {p_name}[{i}] and {s_name}[{i}] must be 1-D of equal length, "
