@@ -287,6 +287,11 @@ def test_a_tracker_resumed_from_an_early_state_continues_the_same_mlflow_run(tmp
     second.finish()
     (run,) = _runs(uri, "resume")
     assert _metric_steps(uri, run.info.run_id) == [0, 1]
+    # a local store has a page too: the one `mlflow ui` serves, and the command that serves it
+    url = second.backend.ui_url
+    assert url.startswith("http://127.0.0.1:5000/#/experiments/") and run.info.run_id in url
+    assert "workflowType=machine_learning" in url
+    assert f"mlflow ui --backend-store-uri {uri}, then {url}" in second.backend.location
 
 
 # ---- 5 and 16. records a service cannot take ------------------------------------------------------------------

@@ -86,6 +86,7 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_TAGS_PER_BATCH = 100
 MAX_KEY_LENGTH = 250
 MAX_TAG_VALUE_LENGTH = 8000
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 RUN_KEY_TAG = "bon_tracker.run_key"  # the client-chosen identity of a run this backend creates
 _RUN_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # mlflow.utils.mlflow_tags.MLFLOW_LOGGED_ARTIFACTS
@@ -380,24 +381,25 @@ class MlflowBackend(Backend):
 
     @property
     def ui_url(self) -> str | None:
-        """The run's Model metrics page in MLflow's training view, for an ``http(s)``
-        tracking URI (None before the first write or for a local store: run ``mlflow ui``
-        and use :func:`mlflow_run_url`). MLflow 3.x opens its GenAI
-        view unless the URL carries ``?workflowType=machine_learning``."""
-        if self._run_id is None or not self.tracking_uri.startswith(("http://", "https://")):
+        """The run's Model metrics page in MLflow's training view (None before the first
+        write): on the tracking server for an ``http(s)`` URI; for a local store (the
+        default sqlite file), the page that ``mlflow ui --backend-store-uri <uri>`` serves at
+        its default address, ``http://127.0.0.1:5000`` (:attr:`location` says the command).
+        MLflow 3.x opens its GenAI view unless the URL carries ``?workflowType=machine_learning``."""
+        if self._run_id is None:
             return None
-        return mlflow_run_url(self.tracking_uri, self.experiment_id or "0", self._run_id)
+        local = not self.tracking_uri.startswith(("http://", "https://"))
+        return mlflow_run_url(LOCAL_UI if local else self.tracking_uri, self.experiment_id or "0", self._run_id)
 
     @property
     def location(self) -> str | None:
         """The run's page for a server; for a local store, the run id and how to open it."""
         if self._run_id is None:
             return None
-        if self.ui_url is not None:
+        if self.tracking_uri.startswith(("http://", "https://")):
             return self.ui_url
-        page = mlflow_run_url("http://127.0.0.1:5000", self.experiment_id or "0", self._run_id)
         uri = self.tracking_uri
-        return f"MLflow run {self._run_id} in {uri}; view: mlflow ui --backend-store-uri {uri}, then {page}"
+        return f"MLflow run {self._run_id} in {uri}; view: mlflow ui --backend-store-uri {uri}, then {self.ui_url}"
 
     @property
     def experiment_id(self) -> str | None:
@@ -567,7 +569,7 @@ class MlflowBackend(Backend):
         tags = {**_new_run_tags(), RUN_KEY_TAG: self.run_key}
         run = client.create_run(experiment_id, run_name=self._run_name, tags=tags)
         self._run_id, self._owns_run = run.info.run_id, True
-        url = self.ui_url
+        url = self.location
         if url is not None:
             logger.info("bon_tracker: MLflow run %s: %s", run.info.run_name, url)
         return client, self._run_id
