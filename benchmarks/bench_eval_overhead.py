@@ -1,20 +1,28 @@
-"""What the alerts, the interval, the agreement and the predictions add per eval on the
-training thread (``log_scores``, rank 0), beside the curve itself.
+"""What an eval costs the training thread (``log_scores``, rank 0) beside the curve itself,
+and what the statistics worker computes off it.
 
     python benchmarks/bench_eval_overhead.py [--repeat 5]
 
-Prints, at 64 x 16, 1000 x 64 and 10000 x 256 (prompts x samples), the best-of-``repeat``
-time of ``bon_curve`` and of each part that ``log_scores`` adds after it, in milliseconds.
+1. Training thread: at 64 x 16, 1000 x 64 and 10000 x 256 (prompts x samples), the
+   best-of-``repeat`` time of ``bon_curve`` alone and of ``tracker.log_scores`` on the local
+   backend with every statistic on (validation, the curve, the write-ahead append with
+   fsync; the statistics are queued for the worker), and their ratio (issue 18 goal: <= 1.3x
+   at every size). Between two evals the tracker's background threads finish (``flush``), as
+   training between evals lets them; that time is not the training thread's.
+2. Off the training thread (the statistics worker): the time of each part it computes.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import numpy as np
 
+from bon_tracker import BonTracker
 from bon_tracker.core import AlertRules, bon_curve, bon_estimate, goodhart_interval, predict_curve, topq_agreement
+from bon_tracker.core.threads import thread_count
 from bon_tracker.tracking.alerting import (
     MAX_AGREEMENT_PROMPTS,
     AlertReporter,
@@ -39,12 +47,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    print(f"core threads: {thread_count()}; best of {args.repeat}; milliseconds")
+    print("1. training thread: log_scores (local backend, every statistic on) / bon_curve alone (goal <= 1.3)")
+    print("".join(f"{h:>14}" for h in ("P x N", "bon_curve", "log_scores", "ratio")))
+    for P, N in SIZES:
+        curve_ms, log_ms = training_thread(P, N, args.repeat)
+        print(f"{f'{P} x {N}':>14}{curve_ms:>14.2f}{log_ms:>14.2f}{log_ms / curve_ms:>14.2f}")
+    print("2. off the training thread (the statistics worker)")
     header = ("P x N", "curve", "estimates", "interval", "predict", "agreement", "alerts", "added", "B")
     print("".join(f"{h:>12}" for h in header))
     for P, N in SIZES:
         times, B = measure(P, N, args.repeat)
         print(f"{f'{P} x {N}':>12}" + "".join(f"{times[h]:>12.2f}" for h in header[1:-1]) + f"{B:>12}")
-    print("added: all that log_scores computes after the curve (estimates, interval, predictions, agreement, alerts)")
+    print("added: all that the worker computes after the curve (estimates, interval, predictions, agreement, alerts)")
+
+
+def training_thread(P: int, N: int, repeat: int) -> tuple[float, float]:
+    """Best-of-``repeat`` ms of bon_curve and of log_scores, the background idle before each call."""
+    rng = np.random.default_rng(0)
+    evals = [(rng.normal(size=(P, N)), rng.normal(size=(P, N))) for _ in range(2)]
+    curve_ms = best_ms(lambda: bon_curve(*evals[0]), repeat)
+    times = []
+    with tempfile.TemporaryDirectory() as root:
+        tracker = BonTracker("local", root=root, run_name="overhead", spool_dir=f"{root}/spool", charts=False)
+        for step in range(repeat + 1):
+            proxy, true = evals[step % 2]
+            proxy = proxy + 0.1 * step  # the curve moves: the alert rules see a run, not one eval again
+            tracker.flush(600)
+            start = time.perf_counter()
+            tracker.log_scores(step, proxy, true, policy_kl=0.1 * step)
+            times.append(time.perf_counter() - start)
+        tracker.finish(600)
+    return curve_ms, 1000 * min(times[1:])  # the first call also opens the run folder and the log
 
 
 def measure(P: int, N: int, repeat: int) -> tuple[dict[str, float], int]:

@@ -106,7 +106,8 @@ def append_whole(path: str | os.PathLike[str], data: bytes) -> None:
 
 class LineFile:
     """An append-only line file held open by its one writer: two system calls per append
-    (write, fsync) instead of six, for the write-ahead log on the training thread.
+    (write, fsync) instead of six, for the write-ahead log (the training thread may leave
+    the fsync to another thread: ``append(..., sync=False)`` then :meth:`sync`).
 
     Same guarantees as :func:`append_whole`: whole lines or nothing, a refused append
     truncated back. The size is tracked here, so only this object may write the file.
@@ -117,7 +118,9 @@ class LineFile:
         self._fd: int | None = None
         self._size = 0
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes, *, sync: bool = True) -> None:
+        """Append whole lines; ``sync=False`` leaves the fsync to a later :meth:`sync` (the
+        lines are then safe from a crash of this process at once, from a power loss after it)."""
         if data and not data.endswith(b"\n"):
             raise ValueError("LineFile.append takes whole lines: data must end with a newline")
         if self._fd is None:
@@ -130,12 +133,18 @@ class LineFile:
             self._fd = fd
         try:
             _write_all(self._fd, data, self._size)
-            _fsync(self._fd)
+            if sync:
+                _fsync(self._fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._size)
             raise
         self._size += len(data)
+
+    def sync(self) -> None:
+        """fsync what was appended (a no-op when the file is not open)."""
+        if self._fd is not None:
+            _fsync(self._fd)
 
     @property
     def is_open(self) -> bool:

@@ -241,17 +241,11 @@ class EvalRecord:
         predictions: Sequence[dict[str, Any]] | None = None,
         alerts: Sequence[Alert | AlertCleared] = (),
         alert_states: dict[str, int] | None = None,
+        fit: bool = True,
     ) -> EvalRecord:
-        goodhart = None
-        # Ragged prompts: fit only the n that every prompt reaches, so that all points of
-        # the fitted curve average the same prompts.
-        full = curve.n_prompts == curve.n_prompts.max()
-        fitted = curve if full.all() else replace(curve, **{k: getattr(curve, k)[full] for k in _PER_N_FIELDS})
-        if len(fitted.n) >= 3 and 1 in fitted.n.tolist():
-            try:
-                goodhart = GoodhartPoint.from_fit(fit_overoptimization(fitted))
-            except ValueError:  # too few points with KL > 0 to fit
-                goodhart = None
+        """The record of one eval; ``fit=False`` leaves the Goodhart fit out (the tracker adds
+        it off the training thread, with :meth:`fit_goodhart`)."""
+        goodhart = cls.fit_goodhart(curve) if fit else None
         policy = None
         if policy_kl is not None:
             at_one = curve.n.tolist().index(1) if 1 in curve.n.tolist() else None
@@ -273,6 +267,20 @@ class EvalRecord:
             alerts=tuple(alerts),
             alert_states=None if alert_states is None else {str(k): int(v) for k, v in alert_states.items()},
         )
+
+    @staticmethod
+    def fit_goodhart(curve: BonCurve) -> GoodhartPoint | None:
+        """Gao et al.'s law fitted to ``curve``; None without a Goodhart point or too few points."""
+        # Ragged prompts: fit only the n that every prompt reaches, so that all points of
+        # the fitted curve average the same prompts.
+        full = curve.n_prompts == curve.n_prompts.max()
+        fitted = curve if full.all() else replace(curve, **{k: getattr(curve, k)[full] for k in _PER_N_FIELDS})
+        if len(fitted.n) < 3 or 1 not in fitted.n.tolist():
+            return None
+        try:
+            return GoodhartPoint.from_fit(fit_overoptimization(fitted))
+        except ValueError:  # too few points with KL > 0 to fit
+            return None
 
     # ---- what appears in the tracking UI -------------------------------------------
     def scalars(self) -> dict[str, float]:

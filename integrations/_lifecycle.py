@@ -6,6 +6,7 @@ framework's events into these calls."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +16,15 @@ from bon_tracker.tracking.config import resolve_config
 from bon_tracker.tracking.tracker import BonTracker
 
 logger = logging.getLogger("bon_tracker")
+
+
+def takes_texts(tracker: BonTracker) -> bool:
+    """Whether ``tracker.log_scores`` takes ``prompts=`` and ``completions=`` (issue 16).
+
+    Transitional: until the tracker's new arguments land, the integrations keep logging scores
+    only rather than fail; remove this check once ``BonTracker.log_scores`` has them.
+    """
+    return "prompts" in inspect.signature(tracker.log_scores).parameters
 
 
 class TrackerLifecycle:
@@ -49,6 +59,7 @@ class TrackerLifecycle:
         self.tracker = tracker  # the live tracker, or the last finished one (its history stays readable)
         self._finished = False
         self._resume_state: dict[str, Any] | None = None  # what the next owned tracker continues
+        self._seen = 0 if tracker is None else len(tracker.poll_alerts())  # onsets already acted on
 
     def live(self, **context: Any) -> BonTracker:
         """The tracker to log with; an owned one is built (or rebuilt after :meth:`close`, on
@@ -58,15 +69,46 @@ class TrackerLifecycle:
             options = {**self.options, **{k: v for k, v in context.items() if k not in self.explicit}}
             self.tracker = BonTracker(**options, resume=self._resume_state)
             self._resume_state, self._finished = None, False
+            self._seen = len(self.tracker.poll_alerts())  # a resumed run's earlier onsets stopped nothing
         assert self.tracker is not None
         return self.tracker
 
-    def log(self, step: int, proxy: Any, true: Any, *, policy_kl: float | None = None, **context: Any) -> list[Any]:
-        """Log one eval step; returns the alert onsets that should stop training."""
+    def log(
+        self,
+        step: int,
+        proxy: Any,
+        true: Any,
+        *,
+        policy_kl: float | None = None,
+        texts: tuple[list[str], list[list[str]]] | None = None,
+        **context: Any,
+    ) -> list[Any]:
+        """Log one eval step (``texts``: its ``(prompts, completions)``, when the callback logs
+        texts); returns the onsets found since the last call that should stop
+        training (this eval's alert rules run off the training thread: :meth:`poll` at the
+        next training step returns its onsets)."""
         tracker = self.live(**context)
-        seen = len(tracker.alerts)
-        tracker.log_scores(step, proxy, true, policy_kl=policy_kl)
-        stopping = alerts_that_stop(tracker.alerts[seen:], self.stop_on_alert)
+        if texts is None or not takes_texts(tracker):
+            tracker.log_scores(step, proxy, true, policy_kl=policy_kl)
+        else:
+            prompts, completions = texts
+            tracker.log_scores(step, proxy, true, policy_kl=policy_kl, prompts=prompts, completions=completions)
+        return self._stopping(step, tracker.poll_alerts())
+
+    def poll(self, step: int) -> list[Any]:
+        """At a training step (or epoch end): the onsets found since the last call that should
+        stop training. With ``stop_on_alert`` the statistics of the last eval are done by now or
+        waited for (they ran during this step: only what one step did not cover is waited for);
+        without it nothing waits."""
+        if self.tracker is None or self._finished:
+            return []
+        if self.stop_on_alert is not False:
+            self.tracker.wait()
+        return self._stopping(step, self.tracker.poll_alerts())
+
+    def _stopping(self, step: int, onsets: list[Any]) -> list[Any]:
+        new, self._seen = onsets[self._seen :], len(onsets)
+        stopping = alerts_that_stop(new, self.stop_on_alert)
         if stopping:
             logger.warning(
                 "bon_tracker: stopping training at step %d on the %s alert (stop_on_alert)",

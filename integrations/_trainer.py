@@ -56,7 +56,11 @@ class TrainerTracking(transformers.TrainerCallback):
         *,
         stop_on_alert: bool | Sequence[str] = False,
         on_alert: Any = None,
+        log_texts: bool = True,
     ):
+        if not isinstance(log_texts, bool):
+            raise TypeError(f"log_texts must be True or False, got {log_texts!r:.60}")
+        self.log_texts = log_texts  # False: no prompt or completion leaves the process
         self._life = TrackerLifecycle(tracker, tracker_kwargs, stop_on_alert=stop_on_alert, on_alert=on_alert)
         self._life.live()  # built now: a configuration error surfaces when the callback is made
         self.eval_every = self._life.config.eval_every
@@ -72,8 +76,9 @@ class TrainerTracking(transformers.TrainerCallback):
         assert self._life.tracker is not None
         return self._life.tracker
 
-    def eval_scores(self, args: Any, state: Any, **kwargs: Any) -> tuple[Any, Any] | None:
-        """``(proxy, true)`` of this process for this evaluation (None: nothing to log)."""
+    def eval_scores(self, args: Any, state: Any, **kwargs: Any) -> tuple[Any, ...] | None:
+        """``(proxy, true)`` of this process for this evaluation, or ``(proxy, true, (prompts,
+        completions))`` with the texts behind them (None: nothing to log)."""
         raise NotImplementedError
 
     def discard_scores(self) -> None:
@@ -101,12 +106,20 @@ class TrainerTracking(transformers.TrainerCallback):
         scores = self.eval_scores(args, state, **kwargs)
         if scores is None:
             return
-        stopping = self._life.log(state.global_step, *scores, policy_kl=self._policy_kl)
+        proxy, true, *texts = scores
+        texts = texts[0] if texts and self.log_texts else None
+        stopping = self._life.log(state.global_step, proxy, true, policy_kl=self._policy_kl, texts=texts)
         self._policy_kl = None
         if stopping and self._in_training:
             control.should_training_stop = True
         if not self._in_training:  # a stand-alone evaluate(): finished now, continued by the next call
             self._life.close()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The alert rules of an eval run off the training thread: their onsets stop training
+        # at the first training step after they are computed.
+        if self._in_training and self._life.poll(state.global_step):
+            control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
         folder = checkpoint_dir(args, state.global_step)

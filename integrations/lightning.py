@@ -10,6 +10,10 @@ ragged). The callback collects them over the validation epoch and logs the curve
 ...     return {"bon_proxy": reward_model(completions), "bon_true": gold(completions)}  # doctest: +SKIP
 >>> trainer = Trainer(logger=MLFlowLogger(...), callbacks=[BonTrackerCallback(backend="mlflow")])  # doctest: +SKIP
 
+The texts behind the scores, for the hack table (docs/texts.md), come the same way: add
+``"bon_prompts"`` (the batch's prompts) and ``"bon_completions"`` (a row of completions per
+prompt, as long as its row of scores) to that dict; ``log_texts=False`` keeps them in the process.
+
 With ``backend="mlflow"`` next to an ``MLFlowLogger`` (or ``"wandb"`` next to a
 ``WandbLogger``) the curves go into the logger's run. The tracking run and its last
 logged step are saved in Lightning checkpoints, so ``fit(ckpt_path=...)`` continues it.
@@ -51,6 +55,10 @@ class BonTrackerCallback(pl.Callback):
         stop_on_alert: stop training (``trainer.should_stop``) when an alert starts: True for
             any rule, or a list of rule names (e.g. ``["goodhart_kl"]``).
         on_alert: called with each :class:`~bon_tracker.core.Alert` at its onset.
+        prompts_key: key of the batch's prompt strings in ``validation_step``'s output (optional).
+        completions_key: key of the completions, one row per prompt (optional, with ``prompts_key``).
+        log_texts: pass those texts to the tracker (they go to the tracking service, as TRL's
+            ``log_completions`` does); False: only scores leave the process.
         **tracker_kwargs: options of :class:`BonTracker` (``backend="mlflow"``, ``root=...``).
     """
 
@@ -63,24 +71,55 @@ class BonTrackerCallback(pl.Callback):
         kl_metric: str | None = None,
         stop_on_alert: bool | Sequence[str] = False,
         on_alert: Callable[[Any], Any] | None = None,
+        prompts_key: str = "bon_prompts",
+        completions_key: str = "bon_completions",
+        log_texts: bool = True,
         **tracker_kwargs: Any,
     ):
+        if not isinstance(log_texts, bool):
+            raise TypeError(f"log_texts must be True or False, got {log_texts!r:.60}")
         self._life = TrackerLifecycle(tracker, tracker_kwargs, stop_on_alert=stop_on_alert, on_alert=on_alert)
         self.proxy_key, self.true_key, self.kl_metric = proxy_key, true_key, kl_metric
+        self.prompts_key, self.completions_key, self.log_texts = prompts_key, completions_key, log_texts
         self._proxy: list[Any] = []
         self._true: list[Any] = []
+        self._prompts: list[str] = []
+        self._completions: list[list[str]] = []
+        self._without_texts = 0  # scored batches that returned no texts
 
     # ---- collecting -------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer, pl_module):
         self._proxy, self._true = [], []
+        self._prompts, self._completions, self._without_texts = [], [], 0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if isinstance(outputs, Mapping) and self.proxy_key in outputs and self.true_key in outputs:
             self._proxy.extend(_rows(outputs[self.proxy_key]))
             self._true.extend(_rows(outputs[self.true_key]))
+            if self.log_texts and self.prompts_key in outputs and self.completions_key in outputs:
+                self._prompts.extend(outputs[self.prompts_key])
+                self._completions.extend(list(row) for row in outputs[self.completions_key])
+            else:
+                self._without_texts += 1
+
+    def _texts(self) -> tuple[list[str], list[list[str]]] | None:
+        """The epoch's texts, when every scored batch returned them."""
+        texts, self._prompts, self._completions = (self._prompts, self._completions), [], []
+        if not self.log_texts or (not texts[0] and not texts[1]):  # none returned: scores only
+            return None
+        if self._without_texts:
+            logger.warning(
+                "bon_tracker: %d validation batch(es) returned scores without %r and %r: no texts this epoch",
+                self._without_texts,
+                self.prompts_key,
+                self.completions_key,
+            )
+            return None
+        return texts
 
     def on_validation_epoch_end(self, trainer, pl_module):
         proxy, true, self._proxy, self._true = self._proxy, self._true, [], []
+        texts = self._texts()
         if trainer.sanity_checking or trainer.global_step % self._life.config.eval_every:
             return
         if not proxy and trainer.world_size == 1:  # (with several processes the tracker says which rank)
@@ -92,8 +131,16 @@ class BonTrackerCallback(pl.Callback):
             return
         kl = trainer.callback_metrics.get(self.kl_metric) if self.kl_metric else None
         kl = float(kl) if kl is not None and math.isfinite(float(kl)) else None
-        stopping = self._life.log(trainer.global_step, proxy, true, policy_kl=kl, **self._logger_run(trainer))
+        stopping = self._life.log(
+            trainer.global_step, proxy, true, policy_kl=kl, texts=texts, **self._logger_run(trainer)
+        )
         if stopping and trainer.state.fn == "fit":
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # The alert rules of an eval run off the training thread; their onsets stop training at
+        # the end of the epoch, where Lightning's own EarlyStopping acts (after the validation).
+        if self._life.poll(trainer.global_step):
             trainer.should_stop = True
 
     # ---- the tracking run -----------------------------------------------------------------------

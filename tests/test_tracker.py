@@ -259,6 +259,7 @@ def test_a_record_in_flight_is_never_dropped_nor_counted_twice(tmp_path, rng, mo
         time.sleep(0.01)
     for step in range(2, 6):
         tracker.log_scores(step, *_scores(rng, 4, 4))
+    assert tracker.wait(10)  # every record completed and handed to delivery while step 1 is in flight
     release.set()
     tracker.finish(timeout=10)
     stats = tracker.delivery_stats

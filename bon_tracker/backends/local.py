@@ -248,14 +248,24 @@ class LocalBackend(Backend):
         return run_dir
 
     def _new_folder(self) -> str:
-        """A new run folder, named after the run, holding this backend's run key."""
+        """A new run folder, named after the run, holding this backend's run key.
+
+        The folder is made under a hidden name with the key inside, then renamed into place:
+        a process killed at any moment leaves either no folder or one that names its run (a
+        replay finds it by the key), and of two processes opening the same name one gets a
+        new folder (a rename onto a folder holding a key fails)."""
         base = self._base_name
+        staging = self.root / f".{base}.{self.run_key}.new"
+        staging.mkdir(exist_ok=True)  # a killed attempt's staging folder is taken up again
+        atomic_write_text(staging / RUN_KEY_FILE, self.run_key)
         run_id = base
-        while True:  # mkdir is atomic: of two processes opening the same name, one gets a new folder
+        while True:
             try:
-                (self.root / run_id).mkdir()
+                os.rename(staging, self.root / run_id)  # atomic; onto an existing folder only if it is empty
                 break
-            except FileExistsError:
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise
                 run_id = f"{base}-{uuid.uuid4().hex[:6]}"
         if run_id != base:
             logger.warning(
@@ -265,8 +275,6 @@ class LocalBackend(Backend):
                 self.root / run_id,
                 base,
             )
-        with contextlib.suppress(OSError):  # without it a replay after a kill opens a second folder
-            atomic_write_text(self.root / run_id / RUN_KEY_FILE, self.run_key)
         return run_id
 
     def _folder_of_run_key(self) -> str | None:

@@ -1,8 +1,11 @@
 """BonTracker: scores in, best-of-n curves out to a tracking backend; training never waits.
 
 ``log_scores`` validates, computes the curve (on the calling thread: it is cheap), appends
-the record to the run's write-ahead log on local disk and returns. A background worker
-(:mod:`bon_tracker.tracking.delivery`) delivers the log to the backend in order.
+the curve's record to the run's write-ahead log on local disk and returns. Two background
+threads do the rest, in step order: the statistics worker
+(:mod:`bon_tracker.tracking.statistics`) adds the Goodhart fit, its interval, predictions,
+agreement and the alert rules to the record (the completed record supersedes the curve's in
+the log), and the delivery worker (:mod:`bon_tracker.tracking.delivery`) delivers it.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from bon_tracker.core import Alert, AlertRules, BonCurve, bon_curve
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores
 from bon_tracker.files import atomic_write_text
 from bon_tracker.record import EvalRecord
-from bon_tracker.tracking.alerting import AlertCallback, AlertReporter, EvalStatistics, alert_rules, eval_statistics
+from bon_tracker.tracking.alerting import AlertCallback, AlertReporter, alert_rules, eval_statistics
 from bon_tracker.tracking.delivery import DEFAULT_MAX_MEMORY_RECORDS, Delivery, DeliveryStats
 from bon_tracker.tracking.distributed import all_gather, rank_and_world_size
+from bon_tracker.tracking.statistics import StatisticsWorker
 from bon_tracker.tracking.wal import Entry, WriteAheadLog
 
 logger = logging.getLogger("bon_tracker")
@@ -38,6 +42,7 @@ STATE_FILE = "bon_tracker_state.json"
 MAX_STEP = 2**63  # steps are int64 in every tracking service
 MAX_GRID = 4096  # points of the n grid: more says a mistake, and each costs a metric per service
 DEFAULT_FINISH_TIMEOUT = 30.0
+STATISTICS_WAIT = 60.0  # the longest a new eval waits for the statistics of the previous ones
 
 
 def _rows(values: Any) -> list[np.ndarray] | np.ndarray:
@@ -167,15 +172,19 @@ class BonTracker:
         alerts: the alert rules (:class:`~bon_tracker.core.AlertRules`, or a mapping of its
             settings); default: every rule on; ``False``: no alerts (docs/alerts.md).
         on_alert: called with each :class:`~bon_tracker.core.Alert` at its onset, on the
-            training thread inside :meth:`log_scores`; exceptions in it are logged, not raised.
+            thread that logs: the alert rules run off the training thread, and their onsets
+            are reported at the next call of :meth:`log_scores` (which first waits for the
+            previous eval's statistics), :meth:`poll_alerts` (the trainer callbacks call it
+            every training step), :meth:`wait`, :meth:`flush` or :meth:`finish`; exceptions
+            in it are logged, not raised.
         **backend_options: passed to the backend (``root`` for local;
             ``tracking_uri``, ``experiment``, ``run_id`` for MLflow; ``project``,
             ``entity``, ``run`` for W&B).
 
     Delivery: a record is durable once :meth:`log_scores` returns (appended to the log
-    with fsync); a background thread delivers it. A service that is down, frozen or slow
-    costs training nothing; :meth:`finish` waits at most ``finish_timeout`` seconds and
-    leaves the rest for ``bon-tracker sync``.
+    with fsync); background threads complete it with its statistics and deliver it. A
+    service that is down, frozen or slow costs training nothing; :meth:`finish` waits at
+    most ``finish_timeout`` seconds and leaves the rest for ``bon-tracker sync``.
 
     Example:
         >>> import tempfile
@@ -246,7 +255,12 @@ class BonTracker:
         self.proxy_name, self.true_name = str(proxy_name), str(true_name)
         self.finish_timeout = float(finish_timeout)
         self.last_step: int | None = None
-        self.history: list[EvalRecord] = []
+        self._history: list[EvalRecord] = []
+        self._statistics_worker = StatisticsWorker()
+        self._state_lock = threading.Lock()  # history, alert monitor and unreported events, shared with the worker
+        self._report_lock = threading.RLock()  # alert onsets are reported once, in order (on_alert may log)
+        self._unreported: list = []  # alert events the worker found, not yet reported
+        self._waiting: dict[int, _StatisticsJob] = {}  # seq -> job not finished yet
         self._closed = False
         self._spool_dir = Path(spool_dir) if spool_dir is not None else None
         self._backoff_max = float(backoff_max)
@@ -317,12 +331,36 @@ class BonTracker:
 
     @property
     def pending(self) -> int:
-        """Records logged but not yet delivered."""
-        return 0 if self._delivery is None else self._delivery.pending
+        """Records logged but not yet delivered (also those whose statistics are being computed)."""
+        with self._state_lock:
+            waiting = len(self._waiting)
+        return waiting + (0 if self._delivery is None else self._delivery.pending)
+
+    @property
+    def history(self) -> list[EvalRecord]:
+        """Every record logged by this tracker, in order, with its statistics (waits for
+        those still being computed, at most ``finish_timeout`` seconds)."""
+        self.wait()
+        return self._history
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` seconds, default ``finish_timeout``) until the statistics
+        and alert rules of every eval logged so far are computed, and report their alerts
+        (warnings, :attr:`alerts`, ``on_alert``). True when none is left; never waits for the
+        tracking service (:meth:`flush` does)."""
+        done = self._statistics_worker.wait(self.finish_timeout if timeout is None else timeout)
+        self._report_alerts()
+        return done
+
+    def poll_alerts(self) -> list[Alert]:
+        """Report the alerts found since the last call (never waits) and return every onset so far."""
+        self._report_alerts()
+        return [] if self._alerts is None else list(self._alerts.alerts)
 
     @property
     def alerts(self) -> list[Alert]:
         """Every alert onset so far (this run, including before a resume), oldest first."""
+        self.wait()
         return [] if self._alerts is None else list(self._alerts.alerts)
 
     @property
@@ -383,16 +421,12 @@ class BonTracker:
         if not self._is_new_step(step):
             return None  # checked before computing, so a replayed step costs nothing
 
-        rows_p = [row for item in gathered for row in item[1]]
-        rows_t = [row for item in gathered for row in item[2]]
-        if not rows_p:
+        rows_p, lengths = _joined([item[1] for item in gathered])
+        rows_t, _ = _joined([item[2] for item in gathered])
+        if not lengths:
             raise ValueError(f"log_scores at step {step}: no rank passed any scores")
-        lengths = {len(r) for r in rows_p}
-        if len(lengths) == 1:
-            rows_p, rows_t = np.stack(rows_p), np.stack(rows_t)
         curve = bon_curve(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
         _check_finite_curve(curve, step)
-        stats, events, states = self._statistics(step, rows_p, rows_t, curve, policy_kl)
         record = EvalRecord.build(
             step,
             curve,
@@ -401,15 +435,13 @@ class BonTracker:
             key_prefix=self.key_prefix,
             proxy_name=self.proxy_name,
             true_name=self.true_name,
-            interval=stats.interval,
-            agreement=stats.agreement,
-            predictions=stats.predictions,
-            alerts=events,
-            alert_states=states,
+            fit=False,  # the fit and every other statistic: off this thread (_complete_eval)
         )
-        self.log_record(record)
-        if self._alerts is not None:
-            self._alerts.report(events)  # warnings, tracker.alerts, on_alert: after the record is durable
+
+        def complete(curve_only: EvalRecord) -> tuple[EvalRecord, list]:
+            return self._complete_eval(curve_only, rows_p, rows_t, policy_kl)
+
+        self._log(record, complete)
         return curve
 
     def log_record(self, record: EvalRecord) -> bool:
@@ -424,15 +456,95 @@ class BonTracker:
             check_step(record.step)
             if not self.is_writer or not self._is_new_step(record.step):
                 return False
-            events: list = []
-            if record.alert_states is None and self._alerts is not None:
-                record, events = self._alerted(record)  # built elsewhere (a score file): the rules still run
-            self._enqueue(record)
-            self.history.append(record)
-            self.last_step = record.step
-            if events:
-                self._alerts.report(events)  # type: ignore[union-attr]
+            # Built elsewhere (a score file): the alert rules still run, off this thread.
+            needs_alerts = record.alert_states is None and self._alerts is not None
+            self._log(record, self._alerted if needs_alerts else None)
             return True
+
+    def _log(self, record: EvalRecord, complete: Any) -> None:
+        """Append ``record`` to the log (this thread), then let the statistics worker complete
+        it with ``complete(record) -> (record, alert events)`` and hand it to delivery."""
+        entry = self._append(record)
+        with self._state_lock:
+            job = _StatisticsJob(self, entry, len(self._history), complete)
+            self._history.append(record)
+            self._waiting[entry.seq] = job
+        self.last_step = record.step
+        # At most one eval's statistics wait: the previous ones finish first (usually long ago).
+        if not self._statistics_worker.wait(STATISTICS_WAIT):
+            logger.warning(
+                "bon_tracker: the statistics of an earlier eval took more than %.0f s; step %d queued behind them",
+                STATISTICS_WAIT,
+                record.step,
+            )
+        self._report_alerts()
+        self._statistics_worker.submit(job)
+
+    def _complete_eval(
+        self, record: EvalRecord, proxy: Any, true: Any, policy_kl: float | None
+    ) -> tuple[EvalRecord, list]:
+        """The curve's record with its Goodhart fit, interval, agreement, predictions and alerts
+        (statistics worker). A failure in them is reported and the curve is delivered without them."""
+        try:
+            stats = eval_statistics(proxy, true, record.curve)
+            record = dataclasses.replace(
+                record,
+                goodhart=EvalRecord.fit_goodhart(record.curve),
+                interval=stats.interval,
+                agreement=stats.agreement,
+                predictions=stats.predictions,
+            )
+        except Exception as err:  # never the reason a training run crashes
+            logger.warning(
+                "bon_tracker: the Goodhart fit, interval and agreement statistics failed at step %d (%s: %s); "
+                "the curve is logged without them",
+                record.step,
+                type(err).__name__,
+                err,
+            )
+            return record, []
+        return self._alerted(record) if self._alerts is not None else (record, [])
+
+    def _finish_job(self, job: _StatisticsJob) -> None:
+        """Statistics worker: complete the job's record, log it over the curve's, deliver it."""
+        entry, events = job.entry, []
+        assert self._wal is not None
+        if entry.persisted:
+            try:
+                self._wal.sync()  # the curve's line, written on the training thread
+            except OSError as err:
+                logger.warning("bon_tracker: cannot fsync the write-ahead log %s: %s", self._wal.path, err)
+        if job.complete is not None:
+            try:
+                record, events = job.complete(entry.record)
+            except Exception as err:  # a job never raises
+                logger.warning("bon_tracker: completing the record of step %s failed: %s", entry.record.step, err)
+                record = entry.record
+            if record is not entry.record:
+                done = Entry(seq=entry.seq, record=record, persisted=entry.persisted)
+                try:
+                    self._wal.append(done)  # same seq: supersedes the curve's line when the log is read
+                    done.persisted = True
+                except OSError:
+                    pass  # the curve's line (if the disk took it) is what a crash would replay
+                entry = done
+        with self._state_lock:
+            if self._waiting.pop(entry.seq, None) is None:
+                return  # finish() gave up waiting and delivered the curve's record
+            self._history[job.index] = entry.record
+            self._unreported.extend(events)
+        assert self._delivery is not None
+        self._delivery.submit(entry)
+
+    def _report_alerts(self) -> None:
+        """Warnings, :attr:`alerts` and ``on_alert`` for what the worker found, on this thread."""
+        if self._alerts is None:
+            return
+        with self._report_lock:
+            with self._state_lock:
+                events, self._unreported = self._unreported, []
+            if events:
+                self._alerts.report(events)
 
     def _alerted(self, record: EvalRecord) -> tuple[EvalRecord, list]:
         """The record with this tracker's alert events and states at its step (the rules that
@@ -440,7 +552,8 @@ class BonTracker:
         assert self._alerts is not None
         try:
             kl = None if record.policy is None else record.policy.kl
-            events, states = self._alerts.update(record.step, record.curve, kl, record.interval)
+            with self._state_lock:
+                events, states = self._alerts.update(record.step, record.curve, kl, record.interval)
         except Exception as err:  # never the reason a training run crashes
             name = type(err).__name__
             logger.warning("bon_tracker: the alert rules failed at step %d (%s: %s)", record.step, name, err)
@@ -449,10 +562,13 @@ class BonTracker:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds (default ``finish_timeout``) until every record
-        logged so far is delivered; True when nothing is pending."""
+        logged so far is completed (:meth:`wait`) and delivered; True when nothing is pending."""
+        timeout = self.finish_timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + timeout
+        self.wait(timeout)
         if self._delivery is None:
             return True
-        return self._delivery.drain(self.finish_timeout if timeout is None else timeout) and not self.pending
+        return self._delivery.drain(max(deadline - time.monotonic(), 0.0)) and not self.pending
 
     def finish(self, timeout: float | None = None) -> None:
         """Deliver what is pending, waiting at most ``timeout`` seconds (default
@@ -468,6 +584,8 @@ class BonTracker:
         timeout = self.finish_timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         delivery, wal = self._delivery, self._wal
+        self._finish_statistics(timeout)
+        timeout = max(deadline - time.monotonic(), 0.0)
         if self._backend.completes_at_finish:
             self._complete_local(delivery, timeout)
         idle = delivery.close(timeout)
@@ -501,6 +619,25 @@ class BonTracker:
                 wal.path,
                 self._backend_name,
             )
+
+    def _finish_statistics(self, timeout: float) -> None:
+        """Let the statistics worker complete what was logged (at most ``timeout`` seconds);
+        records it did not get to are delivered as their curves (what the log holds)."""
+        if not self._statistics_worker.wait(timeout):
+            self._statistics_worker.take_pending()
+            with self._state_lock:
+                late, self._waiting = list(self._waiting.values()), {}
+            logger.warning(
+                "bon_tracker: the statistics of %d eval(s) were not done within %.0f s; their curves are "
+                "delivered without them",
+                len(late),
+                timeout,
+            )
+            assert self._delivery is not None
+            for job in sorted(late, key=lambda j: j.entry.seq):
+                self._delivery.submit(job.entry)
+        self._statistics_worker.close()
+        self._report_alerts()
 
     def _complete_local(self, delivery: Delivery, timeout: float) -> None:
         """A backend that writes local files only (a run folder) is completed, however long
@@ -557,11 +694,14 @@ class BonTracker:
         client-chosen key a run is created with), and ``wal`` the log holding what is
         not delivered yet, which the resumed tracker adopts.
         """
+        self.wait()  # the alert rules' state includes the last eval (computing, never delivering)
+        with self._state_lock:
+            alerts = None if self._alerts is None else self._alerts.state_dict()
         return {
             "backend": self._backend.spec(),
             "last_step": self.last_step,
             "wal": None if self._wal is None else str(self._wal.path),
-            "alerts": None if self._alerts is None else self._alerts.state_dict(),
+            "alerts": alerts,
         }
 
     def save_state(self, directory: str | Path) -> Path | None:
@@ -590,23 +730,6 @@ class BonTracker:
             return False
         return True
 
-    def _statistics(self, step: int, proxy: Any, true: Any, curve: BonCurve, policy_kl: float | None) -> tuple:
-        """The Goodhart interval, agreement, predictions and alert events of this eval. These
-        add to the curve; a failure in them is reported and the curve is logged without them."""
-        try:
-            stats = eval_statistics(proxy, true, curve)
-            events, states = self._alerts.update(step, curve, policy_kl, stats.interval) if self._alerts else ([], None)
-            return stats, events, states
-        except Exception as err:  # never the reason a training run crashes
-            logger.warning(
-                "bon_tracker: the interval, agreement and alert statistics failed at step %d (%s: %s); "
-                "the curve is logged without them",
-                step,
-                type(err).__name__,
-                err,
-            )
-            return EvalStatistics(), [], None
-
     def _grid(self, lengths: set[int]) -> list[int] | None:
         if self.ns is None:
             return None
@@ -620,7 +743,7 @@ class BonTracker:
         return self.ns
 
     def _validated_local(self, proxy: Any, true: Any) -> tuple:
-        """This rank's scores as lists of 1-D float rows, or the reason they are bad."""
+        """This rank's scores as a 2-D array or a list of 1-D float rows, or the reason they are bad."""
         try:
             proxy, true = _rows(proxy), _rows(true)
         except TypeError as err:
@@ -631,9 +754,9 @@ class BonTracker:
             p, t, _ = paired_scores(proxy, true, nan_policy=self.nan_policy, names=("proxy", "true"))
         except (TypeError, ValueError) as err:
             return ("error", str(err), "type" if isinstance(err, TypeError) else "value")
-        rows_p = list(p) if isinstance(p, np.ndarray) else p
-        rows_t = list(t) if isinstance(t, np.ndarray) else t
-        return ("ok", rows_p, rows_t)
+        # A (P, N) array stays one, ragged input stays rows; the statistics worker reads them
+        # after log_scores returned, so what the caller may still change is copied.
+        return ("ok", _private(p, proxy), _private(t, true))
 
     def _check_backend(self) -> None:
         """Configuration errors surface here (rank 0, at construction), not as a silent outage later."""
@@ -664,10 +787,10 @@ class BonTracker:
         _finish_at_exit(self)
         return self._delivery
 
-    def _enqueue(self, record: EvalRecord) -> None:
-        """Append the record to the log (fsync), hand it to the worker, return. A disk that
-        refuses the log never raises here: the record is then held in memory (bounded)."""
-        delivery = self._open_delivery()
+    def _append(self, record: EvalRecord) -> Entry:
+        """Append the record to the log (fsync) and return its entry. A disk that refuses the
+        log never raises here: the record is then held in memory (bounded) until delivered."""
+        self._open_delivery()
         assert self._wal is not None
         try:
             self._backend.bind()  # thread-local context (an active run) is read on the caller's thread
@@ -681,7 +804,9 @@ class BonTracker:
             self._wal.claim()
             if spec is not None:
                 self._wal.write_spec(spec)
-            self._wal.append(entry)
+            # Written on this thread (safe once log_scores returns, however the process dies);
+            # the fsync (safe from a power loss too) follows on the statistics worker.
+            self._wal.append(entry, sync=False)
             if self._warned_disk:
                 logger.warning("bon_tracker: the write-ahead log %s is writable again", self._wal.path)
                 self._warned_disk = False
@@ -696,7 +821,7 @@ class BonTracker:
                     self._max_memory_records,
                 )
                 self._warned_disk = True
-        delivery.submit(entry)
+        return entry
 
     def _finish_backend(self, timeout: float) -> bool:
         """Close the backend on the delivery side, bounded by ``timeout``; True if it returned."""
@@ -753,6 +878,19 @@ class BonTracker:
                 self._backend_name,
                 self._wal.path,
             )
+
+
+@dataclasses.dataclass
+class _StatisticsJob:
+    """One logged record for the statistics worker to complete (see :meth:`BonTracker._finish_job`)."""
+
+    tracker: BonTracker
+    entry: Entry  # the curve's record, as appended to the log
+    index: int  # its place in the tracker's history
+    complete: Any  # record -> (completed record, alert events); None: deliver as it is
+
+    def __call__(self) -> None:
+        self.tracker._finish_job(self)
 
 
 def _adoptable(wal: WriteAheadLog) -> list[Entry]:
@@ -821,6 +959,30 @@ def _finish_trackers() -> None:
             tracker.finish()
         except Exception as err:  # never an exception at exit
             logger.warning("bon_tracker: finishing at exit failed: %s", err)
+
+
+def _private(scores: np.ndarray | list[np.ndarray], given: Any) -> np.ndarray | list[np.ndarray]:
+    """``scores`` (validated from ``given``) where nobody else holds them: arrays that share
+    memory with the caller's (the same array, a view, a tensor's buffer) are copied."""
+
+    if isinstance(scores, np.ndarray):
+        return scores if scores.flags.owndata and scores is not given else scores.copy()
+    return [np.array(row) for row in scores]  # ragged rows may be the caller's own arrays
+
+
+def _joined(parts: list[Any]) -> tuple[np.ndarray | list[np.ndarray], set[int]]:
+    """The ranks' scores as one ``(P, N)`` array when every part is one with the same N (no
+    copy for a single rank), else as a list of rows; and the row lengths."""
+    parts = [part for part in parts if len(part)]
+    if parts and all(isinstance(part, np.ndarray) and part.ndim == 2 for part in parts):
+        widths = {part.shape[1] for part in parts}
+        if len(widths) == 1:
+            return (parts[0] if len(parts) == 1 else np.concatenate(parts)), widths
+    rows = [row for part in parts for row in part]
+    lengths = {len(row) for row in rows}
+    if len(lengths) == 1:
+        return np.stack(rows), lengths
+    return rows, lengths
 
 
 def _short(values: Any, limit: int = 60) -> str:

@@ -2,7 +2,8 @@
 
 One log per tracker (``<backend>-<id>.jsonl`` in the WAL folder), written by one process:
 
-* ``<log>.jsonl``: one line per entry, ``{"crc32":"1a2b3c4d","entry":{"seq": 3, "record": {...}}}``;
+* ``<log>.jsonl``: one line per entry, ``{"crc32":"1a2b3c4d","entry":{"seq": 3, "record": {...}}}``
+  (a record's curve, then the same seq again once its statistics are computed: the last wins);
   the checksum covers the exact bytes of the ``entry`` value, so a damaged line (flipped
   bytes, a digit changed) is found and never delivered as wrong data. A last entry
   ``{"seq": 9, "finish": true}`` says the run was finished with records still
@@ -194,12 +195,18 @@ class WriteAheadLog:
         self._lock_fd = None
 
     # ---- writing (raises OSError when the disk refuses) ----------------------------------
-    def append(self, entry: Entry) -> None:
+    def append(self, entry: Entry, *, sync: bool = True) -> None:
+        """Append one entry (``sync=False``: its fsync left to :meth:`sync`)."""
         line = entry.to_line()  # encoded before the lock: a bad record never holds it
         with self._append_lock:
             if not self._log.is_open:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._log.append(line)
+            self._log.append(line, sync=sync)
+
+    def sync(self) -> None:
+        """fsync the entries appended with ``sync=False``."""
+        with self._append_lock:
+            self._log.sync()
 
     def write_spec(self, spec: dict[str, Any]) -> None:
         """Record the backend's spec (only when it changed; atomic)."""
@@ -247,12 +254,15 @@ class WriteAheadLog:
 
     # ---- reading -------------------------------------------------------------------------
     def read(self) -> tuple[list[Entry], list[BadLine]]:
-        """Every entry of the log in order, and the lines that are not entries. An
-        unterminated last line (a crash in the middle of an append, never acknowledged to
-        the caller) is neither: it is cut at the next append."""
+        """Every entry of the log in order, and the lines that are not entries. A later line
+        with an earlier line's seq supersedes it in place (the tracker appends a record's curve
+        first, then the record completed with its statistics). An unterminated last line (a
+        crash in the middle of an append, never acknowledged to the caller) is neither: it is
+        cut at the next append."""
         if not self.path.exists():
             return [], []
         entries: list[Entry] = []
+        where: dict[int, int] = {}  # seq -> index in entries
         bad: list[BadLine] = []
         with open(self.path, "rb") as f:
             for number, line in enumerate(f, start=1):
@@ -266,6 +276,10 @@ class WriteAheadLog:
                     continue
                 if entry.seq < 0:
                     entry.seq = number - 1  # logs of 0.1 (the spool) had no seq
+                if entry.seq in where:
+                    entries[where[entry.seq]] = entry  # the record completed with its statistics
+                    continue
+                where[entry.seq] = len(entries)
                 entries.append(entry)
         return entries, bad
 
