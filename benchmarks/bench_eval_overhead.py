@@ -7,8 +7,10 @@ and what the statistics worker computes off it.
    best-of-``repeat`` time of ``bon_curve`` alone and of ``tracker.log_scores`` on the local
    backend with every statistic on (validation, the curve, the write-ahead append with
    fsync; the statistics are queued for the worker), and their ratio (issue 18 goal: <= 1.3x
-   at every size). Between two evals the tracker's background threads finish (``flush``), as
-   training between evals lets them; that time is not the training thread's.
+   at every size), and at 1000 x 64 an ensemble of 5 members (rules mean, worst, uwo) with 2
+   true rewards against one proxy and one true reward (issue 15 goal: <= 3x). Between two
+   evals the tracker's background threads finish (``flush``), as training between evals lets
+   them; that time is not the training thread's.
 2. Off the training thread (the statistics worker): the time of each part it computes.
 """
 
@@ -53,6 +55,11 @@ def main() -> None:
     for P, N in SIZES:
         curve_ms, log_ms = training_thread(P, N, args.repeat)
         print(f"{f'{P} x {N}':>14}{curve_ms:>14.2f}{log_ms:>14.2f}{log_ms / curve_ms:>14.2f}")
+    plain_ms, ensemble_ms = ensemble_call(1000, 64, args.repeat)
+    print(
+        "   1000 x 64, 5 members x 3 ensemble rules x 2 true rewards: log_scores "
+        f"{ensemble_ms:.2f} ms / plain log_scores {plain_ms:.2f} ms = {ensemble_ms / plain_ms:.2f} (issue 15 goal <= 3)"
+    )
     print("2. off the training thread (the statistics worker)")
     header = ("P x N", "curve", "estimates", "interval", "predict", "agreement", "alerts", "added", "B")
     print("".join(f"{h:>12}" for h in header))
@@ -60,6 +67,35 @@ def main() -> None:
         times, B = measure(P, N, args.repeat)
         print(f"{f'{P} x {N}':>12}" + "".join(f"{times[h]:>12.2f}" for h in header[1:-1]) + f"{B:>12}")
     print("added: all that the worker computes after the curve (estimates, interval, predictions, agreement, alerts)")
+
+
+def ensemble_call(P: int, N: int, repeat: int) -> tuple[float, float]:
+    """Best-of-``repeat`` ms of log_scores with one proxy and one true reward, and with five
+    members (rules mean, worst, uwo) and two true rewards; the background idle before each call."""
+    rng = np.random.default_rng(1)
+    true = rng.normal(size=(P, N))
+    members = {f"rm{k}": true + rng.normal(size=(P, N)) for k in range(5)}
+    trues = {"helpful": true, "harmless": rng.normal(size=(P, N))}
+    out = []
+    for proxy, gold in ((members["rm0"], true), (members, trues)):
+        with tempfile.TemporaryDirectory() as root:
+            tracker = BonTracker(
+                "local",
+                root=root,
+                run_name="ensemble",
+                spool_dir=f"{root}/spool",
+                charts=False,
+                selection={"rules": ["mean", "worst", "uwo"]},
+            )
+            times = []
+            for step in range(repeat + 1):
+                tracker.flush(600)
+                start = time.perf_counter()
+                tracker.log_scores(step, proxy, gold)
+                times.append(time.perf_counter() - start)
+            tracker.finish(600)
+        out.append(1000 * min(times[1:]))
+    return out[0], out[1]
 
 
 def training_thread(P: int, N: int, repeat: int) -> tuple[float, float]:

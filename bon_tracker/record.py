@@ -50,7 +50,9 @@ from bon_tracker.core import (
 )
 from bon_tracker.core.agreement import AGREEMENT_SECTION, agreement_label
 from bon_tracker.core.fit import GOODHART_HORIZON, goodhart_horizon  # noqa: F401 (GOODHART_HORIZON: re-exported)
+from bon_tracker.core.selection_stats import SelectionStatistics
 from bon_tracker.core.validation import as_float
+from bon_tracker.texts import HackStatistics
 
 logger = logging.getLogger("bon_tracker")
 
@@ -224,6 +226,8 @@ class EvalRecord:
     predictions: tuple[dict[str, Any], ...] | None = None  # rows of the bon_predictions table
     alerts: tuple[Alert | AlertCleared, ...] = ()  # alert onsets and clears at this step
     alert_states: dict[str, int] | None = None  # rule -> 1 while active, 0 otherwise (enabled rules)
+    selection: SelectionStatistics | None = None  # every selection rule's curves, optima, frontier
+    hacks: HackStatistics | None = None  # the hack table and text features (texts were logged)
 
     @classmethod
     def build(
@@ -441,6 +445,8 @@ class EvalRecord:
             "predictions": None if self.predictions is None else [dict(row) for row in self.predictions],
             "alerts": [event.to_dict() for event in self.alerts],
             "alert_states": None if self.alert_states is None else dict(self.alert_states),
+            "selection": None if self.selection is None else self.selection.to_dict(),
+            "hacks": None if self.hacks is None else self.hacks.to_dict(),
         }
 
     @classmethod
@@ -463,6 +469,8 @@ class EvalRecord:
             predictions=None if data.get("predictions") is None else tuple(dict(r) for r in data["predictions"]),
             alerts=tuple(_alert_event(e) for e in data.get("alerts") or ()),
             alert_states=None if data.get("alert_states") is None else dict(data["alert_states"]),
+            selection=None if data.get("selection") is None else SelectionStatistics.from_dict(data["selection"]),
+            hacks=None if data.get("hacks") is None else HackStatistics.from_dict(data["hacks"]),
         )
 
 

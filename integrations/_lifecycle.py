@@ -6,7 +6,6 @@ framework's events into these calls."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,15 +15,6 @@ from bon_tracker.tracking.config import resolve_config
 from bon_tracker.tracking.tracker import BonTracker
 
 logger = logging.getLogger("bon_tracker")
-
-
-def takes_texts(tracker: BonTracker) -> bool:
-    """Whether ``tracker.log_scores`` takes ``prompts=`` and ``completions=`` (issue 16).
-
-    Transitional: until the tracker's new arguments land, the integrations keep logging scores
-    only rather than fail; remove this check once ``BonTracker.log_scores`` has them.
-    """
-    return "prompts" in inspect.signature(tracker.log_scores).parameters
 
 
 class TrackerLifecycle:
@@ -88,7 +78,7 @@ class TrackerLifecycle:
         training (this eval's alert rules run off the training thread: :meth:`poll` at the
         next training step returns its onsets)."""
         tracker = self.live(**context)
-        if texts is None or not takes_texts(tracker):
+        if texts is None:
             tracker.log_scores(step, proxy, true, policy_kl=policy_kl)
         else:
             prompts, completions = texts

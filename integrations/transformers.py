@@ -61,6 +61,9 @@ class BonTrackerCallback(TrainerTracking):
         eval_every: compute curves only at evaluations whose global step is a multiple of
             this (default: ``eval_every`` of the config, ``BON_TRACKER_EVAL_EVERY``, else 1:
             every evaluation the Trainer runs).
+        log_texts: pass the prompts and the sampled completions to the tracker, for the hack
+            table (docs/texts.md: they go to the tracking service, as TRL's ``log_completions``
+            does); False: only scores leave the process.
         **tracker_kwargs: options of :class:`BonTracker` (``backend="mlflow"``, ``root=...``,
             ``alerts={"fall_z": 2.5}`` or ``alerts=False``).
     """
@@ -80,6 +83,7 @@ class BonTrackerCallback(TrainerTracking):
         stop_on_alert: bool | Sequence[str] = False,
         on_alert: Callable[[Any], Any] | None = None,
         eval_every: int | None = None,
+        log_texts: bool = True,
         **tracker_kwargs: Any,
     ):
         if eval_every is not None:
@@ -90,7 +94,9 @@ class BonTrackerCallback(TrainerTracking):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         if not (callable(proxy_fn) and callable(true_fn)):
             raise TypeError("proxy_fn and true_fn must be callables (prompts, completions) -> list of floats")
-        super().__init__(tracker, kl_keys, tracker_kwargs, stop_on_alert=stop_on_alert, on_alert=on_alert)
+        super().__init__(
+            tracker, kl_keys, tracker_kwargs, stop_on_alert=stop_on_alert, on_alert=on_alert, log_texts=log_texts
+        )
         self.prompts = list(prompts)
         self.proxy_fn, self.true_fn = proxy_fn, true_fn
         self.num_samples = num_samples
@@ -120,7 +126,9 @@ class BonTrackerCallback(TrainerTracking):
         )
         repeated = [p for p in prompts for _ in range(self.num_samples)]
         shape = (len(prompts), self.num_samples)
+        texts = (prompts, [completions[i * self.num_samples : (i + 1) * self.num_samples] for i in range(len(prompts))])
         return (
             _per_prompt(self.proxy_fn(repeated, completions), shape, "proxy_fn"),
             _per_prompt(self.true_fn(repeated, completions), shape, "true_fn"),
+            texts,
         )

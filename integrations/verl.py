@@ -15,7 +15,9 @@ actor; Ray's ``worker_process_setup_hook`` does that (the recipe is docs/verl.md
         +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=bon_tracker.integrations.verl.register
 
 Options live in the ``bon_tracker`` section of verl's config: ``true_key`` (required),
-``proxy_key`` (default ``reward``), and any :func:`~bon_tracker.tracking.config.resolve_config`
+``proxy_key`` (default ``reward``), ``log_texts`` (default true: each sample's ``input`` and
+``output`` text, as verl hands them to its generations logger, go to the tracker for the hack
+table, docs/texts.md; false: scores only), and any :func:`~bon_tracker.tracking.config.resolve_config`
 key (``backend``, ``ns``, ``key_prefix``, ``mlflow: {...}``...). Without a ``backend``, the
 curves' charts and tables go to the run of verl's own ``wandb`` or ``mlflow`` logger when it
 has one, else to a local run folder. The legacy ``RayPPOTrainer`` takes the mixin directly:
@@ -41,7 +43,7 @@ omegaconf = require("omegaconf", "verl")
 logger = logging.getLogger("bon_tracker")
 
 MODE_PREFIX = "bon_"
-_ADAPTER_KEYS = ("proxy_key", "true_key")
+_ADAPTER_KEYS = ("proxy_key", "true_key", "log_texts")
 
 
 def validation_scores(
@@ -67,11 +69,31 @@ def validation_scores(
     return [np.asarray(p) for p, _ in groups.values()], [np.asarray(t) for _, t in groups.values()], dropped
 
 
+def validation_texts(
+    sample_uids: Sequence[Any],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    reward_extra_infos_dict: Mapping[str, Sequence[Any]],
+    proxy_key: str,
+    true_key: str,
+) -> tuple[list[str], list[list[str]]]:
+    """``(prompts, completions)`` grouped as :func:`validation_scores` groups the scores: by ``uid`` in
+    order of first appearance, a prompt's ``input`` text once, the ``output`` of each sample kept."""
+    proxy_values, true_values = reward_extra_infos_dict[proxy_key], reward_extra_infos_dict[true_key]
+    groups: dict[Any, tuple[str, list[str]]] = {}
+    for uid, text_in, text_out, p, t in zip(sample_uids, inputs, outputs, proxy_values, true_values):
+        if p is None or t is None:
+            continue
+        groups.setdefault(uid, (text_in, []))[1].append(text_out)
+    return [prompt for prompt, _ in groups.values()], [rows for _, rows in groups.values()]
+
+
 class BonValidation:
     """Mixin for a verl PPO trainer (v1 ``PPOTrainer`` subclasses and the legacy ``RayPPOTrainer``)."""
 
     base_mode: str | None = None  # the verl trainer mode a registered ``bon_<mode>`` class runs as
     _bon_tracker: BonTracker | None = None
+    _bon_texts: tuple[list[str], list[str]] = ([], [])  # this validation's inputs and outputs, so far
 
     def __init__(self, *args: Any, **kwargs: Any):
         config = kwargs.get("config", args[0] if args else None)
@@ -85,6 +107,15 @@ class BonValidation:
         metrics.update(self.bon_metrics(sample_uids, reward_extra_infos_dict))
         return metrics
 
+    def _maybe_log_val_generations(self, *args: Any, **kwargs: Any) -> Any:
+        # verl hands every validation sample's input and output text here, in the order of
+        # sample_uids, just before _val_metrics_update (twice when a validation is merged).
+        inputs = kwargs["inputs"] if "inputs" in kwargs else (args[0] if args else None)
+        outputs = kwargs["outputs"] if "outputs" in kwargs else (args[1] if len(args) > 1 else None)
+        if inputs is not None and outputs is not None:
+            self._bon_texts = (self._bon_texts[0] + list(inputs), self._bon_texts[1] + list(outputs))
+        return super()._maybe_log_val_generations(*args, **kwargs)
+
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().fit(*args, **kwargs)
@@ -96,6 +127,10 @@ class BonValidation:
         """Log this validation's curves at ``self.global_steps``; their scalars for verl's metrics."""
         options = self._bon_options()
         proxy_key, true_key = options.pop("proxy_key", "reward"), options.pop("true_key", None)
+        log_texts = options.pop("log_texts", True)
+        if not isinstance(log_texts, bool):
+            raise ValueError(f"bon_tracker.log_texts must be true or false, got {log_texts!r:.60}")
+        (inputs, outputs), self._bon_texts = self._bon_texts, ([], [])
         missing = [k for k in (proxy_key, true_key) if k not in reward_extra_infos_dict]
         if true_key is None or missing:
             logger.warning(
@@ -111,7 +146,19 @@ class BonValidation:
             return {}
         if self._bon_tracker is None:
             self._bon_tracker = BonTracker(**self._bon_tracker_kwargs(options))
-        context = {"samples_without_true": dropped} if dropped else {}
+        context: dict[str, Any] = {"samples_without_true": dropped} if dropped else {}
+        if log_texts and len(inputs) == len(outputs) == len(sample_uids):
+            prompts, completions = validation_texts(
+                sample_uids, inputs, outputs, reward_extra_infos_dict, proxy_key, true_key
+            )
+            context.update(prompts=prompts, completions=completions)
+        elif log_texts and inputs:
+            logger.warning(
+                "bon_tracker: %d input texts for %d validation samples at step %d: no texts this validation",
+                len(inputs),
+                len(sample_uids),
+                self.global_steps,
+            )
         if self._bon_tracker.log_scores(int(self.global_steps), proxy, true, **context) is None:
             return {}  # this step was logged already
         return self._bon_tracker.history[-1].scalars()

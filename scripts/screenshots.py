@@ -1,57 +1,40 @@
-"""Make the README's screenshots: the MLflow metrics view of a run and the local HTML report.
+"""Make the README's screenshots from the real UIs, each showing the curve as a user first sees it.
 
     .venv/bin/python scripts/screenshots.py [--out docs/images]
 
-What it does, with nothing outside this machine:
+What it does, with nothing outside this machine (all under a temporary folder):
 
-1. starts a real ``mlflow server`` (sqlite store, a free port, its own process group, all
-   under a temporary folder) and logs six eval steps of the demo's simulated run
-   (``examples/demo.py``) through ``BonTracker("mlflow", ...)``;
-2. opens the run's Model metrics page in headless Chromium (Debian's ``chromium``
-   package, driven by Playwright for Python) in MLflow's training view
-   (``?workflowType=machine_learning``) and saves ``mlflow_metrics.png``;
-3. writes the same run's local HTML report and saves ``report.png`` (the top of the page)
-   and ``demo_curve.png`` (the curve chart of one step).
+1. logs two runs of the demo's simulated RL run (``examples/demo.py``): ``hacks-at-step-500``
+   (the true reward peaks, then falls; alerts at steps 300 and 400) and ``hacks-later``;
+2. MLflow: a real ``mlflow server`` (sqlite store, a free port, its own process group) and
+   headless Chromium (Debian's ``chromium`` package, driven by Playwright for Python):
+   ``mlflow_metrics.png`` (the run's Model metrics page, the compact chart in the
+   ``bon/0_curve`` card), ``mlflow_description.png`` (the run's Description: the Goodhart
+   point with its interval and the alert sentences) and ``mlflow_compare.png`` (the
+   experiment's chart view, both runs overlaid);
+3. TensorBoard (``tensorboard --logdir``, links with smoothing 0): ``tensorboard_time_series.png``
+   and ``tensorboard_custom_scalars.png``;
+4. trackio (``trackio show``, ``&smoothing=0``): ``trackio_metrics.png`` and ``trackio_media.png``;
+5. the local HTML report (``report.png``, the top of the page), the curve chart of one step
+   (``demo_curve.png``) and the compare page of both runs (``compare.png``).
+
+The browser helpers and the servers are those of ``tests/test_ui_legible.py``, which asserts
+what these pictures show.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+sys.path[:0] = [str(ROOT)]
 
-STEPS = 6
-
-
-def simulated_records(prompts: int = 256, samples: int = 64):
-    """(step, proxy, true, policy_kl) of the demo's simulated RL run."""
-    import numpy as np
-    from demo import sample_scores
-
-    rng = np.random.default_rng(0)
-    for i in range(STEPS):
-        proxy, true, policy_kl = sample_scores(rng, i / (STEPS - 1), prompts, samples)
-        yield 100 * i, proxy, true, policy_kl
-
-
-def log_mlflow_run(url: str):
-    """Log the simulated run to the server at ``url``; returns (experiment id, run id, records)."""
-    import mlflow
-
-    from bon_tracker import BonTracker
-
-    tracker = BonTracker("mlflow", tracking_uri=url, experiment="goodhart-demo", run_name="demo")
-    for step, proxy, true, policy_kl in simulated_records():
-        tracker.log_scores(step, proxy, true, policy_kl=policy_kl)
-    tracker.finish()
-    run_id = tracker.backend.run_id
-    experiment_id = mlflow.MlflowClient(url).get_run(run_id).info.experiment_id
-    return experiment_id, run_id, list(tracker.history)
+RUNS = (("hacks-at-step-500", 1.0), ("hacks-later", 0.6))  # (run name, how fast it exploits the proxy)
 
 
 def _close_assistant(page) -> None:
@@ -64,37 +47,120 @@ def _close_assistant(page) -> None:
         page.get_by_role("button", name=re.compile("close", re.I)).last.click(timeout=3000)
 
 
-def shoot_mlflow(url: str, experiment_id: str, run_id: str, out: Path) -> Path:
-    from bon_tracker.backends.mlflow import mlflow_run_url
+def shoot_mlflow(work: Path, out: Path) -> list[Path]:
+    import mlflow
+
+    from bon_tracker import BonTracker
+    from bon_tracker.backends.mlflow import mlflow_experiment_url, mlflow_run_url
     from tests.browser import chromium_page
+    from tests.mlflow_server import MlflowServer
+    from tests.test_ui_legible import log_demo
 
-    path = out / "mlflow_metrics.png"
-    with chromium_page(1400, 1050) as page:
-        page.goto(mlflow_run_url(url, experiment_id, run_id))
-        # The React UI renders in stages: wait for the curve image chart and the first metric section.
-        page.wait_for_selector("text=bon/1_true", timeout=60_000)
-        page.wait_for_selector("img[src^='blob:'], img[src*='get-artifact'], img[src*='artifacts']", timeout=60_000)
-        _close_assistant(page)
-        page.wait_for_timeout(1500)  # chart animations
-        page.screenshot(path=str(path))
-    return path
+    server = MlflowServer(work / "mlflow")
+    server.start()
+    try:
+        run_ids = []
+        for name, speed in RUNS:
+            tracker = BonTracker("mlflow", tracking_uri=server.url, experiment="goodhart-demo", run_name=name)
+            log_demo(tracker, hack_speed=speed)
+            run_ids.append(tracker.backend.run_id)
+        experiment_id = mlflow.MlflowClient(server.url).get_run(run_ids[0]).info.experiment_id
+        paths = [out / "mlflow_metrics.png", out / "mlflow_description.png", out / "mlflow_compare.png"]
+        with chromium_page(1400, 1000) as page:
+            page.goto(mlflow_run_url(server.url, experiment_id, run_ids[0]))
+            page.wait_for_selector("text=bon/1_true", timeout=60_000)
+            page.wait_for_selector("img[src*='bon~0_curve']", timeout=60_000)
+            _close_assistant(page)
+            page.wait_for_timeout(2000)  # chart animations
+            page.screenshot(path=str(paths[0]))
+
+            page.goto(mlflow_run_url(server.url, experiment_id, run_ids[0], "overview"))
+            page.wait_for_selector("text=Description", timeout=60_000)
+            _close_assistant(page)
+            more = page.get_by_text("Show more")
+            if more.count():
+                more.first.click()
+            page.wait_for_timeout(1000)
+            description = page.get_by_text("Description", exact=True).first
+            top = description.bounding_box()["y"] - 10
+            page.screenshot(path=str(paths[1]), clip={"x": 180, "y": top, "width": 1000, "height": 330})
+
+            page.goto(mlflow_experiment_url(server.url, experiment_id))
+            page.wait_for_selector("text=bon/1_true", timeout=60_000)
+            _close_assistant(page)
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(paths[2]))
+        return paths
+    finally:
+        server.stop()
 
 
-def shoot_report(records, out: Path, work: Path) -> tuple[Path, Path]:
+def shoot_tensorboard(work: Path, out: Path) -> list[Path]:
+    from bon_tracker import BonTracker
+    from bon_tracker.backends.tensorboard import tensorboard_url
+    from tests.browser import chromium_page
+    from tests.test_ui_legible import log_demo, serve_tensorboard
+
+    for name, speed in RUNS:
+        log_demo(BonTracker("tensorboard", log_dir=work / "tb" / name), hack_speed=speed)
+    paths = [out / "tensorboard_time_series.png", out / "tensorboard_custom_scalars.png"]
+    with serve_tensorboard(work / "tb") as url, chromium_page(1400, 1000) as page:
+        page.goto(tensorboard_url(url))
+        page.wait_for_selector("img[src*='imageData']", timeout=60_000)
+        page.wait_for_timeout(3000)
+        page.screenshot(path=str(paths[0]))
+        page.goto(tensorboard_url(url, page="custom_scalars"))
+        page.wait_for_selector("text=n* of the fitted true reward", timeout=60_000)
+        page.wait_for_timeout(3000)
+        page.screenshot(path=str(paths[1]))
+    return paths
+
+
+def shoot_trackio(work: Path, out: Path) -> list[Path]:
+    from trackio.utils import TRACKIO_DIR
+
+    from bon_tracker import BonTracker
+    from bon_tracker.backends.trackio import dashboard_url
+    from tests.browser import chromium_page
+    from tests.test_ui_legible import log_demo, serve_trackio
+
+    for name, speed in RUNS:
+        log_demo(BonTracker("trackio", project="goodhart-demo", run_name=name), hack_speed=speed)
+    paths = [out / "trackio_metrics.png", out / "trackio_media.png"]
+    with serve_trackio("goodhart-demo", str(TRACKIO_DIR)) as url, chromium_page(1400, 1000) as page:
+        page.goto(dashboard_url("goodhart-demo", url))
+        page.wait_for_selector("text=n0001", timeout=60_000)
+        page.wait_for_timeout(3000)
+        page.screenshot(path=str(paths[0]))
+        page.get_by_text("Media & Tables").first.click()
+        page.wait_for_selector("text=bon/0_curve_full", timeout=60_000)
+        page.wait_for_timeout(3000)
+        page.screenshot(path=str(paths[1]))
+    return paths
+
+
+def shoot_reports(work: Path, out: Path) -> list[Path]:
+    from bon_tracker import BonTracker
     from bon_tracker.reports import charts
-    from bon_tracker.reports.compare import write_run_report
+    from bon_tracker.reports.compare import RunRecords, write_comparison, write_run_report
     from tests.browser import chromium_page
+    from tests.test_ui_legible import log_demo
 
+    runs = []
+    for name, speed in RUNS:
+        tracker = BonTracker("local", root=work / "local", run_name=name, charts=False)
+        runs.append(RunRecords(name, "local", f"bon_runs/{name}", tuple(log_demo(tracker, hack_speed=speed))))
+    records = list(runs[0].records)
     report = write_run_report(records, work / "report", title="demo")
-    path = out / "report.png"
+    comparison = write_comparison(runs, work / "compare")
+    paths = [out / "report.png", out / "compare.png", out / "demo_curve.png"]
     with chromium_page(1100, 1500) as page:
-        page.goto(report.as_uri())
-        page.wait_for_function("Array.from(document.images).every(img => img.complete && img.naturalWidth > 0)")
-        page.screenshot(path=str(path))
-    curve = out / "demo_curve.png"
-    fig = charts.curve_chart(records[3])
-    fig.savefig(curve)
-    return path, curve
+        for page_path, shot in ((report, paths[0]), (comparison, paths[1])):
+            page.goto(page_path.as_uri())
+            page.wait_for_function("Array.from(document.images).every(img => img.complete && img.naturalWidth > 0)")
+            page.screenshot(path=str(shot))
+    charts.curve_chart(records[-1]).savefig(paths[2])
+    return paths
 
 
 def main() -> int:
@@ -105,23 +171,20 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from tests.browser import missing_browser
-    from tests.mlflow_server import MlflowServer
 
     reason = missing_browser()
     if reason is not None:
         print(f"scripts/screenshots.py: {reason}", file=sys.stderr)
         return 1
     started = time.monotonic()
+    made: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="bon_tracker_screenshots_") as tmp:
         work = Path(tmp)
-        server = MlflowServer(work / "mlflow")
-        server.start()
-        try:
-            experiment_id, run_id, records = log_mlflow_run(server.url)
-            made = [shoot_mlflow(server.url, experiment_id, run_id, out)]
-        finally:
-            server.stop()
-        made.extend(shoot_report(records, out, work))
+        os.environ["TRACKIO_DIR"] = str(work / "trackio")  # read once, when trackio is first imported
+        os.environ["MPLBACKEND"] = "Agg"
+        os.chdir(work)  # nothing lands in the repository
+        for shoot in (shoot_mlflow, shoot_tensorboard, shoot_trackio, shoot_reports):
+            made.extend(shoot(work, out))
     for path in made:
         print(f"wrote {path}")
     print(f"done in {time.monotonic() - started:.0f} s")

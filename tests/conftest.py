@@ -37,6 +37,29 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_RUN_ID", None)
 
 
+@pytest.fixture(scope="session")
+def _session_mlflow_server(tmp_path_factory):
+    pytest.importorskip("mlflow")
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("shared_mlflow_server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def shared_mlflow_server(_session_mlflow_server):
+    """One ``mlflow server`` for every test that only needs a healthy one (starting one takes
+    10-40 s here); under pytest-xdist each worker has its own. Tests keep to their own
+    experiment and run names. A test that stops, freezes or restarts a server starts its own
+    (``tests.mlflow_server.MlflowServer``): this one must be running when the test ends."""
+    yield _session_mlflow_server
+    if not _session_mlflow_server.running:
+        _session_mlflow_server.start()  # for the tests after this one
+        pytest.fail("this test stopped the shared MLflow server: give it its own MlflowServer")
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20221019)
@@ -90,3 +113,24 @@ def pytest_runtest_makereport(item, call):
     if "could not import" in message or "No module named" in message:
         report.outcome = "failed"
         report.longrepr = f"CI=true: a test skipped because an extra is not installed ({message}); install it"
+
+
+# Under pytest-xdist (`--dist loadgroup`, scripts/test.sh) each group runs on one worker, one
+# test at a time, beside the other worker's tests:
+_XDIST_GROUP_OF_FILE = {
+    # tmpfs mounts, frozen and restarted servers, bounds on how long training may wait
+    "test_delivery_faults.py": "faults",
+    "test_faults_tensorboard_trackio.py": "faults",
+    "test_render_process.py": "faults",  # times how fast the chart process sees its parent die
+    # one local Ray cluster at a time: each starts several processes on the same two cores
+    "test_ray.py": "ray",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = _XDIST_GROUP_OF_FILE.get(item.path.name)
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))

@@ -124,6 +124,9 @@ BACKENDS = {
     "trackio": (lambda tmp: {"project": f"contract-{tmp.name}"}, _read_trackio),
 }
 SCALAR_REL = {"tensorboard": 1e-6}  # TensorBoard keeps scalars as float32, as its own writers do
+# trackio's dashboard shows every digit of a table: its tables hold 6 significant digits (the
+# records, read back above, every digit).
+TABLE_REL = {"trackio": 1e-5}
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
@@ -156,5 +159,6 @@ def test_every_backend_writes_the_same_values(backend, tmp_path, rng):
         assert set(TABLE_COLUMNS) <= set(row)
         want = next(r for r in expected[int(row["step"])].table_rows() if r["n"] == int(row["n"]))
         for column in ("kl", "true_mean", "true_se", "proxy_mean", "proxy_se"):
-            assert float(row[column]) == pytest.approx(want[column], rel=1e-12), (backend, column)
+            rel_table = TABLE_REL.get(backend, 1e-12)
+            assert float(row[column]) == pytest.approx(want[column], rel=rel_table), (backend, column)
     assert np.isfinite([r.goodhart.kl for r in records if r.goodhart]).all()

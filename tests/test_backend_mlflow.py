@@ -105,19 +105,14 @@ def sqlite_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow_sqlite') / 'mlflow.db'}"
 
 
-@pytest.fixture(scope="module")
-def _server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of this test's own, for a test that stops and restarts it (the others share
+    ``shared_mlflow_server``, tests/conftest.py)."""
+    server = MlflowServer(tmp_path / "mlflow_server")
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def server(_server: MlflowServer) -> MlflowServer:
-    """The module's server, running (a failed outage test may have left it stopped)."""
-    _server.start()
-    return _server
 
 
 # ---- construction ---------------------------------------------------------------------------
@@ -380,7 +375,8 @@ def test_logged_tables_tag_stays_within_mlflow_limit():
 
 # ---- a real mlflow server -------------------------------------------------------------------
 @pytest.mark.slow
-def test_server_run_reads_back(server, rng, tmp_path):
+def test_server_run_reads_back(shared_mlflow_server, rng, tmp_path):
+    server = shared_mlflow_server
     curves = {}
     with BonTracker("mlflow", tracking_uri=server.url, experiment="server_e2e", spool_dir=tmp_path / "spool") as t:
         for step in (1, 2):
@@ -398,7 +394,8 @@ def test_server_run_reads_back(server, rng, tmp_path):
 
 
 @pytest.mark.slow
-def test_server_outage_loses_nothing_and_duplicates_nothing(server, rng, tmp_path, monkeypatch):
+def test_server_outage_loses_nothing_and_duplicates_nothing(own_server, rng, tmp_path, monkeypatch):
+    server = own_server
     spool = tmp_path / "spool"
     tracker = BonTracker(
         "mlflow", tracking_uri=server.url, experiment="outage", spool_dir=spool, backoff_max=0.5, finish_timeout=60
@@ -443,8 +440,9 @@ def test_server_outage_loses_nothing_and_duplicates_nothing(server, rng, tmp_pat
 
 
 @pytest.mark.slow
-def test_active_run_of_another_store_is_left_alone(server, sqlite_uri, rng, tmp_path, monkeypatch):
+def test_active_run_of_another_store_is_left_alone(shared_mlflow_server, sqlite_uri, rng, tmp_path, monkeypatch):
     """An active run that is not in this backend's store: start a run there instead."""
+    server = shared_mlflow_server
     local = MlflowClient(sqlite_uri)
     experiment_id = local.create_experiment("elsewhere", artifact_location=(tmp_path / "artifacts").as_uri())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)

@@ -13,7 +13,7 @@ import pytest
 
 from bon_tracker.backends import ConfigurationError, RunNotFoundError, backend_class, backend_from_spec
 from bon_tracker.core import bon_curve
-from bon_tracker.record import EvalRecord
+from bon_tracker.record import METRIC_SECTIONS, EvalRecord
 from bon_tracker.reports.charts import goodhart_text as goodhart_sentence
 
 pytest.importorskip("tensorboard")
@@ -32,6 +32,7 @@ from bon_tracker.backends.tensorboard import (
     UPPER_SUFFIX,
     TensorBoardBackend,
     curve_tags,
+    se_tag,
 )
 
 STEPS = (10, 20, 30)
@@ -79,8 +80,8 @@ def test_scalars_chart_text_and_layout_read_back(tmp_path, rng):
         for i in range(len(NS)):
             assert _values(acc, keys["true"][i])[step] == pytest.approx(curve.true_mean[i], rel=1e-6)
             assert _values(acc, keys["proxy"][i])[step] == pytest.approx(curve.proxy_mean[i], rel=1e-6)
-            lower = _values(acc, f"{keys['true'][i]}/{LOWER_SUFFIX}")[step]
-            upper = _values(acc, f"{keys['true'][i]}/{UPPER_SUFFIX}")[step]
+            lower = _values(acc, se_tag("bon", keys["true"][i], LOWER_SUFFIX))[step]
+            upper = _values(acc, se_tag("bon", keys["true"][i], UPPER_SUFFIX))[step]
             assert lower == pytest.approx(curve.true_mean[i] - curve.true_se[i], rel=1e-6)
             assert upper == pytest.approx(curve.true_mean[i] + curve.true_se[i], rel=1e-6)
         assert len(set(keys["true"]) | set(keys["proxy"])) == 2 * len(NS)  # one distinct tag per series and n
@@ -96,13 +97,30 @@ def test_scalars_chart_text_and_layout_read_back(tmp_path, rng):
         assert image.encoded_image_string.startswith(b"\x89PNG\r\n\x1a\n")
         assert image.width > 300 and image.height > 200
 
+    full = acc.Images("bon/0_curve_full")  # the full two-panel chart beside the compact one
+    assert [image.step for image in full] == list(STEPS) and all(f.width > 600 for f in full)
+    # Time Series groups cards by the tag up to its first "/": the SE bounds are a group of their own
+    assert {tag.split("/", 1)[0] for tag in tags - {CUSTOM_SCALARS_TAG}} == {"bon", "bon_se_bands"}
+    assert not any(tag.startswith("bon/") and tag.endswith(("_plus_se", "_minus_se")) for tag in tags)
+
     layout = layout_pb2.Layout.FromString(acc.Tensors(CUSTOM_SCALARS_TAG)[-1].tensor_proto.string_val[0])
-    (category,) = layout.category
-    assert len(category.chart) == len(NS)
-    for chart, n in zip(category.chart, NS, strict=True):
-        assert chart.title.startswith(f"n = {n}:")
-        for series in chart.margin.series:
+    goodhart, true, proxy = layout.category
+    assert "Goodhart" in goodhart.title and "true" in true.title and "proxy" in proxy.title
+    (series,) = goodhart.chart[0].margin.series
+    assert (series.value, series.lower, series.upper) == (
+        "bon/4_goodhart/n",
+        "bon/4_goodhart/n_low",
+        "bon/4_goodhart/n_high",
+    )
+    for category, name in ((true, "true"), (proxy, "proxy")):
+        assert len(category.chart) == len(NS)
+        # n descending in the layout: TensorBoard's Custom Scalars tab shows the charts reversed,
+        # n ascending (tests/test_ui_legible.py reads the page)
+        for chart, n in zip(category.chart, sorted(NS, reverse=True), strict=True):
+            assert chart.title.startswith(f"n = {n}:")
+            (series,) = chart.margin.series  # true and proxy never share an axis
             assert {series.value, series.lower, series.upper} <= tags
+            assert f"/{METRIC_SECTIONS[name]}/" in series.value
 
     label, read = TensorBoardBackend.read_records(str(tmp_path / "tb"))
     assert label == "tb"

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sqlite3
+import struct
 import sys
 import tempfile
 import threading
@@ -28,7 +29,7 @@ pytest.importorskip("matplotlib")
 from trackio.sqlite_storage import SQLiteStorage  # noqa: E402
 from trackio.utils import MEDIA_DIR, TRACKIO_DIR  # noqa: E402
 
-from bon_tracker.backends.trackio import TrackioBackend  # noqa: E402
+from bon_tracker.backends.trackio import TrackioBackend, dashboard_url  # noqa: E402
 
 STEPS = (10, 20, 30)
 NS = [1, 2, 4, 8, 32]
@@ -84,7 +85,7 @@ def test_scalars_table_image_and_record_read_back(project, rng):
     backend = TrackioBackend(project=project, run_name="ppo")
     for record, _ in records.values():
         backend.log_eval(record)
-    run_id = backend.run_id
+    run_id, location = backend.run_id, backend.location
     backend.finish()  # a run it started: finished, so trackio has written everything
 
     rows = _rows(project, "ppo", run_id)
@@ -100,11 +101,16 @@ def test_scalars_table_image_and_record_read_back(project, rng):
         assert [list(r) for r in table["_value"]] == [list(TABLE_COLUMNS)] * len(NS)
         for got, n, true_mean, proxy_se in zip(table["_value"], NS, curve.true_mean, curve.proxy_se, strict=True):
             assert (got["step"], got["n"]) == (step, n)
-            assert got["true_mean"] == true_mean and got["proxy_se"] == proxy_se
-        image = row["bon/0_curve"]
-        assert image["_type"] == "trackio.image"
-        assert (Path(MEDIA_DIR) / image["file_path"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert SQLiteStorage.get_run_config(project, "ppo", run_id=run_id)["N"] == "32"  # record.run_params()
+            # shown to six significant digits (the dashboard shows every digit it is given)
+            assert got["true_mean"] == float(f"{true_mean:.6g}") and got["proxy_se"] == float(f"{proxy_se:.6g}")
+        for key, least_width in (("bon/0_curve", 600), ("bon/0_curve_full", 700)):  # compact, then full size
+            image = row[key]
+            assert image["_type"] == "trackio.image"
+            png = (Path(MEDIA_DIR) / image["file_path"]).read_bytes()
+            assert png.startswith(b"\x89PNG\r\n\x1a\n") and struct.unpack(">I", png[16:20])[0] >= least_width
+    config = SQLiteStorage.get_run_config(project, "ppo", run_id=run_id)  # record.run_params()
+    assert (config["N"], config["P"], config["ns"]) == ("32", "24", ",".join(map(str, NS)))
+    assert dashboard_url(project).endswith("&smoothing=0") and dashboard_url(project) in location
 
     label, read = TrackioBackend.read_records(f"{project}/ppo")
     assert label == "ppo"

@@ -22,6 +22,7 @@ from bon_tracker.backends import wandb_transaction_log as txlog  # noqa: E402
 from bon_tracker.backends.wandb import WandbBackend  # noqa: E402
 from bon_tracker.core import bon_curve  # noqa: E402
 from bon_tracker.record import TABLE_COLUMNS, EvalRecord  # noqa: E402
+from bon_tracker.reports.charts import goodhart_text as goodhart_sentence  # noqa: E402
 from bon_tracker.tracking.tracker import BonTracker  # noqa: E402
 
 STEPS = (10, 20, 30)
@@ -105,22 +106,37 @@ def test_native_charts_and_image_are_logged(logged):
     visualize = txlog.read_config(logged.run_dir)["_wandb"]["visualize"]
     assert set(visualize) == {
         "bon/curve_chart",
+        "bon/curve_chart_proxy",
         "bon/overlay/true",
         "bon/overlay/proxy",
         "bon/1_true/over_steps",
         "bon/2_proxy/over_steps",
+        "bon/4_goodhart/over_steps",
     }
-    chart = visualize["bon/curve_chart"]["panel_config"]
-    assert chart["panelDefId"] == "wandb/lineseries/v0"
-    assert chart["fieldSettings"] == {"step": "kl", "lineKey": "series", "lineVal": "reward"}
-    assert json.dumps(chart["userQuery"]).count('"bon/curve_chart_table"') == 1
-
     last, record = logged.history[-1], logged.records[-1]
-    points = txlog.read_table(logged.run_dir, last["bon/curve_chart_table"])
     c = record.curve
-    for series, mean in (("true", c.true_mean), ("proxy", c.proxy_mean)):
-        got = [(p["n"], p["kl"], p["reward"]) for p in points if p["series"] == series]
-        assert got == list(zip(c.n.tolist(), c.kl.tolist(), mean.tolist(), strict=True))
+    # true and proxy each in a chart of their own: never one y axis for both scales
+    for key, kind in (("bon/curve_chart", "true"), ("bon/curve_chart_proxy", "proxy")):
+        chart = visualize[key]["panel_config"]
+        assert chart["panelDefId"] == "wandb/lineseries/v0"
+        assert chart["fieldSettings"] == {"step": "kl", "lineKey": "series", "lineVal": "reward"}
+        assert json.dumps(chart["userQuery"]).count(f'"{key}_table"') == 1
+        points = txlog.read_table(logged.run_dir, last[f"{key}_table"])
+        assert {p["series"] for p in points} == {kind, f"{kind} -1 SE", f"{kind} +1 SE"}
+        mean, se = getattr(c, f"{kind}_mean"), getattr(c, f"{kind}_se")
+        for series, values in ((kind, mean), (f"{kind} +1 SE", mean + se)):
+            got = [(p["n"], p["kl"], p["reward"]) for p in points if p["series"] == series]
+            assert got == list(zip(c.n.tolist(), c.kl.tolist(), values.tolist(), strict=True))
+
+    # n* and its interval over training: one chart, the values the scalars hold
+    lines = txlog.read_table(logged.run_dir, last["bon/4_goodhart/over_steps_table"])
+    for label, name in (("n*", "n"), ("n* 95 % low", "n_low"), ("n* 95 % high", "n_high")):
+        expected = [
+            (r.step, r.scalars()[f"bon/4_goodhart/{name}"])
+            for r in logged.records
+            if f"bon/4_goodhart/{name}" in r.scalars()
+        ]
+        assert [(p["step"], p["lineVal"]) for p in lines if p["lineKey"] == label] == expected
 
     # The overlay at the last step draws one line per eval step so far.
     for series in ("true", "proxy"):
@@ -131,9 +147,11 @@ def test_native_charts_and_image_are_logged(logged):
     first_overlay = txlog.read_table(logged.run_dir, logged.history[0]["bon/overlay/true_table"])
     assert {p["lineKey"] for p in first_overlay} == {"step 10"}
 
-    image = last["bon/0_curve"]
-    assert image["_type"] == "image-file"
-    assert (logged.run_dir / "files" / image["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ("bon/0_curve", "bon/0_curve_full"):  # the compact chart, then the full one
+        image = last[key]
+        assert image["_type"] == "image-file" and image["width"] >= 600
+        assert (logged.run_dir / "files" / image["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert last["bon/0_curve"]["height"] < last["bon/0_curve_full"]["height"]  # landscape, one panel
 
 
 def test_metrics_use_the_step_metric(logged):
@@ -151,6 +169,17 @@ def test_goodhart_point_is_in_the_summary(logged):
     assert summary["bon/4_goodhart/kl"] == goodhart.kl
     assert summary["bon/4_goodhart/peak_gain"] == goodhart.peak_gain
     assert summary["bon/4_goodhart/step"] == STEPS[-1]
+    # the reports' sentence, with its interval, as W&B's run overview shows the summary
+    assert summary["bon/4_goodhart/sentence"] == f"step {STEPS[-1]}: {goodhart_sentence(logged.records[-1])}"
+    onsets = [a for r in logged.records for a in r.onsets]
+    expected = "\n".join(f"step {a.step}, {a.rule}: {a.message}" for a in onsets) or "no alerts so far"
+    assert summary["bon/7_alert/sentences"] == expected
+
+
+def test_run_config_holds_n_p_the_grid_and_the_reward_names(logged):
+    config = txlog.read_config(logged.run_dir)
+    params = logged.records[-1].run_params()
+    assert {key: config[f"bon.{key}"] for key in params} == params
 
 
 def test_read_records_round_trips_exactly(logged):

@@ -121,21 +121,45 @@ def test_thread_count_from_argument_and_environment(monkeypatch):
 
 
 # ---- huge N ---------------------------------------------------------------------------------
+def exact_all_subsets_estimate(sorted_score: np.ndarray, n: int) -> float:
+    """Independent: sum_k C(k-1, n-1) s_(k) / C(N, n) in exact integer arithmetic, rounded once.
+
+    Every float times 2^1100 is an integer, so the whole sum is one exact integer; the binomials
+    come from C(k, n-1) = C(k-1, n-1) k / (k-n+1), an exact integer division at each rank.
+    """
+    N = len(sorted_score)
+    scale = 1100
+    total, binomial = 0, 1  # binomial: C(k-1, n-1), from k = n
+    for k in range(n, N + 1):
+        numerator, denominator = float(sorted_score[k - 1]).as_integer_ratio()  # denominator: a power of 2
+        total += binomial * numerator * ((1 << scale) // denominator)
+        binomial = binomial * k // (k - n + 1)
+    return total / (math.comb(N, n) << scale)  # int / int: correctly rounded
+
+
+def test_exact_reference_equals_fractions_at_small_n(rng):
+    """The fast exact reference against Fractions of math.comb (the slow, obvious form)."""
+    scores = np.sort(rng.normal(size=40)) * 3.0
+    for n in (1, 2, 7, 39, 40):
+        want = sum(
+            Fraction(math.comb(k - 1, n - 1), math.comb(40, n)) * Fraction(float(scores[k - 1])) for k in range(n, 41)
+        )
+        assert exact_all_subsets_estimate(scores, n) == float(want)
+
+
 def test_huge_n_weights_against_exact_binomials(rng):
-    """Block-by-block weights (no serial product) against exact integer arithmetic."""
+    """Block-by-block weights (no serial product) against exact integer arithmetic at every rank."""
     N = SCAN_MIN_N + 3001
     proxy = rng.normal(size=N)
     score = rng.normal(size=N) * 3.0
     ns = [1, 2, 3, 100, 5000, N - 1, N]
     got = bon_curve(proxy, score, ns)
+    per_prompt = bon_estimate(proxy, score, ns)
     sorted_score = score[np.argsort(proxy)]
-    for n, value in zip(ns, got.true_mean):
-        total = math.comb(N, n)
-        lo = max(n, N - 20_000)  # lower ranks weigh < 1e-300 for the large n, and exactly count for the small
-        exact = sum(
-            Fraction(math.comb(k - 1, n - 1), total) * Fraction(float(sorted_score[k - 1])) for k in range(lo, N + 1)
-        )
-        assert abs(value - float(exact)) <= 1e-12 * 3.0, n
+    for n, value, estimate in zip(ns, got.true_mean, per_prompt):
+        exact = exact_all_subsets_estimate(sorted_score, n)
+        assert abs(value - exact) <= 1e-12 * 3.0, n
+        assert abs(estimate - exact) <= 1e-12 * 3.0, n
 
 
 # ---- KL: atoms and continuous mass ---------------------------------------------------------------

@@ -17,24 +17,50 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bon_tracker"
 
 # The leaves every layer may use: plain data and mechanisms that know no layer.
-LEAVES = {"bon_tracker.core", "bon_tracker.record", "bon_tracker.files", "bon_tracker.optional", "bon_tracker.version"}
+LEAVES = {
+    "bon_tracker.core",
+    "bon_tracker.record",
+    "bon_tracker.texts",  # the hack table: plain data beside the record (texts never reach the core)
+    "bon_tracker.files",
+    "bon_tracker.optional",
+    "bon_tracker.version",
+}
 
 # layer -> bon_tracker modules it may import (prefixes); anything else of bon_tracker is refused.
 ALLOWED = {
     "bon_tracker.core": {"bon_tracker.core"},
-    "bon_tracker.record": {"bon_tracker.core"},
+    "bon_tracker.record": {"bon_tracker.core", "bon_tracker.texts"},
+    "bon_tracker.texts": set(),
     "bon_tracker.files": set(),
     "bon_tracker.optional": set(),
     "bon_tracker.version": set(),
     # Backends draw with the reports' chart and HTML modules (which import no backend).
     "bon_tracker.backends": LEAVES
-    | {"bon_tracker.backends", "bon_tracker.reports.charts", "bon_tracker.reports.html", "bon_tracker.reports.render"},
+    | {
+        "bon_tracker.backends",
+        "bon_tracker.reports.charts",
+        "bon_tracker.reports.html",
+        "bon_tracker.reports.render",
+        "bon_tracker.reports.selection_charts",
+        "bon_tracker.reports.selection_tables",
+        "bon_tracker.reports.texts_tables",
+    },
     # Tracking knows the backend interface and registry, never a service.
     "bon_tracker.tracking": LEAVES | {"bon_tracker.tracking", "bon_tracker.backends"},
     "bon_tracker.analysis": LEAVES | {"bon_tracker.analysis"},
     "bon_tracker.reports": LEAVES | {"bon_tracker.reports", "bon_tracker.backends"},
+    # The lab is a user of the tracker: it trains with it the way a user's script does.
+    "bon_tracker.lab": LEAVES
+    | {
+        "bon_tracker.lab",
+        "bon_tracker.tracking",
+        "bon_tracker.backends",
+        "bon_tracker.integrations",
+        "bon_tracker.cli",
+    },
     "bon_tracker.cli": LEAVES
     | {
+        "bon_tracker.lab",
         "bon_tracker.cli",
         "bon_tracker.backends",
         "bon_tracker.tracking",

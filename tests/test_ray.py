@@ -1,11 +1,14 @@
-"""Ray: the tracker inside an actor, and ``analyze --engine ray`` equal to the single-process numbers.
+"""Ray: the tracker inside an actor, and ``analyze --engine ray`` equal to the single-process numbers,
+on both of its paths: grouped input reduced where it lies ("blocks"), scattered input shuffled.
 
-One small local cluster (2 CPUs, no dashboard) for the module, shut down at its end.
+One small local cluster (2 CPUs, no dashboard) for every test of the module, shut down at its end.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 
 from bon_tracker.analysis.grouping import curves_from_batches
-from bon_tracker.analysis.ray_engine import ray_curves
+from bon_tracker.analysis.ray_engine import _key_hashes, prompt_estimates, ray_curves
 from bon_tracker.analysis.score_files import Columns, read_score_batches
 from bon_tracker.backends.local import read_records
 from bon_tracker.cli import main
@@ -42,8 +45,9 @@ def cluster():
     ray.shutdown()
 
 
-def score_rows(rng: np.random.Generator) -> list[dict]:
-    """Two runs x three steps; ragged prompts (N from 3 to 16), ties (a discrete proxy) in run b."""
+def score_rows(rng: np.random.Generator, order: str = "shuffled") -> list[dict]:
+    """Two runs x three steps; ragged prompts (N from 3 to 16), ties (a discrete proxy) in run b;
+    rows in random order (``"shuffled"``) or prompt by prompt (``"grouped"``)."""
     rows = []
     for run in ("a", "b"):
         for step in (0, 10, 20):
@@ -55,8 +59,10 @@ def score_rows(rng: np.random.Generator) -> list[dict]:
                     {"run": run, "step": step, "prompt_id": f"p{prompt}", "proxy": float(p), "true": float(t)}
                     for p, t in zip(proxy, true)
                 ]
-    order = rng.permutation(len(rows))  # ungrouped input: the single-process reader's harder path
-    return [rows[i] for i in order]
+    if order == "grouped":
+        return rows
+    shuffled = rng.permutation(len(rows))  # ungrouped input: the single-process reader's harder path
+    return [rows[i] for i in shuffled]
 
 
 def write(rows: list[dict], path: Path) -> Path:
@@ -83,31 +89,145 @@ def assert_same(got, expected) -> None:
                 np.testing.assert_allclose(fit_got.goodhart.kl, fit_expected.goodhart.kl, rtol=1e-10)
 
 
-@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
-def test_ray_curves_equal_the_single_process_result(cluster, tmp_path, rng, suffix):
-    path = write(score_rows(rng), tmp_path / f"scores{suffix}")
-    expected, info = curves_from_batches(lambda: read_score_batches(path))
-    got, ray_info = ray_curves([path])
+def write_parts(rows: list[dict], folder: Path, suffix: str, cuts: list[int]) -> list[Path]:
+    """The rows cut into files at the row numbers ``cuts`` (inside prompts, where they fall)."""
+    folder.mkdir(exist_ok=True)
+    bounds = [0, *cuts, len(rows)]
+    return [write(rows[a:b], folder / f"part-{i}{suffix}") for i, (a, b) in enumerate(itertools.pairwise(bounds))]
+
+
+def single_process(paths: list[Path], columns: Columns | None = None, **options):
+    def batches():
+        for path in paths:
+            yield from read_score_batches(path, columns, batch_rows=50, **options)
+
+    return batches
+
+
+def estimates_in_input_order(rows: list[dict], run: str, step: int, grid: np.ndarray) -> tuple:
+    """Brute force: each prompt's estimates (prompt_estimates on that prompt alone), prompts in input order."""
+    prompts: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["run"] == run and r["step"] == step:
+            prompts.setdefault(r["prompt_id"], []).append(r)
+    true, proxy = [], []
+    for samples in prompts.values():
+        t, p = prompt_estimates(
+            [np.array([s["proxy"] for s in samples])], [np.array([s["true"] for s in samples])], grid
+        )
+        true.append(t[0])
+        proxy.append(p[0])
+    return np.array(true), np.array(proxy)
+
+
+@pytest.mark.parametrize(
+    "suffix, order",
+    [(".parquet", "grouped"), (".jsonl", "grouped"), (".parquet", "shuffled"), (".jsonl", "shuffled")],
+)
+def test_ray_curves_equal_the_single_process_result(cluster, tmp_path, rng, suffix, order, caplog):
+    """Three files cut inside prompts, read 7 rows at a time: prompts cut at every kind of seam."""
+    caplog.set_level(logging.INFO, logger="bon_tracker")
+    rows = score_rows(rng, order)
+    paths = write_parts(rows, tmp_path / "parts", suffix, [len(rows) // 3 + 5, 2 * len(rows) // 3 + 2])
+    expected, info = curves_from_batches(single_process(paths))
+    got, ray_info = ray_curves(paths, statistics=True, batch_rows=7)
     assert_same(got, expected)
     assert ray_info["prompts"] == info["prompts"] and ray_info["samples"] == info["samples"]
+    assert ray_info["path"] == ("blocks" if order == "grouped" else "shuffle")
+    assert ray_info["grouped"] is (order == "grouped") is info["grouped"]
+    said = "the 3 files were reduced where they lie" if order == "grouped" else "grouped by a Ray Data shuffle"
+    assert said in caplog.text
     assert any(curve.has_ties for curve in got["b"].values())  # the discrete proxy's exact KL took part
+    if order == "grouped":  # prompts in input order, as the single-process engine has them
+        for (run, step), (true_pp, proxy_pp) in ray_info["estimates"].items():
+            true_bf, proxy_bf = estimates_in_input_order(rows, run, step, got[run][step].n)
+            np.testing.assert_allclose(true_pp, true_bf, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(proxy_pp, proxy_bf, rtol=0, atol=1e-12)
 
 
-def test_ray_curves_grid_and_nan_omit(cluster, tmp_path, rng):
-    rows = [r for r in score_rows(rng) if r["run"] == "a"]
+def test_ray_curves_see_a_prompt_that_comes_back_in_another_file(cluster, tmp_path, rng):
+    """Each file grouped by itself, but prompt p0 of step 0 is in the first and in the last file,
+    with other prompts between: only the keys of all files together show it (the shuffle path)."""
+    rows = [r for r in score_rows(rng, "grouped") if r["run"] == "a"]
+    p0 = [r for r in rows if r["step"] == 0 and r["prompt_id"] == "p0"]
+    rest = [r for r in rows if not (r["step"] == 0 and r["prompt_id"] == "p0")]
+    paths = [
+        write(p0[:2] + rest[:40], tmp_path / "first.parquet"),
+        write(rest[40:], tmp_path / "middle.parquet"),
+        write(p0[2:], tmp_path / "last.parquet"),
+    ]
+    expected, info = curves_from_batches(single_process(paths))
+    got, ray_info = ray_curves(paths)
+    assert ray_info["path"] == "shuffle" and ray_info["grouped"] is False is info["grouped"]
+    assert_same(got, expected)
+
+
+def test_key_hashes_tell_keys_apart():
+    """The 64-bit keys behind the grouped check: (step s, prompt p) and (step p, prompt s) differ; an
+    integer id hashes alike from an integer column and from Python ints; runs take part."""
+    steps, prompts = (a.ravel() for a in np.meshgrid(np.arange(300), np.arange(300)))
+    hashes = _key_hashes(None, steps, prompts)
+    assert len(np.unique(hashes)) == len(hashes) == 90_000
+    as_objects = np.empty(3, dtype=object)
+    as_objects[:] = [5, 6, "5"]
+    from_objects = _key_hashes(None, np.zeros(3, dtype=np.int64), as_objects)
+    from_ints = _key_hashes(None, np.zeros(2, dtype=np.int64), np.array([5, 6]))
+    assert from_objects[:2].tolist() == from_ints.tolist() and from_objects[2] != from_objects[0]
+    runs = np.array(["a", "b"], dtype=object)
+    assert len(set(_key_hashes(runs, np.zeros(2, dtype=np.int64), np.array([5, 5])).tolist())) == 2
+
+
+def test_ray_curves_read_verls_dumps_as_the_single_process_engine(cluster, tmp_path, rng):
+    """verl's {step}.jsonl dumps (uid = prompt_session_output; a session of two outputs counts once, its
+    last): the per-file path, through verl's reader, gives the single-process curves."""
+    from bon_tracker.analysis import verl_dumps
+
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    for step in (0, 20):
+        lines = []
+        for prompt in range(6):
+            for session in range(8):
+                proxy, true = float(rng.normal()), float(rng.normal())
+                outputs = 2 if session == 0 else 1  # a multi-output session: both rows carry its final score
+                for output in range(outputs):
+                    uid = f"u{prompt:02d}-{step}_{session}_{output}"
+                    lines.append(
+                        {"input": f"q{prompt}", "output": "a", "score": proxy, "gold": true, "step": step, "uid": uid}
+                    )
+        (folder / f"{step}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    files = verl_dumps.dump_files([folder])
+    columns = verl_dumps.dump_columns(files[0], "gold")
+
+    def batches():
+        for path in files:
+            yield from verl_dumps.read_dump_batches(path, columns, batch_rows=5)
+
+    expected, info = curves_from_batches(batches)
+    got, ray_info = ray_curves(files, columns, preset="verl", batch_rows=5)
+    assert ray_info["path"] == "blocks" and ray_info["samples"] == info["samples"]
+    assert set(ray_info["samples"].values()) == {6 * 8}  # one sample per session
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize("order", ["grouped", "shuffled"])
+def test_ray_curves_grid_and_nan_omit(cluster, tmp_path, rng, order):
+    rows = [r for r in score_rows(rng, order) if r["run"] == "a"]
     rows[0]["true"] = None  # a missing score, dropped with nan_policy="omit"
     path = write(rows, tmp_path / "scores.parquet")
     columns = Columns(run="no-such-column")
     expected, _ = curves_from_batches(lambda: read_score_batches(path, columns, nan_policy="omit"), ns=[1, 2, 4, 8, 12])
     got, info = ray_curves([path], columns, ns=[1, 2, 4, 8, 12], nan_policy="omit")
     assert_same(got, expected)
-    assert sum(info["omitted"].values()) == 1
-    with pytest.raises(ValueError, match="non-finite"):
+    assert sum(info["omitted"].values()) == 1 and info["rows"] == len(rows)
+    assert info["path"] == ("blocks" if order == "grouped" else "shuffle")
+    with pytest.raises(ValueError, match="--nan-policy omit"):
         ray_curves([path], columns)
 
 
 def test_analyze_engine_ray_cli(cluster, tmp_path, rng, capsys):
-    path = write(score_rows(rng), tmp_path / "scores.parquet")
+    """Grouped rows: the blocks path, whose prompts are in input order, so the intervals are the stream's too."""
+    path = write(score_rows(rng, "grouped"), tmp_path / "scores.parquet")
     assert main(["analyze", str(path), "--out", str(tmp_path / "stream"), "--json", "--quiet"]) == 0
     stream = json.loads(capsys.readouterr().out)
     assert main(["analyze", str(path), "--engine", "ray", "--out", str(tmp_path / "ray"), "--json", "--quiet"]) == 0
@@ -120,6 +240,9 @@ def test_analyze_engine_ray_cli(cluster, tmp_path, rng, capsys):
         assert [r.step for r in records_ray] == [r.step for r in records_stream] == [0, 10, 20]
         for a, b in zip(records_ray, records_stream):
             np.testing.assert_allclose(a.curve.true_se, b.curve.true_se, rtol=0, atol=1e-12)
+            assert (a.interval is None) == (b.interval is None)
+            if a.interval is not None:
+                np.testing.assert_allclose(a.interval.kl_high, b.interval.kl_high, rtol=1e-12)
 
 
 @ray.remote
@@ -149,9 +272,10 @@ def test_tracker_inside_a_ray_actor(cluster, tmp_path, goodhart_scores):
     ray.kill(actor)
 
 
-def _peaked_dumps(folder: Path, prompts: int = 400) -> Path:
+def _peaked_dumps(folder: Path, prompts: int = 400, shuffled: bool = False) -> Path:
     """A simulated run whose best-of-16 true reward falls at step 200 while its proxy rises, and whose
-    headroom is gone by step 300 (tests/test_cli_user_reports.py), one Parquet file per eval."""
+    headroom is gone by step 300 (tests/test_cli_user_reports.py), one Parquet file per eval, its rows
+    prompt by prompt (or in random order: ``shuffled``)."""
     from bon_tracker.core.simulation import SimulationModel
 
     model = SimulationModel(rho=0.8, gamma=0.267, noise=0.5)
@@ -165,6 +289,8 @@ def _peaked_dumps(folder: Path, prompts: int = 400) -> Path:
             for p in range(proxy.shape[0])
             for a, b in zip(proxy[p], true[p])
         ]
+        if shuffled:
+            rows = [rows[j] for j in sim.permutation(len(rows))]
         write(rows, folder / f"{i}.parquet")
     return folder
 
@@ -195,20 +321,24 @@ def test_analyze_engine_ray_raises_the_alerts_of_the_stream_engine(cluster, tmp_
 
 
 def test_analyze_engine_ray_quiet_prints_no_line_of_rays(cluster, tmp_path):
-    """``-q``: no progress bar, no progress or INFO line of Ray's (the command itself, in a process of its own,
-    connected to this module's cluster); without it Ray says what it runs."""
-    _peaked_dumps(tmp_path / "dumps", prompts=20)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "bon_tracker.cli", "analyze", "--engine", "ray", "dumps/*.parquet"]
+    """``-q``: no progress bar, no progress or INFO line of Ray's or Ray Data's (the command itself, in a
+    process of its own, connected to this module's cluster; scattered rows, so that Ray Data shuffles them);
+    without it Ray says what it runs, and ``-v`` which path the engine took."""
+    _peaked_dumps(tmp_path / "scattered", prompts=20, shuffled=True)
+    # This module's cluster, and its shuffle (see the fixture) for the command's Ray Data.
+    address = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY": "sort_shuffle_pull_based"}
 
-    def run(*extra: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([*command, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "bon_tracker.cli", *args]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return done
 
-    loud = run("--out", "loud")
+    loud = run("-v", "analyze", "--engine", "ray", "scattered/*.parquet", "--out", "loud")
     assert "Dataset" in loud.stderr  # Ray Data's own lines (what it executes, its progress)
-    quiet = run("--out", "quiet", "-q")
+    assert "are not contiguous, so the rows are grouped by a Ray Data shuffle" in loud.stderr
+    quiet = run("analyze", "--engine", "ray", "scattered/*.parquet", "--out", "quiet", "-q")
     ray_lines = [line for line in quiet.stderr.splitlines() if "Dataset" in line or "INFO" in line]
     assert ray_lines == [] and "\r" not in quiet.stderr, quiet.stderr
     assert "run folder: quiet/0 (report: quiet/0/report.html)" in quiet.stdout

@@ -131,11 +131,14 @@ def test_alerts_are_reported_on_the_logging_thread_and_complete_after_wait(tmp_p
     # poll_alerts never waits: it answers while the worker is held on the next eval
     gate = _Gate(monkeypatch, hold=True)
     tracker.log_scores(3, *_scores(9, 64, 8))
+    deadline = time.monotonic() + 30
+    while not gate.threads and time.monotonic() < deadline:  # the worker is inside step 3's statistics
+        time.sleep(0.01)
     answered = []
     poller = threading.Thread(target=lambda: answered.append(tracker.poll_alerts()))
     poller.start()
     poller.join(10)
-    assert answered and [a.step for a in answered[0]] == [2, 2] and gate.threads
+    assert answered and [a.step for a in answered[0]] == [2, 2]
     assert tracker.pending >= 1  # step 3 is still being completed
     gate.open.set()
     tracker.finish(30)

@@ -11,6 +11,17 @@ text files line by line), so a file of any size streams through in bounded memor
 text line is read with at most ``max_line_bytes`` (64 MiB) in memory: a longer one is
 an error naming the file and the line, never read whole.
 
+Texts (optional, for the hack table: docs/texts.md): a prompt text column and a completion column
+(``--prompt-text-col``/``--completion-col``), strings; in a row of one prompt the completion column
+holds a list, one completion per score. They ride along with the scores they belong to.
+
+Several proxies and true rewards (an ensemble of reward models, docs/selection.md): name more
+score columns (``Columns.more_proxy``/``more_true``; ``--proxy-col rm_a --proxy-col rm_b``).
+Each is read as the first one is (a number per sample, or in a row of one prompt a list of
+equal length), a non-finite value in any of them drops the sample from all under ``omit``,
+and the batch holds them as ``(K - 1, rows)`` / ``(T - 1, rows)`` arrays beside ``proxy`` and
+``true`` (the first member and the first true reward).
+
 Every bad row, value or file raises :class:`ScoreFileError` with a message that
 names the file, the line (text files: physical line, counted from 1 with the header
 as line 1) or row (Parquet: data rows counted from 1) and the column, e.g.
@@ -78,6 +89,29 @@ class Columns:
     run: str = "run"
     require_step: bool = False
     require_run: bool = False
+    prompt_text: str | None = None  # the prompt's text (with ``completion``: the texts are read)
+    completion: str | None = None  # the sample's completion text
+    more_proxy: tuple[str, ...] = ()  # further proxy columns: ensemble members after ``proxy``
+    more_true: tuple[str, ...] = ()  # further true reward columns after ``true``
+
+    @property
+    def has_texts(self) -> bool:
+        return self.prompt_text is not None and self.completion is not None
+
+    @property
+    def proxy_names(self) -> tuple[str, ...]:
+        """Every proxy column, the first (``proxy``) first: one ensemble member each."""
+        return (self.proxy, *self.more_proxy)
+
+    @property
+    def true_names(self) -> tuple[str, ...]:
+        """Every true reward column, ``true`` first."""
+        return (self.true, *self.more_true)
+
+    @property
+    def extra_scores(self) -> tuple[str, ...]:
+        """The score columns beyond ``proxy`` and ``true``, in the order of ``ScoreBatch.extra``."""
+        return (*self.more_proxy, *self.more_true)
 
 
 @dataclass
@@ -90,9 +124,22 @@ class ScoreBatch:
     step: np.ndarray | None  # int64; None when the file has no step column
     run: np.ndarray | None  # str (object); None when the file has no run column
     omitted: int = 0  # rows of this batch dropped for a non-finite score (nan_policy="omit")
+    prompt_text: np.ndarray | None = None  # str (object), per sample; None unless texts are read
+    completion: np.ndarray | None = None  # str (object), per sample; None unless texts are read
+    extra: np.ndarray | None = None  # float64 (E, rows), finite: Columns.extra_scores; None without them
 
     def __len__(self) -> int:
         return len(self.proxy)
+
+    def members(self, columns: Columns) -> np.ndarray:
+        """Every proxy column's scores, ``(K, rows)`` (the first is ``proxy``)."""
+        more = self.extra[: len(columns.more_proxy)] if self.extra is not None else np.empty((0, len(self)))
+        return np.concatenate([self.proxy[None, :], more])
+
+    def trues(self, columns: Columns) -> np.ndarray:
+        """Every true reward column's scores, ``(T, rows)`` (the first is ``true``)."""
+        more = self.extra[len(columns.more_proxy) :] if self.extra is not None else np.empty((0, len(self)))
+        return np.concatenate([self.true[None, :], more])
 
 
 def detect_format(path: str | Path) -> str:
@@ -190,18 +237,31 @@ def _finite_or_drop(
     nan_policy: str,
     where: Callable[[int], str],
     item: Callable[[int], str] = _no_item,
+    extra: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """Indices to keep (None: keep all); raise on a non-finite score under ``"raise"``."""
+    """Indices to keep (None: keep all); raise on a non-finite score under ``"raise"``.
+
+    ``extra``: the further score columns ``(E, rows)`` (``columns.extra_scores``); a sample is
+    kept only where every score column is finite."""
     with np.errstate(over="ignore", invalid="ignore"):  # a finite sum: every value is finite (no temporaries)
-        if np.isfinite(np.add.reduce(proxy)) and np.isfinite(np.add.reduce(true)):
+        if (
+            np.isfinite(np.add.reduce(proxy))
+            and np.isfinite(np.add.reduce(true))
+            and (extra is None or np.isfinite(np.add.reduce(extra, axis=None)))
+        ):
             return None
     good = np.isfinite(proxy) & np.isfinite(true)
+    if extra is not None:
+        good &= np.isfinite(extra).all(axis=0)
     if good.all():
         return None
     if nan_policy == "omit":
         return np.flatnonzero(good)
     i = int(np.flatnonzero(~good)[0])
-    column, value = (columns.proxy, proxy[i]) if not np.isfinite(proxy[i]) else (columns.true, true[i])
+    values = [(columns.proxy, proxy[i]), (columns.true, true[i])]
+    if extra is not None:
+        values += list(zip(columns.extra_scores, extra[:, i]))
+    column, value = next((name, v) for name, v in values if not np.isfinite(v))
     shown = "missing or NaN (an empty cell, null or 'nan')" if math.isnan(value) else f"{value} is not finite"
     problem = f"{shown}; clean the file, or pass --nan-policy omit to drop such samples"
     raise _located(path, where(i), column, problem, item(i))
@@ -217,6 +277,9 @@ def _select(batch: ScoreBatch, keep: np.ndarray | None) -> ScoreBatch:
         step=None if batch.step is None else batch.step[keep],
         run=None if batch.run is None else batch.run[keep],
         omitted=len(batch) - len(keep),
+        prompt_text=None if batch.prompt_text is None else batch.prompt_text[keep],
+        completion=None if batch.completion is None else batch.completion[keep],
+        extra=None if batch.extra is None else batch.extra[:, keep],
     )
 
 
@@ -384,10 +447,13 @@ def _in_range(step: int) -> int:
 class _TextBatch:
     """Rows of a text file gathered column by column until a batch is full."""
 
-    def __init__(self, has_step: bool, has_run: bool):
+    def __init__(self, has_step: bool, has_run: bool, has_texts: bool = False, n_extra: int = 0):
+        self.prompt_text: list[str] | None = [] if has_texts else None
+        self.completion: list[str] | None = [] if has_texts else None
         self.prompt: list[Any] = []
         self.proxy: list[Any] = []
         self.true: list[Any] = []
+        self.extra: list[list[Any]] = [[] for _ in range(n_extra)]  # Columns.extra_scores, column by column
         self.step: list[Any] | None = [] if has_step else None
         self.run: list[Any] | None = [] if has_run else None
         self.lines: list[int] = []
@@ -411,8 +477,17 @@ class _TextBatch:
             if self.step is None
             else _text_steps(path, self.step, where, columns.step, json_values=json_values),
             run=None if self.run is None else _object_array(self.run),
+            prompt_text=None if self.prompt_text is None else _object_array(self.prompt_text),
+            completion=None if self.completion is None else _object_array(self.completion),
         )
-        keep = _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, where, item)
+        if self.extra:
+            batch.extra = np.stack(
+                [
+                    _text_floats(path, values, where, name, json_values=json_values, item=item)
+                    for name, values in zip(columns.extra_scores, self.extra)
+                ]
+            )
+        keep = _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, where, item, batch.extra)
         return _select(batch, keep)
 
 
@@ -449,8 +524,10 @@ def _read_csv(
         index = _column_index(path, names, columns)
         i_prompt, i_proxy, i_true, i_step, i_run = index
         assert i_prompt is not None
+        i_texts = _text_index(path, names, columns)
+        i_extra = _extra_index(path, names, columns)
         width = len(names)
-        batch = _TextBatch(i_step is not None, i_run is not None)
+        batch = _TextBatch(i_step is not None, i_run is not None, i_texts is not None, len(i_extra))
         reported = 0
         try:
             for row in reader:
@@ -467,14 +544,19 @@ def _read_csv(
                 batch.prompt.append(prompt)
                 batch.proxy.append(row[i_proxy])
                 batch.true.append(row[i_true])
+                for values, i in zip(batch.extra, i_extra):
+                    values.append(row[i])
                 if i_step is not None:
                     batch.step.append(row[i_step])  # type: ignore[union-attr]
                 if i_run is not None:
                     batch.run.append(row[i_run])  # type: ignore[union-attr]
+                if i_texts is not None:
+                    batch.prompt_text.append(row[i_texts[0]])  # type: ignore[union-attr]
+                    batch.completion.append(row[i_texts[1]])  # type: ignore[union-attr]
                 batch.lines.append(line)
                 if len(batch.lines) >= batch_rows:
                     yield batch.build(path, columns, nan_policy, json_values=False)
-                    batch = _TextBatch(i_step is not None, i_run is not None)
+                    batch = _TextBatch(i_step is not None, i_run is not None, i_texts is not None, len(i_extra))
                     done = position()
                     progress(done - reported)
                     reported = done
@@ -509,6 +591,35 @@ def _column_index(
     )
 
 
+def _extra_index(path: Path, names: list[str], columns: Columns) -> list[int]:
+    """Where the further score columns are (``columns.extra_scores``), in that order."""
+    found = []
+    for name in columns.extra_scores:
+        if name not in names:
+            shown = ", ".join(repr(n) for n in names[:20])
+            option = "--proxy-col" if name in columns.more_proxy else "--true-col"
+            raise ScoreFileError(
+                f"{path.name}: no column {name!r} (the columns are {shown}); name the right one with {option}"
+            )
+        found.append(names.index(name))
+    return found
+
+
+def _text_index(path: Path, names: list[str], columns: Columns) -> tuple[int, int] | None:
+    """Where the prompt text and completion columns are (None when texts are not read)."""
+    if not columns.has_texts:
+        return None
+    found = []
+    for name, option in ((columns.prompt_text, "--prompt-text-col"), (columns.completion, "--completion-col")):
+        if name not in names:
+            shown = ", ".join(repr(n) for n in names[:20])
+            raise ScoreFileError(
+                f"{path.name}: no column {name!r} (the columns are {shown}); name the right one with {option}"
+            )
+        found.append(names.index(name))
+    return found[0], found[1]
+
+
 _MISSING = object()
 
 
@@ -537,6 +648,65 @@ def _samples_of_row(path: Path, line: int, columns: Columns, proxy: Any, true: A
         f"{_shown_json(value)} is one score, but {listed!r} holds a list: a row holds either one sample "
         "(a number in each score column) or one prompt's samples (a list in each, of equal length)",
     )
+
+
+def _row_extra(path: Path, line: int, columns: Columns, row: dict, samples: int | None) -> list[list[Any]]:
+    """A JSONL row's further score columns (``columns.extra_scores``), each as the list of its
+    samples' values: one value, or in a row of one prompt a list of ``samples``."""
+    out = []
+    for name in columns.extra_scores:
+        if name not in row:
+            keys = ", ".join(repr(k) for k in list(row)[:20])
+            option = "--proxy-col" if name in columns.more_proxy else "--true-col"
+            raise _located(path, f"line {line}", name, f"missing (the row has {keys}); name the column with {option}")
+        value = row[name]
+        if samples is None:
+            if isinstance(value, list):
+                raise _located(
+                    path, f"line {line}", name,
+                    f"holds a list, but {columns.proxy!r} holds one score: a row holds either one sample (a number "
+                    "in each score column) or one prompt's samples (a list in each, of equal length)",
+                )  # fmt: skip
+            out.append([value])
+        elif not isinstance(value, list) or len(value) != samples:
+            shown = f"a list of {len(value)} scores" if isinstance(value, list) else f"{_shown_json(value)}"
+            raise _located(
+                path, f"line {line}", name,
+                f"{shown}, but {columns.proxy!r} has {samples}: a row of one prompt holds one score per sample in "
+                "every score column",
+            )  # fmt: skip
+        else:
+            out.append(value)
+    return out
+
+
+def _row_texts(path: Path, line: int, columns: Columns, row: dict, samples: int | None) -> tuple[str, list[str]]:
+    """A JSONL row's prompt text and its completions (one; or a list of ``samples`` in a row of one prompt)."""
+    assert columns.prompt_text is not None and columns.completion is not None
+    for name, option in ((columns.prompt_text, "--prompt-text-col"), (columns.completion, "--completion-col")):
+        if name not in row:
+            keys = ", ".join(repr(k) for k in list(row)[:20])
+            raise _located(path, f"line {line}", name, f"missing (the row has {keys}); name the column with {option}")
+    prompt_text, completion = row[columns.prompt_text], row[columns.completion]
+    if not isinstance(prompt_text, str):
+        raise _located(path, f"line {line}", columns.prompt_text, f"{_shown_json(prompt_text)} is not a text")
+    if samples is None:
+        if not isinstance(completion, str):
+            raise _located(path, f"line {line}", columns.completion, f"{_shown_json(completion)} is not a text")
+        return prompt_text, [completion]
+    if not isinstance(completion, list) or len(completion) != samples:
+        problem = (
+            f"{_shown_json(completion)} is not a list of {samples} completions: a row of one prompt holds one "
+            "completion per score"
+        )
+        raise _located(path, f"line {line}", columns.completion, problem)
+    bad = next((j for j, c in enumerate(completion) if not isinstance(c, str)), None)
+    if bad is not None:
+        raise _located(
+            path, f"line {line}", columns.completion, f"{_shown_json(completion[bad])} is not a text",
+            f", sample {bad + 1} of {samples}",
+        )  # fmt: skip
+    return prompt_text, completion
 
 
 def _read_jsonl(
@@ -570,7 +740,7 @@ def _read_jsonl(
                 if batch is None:
                     has_step = columns.step in row or columns.require_step
                     has_run = columns.run in row or columns.require_run
-                    batch = _TextBatch(bool(has_step), bool(has_run))
+                    batch = _TextBatch(bool(has_step), bool(has_run), columns.has_texts, len(columns.extra_scores))
                 proxy, true = row.get(columns.proxy, _MISSING), row.get(columns.true, _MISSING)
                 samples = _samples_of_row(path, line, columns, proxy, true)  # None: one sample
                 for name, option, present in (
@@ -599,6 +769,13 @@ def _read_jsonl(
                 run = row[columns.run] if has_run else None
                 if has_run and not isinstance(run, str):
                     run = json.dumps(run)
+                if columns.has_texts:
+                    prompt_text, completions = _row_texts(path, line, columns, row, samples)
+                    batch.prompt_text.extend([prompt_text] * len(completions))  # type: ignore[union-attr]
+                    batch.completion.extend(completions)  # type: ignore[union-attr]
+                if columns.extra_scores:
+                    for values, scores in zip(batch.extra, _row_extra(path, line, columns, row, samples)):
+                        values.extend(scores)
                 if samples is None:
                     batch.prompt.append(prompt)
                     batch.proxy.append(proxy)
@@ -620,7 +797,7 @@ def _read_jsonl(
                     batch.lines.extend([line] * samples)
                 if len(batch.lines) >= batch_rows:
                     yield batch.build(path, columns, nan_policy, json_values=True)
-                    batch = _TextBatch(bool(has_step), bool(has_run))
+                    batch = _TextBatch(bool(has_step), bool(has_run), columns.has_texts, len(columns.extra_scores))
                     done = position()
                     progress(done - reported)
                     reported = done
@@ -656,7 +833,9 @@ def _read_parquet(
         names = list(schema.names)
         lists = _list_layout(path, schema, columns)
         index = _column_index(path, names, columns, prompt_required=not lists)
-        wanted = [names[i] for i in index if i is not None]
+        texts = _text_index(path, names, columns)
+        extra = _extra_index(path, names, columns)
+        wanted = [names[i] for i in (*index, *(texts or ()), *extra) if i is not None]
         total_rows = parquet.metadata.num_rows
         size = path.stat().st_size
         reported = 0
@@ -690,7 +869,18 @@ def _read_parquet(
                         else None
                     ),
                 )
-                keep = _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, where)
+                if texts is not None:
+                    batch.prompt_text = _arrow_texts(
+                        path, record_batch.column(columns.prompt_text), columns.prompt_text, where
+                    )
+                    batch.completion = _arrow_texts(
+                        path, record_batch.column(columns.completion), columns.completion, where
+                    )
+                if extra:
+                    batch.extra = np.stack(
+                        [_arrow_floats(path, record_batch.column(c), c, where) for c in columns.extra_scores]
+                    )
+                keep = _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, where, extra=batch.extra)
                 first_row += n
                 yield _select(batch, keep)
                 done = int(size * first_row / total_rows) if total_rows else size
@@ -708,13 +898,14 @@ def _is_list(kind: Any) -> bool:
 
 def _list_layout(path: Path, schema: Any, columns: Columns) -> bool:
     """Whether the score columns hold lists (one row per prompt); an error when only one does."""
-    kinds = {name: schema.field(name).type for name in (columns.proxy, columns.true) if name in schema.names}
+    scores = (columns.proxy, columns.true, *columns.extra_scores)
+    kinds = {name: schema.field(name).type for name in scores if name in schema.names}
     listed = [name for name, kind in kinds.items() if _is_list(kind)]
-    if not listed or len(listed) == len(kinds) == 2:
+    if not listed or len(listed) == len(kinds) == len(scores):
         return bool(listed)
-    if len(kinds) < 2:
+    if len(kinds) < len(scores) and len(listed) == len(kinds):
         return True  # the missing score column is reported by name
-    (other,) = [name for name in kinds if name not in listed]
+    other = next(name for name in kinds if name not in listed)
     raise ScoreFileError(
         f"{path.name}, column {other!r}: has type {kinds[other]}, but {listed[0]!r} holds lists: a row holds "
         "either one sample (a number in each score column) or one prompt's samples (a list in each)"
@@ -734,22 +925,23 @@ def _arrow_prompt_rows(
     import pyarrow.compute as pc
 
     lengths = {}
-    for column in (columns.proxy, columns.true):
+    for column in (columns.proxy, columns.true, *columns.extra_scores):
         array = record_batch.column(column)
         if array.null_count:
             raise _located(path, where(_first_null(array)), column, "missing (null instead of a list of scores)")
         lengths[column] = np.asarray(pc.list_value_length(array).to_numpy(zero_copy_only=False), dtype=np.int64)
     count = lengths[columns.proxy]
-    unequal = np.flatnonzero(count != lengths[columns.true])
-    if unequal.size:
-        r = int(unequal[0])
-        raise _located(
-            path,
-            where(r),
-            columns.true,
-            f"a list of {lengths[columns.true][r]} scores, but {columns.proxy!r} has {count[r]}: a row of one "
-            "prompt holds one proxy and one true score per sample",
-        )
+    for column in (columns.true, *columns.extra_scores):
+        unequal = np.flatnonzero(count != lengths[column])
+        if unequal.size:
+            r = int(unequal[0])
+            raise _located(
+                path,
+                where(r),
+                column,
+                f"a list of {lengths[column][r]} scores, but {columns.proxy!r} has {count[r]}: a row of one "
+                "prompt holds one score per sample in every score column",
+            )
     parent = np.repeat(np.arange(len(count)), count)  # the row of each sample
     start = np.concatenate(([0], np.cumsum(count)[:-1]))
 
@@ -781,7 +973,34 @@ def _arrow_prompt_rows(
             else None
         ),
     )
-    return batch, _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, sample_where, item)
+    if columns.has_texts:
+        assert columns.prompt_text is not None and columns.completion is not None
+        batch.prompt_text = _arrow_texts(path, record_batch.column(columns.prompt_text), columns.prompt_text, where)[
+            parent
+        ]
+        listed = record_batch.column(columns.completion)
+        if not _is_list(listed.type) or listed.null_count:
+            raise ScoreFileError(
+                f"{path.name}, column {columns.completion!r}: holds {listed.type}, not lists of completions "
+                "without nulls: a row of one prompt holds one completion per score"
+            )
+        texts_per_row = np.asarray(pc.list_value_length(listed).to_numpy(zero_copy_only=False), dtype=np.int64)
+        unequal = np.flatnonzero(texts_per_row != count)
+        if unequal.size:
+            r = int(unequal[0])
+            raise _located(
+                path, where(r), columns.completion,
+                f"a list of {texts_per_row[r]} completions, but {columns.proxy!r} has {count[r]} scores",
+            )  # fmt: skip
+        batch.completion = _arrow_texts(path, pc.list_flatten(listed), columns.completion, sample_where)
+    if columns.extra_scores:
+        batch.extra = np.stack(
+            [
+                _arrow_floats(path, pc.list_flatten(record_batch.column(c)), c, sample_where, item)
+                for c in columns.extra_scores
+            ]
+        )
+    return batch, _finite_or_drop(path, batch.proxy, batch.true, columns, nan_policy, sample_where, item, batch.extra)
 
 
 def _first_null(array: Any) -> int:
@@ -865,6 +1084,19 @@ def _arrow_ids(path: Path, array: Any, column: str, where: Callable[[int], str])
     raise ScoreFileError(
         f"{path.name}, column {column!r}: has type {array.type}; prompt ids must be strings or integers"
     )
+
+
+def _arrow_texts(path: Path, array: Any, column: str, where: Callable[[int], str]) -> np.ndarray:
+    """A string column as an object array of str (a null is an error naming its row)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        raise ScoreFileError(f"{path.name}, column {column!r}: has type {array.type}; texts must be strings")
+    if array.null_count:
+        raise _located(path, where(_first_null(array)), column, "missing text (null)")
+    return np.asarray(array.to_numpy(zero_copy_only=False), dtype=object)
 
 
 def _arrow_runs(path: Path, array: Any, column: str, where: Callable[[int], str]) -> np.ndarray:

@@ -87,6 +87,8 @@ def _take(batch: ScoreBatch, keep: np.ndarray, prompt: np.ndarray, omitted: int 
         step=None if batch.step is None else batch.step[keep],
         run=None if batch.run is None else batch.run[keep],
         omitted=omitted,
+        prompt_text=None if batch.prompt_text is None else batch.prompt_text[keep],
+        completion=None if batch.completion is None else batch.completion[keep],
     )
 
 

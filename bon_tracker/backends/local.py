@@ -8,6 +8,9 @@ Layout of ``<root>/<run_id>/``::
     bon_predictions.jsonl/.csv  the fitted law beyond the measured n, every row predicted=True
     alerts.jsonl             one line per alert onset or clear: {"step", "rule", "kind", "message", ...}
     records/step_<step>.json the full EvalRecord of each step (what readers use)
+    bon_hacks/step_<step>.jsonl      the hack table of the step (texts were logged; docs/texts.md)
+    bon_selection/step_<step>.jsonl  every selection rule's optima (selection statistics; docs/selection.md)
+    bon_frontier/step_<step>.jsonl   the best rule per KL budget; charts/frontier_step_<step>.png its chart
     charts/                  curve_step_<step>.png, overlay.png, trend.png, rl.png
     report.html              a self-contained report (charts inlined)
 
@@ -41,6 +44,7 @@ from bon_tracker.backends.base import Backend, ConfigurationError, classify_comm
 from bon_tracker.files import append_whole, atomic_write_bytes, atomic_write_text
 from bon_tracker.optional import MissingDependencyError, require_installed
 from bon_tracker.record import PREDICTION_COLUMNS, PREDICTIONS_TABLE, TABLE_COLUMNS, TABLE_NAME, EvalRecord
+from bon_tracker.reports import selection_tables, texts_tables
 from bon_tracker.version import __version__
 
 try:
@@ -168,7 +172,7 @@ class LocalBackend(Backend):
             rows = record.table_rows()
             table_lines = [json.dumps(r) + "\n" for r in rows]
             csv_lines = [_csv_line([r[c] for c in TABLE_COLUMNS]) for r in rows]
-            scalar_line = json.dumps({"step": record.step, **record.scalars()}) + "\n"
+            scalar_line = json.dumps({"step": record.step, **_scalars(record)}) + "\n"
             # The record file first: it is the source of truth if we crash below.
             atomic_write_text(run_dir / "records" / f"step_{record.step:09d}.json", record_text)
             self._steps.add(record.step)
@@ -181,6 +185,7 @@ class LocalBackend(Backend):
             self._append_extras(run_dir, [record])
             self._tables_suspect = False
             self._write_meta(record)
+        self._write_step_tables(run_dir, record)
         self._draw_step(record)
         self._views_stale = True
 
@@ -353,7 +358,7 @@ class LocalBackend(Backend):
         )
         atomic_write_text(
             run_dir / "scalars.jsonl",
-            "".join(json.dumps({"step": r.step, **r.scalars()}) + "\n" for r in self._history),
+            "".join(json.dumps({"step": r.step, **_scalars(r)}) + "\n" for r in self._history),
         )
         for name in (ALERTS_FILE, f"{PREDICTIONS_TABLE}.jsonl", f"{PREDICTIONS_TABLE}.csv"):
             with contextlib.suppress(FileNotFoundError):
@@ -397,11 +402,39 @@ class LocalBackend(Backend):
         png = render_png("curve", [record])  # drawn in the chart process: no GIL held here
         atomic_write_bytes(self.run_dir / "charts" / f"curve_step_{record.step:09d}.png", png)
 
+    def _write_step_tables(self, run_dir: Path, record: EvalRecord) -> None:
+        """The step's hack, selection and frontier tables (JSONL, one row a line; texts as JSON strings)
+        and the frontier chart; written whole by path, so a replayed step rewrites the same files."""
+        name = f"step_{record.step:09d}"
+        tables = {
+            texts_tables.HACKS_TABLE: texts_tables.hack_rows(record) if record.hacks is not None else None,
+            selection_tables.SELECTION_TABLE: None,
+            selection_tables.FRONTIER_TABLE: None,
+        }
+        if record.selection is not None:
+            tables[selection_tables.SELECTION_TABLE] = selection_tables.as_dicts(
+                selection_tables.selection_table(record)
+            )
+            tables[selection_tables.FRONTIER_TABLE] = selection_tables.as_dicts(selection_tables.frontier_table(record))
+        for table, rows in tables.items():
+            if rows is not None:
+                lines = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+                atomic_write_text(run_dir / table / f"{name}.jsonl", lines)
+        if record.selection is not None and self._charts_available():
+            from bon_tracker.reports.selection_charts import frontier_png
+
+            atomic_write_bytes(run_dir / "charts" / f"frontier_{name}.png", frontier_png(record))
+
     def _write_report(self, history: list[EvalRecord]) -> None:
         from bon_tracker.reports.html import html_report
 
         assert self.run_dir is not None
         atomic_write_text(self.run_dir / "report.html", html_report(self.run_dir, history))
+
+
+def _scalars(record: EvalRecord) -> dict[str, float]:
+    """One line of ``scalars.jsonl``: the record's scalars and its text features (docs/texts.md)."""
+    return {**record.scalars(), **texts_tables.text_scalars(record)}
 
 
 def _held_message(run_dir: Path, lock_fd: int) -> str:

@@ -24,7 +24,18 @@ view otherwise, whatever the experiment's or run's tags say).
 
 Alerts: the metric ``{prefix}/7_alert/<rule>`` (0/1 at every eval step) and, at each onset,
 the run tag ``{prefix}.alert.<rule>`` listing the onset steps (``"600"``, then ``"600,1400"``):
-MLflow has no alerts of its own, and runs can be filtered by tag.
+MLflow has no alerts of its own, and runs can be filtered by tag. The sentences go into the
+run's Description (the tag ``mlflow.note.content``, Markdown, rewritten at every step): the
+latest step's Goodhart point with its interval, then every alert onset in a sentence
+(:func:`run_description`). A Description someone else wrote (one not starting with
+``**bon_tracker**``) is left alone.
+
+The Model metrics view shows a ``log_image`` key as a card holding a ~256-px copy of the image
+(its lower part cut off when the image is not a wide strip), with a step slider that opens at
+the first step; so the image logged under ``{prefix}/0_curve`` is the compact chart
+(:func:`bon_tracker.reports.charts.compact_chart`), and the full two-panel chart is the
+artifact ``bon_tracker/charts/curve/step_*.png``. To compare runs, the experiment's chart view
+(:func:`mlflow_experiment_url`) overlays them.
 
 Artifacts of a run (``step`` zero-padded to 9 digits)::
 
@@ -32,8 +43,8 @@ Artifacts of a run (``step`` zero-padded to 9 digits)::
     bon_curves.json                              every step's rows, written at finish()
     bon_predictions/step_000000100.json          the fitted law beyond the measured n (predicted rows)
     bon_tracker/records/step_000000100.json      the full EvalRecord (read_records())
-    bon_tracker/charts/curve/step_000000100.png  true and proxy vs KL at this step
-    images/bon~0_curve+step+100+...png          the same chart via log_image(key=, step=): shown in
+    bon_tracker/charts/curve/step_000000100.png  true and proxy vs KL at this step (the full chart)
+    images/bon~0_curve+step+100+...png          the compact chart via log_image(key=, step=): shown in
                                                  the Model metrics view with a step slider
     bon_tracker/charts/overlay.png, trend.png, rl.png   latest views over training
 """
@@ -66,6 +77,7 @@ from bon_tracker.record import (
     curve_image_key,
     evenly_spaced,
 )
+from bon_tracker.reports import selection_tables, texts_tables
 from bon_tracker.version import __version__
 
 if TYPE_CHECKING:
@@ -253,6 +265,77 @@ def mlflow_run_url(base_url: str, experiment_id: str, run_id: str, tab: str = "m
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/{tab}?{MLFLOW_VIEW}"
 
 
+NOTE_TAG = "mlflow.note.content"  # the run's Description in the MLflow UI (Markdown)
+NOTE_MARK = "**bon_tracker** "  # a Description that starts so is ours to update
+MAX_NOTE_ALERTS = 30  # the Description lists at most this many alert onsets (the latest)
+
+
+def mlflow_experiment_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's chart view, in the training view: one chart per
+    metric with every selected run overlaid, the way to compare runs inside MLflow (the
+    runs table's Compare button opens a parallel-coordinates plot instead).
+
+    >>> mlflow_experiment_url("http://127.0.0.1:5000", "1")
+    'http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART&workflowType=machine_learning'
+    """
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART&{MLFLOW_VIEW}"
+
+
+def alert_line(alert: Any) -> str:
+    """One Markdown list item of the Description: the rule and its sentence.
+
+    >>> from bon_tracker.core import Alert
+    >>> alert_line(Alert(400, "goodhart_kl", "At step 400 the policy's KL reached 2 nats.", 2.0, 1.5, 0))
+    "- **goodhart_kl** (step 400): At step 400 the policy's KL reached 2 nats."
+    """
+    return f"- **{alert.rule}** (step {alert.step}): {_markdown_text(alert.message)}"
+
+
+def _markdown_text(text: str) -> str:
+    """Text for a Markdown note: ``n*`` and ``KL*`` are no emphasis."""
+    return text.replace("*", "\\*")
+
+
+def _note_alerts(note: str | None) -> list[str]:
+    """The alert lines of a Description this backend wrote earlier (a resumed run)."""
+    if not note or not note.startswith(NOTE_MARK):
+        return []
+    return [line for line in note.splitlines() if line.startswith("- **")]
+
+
+def run_description(records: Sequence[EvalRecord], alert_lines: Sequence[str] = ()) -> str:
+    """The run's Description: the latest step's headline and Goodhart point with its
+    interval, then every alert onset in one sentence each (the latest ``MAX_NOTE_ALERTS``).
+
+    >>> from bon_tracker.core import bon_curve
+    >>> import numpy as np
+    >>> run_description([EvalRecord.build(7, bon_curve(np.eye(4), np.eye(4)))]).splitlines()[0]
+    '**bon_tracker** best-of-n at step 7 (N = 4, 4 prompts; 1 eval step logged)'
+    """
+    from bon_tracker.reports.charts import goodhart_text  # the CLI's and reports' wording
+
+    last = records[-1]
+    prompts = int(last.curve.n_prompts.max())
+    count = f"{len(records)} eval step{'s' if len(records) != 1 else ''} logged"
+    alerts = f": {len(alert_lines)} alert{'s' if len(alert_lines) != 1 else ''}" if alert_lines else ""
+    lines = [  # the first two lines show before the UI's "Show more"
+        f"{NOTE_MARK}best-of-n at step {last.step} (N = {last.curve.N}, {prompts} prompts; {count}){alerts}",
+        "",
+        _markdown_text(goodhart_text(last)),
+        "",
+    ]
+    shown = list(alert_lines)[-MAX_NOTE_ALERTS:]
+    if shown:
+        lines.append(
+            f"Alerts ({len(alert_lines)}):" if len(shown) == len(alert_lines) else f"Alerts (latest {len(shown)}):"
+        )
+        lines += shown
+    else:
+        lines.append("No alerts so far.")
+    lines += ["", "Curves: the bon/0_curve image (step slider), full charts and tables under Artifacts."]
+    return "\n".join(lines)[:MAX_TAG_VALUE_LENGTH]
+
+
 def alert_tag(key_prefix: str, rule: str) -> str:
     """The run tag listing the onset steps of an alert rule, comma-separated.
 
@@ -286,6 +369,27 @@ def _registered_tables(current: str | None, path: str, budget: int) -> str | Non
             return None
         entries.remove(ours.pop(0))
     return json.dumps(entries)
+
+
+def _registered_latest(current: str | None, paths: Sequence[str]) -> str | None:
+    """New value of the ``mlflow.loggedArtifacts`` tag with each of ``paths`` registered as a table in
+    place of an earlier step's table of the same folder (``bon_hacks/step_*.json``: only the latest),
+    or None when nothing changes (already there, tag unreadable, or no room within its 8000 characters)."""
+    try:
+        entries = json.loads(current) if current else []
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(entries, list) or not paths:
+        return None
+    folders = {path.split("/", 1)[0] + "/" for path in paths}
+    kept = [
+        e for e in entries if not (isinstance(e, dict) and str(e.get("path", "")).startswith(tuple(folders)))
+    ]
+    new = kept + [{"path": path, "type": "table"} for path in paths]
+    value = json.dumps(new)
+    if new == entries or len(value) > MAX_TAG_VALUE_LENGTH:
+        return None
+    return value
 
 
 class MlflowBackend(Backend):
@@ -365,6 +469,7 @@ class MlflowBackend(Backend):
         self._views_stale = False
         self._experiment_id_cache: str | None = None
         self._image_steps: set[int] | None = None  # steps whose curve image the run holds
+        self._alert_lines: list[str] | None = None  # the Description's alert sentences, in onset order
         self.run_key = run_key or uuid.uuid4().hex
 
     # ---- identity ----------------------------------------------------------------------
@@ -405,7 +510,7 @@ class MlflowBackend(Backend):
     def experiment_id(self) -> str | None:
         """The id of the run's experiment (None when unknown; looked up once)."""
         if self._experiment_id_cache is None and self._run_id is not None:
-            with contextlib.suppress(Exception):  # a link is a convenience, never an error
+            with contextlib.suppress(Exception), bounded_http(self.max_retries, self.timeout):  # a link: never an error
                 client = self._client_obj or _client(self.tracking_uri)
                 self._experiment_id_cache = client.get_run(self._run_id).info.experiment_id
         return self._experiment_id_cache
@@ -491,12 +596,19 @@ class MlflowBackend(Backend):
         with bounded_http(self.max_retries, self.timeout):
             client, run_id = self._open()
             run = client.get_run(run_id)  # latest metrics and tags: constant size per step
+            if self._alert_lines is None:  # a resumed run: the alerts its Description already lists
+                self._alert_lines = _note_alerts(run.data.tags.get(NOTE_TAG))
+            for alert in record.onsets:
+                line = alert_line(alert)
+                if line not in self._alert_lines:
+                    self._alert_lines.append(line)
             client.log_text(run_id, json.dumps(record.to_json(), allow_nan=True), record_path(record.step))
             client.log_text(run_id, table_json(record.table_rows()), step_table_path(record.step))
             predictions = record.prediction_rows()
             if predictions:
                 path = f"{PREDICTIONS_TABLE}/{_step_name(record.step)}"
                 client.log_text(run_id, table_json(predictions, PREDICTION_COLUMNS), path)
+            display = self._log_display_tables(client, run_id, record)
             if self.charts:
                 self._log_step_chart(client, run_id, record)
             self._log_params(client, run, record)
@@ -506,11 +618,15 @@ class MlflowBackend(Backend):
             )
             if registered is not None:
                 tags[LOGGED_ARTIFACTS_TAG] = registered
+            tags.update(self._display_tags(run, record, display, tags.get(LOGGED_ARTIFACTS_TAG)))
             for alert in record.onsets:  # bon.alert.<rule>: the onset steps, beside the 0/1 metric
                 key = alert_tag(record.key_prefix, alert.rule)
                 steps = [s for s in (run.data.tags.get(key) or "").split(",") if s]
                 if str(alert.step) not in steps:
                     tags[key] = ",".join([*steps, str(alert.step)])[-MAX_TAG_VALUE_LENGTH:]
+            note = self._description(run)
+            if note is not None:
+                tags[NOTE_TAG] = note
             self._log_tags(client, run_id, tags)
             self._log_metrics(client, run, record)
 
@@ -533,9 +649,14 @@ class MlflowBackend(Backend):
 
     # ---- internals -----------------------------------------------------------------------
     def _open(self) -> tuple[MlflowClient, str]:
-        """The client and the run: attach to a run or start one (once)."""
+        """The client and the run: attach to a run or start one (once), within this
+        backend's HTTP bounds whoever calls (MLflow's defaults retry for about 4 minutes)."""
         if self._client_obj is not None and self._run_id is not None:
             return self._client_obj, self._run_id
+        with bounded_http(self.max_retries, self.timeout):
+            return self._attach_or_start_run()
+
+    def _attach_or_start_run(self) -> tuple[MlflowClient, str]:
         mlflow = require("mlflow", "mlflow")
         client = self._client_obj or _client(self.tracking_uri)
         self._client_obj = client
@@ -588,6 +709,15 @@ class MlflowBackend(Backend):
                 raise
             return client.get_experiment_by_name(name).experiment_id
 
+    def _description(self, run: Run) -> str | None:
+        """The run's Description (``mlflow.note.content``) as of the latest step, or None when
+        it must not change: a note the user (or another tool) wrote is never overwritten."""
+        current = run.data.tags.get(NOTE_TAG)
+        if current is not None and not current.startswith(NOTE_MARK):
+            return None
+        note = run_description([self._history[step] for step in sorted(self._history)], self._alert_lines)
+        return None if note == current else note
+
     def _changed_tags(self, run: Run, record: EvalRecord) -> dict[str, str]:
         curve = record.curve
         ns = curve.n.tolist()
@@ -613,7 +743,8 @@ class MlflowBackend(Backend):
         from mlflow.entities import Metric
 
         step = record.step
-        values = {mlflow_key(key): value for key, value in record.scalars().items()}
+        scalars = {**record.scalars(), **texts_tables.text_scalars(record)}
+        values = {mlflow_key(key): value for key, value in scalars.items()}
         missing = self._missing_keys(client, run, list(values), step)
         # The record's own time: identical rows on a replay, which SQL stores deduplicate.
         timestamp = int(record.timestamp * 1000)
@@ -645,12 +776,57 @@ class MlflowBackend(Backend):
                 missing.append(key)
         return missing
 
+    def _log_display_tables(self, client: MlflowClient, run_id: str, record: EvalRecord) -> dict[str, str]:
+        """The step's hack, selection and frontier tables as ``log_table`` artifacts (``bon_hacks/step_*.json``
+        ...; overwritten by path on a replay) and the frontier chart (``bon_tracker/charts/frontier/``);
+        returns ``{table name: artifact path}`` of what was written."""
+        tables = []
+        if record.hacks is not None:
+            tables.append((texts_tables.HACKS_TABLE, texts_tables.hack_table(record)))
+        if record.selection is not None:
+            tables.append((selection_tables.SELECTION_TABLE, selection_tables.selection_table(record)))
+            tables.append((selection_tables.FRONTIER_TABLE, selection_tables.frontier_table(record)))
+        paths = {}
+        for name, (columns, rows) in tables:
+            path = f"{name}/{_step_name(record.step)}"
+            client.log_text(run_id, table_json([dict(zip(columns, row)) for row in rows], columns), path)
+            paths[name] = path
+        if record.selection is not None and self.charts:
+            from bon_tracker.reports.selection_charts import frontier_png
+
+            image = f"frontier/{_step_name(record.step).removesuffix('.json')}.png"
+            _upload(client, run_id, frontier_png(record), image)
+            paths["frontier_chart"] = f"{CHARTS_DIR}/{image}"
+        return paths
+
+    def _display_tags(self, run: Run, record: EvalRecord, paths: dict[str, str], artifacts: str | None) -> dict[str, str]:
+        """Run tags that point at the latest display tables: ``{prefix}.bon_hacks`` (and ``.bon_selection``,
+        ``.bon_frontier``, ``.frontier_chart``) hold the artifact's path and its page in the UI; the
+        tables are registered in ``mlflow.loggedArtifacts`` (the latest step of each, so the tag stays
+        bounded) for MLflow's table view."""
+        tags: dict[str, str] = {}
+        current = artifacts if artifacts is not None else run.data.tags.get(LOGGED_ARTIFACTS_TAG)
+        registered = _registered_latest(current, [p for name, p in paths.items() if name != "frontier_chart"])
+        if registered is not None:
+            tags[LOGGED_ARTIFACTS_TAG] = registered
+        local = not self.tracking_uri.startswith(("http://", "https://"))
+        base = LOCAL_UI if local else self.tracking_uri
+        for name, path in paths.items():
+            url = mlflow_run_url(base, run.info.experiment_id, run.info.run_id, f"artifacts/{path}")
+            value = f"{path} (step {record.step}): {url}"
+            key = mlflow_key(f"{record.key_prefix}.{name}")
+            if run.data.tags.get(key) != value:
+                tags[key] = value[:MAX_TAG_VALUE_LENGTH]
+        return tags
+
     def _log_step_chart(self, client: MlflowClient, run_id: str, record: EvalRecord) -> None:
         """This step's curve chart (on the delivery worker's thread, drawn in the chart process)."""
         from bon_tracker.reports.render import render_png
 
+        # The metrics view shows log_image's images as ~256-px cards: the compact chart there,
+        # the full two-panel chart as an artifact (the full size one click away).
+        self._log_curve_image(client, run_id, record, render_png("compact", [record]))
         png = render_png("curve", [record])
-        self._log_curve_image(client, run_id, record, png)
         _upload(client, run_id, png, f"curve/{_step_name(record.step).removesuffix('.json')}.png")
         self._views_stale = True
 

@@ -7,11 +7,16 @@ No TensorFlow and no torch: events are ``tensorboard.compat.proto`` messages fra
 * every scalar of :meth:`EvalRecord.scalars` at the training step (Scalars and Time
   Series tabs), as float32 tensors like TensorBoard's own writers (its data server drops
   float64 scalars); the exact values are in the record below;
-* ``{mean}/mean_minus_se`` and ``{mean}/mean_plus_se`` beside each true and proxy mean,
-  and a custom-scalars layout (Custom Scalars tab, category ``{pre}: best-of-n reward
-  ± 1 SE``) with one margin chart per n: true and proxy mean with their SE band;
-* ``{pre}/0_curve`` (:func:`~bon_tracker.record.curve_image_key`): the curve chart of
-  :func:`bon_tracker.reports.charts.curve_chart` as an image at the step (Images tab, with a step slider);
+* ``{pre}_se_bands/{mean}/mean_minus_se`` and ``/mean_plus_se`` for each true and proxy mean
+  (:func:`se_tag`): a tag group of their own, after ``{pre}``'s (Time Series groups cards by
+  the tag up to its first ``/``), read by the custom-scalars layout: in the Custom Scalars tab,
+  one category for the true reward and one for the proxy reward (their scales differ), each
+  with one margin chart per n, n ascending, and one for the Goodhart point, n* between the
+  bounds of its interval;
+* ``{pre}/0_curve`` (:func:`~bon_tracker.record.curve_image_key`): the compact chart of
+  :func:`bon_tracker.reports.charts.compact_chart` (true reward against n, legible in the
+  ~400-px card) as an image at the step (with a step slider, the latest step first), and
+  ``{pre}/0_curve_full``: the full two-panel :func:`~bon_tracker.reports.charts.curve_chart`;
 * ``{pre}/goodhart_point``: a text summary of the fitted Goodhart point (Text tab);
 * ``{pre}/alerts``: at a step with alert onsets or clears, one line each (Text tab); the
   0/1 state of every rule is the scalar ``{pre}/7_alert/<rule>``;
@@ -33,7 +38,10 @@ earlier run) gets a folder of its own, ``runs/<run_name>-<suffix>``, as the loca
 
 To write beside a transformers ``Trainer`` that reports to TensorBoard, pass its log dir:
 ``log_dir=trainer.args.logging_dir``; TensorBoard then shows the curves in the Trainer's
-own run. View with ``tensorboard --logdir <log_dir or its parent>``.
+own run. View with ``tensorboard --logdir <log_dir or its parent>``, then open
+:func:`tensorboard_url` (``http://localhost:6006/?smoothing=0#timeseries``, and
+``#custom_scalars&_smoothingWeight=0`` for the Custom Scalars tab): TensorBoard's default
+smoothing (0.6) understates a fall of the true reward over a few eval steps.
 """
 
 from __future__ import annotations
@@ -59,7 +67,8 @@ import numpy as np
 from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundError, classify_common
 from bon_tracker.files import atomic_write_bytes
 from bon_tracker.optional import MissingDependencyError, require
-from bon_tracker.record import EvalRecord, curve_image_key
+from bon_tracker.record import EvalRecord, curve_image_key, metric_key
+from bon_tracker.reports import selection_tables, texts_tables
 
 try:
     import fcntl
@@ -78,6 +87,38 @@ GOODHART_TEXT_KEY = "goodhart_point"
 ALERTS_TEXT_KEY = "alerts"
 LOWER_SUFFIX = "mean_minus_se"
 UPPER_SUFFIX = "mean_plus_se"
+SE_GROUP_SUFFIX = "_se_bands"  # {prefix}_se_bands/...: the SE bounds, a Time Series group of their own
+FULL_CHART_SUFFIX = "_full"  # {curve image key}_full: the full two-panel chart
+LOCAL_UI = "http://localhost:6006"  # where `tensorboard --logdir` serves by default
+
+
+def tensorboard_url(base_url: str = LOCAL_UI, page: str = "timeseries") -> str:
+    """A TensorBoard page with smoothing off, so that no falling curve is smoothed away: the
+    Time Series tab (``?smoothing=0``) or the Custom Scalars tab (``_smoothingWeight=0``,
+    the legacy dashboards' own setting, read from the URL's fragment).
+
+    >>> tensorboard_url()
+    'http://localhost:6006/?smoothing=0#timeseries'
+    >>> tensorboard_url(page="custom_scalars")
+    'http://localhost:6006/?smoothing=0#custom_scalars&_smoothingWeight=0'
+    """
+    if page not in ("timeseries", "custom_scalars"):
+        raise ValueError(f"page must be 'timeseries' or 'custom_scalars', got {page!r}")
+    fragment = "timeseries" if page == "timeseries" else "custom_scalars&_smoothingWeight=0"
+    return f"{base_url.rstrip('/')}/?smoothing=0#{fragment}"
+
+
+def se_tag(prefix: str, tag: str, suffix: str) -> str:
+    """The tag of one SE bound of the scalar ``tag`` (``suffix``: :data:`LOWER_SUFFIX` or
+    :data:`UPPER_SUFFIX`), in the group ``{prefix}_se_bands``.
+
+    >>> se_tag("bon", "bon/1_true/n0004", LOWER_SUFFIX)
+    'bon_se_bands/1_true/n0004/mean_minus_se'
+    """
+    rest = tag[len(prefix) + 1 :] if tag.startswith(prefix + "/") else tag
+    return f"{prefix}{SE_GROUP_SUFFIX}/{rest}/{suffix}"
+
+
 CUSTOM_SCALARS_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
 _STEP_FILE = re.compile(rf"^events\.out\.tfevents\.\d+\.{FILE_MARK}\.(?P<slug>[A-Za-z0-9_-]+)\.step(?P<step>-?\d+)$")
 _CONFIG_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
@@ -203,7 +244,8 @@ def alerts_text(record: EvalRecord) -> str:
     lines = []
     for event in record.alerts:
         if event.kind == "onset":
-            lines.append(f"**Alert `{event.rule}`** at step {event.step}: {event.message}")
+            message = event.message.replace("*", "\\*")  # Markdown: n* and KL* are no emphasis
+            lines.append(f"**Alert `{event.rule}`** at step {event.step}: {message}")
         else:
             lines.append(f"Alert `{event.rule}` cleared at step {event.step} (onset at step {event.onset_step}).")
     return "\n\n".join(lines)
@@ -307,7 +349,10 @@ class TensorBoardBackend(Backend):
     def location(self) -> str | None:
         if not self._opened:
             return None
-        return f"{self.log_dir.resolve()} (view: tensorboard --logdir {self.log_dir.resolve().parent})"
+        return (
+            f"{self.log_dir.resolve()} (view: tensorboard --logdir {self.log_dir.resolve().parent}, "
+            f"then {tensorboard_url()} or {tensorboard_url(page='custom_scalars')})"
+        )
 
     def spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"backend": self.name, "log_dir": str(self.log_dir.resolve())}
@@ -439,27 +484,41 @@ class TensorBoardBackend(Backend):
             meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=plugin, content=plugin_content))
             summary.value.add(tag=tag, tensor=tensor_util.make_tensor_proto(np.array(content.encode())), metadata=meta)
 
-        for tag, value in record.scalars().items():
+        for tag, value in {**record.scalars(), **texts_tables.text_scalars(record)}.items():
             scalar(tag, value)
         tags = curve_tags(record)
         c = record.curve
         for series, means, ses in (("true", c.true_mean, c.true_se), ("proxy", c.proxy_mean, c.proxy_se)):
             for tag, mean, se in zip(tags[series], means.tolist(), ses.tolist(), strict=True):
                 if tag is not None and np.isfinite(se):
-                    scalar(f"{tag}/{LOWER_SUFFIX}", mean - se)
-                    scalar(f"{tag}/{UPPER_SUFFIX}", mean + se)
+                    scalar(se_tag(pre, tag, LOWER_SUFFIX), mean - se)
+                    scalar(se_tag(pre, tag, UPPER_SUFFIX), mean + se)
 
-        image = self._curve_png(record)
-        if image is not None:
-            width, height = _png_size(image)
-            summary.value.add(
-                tag=curve_image_key(pre),
-                image=Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=image),
-            )
+        for chart, tag in (("compact", curve_image_key(pre)), ("curve", curve_image_key(pre) + FULL_CHART_SUFFIX)):
+            image = self._curve_png(record, chart)
+            if image is not None:
+                width, height = _png_size(image)
+                summary.value.add(
+                    tag=tag, image=Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=image)
+                )
         text_plugin = TextPluginData(version=0).SerializeToString()
         text(f"{pre}/{GOODHART_TEXT_KEY}", goodhart_text(record), "text", text_plugin)
         if record.alerts:
             text(f"{pre}/{ALERTS_TEXT_KEY}", alerts_text(record), "text", text_plugin)
+        # The hack table and the selection rules' optima as markdown tables (Text tab), every cell
+        # escaped; the frontier chart as an image beside the curve's.
+        if record.hacks is not None:
+            text(f"{pre}/{texts_tables.HACKS_TABLE}", texts_tables.hacks_markdown(record), "text", text_plugin)
+        if record.selection is not None:
+            markdown = selection_tables.selection_markdown(record)
+            text(f"{pre}/{selection_tables.SELECTION_TABLE}", markdown, "text", text_plugin)
+            image = self._frontier_png(record)
+            if image is not None:
+                width, height = _png_size(image)
+                summary.value.add(
+                    tag=selection_tables.frontier_image_key(pre),
+                    image=Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=image),
+                )
         record_json = json.dumps(record.to_json(), allow_nan=True, separators=(",", ":"))
         text(f"{pre}/{RECORD_KEY}", record_json, RECORD_PLUGIN)
 
@@ -474,41 +533,81 @@ class TensorBoardBackend(Backend):
         return summary
 
     @staticmethod
-    def _category(record: EvalRecord, tags: dict[str, list[str | None]]) -> Any:
+    def _category(record: EvalRecord, tags: dict[str, list[str | None]]) -> list[Any]:
+        """The Custom Scalars categories of one key prefix: the Goodhart point, then the true
+        and the proxy reward (one margin chart per n, n ascending), each on its own scale."""
         from tensorboard.plugins.custom_scalar import layout_pb2
 
-        charts = []
-        for i, n in enumerate(record.curve.n.tolist()):
-            series = [
-                layout_pb2.MarginChartContent.Series(
-                    value=tags[name][i],
-                    lower=f"{tags[name][i]}/{LOWER_SUFFIX}",
-                    upper=f"{tags[name][i]}/{UPPER_SUFFIX}",
+        pre = record.key_prefix
+        goodhart = [metric_key("goodhart", name, pre) for name in ("n", "n_low", "n_high")]
+        categories = [
+            layout_pb2.Category(
+                title=f"{pre}: Goodhart point n* (95 % interval)",
+                chart=[
+                    layout_pb2.Chart(
+                        title="n* of the fitted true reward, between the bounds of its 95 % interval",
+                        margin=layout_pb2.MarginChartContent(
+                            series=[
+                                layout_pb2.MarginChartContent.Series(
+                                    value=goodhart[0], lower=goodhart[1], upper=goodhart[2]
+                                )
+                            ]
+                        ),
+                    )
+                ],
+            )
+        ]
+        for name, reward in (("true", record.true_name), ("proxy", record.proxy_name)):
+            label = name if reward == name else f"{reward} ({name})"  # "true", or "gold (true)"
+            charts = []
+            ns = record.curve.n.tolist()
+            # n descending here: TensorBoard 2.21's Custom Scalars tab shows a category's charts in
+            # the reverse of the layout's order, so the reader sees n ascending.
+            for i in sorted(range(len(ns)), key=lambda k: ns[k], reverse=True):
+                tag = tags[name][i]
+                if tag is None:
+                    continue
+                series = layout_pb2.MarginChartContent.Series(
+                    value=tag, lower=se_tag(pre, tag, LOWER_SUFFIX), upper=se_tag(pre, tag, UPPER_SUFFIX)
                 )
-                for name in ("true", "proxy")
-                if tags[name][i] is not None
-            ]
-            if series:
-                title = f"n = {n}: {record.true_name} and {record.proxy_name} reward ± 1 SE"
-                charts.append(layout_pb2.Chart(title=title, margin=layout_pb2.MarginChartContent(series=series)))
-        return layout_pb2.Category(title=f"{record.key_prefix}: best-of-n reward ± 1 SE", chart=charts)
+                charts.append(
+                    layout_pb2.Chart(
+                        title=f"n = {ns[i]}: {label} reward ± 1 SE",
+                        margin=layout_pb2.MarginChartContent(series=[series]),
+                    )
+                )
+            categories.append(layout_pb2.Category(title=f"{pre}: {name} reward of best-of-n ± 1 SE", chart=charts))
+        return categories
 
     def _layout_proto(self) -> Any:
         from tensorboard.plugins.custom_scalar import layout_pb2
 
         # Every prefix this backend wrote: TensorBoard keeps only a run's latest layout.
-        return layout_pb2.Layout(category=[self._layout[pre] for pre in sorted(self._layout)])
+        return layout_pb2.Layout(category=[c for pre in sorted(self._layout) for c in self._layout[pre]])
 
-    def _curve_png(self, record: EvalRecord) -> bytes | None:
+    def _curve_png(self, record: EvalRecord, chart: str = "curve") -> bytes | None:
         if not self.charts:
             return None
         try:
             from bon_tracker.reports.render import render_png
 
-            return render_png("curve", [record])  # drawn in the chart process: no GIL held here
+            return render_png(chart, [record])  # drawn in the chart process: no GIL held here
         except MissingDependencyError as err:
             if not self._warned_no_charts:
                 logger.warning("bon_tracker: no curve images in TensorBoard: %s", err)
+                self._warned_no_charts = True
+            return None
+
+    def _frontier_png(self, record: EvalRecord) -> bytes | None:
+        if not self.charts:
+            return None
+        try:
+            from bon_tracker.reports.selection_charts import frontier_png
+
+            return frontier_png(record)
+        except MissingDependencyError as err:
+            if not self._warned_no_charts:
+                logger.warning("bon_tracker: no frontier images in TensorBoard: %s", err)
                 self._warned_no_charts = True
             return None
 

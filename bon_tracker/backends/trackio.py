@@ -6,16 +6,25 @@ first imported), and ``trackio show`` opens the dashboard. What one eval step wr
 one ``run.log(..., step=<training step>)`` (``pre`` is the record's key prefix):
 
 * every scalar of :meth:`EvalRecord.scalars`;
-* ``{pre}/bon_curves``: the step's curve table (``trackio.Table``, columns ``TABLE_COLUMNS``);
+* ``{pre}/bon_curves``: the step's curve table (``trackio.Table``, columns ``TABLE_COLUMNS``,
+  floats to ``TABLE_DIGITS`` significant digits: the dashboard shows every digit it is given);
 * ``{pre}/bon_predictions``: the fitted law beyond the measured n, when there are predictions;
-* ``{pre}/0_curve`` (:func:`~bon_tracker.record.curve_image_key`): the chart of
-  :func:`bon_tracker.reports.charts.curve_chart` (``trackio.Image``);
+* ``{pre}/0_curve`` (:func:`~bon_tracker.record.curve_image_key`): the compact chart of
+  :func:`bon_tracker.reports.charts.compact_chart` (true reward against n, legible in the
+  dashboard's 182-px thumbnail), and ``{pre}/0_curve_full``: the full two-panel
+  :func:`~bon_tracker.reports.charts.curve_chart` (``trackio.Image``, full size on a click);
 * ``{pre}/eval_record``: the record as a JSON string (not plotted), which
   :meth:`TrackioBackend.read_records` reads back exactly.
 
 Alerts of the tracker (the Goodhart point passed, true reward falling while proxy rises)
 go to trackio's own ``Run.alert``: printed, stored with the run, shown in the dashboard,
-and POSTed to a webhook when one is configured (``TRACKIO_WEBHOOK_URL``).
+and POSTed to a webhook when one is configured (``TRACKIO_WEBHOOK_URL``). N, P, the n grid and
+the reward names are the run's config.
+
+Open the dashboard at :func:`dashboard_url` (``trackio show --project P``, then
+``http://127.0.0.1:7860/?project=P&smoothing=0``): trackio's default smoothing averages up to
+10 points around each, which over a run of a few eval steps turns a falling true reward into
+a rising line and a 0/1 alert into a ramp.
 
 The backend writes into the trackio run that is active on the training thread (the one
 ``trackio.init`` or transformers' ``report_to="trackio"`` started), or into ``run``;
@@ -41,6 +50,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import sqlite3
 import sys
 import time
@@ -49,6 +59,7 @@ from typing import Any
 
 from bon_tracker.backends.base import Backend, ConfigurationError, RejectedRecord, RunNotFoundError, classify_common
 from bon_tracker.optional import MissingDependencyError, require
+from bon_tracker.reports import selection_tables, texts_tables
 from bon_tracker.record import (
     PREDICTION_COLUMNS,
     PREDICTIONS_TABLE,
@@ -64,7 +75,28 @@ DEFAULT_PROJECT = "bon_tracker"
 RECORD_KEY = "eval_record"
 _RESUME = ("never", "allow", "must")
 _LEVELS = {"info": "info", "warn": "warn", "warning": "warn", "error": "error"}
+TABLE_DIGITS = 6  # significant digits of the tables shown; the exact values are in the record
+FULL_CHART_SUFFIX = "_full"  # {curve image key}_full: the full two-panel chart
+LOCAL_UI = "http://127.0.0.1:7860"  # where `trackio show` serves by default (GRADIO_SERVER_PORT)
 STORE_WAIT = 5.0  # seconds to wait for trackio's own thread to store a row, where it cannot be asked to
+
+
+def dashboard_url(project: str, base_url: str = LOCAL_UI) -> str:
+    """The dashboard of ``project`` with smoothing off (``&smoothing=0``).
+
+    >>> dashboard_url("goodhart demo")
+    'http://127.0.0.1:7860/?project=goodhart+demo&smoothing=0'
+    """
+    from urllib.parse import urlencode
+
+    return f"{base_url.rstrip('/')}/?{urlencode({'project': project, 'smoothing': 0})}"
+
+
+def _table_cell(value: Any) -> Any:
+    """A table cell as shown: floats to ``TABLE_DIGITS`` significant digits (NaN stays NaN)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.{TABLE_DIGITS}g}")
+    return value
 
 
 class NotStoredError(RuntimeError):
@@ -151,7 +183,10 @@ class TrackioBackend(Backend):
         run = self._run
         if run is None:
             return None
-        return f"trackio run {run.name} in project {run.project} (view: trackio show --project {run.project})"
+        return (
+            f"trackio run {run.name} in project {run.project} "
+            f"(view: trackio show --project {run.project}, then {dashboard_url(run.project)})"
+        )
 
     def spec(self) -> dict[str, Any]:
         """Rebuilds a backend that continues this run: ``resume="must"`` once it holds a
@@ -321,29 +356,65 @@ class TrackioBackend(Backend):
 
     def _row(self, trackio: Any, record: EvalRecord, run: Any) -> dict[str, Any]:
         pre = record.key_prefix
-        row: dict[str, Any] = dict(record.scalars())
+        row: dict[str, Any] = {**record.scalars(), **texts_tables.text_scalars(record)}
         row[f"{pre}/{TABLE_NAME}"] = trackio.Table(
-            columns=list(TABLE_COLUMNS), data=[[r[c] for c in TABLE_COLUMNS] for r in record.table_rows()]
+            columns=list(TABLE_COLUMNS),
+            data=[[_table_cell(r[c]) for c in TABLE_COLUMNS] for r in record.table_rows()],
         )
         predictions = record.prediction_rows()
         if predictions:
             row[f"{pre}/{PREDICTIONS_TABLE}"] = trackio.Table(
-                columns=list(PREDICTION_COLUMNS), data=[[r[c] for c in PREDICTION_COLUMNS] for r in predictions]
+                columns=list(PREDICTION_COLUMNS),
+                data=[[_table_cell(r[c]) for c in PREDICTION_COLUMNS] for r in predictions],
             )
-        image = self._curve_image(trackio, record)
-        if image is not None:
-            _save_media(image, run, record.step)
-            row[curve_image_key(pre)] = image
+        for chart, key in (("compact", curve_image_key(pre)), ("curve", curve_image_key(pre) + FULL_CHART_SUFFIX)):
+            image = self._curve_image(trackio, record, chart)
+            if image is not None:
+                _save_media(image, run, record.step)
+                row[key] = image
+        row.update(self._selection_and_text_media(trackio, record, run))
         row[f"{pre}/{RECORD_KEY}"] = json.dumps(record.to_json(), allow_nan=True, separators=(",", ":"))
         return row
 
-    def _curve_image(self, trackio: Any, record: EvalRecord) -> Any:
+    def _selection_and_text_media(self, trackio: Any, record: EvalRecord, run: Any) -> dict[str, Any]:
+        """``{pre}/bon_hacks`` (the hack table), ``{pre}/bon_selection`` and ``{pre}/bon_frontier``
+        (``trackio.Table``, floats to ``TABLE_DIGITS`` digits, texts as they are) and ``{pre}/0_frontier``
+        (the frontier chart, ``trackio.Image``); only what the record holds."""
+        pre, out = record.key_prefix, {}
+        tables = []
+        if record.hacks is not None:
+            tables.append((texts_tables.HACKS_TABLE, texts_tables.hack_table(record)))
+        if record.selection is not None:
+            tables.append((selection_tables.SELECTION_TABLE, selection_tables.selection_table(record)))
+            tables.append((selection_tables.FRONTIER_TABLE, selection_tables.frontier_table(record)))
+        for name, (columns, rows) in tables:
+            out[f"{pre}/{name}"] = trackio.Table(
+                columns=list(columns), data=[[_table_cell(v) for v in row] for row in rows]
+            )
+        if record.selection is not None and self.charts:
+            try:
+                from bon_tracker.reports.selection_charts import frontier_png
+
+                png = frontier_png(record)
+            except MissingDependencyError as err:
+                if not self._warned_no_charts:
+                    logger.warning("bon_tracker: no frontier images in trackio: %s", err)
+                    self._warned_no_charts = True
+                return out
+            from PIL import Image  # a dependency of trackio (and of matplotlib)
+
+            image = trackio.Image(Image.open(io.BytesIO(png)), caption=f"selection rules at step {record.step}")
+            _save_media(image, run, record.step)
+            out[selection_tables.frontier_image_key(pre)] = image
+        return out
+
+    def _curve_image(self, trackio: Any, record: EvalRecord, chart: str = "curve") -> Any:
         if not self.charts:
             return None
         try:
             from bon_tracker.reports.render import render_png
 
-            png = render_png("curve", [record])  # drawn in the chart process: no GIL held here
+            png = render_png(chart, [record])  # drawn in the chart process: no GIL held here
         except MissingDependencyError as err:
             if not self._warned_no_charts:
                 logger.warning("bon_tracker: no curve images in trackio: %s", err)

@@ -8,12 +8,19 @@ as one ``run.log`` call so a step is all there or not there:
   ``_step``, which belongs to the trainer;
 * every scalar of :meth:`EvalRecord.scalars` (``{pre}/true/n16``, ``{pre}/kl/n16``, ...);
 * ``{pre}/bon_curves``: the step's curve table (columns ``TABLE_COLUMNS``);
-* ``{pre}/curve_chart``: a native line chart of true and proxy reward against KL
-  (its table, ``{pre}/curve_chart_table``, has an ``n`` column for each point);
+* ``{pre}/curve_chart`` and ``{pre}/curve_chart_proxy``: native line charts of the true and of
+  the proxy reward against KL, each with its ±1 SE lines, on separate axes (their scales
+  differ: on one axis the true reward's peak is a flat line); their tables
+  (``{pre}/curve_chart_table``, ...) have an ``n`` column for each point;
 * ``{pre}/overlay/true`` and ``{pre}/overlay/proxy``: one line per eval step, at most
   ``overlay_steps`` evenly spaced steps, so each step's cost stays bounded;
-* ``{pre}/0_curve``: the matplotlib chart of :func:`bon_tracker.reports.charts.curve_chart` as an
-  image (on by default; drawn on the delivery thread, so training does not wait for it);
+* ``{pre}/0_curve``: the compact chart of :func:`bon_tracker.reports.charts.compact_chart` (true
+  reward against n, legible in a media panel) as an image, and ``{pre}/0_curve_full`` the full
+  two-panel :func:`~bon_tracker.reports.charts.curve_chart` (on by default; drawn in the chart
+  process, so training does not wait for them). W&B names media files by its own ``_step``;
+  the training step is the image's caption;
+* ``{pre}/4_goodhart/over_steps``: n* and the bounds of its 95 % interval against training
+  step, one chart (where they lie within the horizon);
 * ``{pre}/1_true/over_steps``, ``{pre}/2_proxy/over_steps``: reward at n = 1, the middle n and
   the largest n against training step, with ±1 SE lines;
 * ``{pre}/eval_record``: the record as JSON (hidden), which
@@ -24,7 +31,11 @@ An alert's onset also raises W&B's own alert (``run.alert``: email or Slack, as 
 W&B settings say), from the delivery worker; its 0/1 state is the ``{pre}/7_alert/<rule>`` scalar.
 
 The latest Goodhart point also goes to ``run.summary`` (``{pre}/4_goodhart/n``, ``/kl``,
-``/peak_gain``, ``/within_range`` and ``/step``, the eval step it was fitted at).
+``/peak_gain``, ``/within_range`` and ``/step``, the eval step it was fitted at), with the
+reports' sentence on it and its interval (``{pre}/4_goodhart/sentence``) and every alert onset
+so far, one sentence each (``{pre}/7_alert/sentences``); the run's config gets N, P, the n grid
+and the reward names (``{pre}.N``, ``{pre}.P``, ``{pre}.ns``, ``{pre}.proxy_name``,
+``{pre}.true_name``), as MLflow gets them as params.
 
 Exit: W&B's own exit hook waits, with no bound, for its service process (``wandb-core``),
 which waits on the network (``wandb.init`` alone waits 90 s for an unreachable server).
@@ -42,6 +53,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -55,6 +67,7 @@ from typing import Any
 from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundError, classify_common
 from bon_tracker.backends.wandb_transaction_log import RECORD_KEY, wait_until_complete
 from bon_tracker.optional import require
+from bon_tracker.reports import selection_tables, texts_tables
 from bon_tracker.record import (
     PREDICTION_COLUMNS,
     PREDICTIONS_TABLE,
@@ -69,6 +82,8 @@ from bon_tracker.record import (
 logger = logging.getLogger("bon_tracker")
 
 CURVE_CHART_KEY = "curve_chart"
+FULL_CHART_SUFFIX = "_full"  # {curve image key}_full: the full two-panel chart
+MAX_SUMMARY_ALERTS = 30  # the summary lists at most this many alert onsets (the latest)
 OVERLAY_KEY = "overlay"
 EXIT_GRACE = 2.0  # seconds W&B's service gets at exit when W&B is stuck, before it is stopped
 _MODES = {
@@ -153,6 +168,7 @@ class WandbBackend(Backend):
         self.run_key = run_key or uuid.uuid4().hex[:16]  # W&B run ids: letters and digits
         self._owns_run = False
         self._defined: set[str] = set()  # key prefixes whose define_metric calls are done
+        self._configured: set[str] = set()  # key prefixes whose N, P, ... the run's config holds
         self._logged: set[tuple[str, int]] = set()  # (prefix, step) written by this process
         self._history: dict[str, list[EvalRecord]] = {}  # per prefix, for the overlay charts
         self._calls = 0  # calls into W&B in flight (the delivery worker's, finish's)
@@ -281,6 +297,8 @@ class WandbBackend(Backend):
             history.sort(key=lambda r: r.step)
 
             # Summary first: setting it again on a retry is harmless, logging a row twice is not.
+            self._update_config(run, record)
+            run.summary.update(_summary_texts(history))
             if record.goodhart is not None:
                 g, scalars = record.goodhart, record.scalars()
                 n_key, kl_key = metric_key("goodhart", "n", pre), metric_key("goodhart", "kl", pre)
@@ -312,6 +330,7 @@ class WandbBackend(Backend):
     def finish(self) -> None:
         run, self._run = self._run, None
         self._defined.clear()
+        self._configured.clear()
         if run is not None:
             self._run_id = run.id  # a later log_eval continues this same run
             if self._owns_run:
@@ -363,6 +382,7 @@ class WandbBackend(Backend):
             # Its owner (e.g. a trainer callback at train end) finished it: continue it by id.
             self._run_id, self._run = self._run.id, None
             self._defined.clear()
+            self._configured.clear()
         run = self._given_run if self._given_run is not None else wandb.run
         if run is not None and getattr(run, "_is_finished", False):
             self._run_id, run = self._run_id or run.id, None
@@ -387,6 +407,18 @@ class WandbBackend(Backend):
         self._owns_run = True
         return self._run
 
+    def _update_config(self, run: Any, record: EvalRecord) -> None:
+        """N, P, the n grid and the reward names as the run's config, once per key prefix (a
+        later step with another N shows in its tables), keeping values the run already holds."""
+        pre = record.key_prefix
+        if pre in self._configured:
+            return
+        wanted = {f"{pre}.{name}": value for name, value in record.run_params().items()}
+        missing = {key: value for key, value in wanted.items() if key not in run.config}
+        if missing:
+            run.config.update(missing, allow_val_change=True)
+        self._configured.add(pre)
+
     def _define_metrics(self, run: Any, pre: str) -> None:
         if pre in self._defined:
             return
@@ -398,7 +430,11 @@ class WandbBackend(Backend):
 
     def _row(self, wandb: Any, record: EvalRecord, history: list[EvalRecord]) -> dict[str, Any]:
         pre, c = record.key_prefix, record.curve
-        row: dict[str, Any] = {self.step_metric or f"{pre}/step": record.step, **record.scalars()}
+        row: dict[str, Any] = {
+            self.step_metric or f"{pre}/step": record.step,
+            **record.scalars(),
+            **texts_tables.text_scalars(record),
+        }
         table_rows = record.table_rows()
         row[f"{pre}/{TABLE_NAME}"] = wandb.Table(
             columns=list(TABLE_COLUMNS), data=[[r[col] for col in TABLE_COLUMNS] for r in table_rows]
@@ -408,18 +444,33 @@ class WandbBackend(Backend):
             row[f"{pre}/{PREDICTIONS_TABLE}"] = wandb.Table(
                 columns=list(PREDICTION_COLUMNS), data=[[r[col] for col in PREDICTION_COLUMNS] for r in predictions]
             )
-        # Long format so that one line-series chart draws both curves, each point keeping its n.
-        points = [
-            [float(c.kl[i]), series, float(mean[i]), int(c.n[i])]
-            for series, mean in (("true", c.true_mean), ("proxy", c.proxy_mean))
-            for i in range(len(c.n))
-        ]
-        row[f"{pre}/{CURVE_CHART_KEY}"] = wandb.plot_table(
-            "wandb/lineseries/v0",
-            wandb.Table(columns=["kl", "series", "reward", "n"], data=points),
-            fields={"step": "kl", "lineKey": "series", "lineVal": "reward"},
-            string_fields={"title": f"best-of-n at step {record.step}: reward vs KL", "xname": "KL (nats)"},
-        )
+        # Long format, so that one line-series chart draws a curve and its ±1 SE lines, each point
+        # keeping its n; true and proxy each in their own chart (their scales differ).
+        for kind, key, name in (
+            ("true", CURVE_CHART_KEY, record.true_name),
+            ("proxy", f"{CURVE_CHART_KEY}_proxy", record.proxy_name),
+        ):
+            mean, se = getattr(c, f"{kind}_mean"), getattr(c, f"{kind}_se")
+            points = [
+                [
+                    float(c.kl[i]),
+                    f"{kind}{label}",
+                    float(mean[i] + sign * se[i]) if sign else float(mean[i]),
+                    int(c.n[i]),
+                ]
+                for label, sign in (("", 0), (" -1 SE", -1), (" +1 SE", 1))
+                for i in range(len(c.n))
+                if not sign or math.isfinite(float(se[i]))
+            ]
+            row[f"{pre}/{key}"] = wandb.plot_table(
+                "wandb/lineseries/v0",
+                wandb.Table(columns=["kl", "series", "reward", "n"], data=points),
+                fields={"step": "kl", "lineKey": "series", "lineVal": "reward"},
+                string_fields={
+                    "title": f"best-of-n at step {record.step}: {name} ({kind}) reward vs KL, ±1 SE",
+                    "xname": "KL (nats)",
+                },
+            )
         shown = evenly_spaced(history, self.overlay_steps)
         for series in ("true", "proxy"):
             row[f"{pre}/{OVERLAY_KEY}/{series}"] = wandb.plot.line_series(
@@ -430,11 +481,55 @@ class WandbBackend(Backend):
                 xname="KL (nats)",
             )
         row.update(self._over_steps_panels(wandb, record, shown, len(history)))
-        image = self._curve_image(wandb, record)
-        if image is not None:
-            row[curve_image_key(pre)] = image
+        goodhart = _goodhart_panel(wandb, record, shown, len(history))
+        if goodhart is not None:
+            row[metric_key("goodhart", "over_steps", pre)] = goodhart
+        for chart, key in (("compact", curve_image_key(pre)), ("curve", curve_image_key(pre) + FULL_CHART_SUFFIX)):
+            image = self._curve_image(wandb, record, chart)
+            if image is not None:
+                row[key] = image
+        row.update(self._selection_and_text_panels(wandb, record))
         row[f"{pre}/{RECORD_KEY}"] = json.dumps(record.to_json(), separators=(",", ":"))
         return row
+
+    def _selection_and_text_panels(self, wandb: Any, record: EvalRecord) -> dict[str, Any]:
+        """``{pre}/bon_hacks`` (the hack table: a media panel with a step slider), ``{pre}/bon_selection``
+        and ``{pre}/bon_frontier`` (the optima and the best rule per KL budget), ``{pre}/frontier_chart``
+        (true reward against KL per rule and true reward, a native chart) and ``{pre}/0_frontier`` (the
+        chart as an image); only what the record holds (texts, selection statistics)."""
+        pre, out = record.key_prefix, {}
+        tables = []
+        if record.hacks is not None:
+            tables.append((texts_tables.HACKS_TABLE, texts_tables.hack_table(record)))
+        stats = record.selection
+        if stats is not None:
+            tables.append((selection_tables.SELECTION_TABLE, selection_tables.selection_table(record)))
+            tables.append((selection_tables.FRONTIER_TABLE, selection_tables.frontier_table(record)))
+        for name, (columns, rows) in tables:
+            out[f"{pre}/{name}"] = wandb.Table(columns=list(columns), data=rows, allow_mixed_types=True)
+        if stats is None:
+            return out
+        curves = [(s, s.curve("bon")) for s in stats.statistics]
+        out[f"{pre}/frontier_chart"] = wandb.plot.line_series(
+            xs=[list(c.kl) for _, c in curves],
+            ys=[list(c.true_mean) for _, c in curves],
+            keys=[f"{s.rule} ({s.true_name})" for s, _ in curves],
+            title=f"selection rules at step {record.step}: true reward of best-of-n vs KL (table: bon_frontier)",
+            xname="KL (nats)",
+        )
+        if self.images:
+            try:
+                from PIL import Image  # matplotlib depends on pillow
+
+                from bon_tracker.reports.selection_charts import frontier_png
+
+                png = frontier_png(record)
+            except ImportError as err:
+                logger.warning("bon_tracker: no frontier images in W&B (%s)", err)
+                return out
+            image = Image.open(io.BytesIO(png))
+            out[selection_tables.frontier_image_key(pre)] = wandb.Image(image, caption=f"step {record.step}")
+        return out
 
     @staticmethod
     def _over_steps_panels(wandb: Any, record: EvalRecord, shown: list[EvalRecord], total: int) -> dict[str, Any]:
@@ -469,7 +564,7 @@ class WandbBackend(Backend):
             )
         return panels
 
-    def _curve_image(self, wandb: Any, record: EvalRecord) -> Any:
+    def _curve_image(self, wandb: Any, record: EvalRecord, chart: str = "curve") -> Any:
         if not self.images:
             return None
         try:
@@ -478,12 +573,50 @@ class WandbBackend(Backend):
             from bon_tracker.reports.render import render_png
 
             # Drawn in the chart process (no GIL held here); wandb.Image(figure) would also patch matplotlib.
-            png = render_png("curve", [record])
+            png = render_png(chart, [record])
         except ImportError as err:
             logger.warning("bon_tracker: no curve images in W&B (%s)", err)
             self.images = False  # say it once
             return None
         return wandb.Image(Image.open(io.BytesIO(png)), caption=f"step {record.step}")
+
+
+def _summary_texts(history: list[EvalRecord]) -> dict[str, str]:
+    """The run summary's sentences: the latest Goodhart point with its interval, and every
+    alert onset so far (the latest ``MAX_SUMMARY_ALERTS``), one line each."""
+    from bon_tracker.reports.charts import goodhart_text  # the CLI's and reports' wording
+
+    last = history[-1]
+    pre = last.key_prefix
+    onsets = [f"step {a.step}, {a.rule}: {a.message}" for r in history for a in r.onsets][-MAX_SUMMARY_ALERTS:]
+    return {
+        metric_key("goodhart", "sentence", pre): f"step {last.step}: {goodhart_text(last)}",
+        metric_key("alert", "sentences", pre): "\n".join(onsets) if onsets else "no alerts so far",
+    }
+
+
+def _goodhart_panel(wandb: Any, record: EvalRecord, shown: list[EvalRecord], total: int) -> Any:
+    """n* and its interval's bounds against training step as one line chart (W&B's line
+    panels have no bands): the values :meth:`EvalRecord.scalars` logs, none beyond the horizon."""
+    pre = record.key_prefix
+    xs, ys, keys = [], [], []
+    scalars = [(r.step, r.scalars()) for r in shown]
+    for name, label in (("n", "n*"), ("n_low", "n* 95 % low"), ("n_high", "n* 95 % high")):
+        key = metric_key("goodhart", name, pre)
+        points = [(step, values[key]) for step, values in scalars if key in values]
+        if points:
+            xs.append([step for step, _ in points])
+            ys.append([value for _, value in points])
+            keys.append(label)
+    if not keys:
+        return None
+    return wandb.plot.line_series(
+        xs=xs,
+        ys=ys,
+        keys=keys,
+        title=f"Goodhart point n* over training, with its 95 % interval ({len(shown)} of {total} eval steps)",
+        xname="training step",
+    )
 
 
 # ---- the process's exit -----------------------------------------------------------------

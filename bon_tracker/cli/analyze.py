@@ -8,6 +8,17 @@ from one streaming pass (:func:`~bon_tracker.analysis.grouping.curves_from_batch
 over the files computes each prompt's estimates on the step's grid, in the order of the input,
 for the interval and the predictions (2 x 8 bytes per prompt and n of the grid are kept, never
 the rows) and keeps the scores of the prompts the agreement averages (at most 2,048 per step).
+With text columns (``--prompt-text-col``/``--completion-col``, or verl's ``input``/``output``), the
+same pass builds each step's hack table (:class:`~bon_tracker.texts.HackAccumulator`: the
+``k`` worst prompts' texts cut, feature sums; never the texts of every prompt).
+With several proxy columns (an ensemble, ``--proxy-col rm_a --proxy-col rm_b``) or true columns,
+or ``--selection``, each step also gets the selection statistics the tracker computes
+(:func:`~bon_tracker.core.selection_stats.compute_selection_statistics` on
+:func:`~bon_tracker.core.selection.selection_input`, docs/selection.md), and with several proxy
+columns its curve is ``--selection-rule``'s (default ``mean``), as ``log_scores`` returns it. For
+them the statistics pass buffers one step's scores, ``(K + T) x 8`` bytes per sample (K proxy and
+T true columns), from its first prompt to its last, and then computes and frees them: with input
+sorted by step, one step at a time; with steps interleaved, every open step's.
 
 Run folders: ``<root>/<run name>``. When that folder exists (an earlier run of the same name),
 the run goes to the first free ``<run name>-2``, ``-3``, ... and one line says so and names
@@ -18,6 +29,7 @@ the run goes to the first free ``<run name>-2``, ``-3``, ... and one line says s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -56,7 +68,9 @@ from bon_tracker.cli.common import (
     logger,
     plural,
 )
-from bon_tracker.core import BonCurve, TopAgreement, topq_agreement
+from bon_tracker.core import BonCurve, TopAgreement, bon_curve, topq_agreement
+from bon_tracker.core.selection import DEFAULT_UWO_LAMBDA, aggregate_members, check_rules, rule_scores, selection_input
+from bon_tracker.core.selection_stats import SelectionStatistics, compute_selection_statistics
 from bon_tracker.files import atomic_write_text
 from bon_tracker.optional import MissingDependencyError
 from bon_tracker.record import EvalRecord
@@ -70,6 +84,7 @@ from bon_tracker.tracking.alerting import (
     resamples_for,
 )
 from bon_tracker.tracking.config import TrackerConfig
+from bon_tracker.texts import MAX_FEATURE_SAMPLES, HackAccumulator, HackStatistics, Texts
 from bon_tracker.version import __version__
 
 ANALYZE_FILE = "analyze.json"  # in a run folder analyze wrote: what --overwrite may replace
@@ -108,6 +123,67 @@ def _open_batches(
         progress.update(pending[0])
 
 
+# ---- several proxies and true rewards (docs/selection.md) -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    """The score columns of the selection statistics and the deployed rule (``--selection-rule``)."""
+
+    members: tuple[str, ...]
+    trues: tuple[str, ...]
+    rule: str
+    uwo_lambda: float = DEFAULT_UWO_LAMBDA
+
+    @property
+    def ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    def deployed(self, members: np.ndarray) -> np.ndarray:
+        """The deployed rule's score of each sample, from the members' ``(K, rows)`` scores.
+
+        For ``mean`` and ``uwo`` this snaps ties on one batch's grid (core.selection.snap_ties);
+        the curve the records get is recomputed per step on the step's grid, as the tracker does."""
+        if self.rule in self.members:
+            return members[self.members.index(self.rule)]
+        return aggregate_members(members, self.rule, self.uwo_lambda)
+
+
+def _selection_of(args: argparse.Namespace, columns: Columns) -> _Selection | None:
+    """The selection settings the command line asks for (None: one proxy, one true reward, no --selection)."""
+    members, trues = columns.proxy_names, columns.true_names
+    if len(members) == 1 and len(trues) == 1 and not args.selection:
+        return None
+    repeated = sorted({c for c in (*members, *trues) if (*members, *trues).count(c) > 1})
+    if repeated:
+        raise UsageError(f"score column(s) {repeated} named more than once in --proxy-col/--true-col")
+    try:
+        check_rules([args.selection_rule] if len(members) > 1 else None, members)
+    except ValueError as err:
+        raise UsageError(f"--selection-rule: {err}") from None
+    return _Selection(members, trues, args.selection_rule if len(members) > 1 else members[0])
+
+
+def _with_selection_scores(
+    batches: Iterator[ScoreBatch], columns: Columns, selection: _Selection
+) -> Iterator[ScoreBatch]:
+    """The batches with ``proxy`` the deployed rule's score and ``extra`` every score column,
+    ``(K + T, rows)``: the members, then the true rewards (the statistics pass reads them there)."""
+    try:
+        for batch in batches:
+            members, trues = batch.members(columns), batch.trues(columns)
+            if len(members) != len(selection.members) or len(trues) != len(selection.trues):
+                raise ScoreFileError(
+                    f"the reader gave {len(members)} proxy and {len(trues)} true columns, not the "
+                    f"{len(selection.members)} and {len(selection.trues)} named"
+                )
+            yield dataclasses.replace(batch, proxy=selection.deployed(members), extra=np.concatenate([members, trues]))
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 # ---- the statistics beside the curve (what log_scores computes) ------------------------------------------
 
 
@@ -116,8 +192,28 @@ class _StepEstimates:
     and the scores of the prompts the tail agreement averages (every prompt, or the tracker's
     evenly spaced subset of ``MAX_AGREEMENT_PROMPTS`` when the step has more)."""
 
-    def __init__(self, grid: np.ndarray, n_prompts: int):
+    def __init__(
+        self,
+        grid: np.ndarray,
+        n_prompts: int,
+        samples: int = 0,
+        texts: bool = False,
+        selection: _Selection | None = None,
+    ):
         self.grid = np.asarray(grid, dtype=np.int64)
+        self.n_prompts = n_prompts
+        self.seen = 0  # prompts given to add() so far
+        # The selection statistics: this step's (K + T, k, N) score blocks until its last prompt.
+        self.selection = selection
+        self.score_parts: list[np.ndarray] = []
+        self.deployed_curve: BonCurve | None = None  # the deployed rule's curve (several proxies)
+        self.selection_stats: SelectionStatistics | None = None
+        # The hack table (with texts); text features on evenly spaced prompts past MAX_FEATURE_SAMPLES.
+        self.hack = HackAccumulator() if texts else None
+        self.feature_prompts: np.ndarray | None = None
+        if texts and samples > MAX_FEATURE_SAMPLES:
+            m = max(1, int(n_prompts * MAX_FEATURE_SAMPLES / samples))
+            self.feature_prompts = np.unique(np.linspace(0, n_prompts - 1, m).round().astype(np.int64))
         self.true_parts: list[np.ndarray] = []
         self.proxy_parts: list[np.ndarray] = []
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -130,11 +226,69 @@ class _StepEstimates:
         self.agree_proxy: list[np.ndarray] = []
         self.agree_true: list[np.ndarray] = []
 
-    def add(self, proxy: np.ndarray, true: np.ndarray) -> None:
-        """Prompts with equal numbers of samples: ``(k, N)`` arrays, in input order."""
+    def add(
+        self,
+        proxy: np.ndarray,
+        true: np.ndarray,
+        texts: tuple[np.ndarray, np.ndarray] | None = None,
+        scores: np.ndarray | None = None,
+    ) -> None:
+        """Prompts with equal numbers of samples: ``(k, N)`` arrays, in input order; ``texts``: their
+        ``(prompt texts (k,), completions (k, N))``; ``scores``: with the selection statistics, every
+        score column's ``(K + T, k, N)``."""
         k, N = proxy.shape
         if k == 0 or N == 0:
             return
+        if self.hack is not None:
+            self._add_texts(proxy, true, texts)
+        self.seen += k
+        if self.selection is not None:
+            assert scores is not None, "the selection statistics need every score column"
+            self.score_parts.append(np.array(scores))  # a copy: the batch it views is freed
+            if self.selection.ensemble:  # the estimates wait for the deployed rule's scores on the step's grid
+                if self.seen >= self.n_prompts:
+                    self._select()
+                return
+            if self.seen >= self.n_prompts:
+                self._select()
+        self._add_scores(proxy, true)
+
+    def _select(self) -> None:
+        """The step's selection statistics (and with several proxies its deployed curve and the
+        estimates on it), as the tracker computes them; then the step's scores are freed."""
+        assert self.selection is not None
+        parts, self.score_parts = self.score_parts, []
+        if not parts:
+            return
+        sel, K = self.selection, len(self.selection.members)
+        if len({part.shape[2] for part in parts}) == 1:
+            stacked = np.concatenate(parts, axis=1)
+            members: dict[str, Any] = {name: stacked[i] for i, name in enumerate(sel.members)}
+            trues: dict[str, Any] = {name: stacked[K + j] for j, name in enumerate(sel.trues)}
+        else:  # prompts with different numbers of samples: one row per prompt
+            rows = [prompt for part in parts for prompt in np.moveaxis(part, 1, 0)]
+            members = {name: [row[i] for row in rows] for i, name in enumerate(sel.members)}
+            trues = {name: [row[K + j] for row in rows] for j, name in enumerate(sel.trues)}
+        del parts
+        inp = selection_input(members, trues)
+        del members, trues
+        if sel.ensemble:
+            proxy = rule_scores(inp, sel.rule, sel.uwo_lambda)
+            true = inp.trues[0] if inp.dense else [row[0] for row in inp.trues]
+            self.deployed_curve = bon_curve(proxy, true, ns=self.grid)
+            if inp.dense:
+                self._add_scores(proxy, true)
+            else:
+                for p, t in zip(proxy, true):
+                    self._add_scores(p[None, :], t[None, :])
+        try:
+            self.selection_stats = compute_selection_statistics(inp, uwo_lambda=sel.uwo_lambda)
+        except Exception as err:  # as in the tracker: the curve is reported without them
+            logger.warning("bon_tracker: the selection statistics failed (%s: %s); left out", type(err).__name__, err)
+
+    def _add_scores(self, proxy: np.ndarray, true: np.ndarray) -> None:
+        """The estimates and agreement scores of ``(k, N)`` prompts (the deployed rule's proxy)."""
+        k, N = proxy.shape
         self.lengths.add(N)
         if self.picks is None:
             rows: Any = slice(None)
@@ -151,6 +305,27 @@ class _StepEstimates:
         self.pending_samples += proxy.size
         if self.pending_samples >= STATISTICS_CHUNK:
             self._flush()
+
+    def _add_texts(self, proxy: np.ndarray, true: np.ndarray, texts: tuple[np.ndarray, np.ndarray] | None) -> None:
+        assert self.hack is not None
+        if texts is None:  # a reader that gave no texts for these rows: no hack table for this step
+            self.hack = None
+            return
+        rows = None
+        if self.feature_prompts is not None:
+            lo, hi = np.searchsorted(self.feature_prompts, [self.seen, self.seen + len(proxy)])
+            rows = (self.feature_prompts[lo:hi] - self.seen).tolist()
+        prompt_texts, completions = texts
+        block = Texts(tuple(prompt_texts.tolist()), tuple(tuple(row) for row in completions.tolist()))
+        try:
+            self.hack.add(proxy, true, block, feature_rows=rows)
+        except Exception as err:  # as in the tracker: the curve is reported without it
+            logger.warning("bon_tracker: the hack table failed (%s: %s); left out", type(err).__name__, err)
+            self.hack = None
+
+    def hack_statistics(self) -> HackStatistics | None:
+        """This step's hack table and text features (None without texts)."""
+        return None if self.hack is None else self.hack.result()
 
     def _flush(self) -> None:
         from bon_tracker.analysis.ray_engine import prompt_estimates
@@ -169,6 +344,8 @@ class _StepEstimates:
         self.proxy_parts.append(proxy_pp)
 
     def result(self) -> tuple[np.ndarray, np.ndarray, TopAgreement | None]:
+        if self.score_parts:  # fewer prompts than the curves' pass counted (never expected)
+            self._select()
         self._flush()
         G = len(self.grid)
         true_pp = np.concatenate(self.true_parts) if self.true_parts else np.empty((0, G))
@@ -202,17 +379,38 @@ def _key(batch: ScoreBatch, i: int) -> tuple[Any, int, Any]:
     )
 
 
+def _block_texts(batch: ScoreBatch, rows: slice, k: int, N: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The texts of ``k`` prompts of ``N`` samples each at ``rows``: each prompt's text (its first
+    sample's) and the ``(k, N)`` completions; None when the batch has no texts."""
+    if batch.prompt_text is None or batch.completion is None:
+        return None
+    return batch.prompt_text[rows][::N], batch.completion[rows].reshape(k, N)
+
+
+def _block_scores(batch: ScoreBatch, rows: slice, k: int, N: int) -> np.ndarray | None:
+    """Every score column of ``k`` prompts of ``N`` samples at ``rows``, ``(K + T, k, N)`` (None
+    without the selection statistics)."""
+    return None if batch.extra is None else batch.extra[:, rows].reshape(-1, k, N)
+
+
 def _feed_grouped(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _StepEstimates]) -> None:
     """Input whose prompts are contiguous: prompts complete in a batch go in blocks of equal length;
     a prompt cut by a batch's end is joined with the next batch's first rows."""
     open_key: tuple[Any, int, Any] | None = None
     open_proxy: list[np.ndarray] = []
     open_true: list[np.ndarray] = []
+    open_texts: list[tuple[np.ndarray, np.ndarray] | None] = []  # (prompt texts, completions) per piece
+    open_scores: list[np.ndarray] = []  # every score column per piece (the selection statistics)
 
     def close() -> None:
         if open_key is not None and (open_key[0], open_key[1]) in steps:
             proxy = np.concatenate(open_proxy)
-            steps[(open_key[0], open_key[1])].add(proxy[None, :], np.concatenate(open_true)[None, :])
+            texts = None
+            if open_texts and all(t is not None for t in open_texts):
+                completions = np.concatenate([t[1].reshape(-1) for t in open_texts])  # type: ignore[index]
+                texts = (open_texts[0][0][:1], completions[None, :])  # type: ignore[index]
+            scores = np.concatenate(open_scores, axis=1)[:, None, :] if open_scores else None
+            steps[(open_key[0], open_key[1])].add(proxy[None, :], np.concatenate(open_true)[None, :], texts, scores)
 
     for batch in batches:
         if len(batch) == 0:
@@ -222,6 +420,9 @@ def _feed_grouped(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _S
         if _key(batch, 0) == open_key:  # the open prompt goes on in this batch
             open_proxy.append(batch.proxy[: ends[0]])
             open_true.append(batch.true[: ends[0]])
+            open_texts.append(_block_texts(batch, slice(0, ends[0]), 1, int(ends[0])))
+            if batch.extra is not None:
+                open_scores.append(batch.extra[:, : ends[0]])
             if len(starts) == 1:
                 continue
             first = 1
@@ -240,17 +441,27 @@ def _feed_grouped(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _S
                     continue
                 N, lo = int(lengths[a]), int(at[a])
                 rows = slice(lo, lo + (b - a) * N)
-                steps[key].add(batch.proxy[rows].reshape(b - a, N), batch.true[rows].reshape(b - a, N))
+                steps[key].add(
+                    batch.proxy[rows].reshape(b - a, N),
+                    batch.true[rows].reshape(b - a, N),
+                    _block_texts(batch, rows, b - a, N),
+                    _block_scores(batch, rows, b - a, N),
+                )
         last = int(starts[-1])
         open_key = _key(batch, last)
         open_proxy, open_true = [batch.proxy[last:]], [batch.true[last:]]
+        open_texts = [_block_texts(batch, slice(last, None), 1, len(batch) - last)]
+        open_scores = [] if batch.extra is None else [batch.extra[:, last:]]
     close()
 
 
 def _feed_buffered(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _StepEstimates]) -> None:
     """Input whose prompts are scattered: every row of a step is kept, then its prompts go in
-    the order they first appear (as the curves' own pass buffers them: about 20 bytes per row)."""
+    the order they first appear (as the curves' own pass buffers them: about 20 bytes per row; with
+    texts, every row's texts are kept too; with the selection statistics, every score column's)."""
     rows: dict[tuple[Any, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    texts: dict[tuple[Any, int], list[tuple[np.ndarray, np.ndarray] | None]] = {}
+    scores: dict[tuple[Any, int], list[np.ndarray]] = {}
     for batch in batches:
         if len(batch) == 0:
             continue
@@ -267,7 +478,21 @@ def _feed_buffered(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _
             )
             if key in steps:
                 rows.setdefault(key, []).append((batch.prompt[where], batch.proxy[where], batch.true[where]))
+                if steps[key].hack is not None:
+                    has = batch.prompt_text is not None and batch.completion is not None
+                    piece = (batch.prompt_text[where], batch.completion[where]) if has else None  # type: ignore[index]
+                    texts.setdefault(key, []).append(piece)
+                if batch.extra is not None:
+                    scores.setdefault(key, []).append(batch.extra[:, where])
     for key in list(rows):
+        score_parts = scores.pop(key, None)
+        step_scores = None if score_parts is None else np.concatenate(score_parts, axis=1)
+        del score_parts
+        pieces = texts.pop(key, [])
+        step_texts = None
+        if pieces and all(p is not None for p in pieces):
+            step_texts = (np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces]))  # type: ignore[index]
+        del pieces
         parts = rows.pop(key)
         prompt = np.concatenate([p for p, _, _ in parts])
         proxy = np.concatenate([p for _, p, _ in parts])
@@ -279,7 +504,11 @@ def _feed_buffered(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _
         codes = rank[inverse.ravel()]
         order = np.argsort(codes, kind="stable")
         for prompt_rows in np.split(order, np.flatnonzero(np.diff(codes[order])) + 1):
-            steps[key].add(proxy[prompt_rows][None, :], true[prompt_rows][None, :])
+            block = None
+            if step_texts is not None:
+                block = (step_texts[0][prompt_rows[:1]], step_texts[1][prompt_rows][None, :])
+            more = None if step_scores is None else step_scores[:, prompt_rows][:, None, :]
+            steps[key].add(proxy[prompt_rows][None, :], true[prompt_rows][None, :], block, more)
 
 
 def _eval_statistics(
@@ -535,19 +764,41 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             f"(got --out {args.out} and --root {args.root})"
         )
     files, reader = _input_files(args)
+    proxy_cols, true_cols = _score_columns(args.proxy_col, "proxy"), _score_columns(args.true_col, "true")
     columns = Columns(
         prompt=args.prompt_col,
-        proxy=args.proxy_col,
-        true=args.true_col,
+        proxy=proxy_cols[0],
+        true=true_cols[0],
+        more_proxy=proxy_cols[1:],
+        more_true=true_cols[1:],
         step=args.step_col or "step",
         run=args.run_col or "run",
         require_step=args.step_col is not None,
         require_run=args.run_col is not None,
+        prompt_text=args.prompt_text_col,
+        completion=args.completion_col,
     )
+    if (args.prompt_text_col is None) != (args.completion_col is None):
+        raise UsageError(
+            "--prompt-text-col and --completion-col go together: name both columns for the hack table, or neither"
+        )
     if args.preset == "verl":
         from bon_tracker.analysis import verl_dumps
 
-        columns = verl_dumps.dump_columns(files[0], args.true_col)
+        if len(proxy_cols) > 1 or len(true_cols) > 1:
+            raise UsageError("--preset verl reads one proxy (score) and one --true-col; several are not read there yet")
+        columns = dataclasses.replace(
+            verl_dumps.dump_columns(files[0], true_cols[0]),
+            prompt_text=args.prompt_text_col or "input",  # verl writes each sample's texts beside its scores
+            completion=args.completion_col or "output",
+        )
+    if args.no_texts:
+        columns = dataclasses.replace(columns, prompt_text=None, completion=None)
+    selection = _selection_of(args, columns)
+    if selection is not None and args.engine == "ray":
+        raise UsageError(
+            "--engine ray reads one proxy and one true column; several (or --selection) need --engine stream"
+        )
     dump_name = None
     if args.preset == "verl":  # verl names its dump files by step ("10.jsonl"): the folder names the run
         dump_name = verl_dumps.default_run_name(args.files) or Path(files[0]).resolve().parent.name or None
@@ -567,7 +818,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
         bars.append(_Progress(total, desc or ("reading" if len(bars) == 0 else "re-reading"), enabled))
-        return _open_batches(files, columns, args.format, config.nan_policy, args.batch_rows, bars[-1], counts, reader)
+        batches = _open_batches(
+            files, columns, args.format, config.nan_policy, args.batch_rows, bars[-1], counts, reader
+        )
+        return batches if selection is None else _with_selection_scores(batches, columns, selection)
 
     def on_ungrouped(key: tuple) -> None:
         run, step, prompt = key
@@ -578,9 +832,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             where,
         )
 
+    hacks: dict[tuple[Any, int], HackStatistics | None] = {}  # each step's hack table (stream engine, texts)
+    selections: dict[tuple[Any, int], SelectionStatistics | None] = {}  # several proxies/trues, or --selection
     try:
         if args.engine == "ray":  # Ray Data: the cluster ray.init() finds ($RAY_ADDRESS), else a local one
             from bon_tracker.analysis.ray_engine import ray_curves
+
+            if columns.has_texts:
+                logger.warning("bon_tracker: --engine ray reads scores only; the hack table needs --engine stream")
 
             curves, info = ray_curves(
                 files,
@@ -600,7 +859,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             if curves:
                 read = dict(counts)
                 steps = {
-                    (run, step): _StepEstimates(curve.n, info["prompts"][(run, step)])
+                    (run, step): _StepEstimates(
+                        curve.n,
+                        info["prompts"][(run, step)],
+                        info["samples"][(run, step)],
+                        columns.has_texts,
+                        selection,
+                    )
                     for run, by_step in curves.items()
                     for step, curve in by_step.items()
                 }
@@ -608,6 +873,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                 feed(open_batches("statistics"), steps)
                 counts.update(read)
                 estimates = {key: step.result() for key, step in steps.items()}
+                hacks = {key: step.hack_statistics() for key, step in steps.items()}
+                selections = {key: step.selection_stats for key, step in steps.items()}
+                for (run, step), estimated in steps.items():
+                    if estimated.deployed_curve is not None:  # several proxies: the deployed rule's curve
+                        curves[run][step] = estimated.deployed_curve
     finally:
         for bar in bars:
             bar.close()
@@ -627,7 +897,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     exit_code = EXIT_OK
     for run, steps in curves.items():
         name = base if run is None else (f"{base}-{run}" if explicit_name else str(run))
-        records = _records(steps, run, statistics, config, rules)
+        records = [
+            _with_texts(r, hacks.get((run, r.step)), selections.get((run, r.step)))
+            for r in _records(steps, run, statistics, config, rules)
+        ]
         run_dir, report, replaced = _write_run_folder(
             out_root, name, records, overwrite=args.overwrite, draw=draw, files=files, names=names
         )
@@ -636,7 +909,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             "run_dir": str(run_dir),
             "report": str(report),
             "replaced": replaced,
-            "steps": [_step_summary(r, info, run) for r in records],
+            "steps": [
+                {**_step_summary(r, info, run), **_hack_summary(hacks.get((run, r.step))), **_selection_summary(r)}
+                for r in records
+            ],
             "alerts": [{"step": r.step, **a.to_dict()} for r in records for a in r.onsets],
         }
         if config.backend != "local":
@@ -690,6 +966,53 @@ def _records(
             )
         )
     return records
+
+
+def _with_texts(
+    record: EvalRecord, hack: HackStatistics | None, selection: SelectionStatistics | None = None
+) -> EvalRecord:
+    """The record with its step's hack table (when the score files hold texts) and selection statistics."""
+    if hack is not None:
+        record = dataclasses.replace(record, hacks=hack)
+    return record if selection is None else dataclasses.replace(record, selection=selection)
+
+
+def _selection_summary(record: EvalRecord) -> dict[str, Any]:
+    """What the summary says of a step's selection statistics: the names, and each rule's best n
+    (the exact curve's argmax) under the first true reward."""
+    stats = record.selection
+    if stats is None:
+        return {}
+    best = {}
+    for rule in stats.rules:
+        optimum = stats.get(rule).optimum("bon", "curve_argmax")
+        best[rule] = optimum.value
+    return {"selection_members": list(stats.member_names), "selection_trues": list(stats.true_names), "best_n": best}
+
+
+def _score_columns(given: Sequence[str] | None, default: str) -> tuple[str, ...]:
+    """``--proxy-col``/``--true-col`` given once or more, each a name or a comma list."""
+    if not given:
+        return (default,)
+    names = tuple(name.strip() for value in given for name in value.split(","))
+    if any(not name for name in names):
+        raise UsageError(f"an empty column name in --{default}-col {','.join(given)!r}")
+    return names
+
+
+def _hack_summary(hack: HackStatistics | None) -> dict[str, Any]:
+    """What the summary says of a step's hack table: its rows, the largest gap and the length feature."""
+    if hack is None:
+        return {}
+    length = next((f for f in hack.features if f.name == "length_chars"), None)
+    return {
+        "hack_rows": len(hack.rows),
+        "hack_prompts_losing": hack.prompts_losing,
+        "hack_top_gap": hack.rows[0].gap if hack.rows else None,
+        "hack_top_prompt": hack.rows[0].prompt_index if hack.rows else None,
+        "length_chars_pick": None if length is None else length.pick,
+        "length_chars_all": None if length is None else length.all,
+    }
 
 
 def _step_summary(record: EvalRecord, info: dict[str, Any], run: Any) -> dict[str, Any]:
@@ -795,20 +1118,48 @@ def add_parser(commands: Any) -> None:
     cols.add_argument(
         "--prompt-col", default="prompt_id", metavar="NAME", help="prompt id column (default: %(default)s)"
     )
-    cols.add_argument("--proxy-col", default="proxy", metavar="NAME", help="proxy score column (default: %(default)s)")
-    cols.add_argument("--true-col", default="true", metavar="NAME", help="true score column (default: %(default)s)")
+    cols.add_argument(
+        "--proxy-col",
+        action="append",
+        metavar="NAME",
+        help="proxy score column (default: proxy); several (repeated, or a comma list: rm_a,rm_b) are an ensemble "
+        "of reward models, one column per member: each step gets the selection statistics of every rule, and "
+        "its curve is --selection-rule's (docs/selection.md)",
+    )
+    cols.add_argument(
+        "--true-col",
+        action="append",
+        metavar="NAME",
+        help="true score column (default: true); several (repeated or a comma list): every selection statistic "
+        "per true reward, the curve on the first",
+    )
     cols.add_argument(
         "--step-col", metavar="NAME", help="training step column (default: 'step' if present, else every row is step 0)"
     )
     cols.add_argument(
         "--run-col", metavar="NAME", help="run column: one run per value (default: 'run' if present, else one run)"
     )
+    cols.add_argument(
+        "--prompt-text-col",
+        metavar="NAME",
+        help="prompt text column, with --completion-col: a hack table per step (the prompts where best-of-N by "
+        "proxy loses most true reward, both picks' texts; docs/texts.md)",
+    )
+    cols.add_argument(
+        "--completion-col",
+        metavar="NAME",
+        help="completion text column (a list, one per score, in a row of one prompt), with --prompt-text-col",
+    )
+    cols.add_argument(
+        "--no-texts", action="store_true", help="read no texts (also not verl's input/output with --preset verl)"
+    )
     cols.add_argument("--format", choices=FORMATS, help="input format, if the file names do not tell")
     cols.add_argument(
         "--preset",
         choices=("verl",),
         help="verl: files or folders of verl's trainer.validation_data_dir dumps ({step}.jsonl): "
-        "uid -> prompt, score -> proxy, step from the row or the file name; name the true reward with --true-col",
+        "uid -> prompt, score -> proxy, input/output -> texts, step from the row or the file name; name the "
+        "true reward with --true-col",
     )
     computing = analyze.add_argument_group("computation")
     computing.add_argument(
@@ -823,6 +1174,19 @@ def add_parser(commands: Any) -> None:
         type=_parse_ns,
         metavar="N,N,...",
         help="best-of-n grid (config: ns; default: powers of two up to N, plus N)",
+    )
+    computing.add_argument(
+        "--selection-rule",
+        default="mean",
+        metavar="RULE",
+        help="with several proxy columns, the rule whose pick is deployed (its curve is the step's curve): mean, "
+        "worst, uwo or a member's column (default: %(default)s)",
+    )
+    computing.add_argument(
+        "--selection",
+        action="store_true",
+        help="the selection statistics (soft best-of-n, Best-of-Poisson, hedged optima, frontier) also for one "
+        "proxy column (on whenever there are several proxy or true columns)",
     )
     computing.add_argument(
         "--nan-policy",

@@ -30,6 +30,7 @@ from bon_tracker.cli.common import (
     _Formatter,
     logger,
 )
+from bon_tracker.lab import cli as lab
 from bon_tracker.optional import MissingDependencyError
 from bon_tracker.reports.compare import RunNotFoundError
 from bon_tracker.tracking.config import ConfigError
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  analyze   score files (JSONL, CSV, Parquet) -> curves, Goodhart point, HTML report, a tracking run\n"
             "  compare   overlay the curves of several runs; true reward and Goodhart point over training\n"
             "  report    the HTML report of one run\n"
-            "  sync      replay eval records spooled while a tracking service was unreachable\n\n"
+            "  sync      replay eval records spooled while a tracking service was unreachable\n"
+            "  lab       see Goodhart's law happen: a tiny policy trained against a learned proxy (CPU)\n\n"
             "examples:\n"
             "  bon-tracker analyze samples.jsonl\n"
             "  bon-tracker analyze scores.parquet --backend mlflow --tracking-uri sqlite:///mlflow.db\n"
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="more messages; tracebacks on failures")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (analyze, compare, report, sync):
+    for module in (analyze, compare, report, sync, lab):
         module.add_parser(commands)
     return parser
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bon_tracker.core.kl import kl_bon
-
 
 @dataclass(frozen=True)
 class CurveStats:
@@ -100,6 +98,42 @@ def curve_stats_update(
     )
 
 
+def kl_formula(n: np.ndarray) -> np.ndarray:
+    """:func:`~bon_tracker.core.kl.kl_bon` (``log n - (n - 1)/n``, the same floats) for a grid already
+    checked, without its checks: a small call computes it twice, and the checks cost more than it."""
+    n = np.asarray(n, dtype=np.float64)
+    return np.log(n) - (n - 1.0) / n
+
+
+def curve_stats_by_n(
+    n: np.ndarray, estimates: np.ndarray, kl_sum: np.ndarray, *, N: int, has_ties: bool, n_samples: int
+) -> CurveStats:
+    """:func:`curve_stats_update` for a block whose prompts all reach every n, laid out one row per n.
+
+    ``estimates``: ``(len(n), 2, P)``, the true score's estimates then the proxy's, each row
+    contiguous (every reduction runs along contiguous memory, several times faster than down
+    the columns of ``(P, len(n))`` for a short grid); ``kl_sum``: the sum of the prompts' KL per n.
+    """
+    P = estimates.shape[2]
+    means = np.add.reduce(estimates, axis=2) / P
+    deviations = estimates - means[:, :, None]
+    np.square(deviations, out=deviations)
+    m2 = np.add.reduce(deviations, axis=2)
+    return CurveStats(
+        n=np.asarray(n, dtype=np.int64),
+        count=np.full(len(n), P, dtype=np.int64),
+        true_mean=means[:, 0],
+        true_m2=m2[:, 0],
+        proxy_mean=means[:, 1],
+        proxy_m2=m2[:, 1],
+        kl_sum=np.asarray(kl_sum, dtype=np.float64),
+        N=int(N),
+        has_ties=bool(has_ties),
+        n_samples=int(n_samples),
+        n_prompts=P,
+    )
+
+
 def _on_grid(stats: CurveStats, grid: np.ndarray) -> tuple[np.ndarray, ...]:
     """The statistics on a larger grid; an n the statistics lack has no prompts."""
     at = np.searchsorted(grid, stats.n)
@@ -118,9 +152,14 @@ def merge_curve_stats(a: CurveStats, b: CurveStats) -> CurveStats:
     (its prompts have fewer samples than n, as when each side's grid is the default
     grid or a user grid cut at that side's largest N).
     """
-    grid = np.union1d(a.n, b.n).astype(np.int64)
-    ca, ma, qa, pa, ra, ka = _on_grid(a, grid)
-    cb, mb, qb, pb, rb, kb = _on_grid(b, grid)
+    if len(a.n) == len(b.n) and np.array_equal(a.n, b.n):  # the usual case: blocks of one call
+        grid = a.n
+        ca, ma, qa, pa, ra, ka = a.count, a.true_mean, a.true_m2, a.proxy_mean, a.proxy_m2, a.kl_sum
+        cb, mb, qb, pb, rb, kb = b.count, b.true_mean, b.true_m2, b.proxy_mean, b.proxy_m2, b.kl_sum
+    else:
+        grid = np.union1d(a.n, b.n).astype(np.int64)
+        ca, ma, qa, pa, ra, ka = _on_grid(a, grid)
+        cb, mb, qb, pb, rb, kb = _on_grid(b, grid)
     total = ca + cb
     safe = np.maximum(total, 1)
     wb = cb / safe
@@ -152,26 +191,32 @@ def curve_stats_compute(stats: CurveStats, ns: np.ndarray | None = None, *, kl_m
     from bon_tracker.core.curve import BonCurve
 
     grid = stats.n if ns is None else np.asarray(ns, dtype=np.int64)
-    at = np.searchsorted(stats.n, grid)
-    if np.any(at >= len(stats.n)) or np.any(stats.n[np.minimum(at, len(stats.n) - 1)] != grid):
-        missing = sorted(set(grid.tolist()) - set(stats.n.tolist()))
-        raise ValueError(f"the statistics hold no n = {missing}")
+    if len(grid) == len(stats.n) and np.array_equal(grid, stats.n):
+        at: slice | np.ndarray = slice(None)  # the usual case: the grid of the statistics
+    else:
+        at = np.searchsorted(stats.n, grid)
+        if np.any(at >= len(stats.n)) or np.any(stats.n[np.minimum(at, len(stats.n) - 1)] != grid):
+            missing = sorted(set(grid.tolist()) - set(stats.n.tolist()))
+            raise ValueError(f"the statistics hold no n = {missing}")
     count = stats.count[at]
+    every_n_has_two = bool(count.min() >= 2) if len(count) else False
 
     def se(m2: np.ndarray) -> np.ndarray:
+        if every_n_has_two:
+            return np.sqrt(m2[at] / (count - 1)) / np.sqrt(count)
         out = np.full(len(count), np.nan)
         enough = count >= 2
         out[enough] = np.sqrt(m2[at][enough] / (count[enough] - 1)) / np.sqrt(count[enough])
         return out
 
     def mean(values: np.ndarray) -> np.ndarray:
-        return np.where(count > 0, values[at], np.nan)
+        return values[at].copy() if every_n_has_two else np.where(count > 0, values[at], np.nan)
 
-    bound = np.asarray(kl_bon(grid), dtype=np.float64)
+    bound = kl_formula(grid)
     if (stats.has_ties and kl_mode != "continuous") or kl_mode == "discrete":  # discrete: atoms even untied
         kl = np.where(count > 0, stats.kl_sum[at] / np.maximum(count, 1), np.nan)
     else:
-        kl = np.where(count > 0, bound, np.nan)
+        kl = bound.copy() if every_n_has_two else np.where(count > 0, bound, np.nan)
     return BonCurve(
         n=grid,
         kl=kl,

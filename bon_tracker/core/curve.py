@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import threading
+import contextlib
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 
 from bon_tracker.core.accumulator import (
     CurveStats,
+    curve_stats_by_n,
     curve_stats_compute,
-    curve_stats_update,
     empty_curve_stats,
+    kl_formula,
     merge_curve_stats,
 )
-from bon_tracker.core.kl import KlMode, _discrete_kl_sorted, check_kl_mode, counted_level_kl, kl_bon
+from bon_tracker.core.kl import KlMode, _discrete_kl_sorted, check_kl_mode, counted_level_kl
 from bon_tracker.core.levels import LevelCounts, LevelWeights, concat_level_counts, count_levels, same_array
-from bon_tracker.core.ranking import BlockRanker, NonFiniteInput, block_rows, blocks_by_length, dense_blocks
+from bon_tracker.core.ranking import NonFiniteInput, block_rows, blocks_by_length, dense_blocks, thread_ranker
 from bon_tracker.core.threads import BlasTurns, map_in_order, single_threaded_blas, thread_count
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores, sample_counts
-from bon_tracker.core.weights import MANY_NS, RankWeights, ScanWeights, TailWeights
+from bon_tracker.core.weights import MANY_NS, ScanWeights, TailWeights, rank_weights
 
 # One prompt with more samples than this, in a call with few such prompts, gets its
 # weights built block by block (ScanWeights) instead of as one dense matrix.
@@ -27,12 +29,19 @@ SCAN_MIN_N = 1 << 14
 SCAN_MAX_PROMPTS = 64
 # Blocks with few proxy levels are reduced this many at a time (one work item).
 LEVEL_GROUP = 8
+# Multiply-adds of a call's weight products below which OpenBLAS runs them on one thread
+# anyway (its GEMM_MULTITHREAD_THRESHOLD: 4 x 65,536), so BLAS is not limited around them.
+SMALL_PRODUCT = 1 << 18
 
 
 def default_ns(N: int) -> np.ndarray:
     """Powers of two up to N, plus N itself: 1, 2, 4, ..., N."""
-    powers = 2 ** np.arange(int(np.log2(N)) + 1) if N >= 1 else np.array([], dtype=np.int64)
-    return np.unique(np.append(powers, N)).astype(np.int64)
+    if N < 1:
+        return np.array([N], dtype=np.int64)
+    grid = [1 << i for i in range(int(N).bit_length())]  # every power of two up to N
+    if grid[-1] != N:
+        grid.append(int(N))
+    return np.array(grid, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,94 @@ def _dense_input(proxy: object, true: object) -> tuple[np.ndarray, np.ndarray, b
     return np.ascontiguousarray(proxy), np.ascontiguousarray(true), False
 
 
+@dataclass
+class PromptEstimates:
+    """Per-prompt estimates, filled block by block: one row per prompt, one column per n of ``grid``.
+
+    NaN where a prompt has fewer than n samples. ``proxy`` is None when only one score
+    (``true``) is estimated (:func:`~bon_tracker.core.estimators.bon_estimate`).
+    """
+
+    grid: np.ndarray  # ascending, unique
+    true: np.ndarray
+    proxy: np.ndarray | None
+
+    @classmethod
+    def empty(cls, P: int, grid: np.ndarray, *, with_proxy: bool) -> PromptEstimates:
+        true = np.full((P, len(grid)), np.nan)
+        return cls(grid, true, np.full((P, len(grid)), np.nan) if with_proxy else None)
+
+    def in_order(self, values: np.ndarray, ns: np.ndarray) -> np.ndarray:
+        """The columns of ``values`` (one per n of ``grid``) in the order of ``ns`` (repeats allowed)."""
+        if len(ns) == len(self.grid) and np.array_equal(ns, self.grid):
+            return values
+        return values[:, np.searchsorted(self.grid, ns)]
+
+
+@dataclass(frozen=True)
+class _GroupOut:
+    """Where one dense group's per-block estimates go: its rows of a :class:`PromptEstimates`."""
+
+    estimates: PromptEstimates
+    prompts: np.ndarray | None  # the group's prompts among all (None: the group is every prompt)
+
+    def put(self, rows: slice, true_est: np.ndarray, proxy_est: np.ndarray | None) -> None:
+        # The group reaches the grid's first columns only; blocks (and threads) write disjoint rows.
+        where = rows if self.prompts is None else self.prompts[rows]
+        width = true_est.shape[1]
+        self.estimates.true[where, :width] = true_est
+        if self.estimates.proxy is not None and proxy_est is not None:
+            self.estimates.proxy[where, :width] = proxy_est
+
+
+def rank_and_estimate(
+    proxy: object,
+    true: object,
+    ns: object | None,
+    *,
+    nan_policy: NanPolicy,
+    kl_mode: KlMode,
+    threads: int | None,
+    stats: bool,
+    keep: bool,
+    names: tuple[str, str] = ("proxy", "true"),
+) -> tuple[CurveStats | None, PromptEstimates | None, np.ndarray, bool]:
+    """One sort of every prompt: ``(statistics, per-prompt estimates, grid as given, one_prompt)``.
+
+    ``stats``: the curve's statistics (true and proxy estimates, KL); without it only the
+    estimates of ``true`` are computed. ``keep``: also return the per-prompt estimates.
+    """
+    check_kl_mode(kl_mode)
+    check_nan_policy(nan_policy)
+    workers = thread_count(threads)
+    dense = _dense_input(proxy, true)
+    if dense is not None:
+        p, t, one_prompt = dense
+        N = p.shape[1]
+        n_arr = default_ns(N) if ns is None else check_ns(ns, N)[0]
+        try:
+            found = _pass_over_groups([(None, p, t)], p.shape[0], n_arr, kl_mode, workers, True, stats, keep)
+            return (*found, n_arr, one_prompt)
+        except NonFiniteInput:
+            pass  # validate in full below: an error naming the values, or nan_policy="omit"
+    p, t, one_prompt = paired_scores(proxy, true, nan_policy=nan_policy, names=names)
+    counts = sample_counts(p)
+    N = int(counts.max())
+    n_arr = default_ns(N) if ns is None else check_ns(ns, N)[0]
+    if isinstance(p, np.ndarray):
+        groups = [(None, p, t)]
+    else:
+        groups = []
+        for idx in blocks_by_length(p).values():
+            group_p = np.stack([p[i] for i in idx])
+            groups.append((idx, group_p, group_p if t is p else np.stack([t[i] for i in idx])))
+    total, estimates = _pass_over_groups(groups, len(counts), n_arr, kl_mode, workers, False, stats, keep)
+    empty = int(np.count_nonzero(counts == 0))
+    if total is not None and empty:
+        total = merge_curve_stats(total, replace(empty_curve_stats(n_arr), n_prompts=empty))
+    return total, estimates, n_arr, one_prompt
+
+
 def curve_stats(
     proxy: object,
     true: object,
@@ -128,115 +225,136 @@ def curve_stats(
 
     ``ns`` default: the default grid of the largest N. Arguments as :func:`bon_curve`.
     """
-    check_kl_mode(kl_mode)
-    check_nan_policy(nan_policy)
-    workers = thread_count(threads)
-    dense = _dense_input(proxy, true)
-    if dense is not None:
-        p, t, _ = dense
-        N = p.shape[1]
-        n_arr = default_ns(N) if ns is None else check_ns(ns, N)[0]
-        try:
-            return _stats_of_groups([(p, t)], n_arr, kl_mode, workers, check_finite=True)
-        except NonFiniteInput:
-            pass  # validate in full below: an error naming the values, or nan_policy="omit"
-    p, t, _ = paired_scores(proxy, true, nan_policy=nan_policy, names=("proxy", "true"))
-    counts = sample_counts(p)
-    N = int(counts.max())
-    n_arr = default_ns(N) if ns is None else check_ns(ns, N)[0]
-    if isinstance(p, np.ndarray):
-        groups = [(p, t)]
-    else:
-        groups = [
-            (np.stack([p[i] for i in idx]), np.stack([t[i] for i in idx])) for idx in blocks_by_length(p).values()
-        ]
-    stats = _stats_of_groups(groups, n_arr, kl_mode, workers, check_finite=False)
-    empty = int(np.count_nonzero(counts == 0))
-    return merge_curve_stats(stats, replace(empty_curve_stats(n_arr), n_prompts=empty)) if empty else stats
+    stats, _, _, _ = rank_and_estimate(
+        proxy, true, ns, nan_policy=nan_policy, kl_mode=kl_mode, threads=threads, stats=True, keep=False
+    )
+    return stats
 
 
-def _stats_of_groups(groups, n_arr: np.ndarray, kl_mode: KlMode, workers: int, *, check_finite: bool) -> CurveStats:
-    """Statistics of groups of prompts, each a dense ``(P, N)`` pair, merged in order."""
-    grid = np.unique(np.asarray(n_arr, dtype=np.int64))
-    total = empty_curve_stats(grid)
-    with single_threaded_blas() as limited:
+def _pass_over_groups(
+    groups, P: int, n_arr: np.ndarray, kl_mode: KlMode, workers: int, check_finite: bool, stats: bool, keep: bool
+) -> tuple[CurveStats | None, PromptEstimates | None]:
+    """Statistics (merged in order) and per-prompt estimates of groups ``(prompts, proxy, true)``,
+    each a dense ``(rows, N)`` pair (``prompts``: their indices among the ``P``, None for all)."""
+    grid = np.asarray(n_arr, dtype=np.int64)
+    if np.any(grid[1:] <= grid[:-1]):
+        grid = np.unique(grid)
+    total = None
+    estimates = PromptEstimates.empty(P, grid, with_proxy=stats) if keep else None
+    # BLAS held to one thread (see threads.py), except where the products are too small for
+    # OpenBLAS to thread them at all, and setting the limit would cost more than the product.
+    products = len(grid) * 2 * sum(p.size for _, p, _ in groups)
+    with single_threaded_blas() if products > SMALL_PRODUCT else contextlib.nullcontext(True) as limited:
         turns = BlasTurns(needed=workers > 1 and not limited)
-        for p, t in groups:
-            for part in _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
-                total = merge_curve_stats(total, part)
-    return total
+        for prompts, p, t in groups:
+            out = None if estimates is None else _GroupOut(estimates, prompts)
+            for part in _group_stats(p, t, grid, kl_mode, workers, turns, check_finite, stats=stats, out=out):
+                total = part if total is None else merge_curve_stats(total, part)
+    if stats and (total is None or not np.array_equal(total.n, grid)):
+        total = merge_curve_stats(empty_curve_stats(grid), total or empty_curve_stats(grid))
+    return total, estimates
 
 
-def _counted(p: np.ndarray, t: np.ndarray, same: bool, check_finite: bool) -> LevelCounts | None:
-    """The block counted by proxy level when it has few levels (:mod:`bon_tracker.core.levels`), else None."""
-    counts = count_levels(p, (None, None) if same else (t, None))
+def _counted(p: np.ndarray, t: np.ndarray, same: bool, check_finite: bool, with_proxy: bool) -> LevelCounts | None:
+    """The block counted by proxy level when it has few levels (:mod:`bon_tracker.core.levels`), else None.
+
+    Its score means are ``t``'s, then (``with_proxy``) the proxy's own."""
+    scores = (None,) if same else (t,)
+    counts = count_levels(p, (*scores, None) if with_proxy else scores)
     if counts is not None and check_finite and not same and not np.isfinite(counts.score_means[0]).all():
         raise NonFiniteInput  # a non-finite score, or finite ones whose sum overflows
     return counts
 
 
-def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite):
+def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite, *, stats: bool = True, out: _GroupOut | None):
+    """One dense group, block by block in order: each block's :class:`CurveStats` (``stats``),
+    and its per-prompt estimates into ``out``. Without ``stats`` only ``t`` is estimated and
+    nothing is yielded."""
     P, N = p.shape
     cols = grid[grid <= N]
     if len(cols) == 0:
-        yield replace(empty_curve_stats(grid), N=N, n_samples=P * N, n_prompts=P)
+        if stats:
+            yield replace(empty_curve_stats(grid), N=N, n_samples=P * N, n_prompts=P)
         return
-    bound = np.asarray(kl_bon(cols), dtype=np.float64)
+    bound = kl_formula(cols)
     same = same_array(p, t)
     level_weights = LevelWeights(N, cols)
     many = len(cols) > MANY_NS  # a large grid: TailWeights, work vectorised over n (see weights.py)
+    scores = 2 if stats else 1  # rows of estimates per prompt: true (then proxy)
+
+    def counted(rows: slice) -> LevelCounts | None:
+        return _counted(p[rows], t[rows], same, check_finite, with_proxy=stats)
+
+    def from_counts(counts: LevelCounts, rows: slice) -> CurveStats | None:
+        masses = level_weights.masses(counts)
+        true_est, *proxy_est = level_weights.estimates(counts, masses)
+        if out is not None:
+            out.put(rows, true_est, proxy_est[0] if stats else None)
+        return _level_block_stats(counts, true_est, proxy_est[0], cols, bound, kl_mode, N) if stats else None
+
+    def from_sorted(ranked, by_n: np.ndarray, rows: slice) -> CurveStats | None:
+        """``by_n``: ``(len(cols), scores * m)`` estimates, the true score's prompts then the proxy's."""
+        m = rows.stop - rows.start
+        if out is not None:
+            out.put(rows, by_n[:, :m].T, by_n[:, m : 2 * m].T if stats else None)
+        return _block_stats(ranked, by_n, cols, bound, kl_mode, N) if stats else None
+
     if N > SCAN_MIN_N and P <= SCAN_MAX_PROMPTS:
         scan = TailWeights(N, cols) if many else ScanWeights(N, cols)
-        positions = None if many else scan.positions().ravel()
         for row in range(P):
-            counts = _counted(p[row : row + 1], t[row : row + 1], same, check_finite)
+            rows = slice(row, row + 1)
+            counts = counted(rows)
+            part = None
             if counts is not None:
-                yield _level_block_stats(counts, level_weights, cols, bound, kl_mode, N)
-                continue
-            ranker = BlockRanker(1, N)
-            ranked = ranker.rank(p[row : row + 1], t[row : row + 1], check_finite=check_finite)
-            if many:
-                estimates = _tail_estimates(scan, ranked.stacked, workers)
+                part = from_counts(counts, rows)
             else:
-                estimates = _scan_estimates(scan, ranked.stacked, positions, cols, workers, turns)
-            yield _block_stats(ranked, estimates, cols, bound, kl_mode, N)
+                ranked = thread_ranker(1, N).rank(p[rows], t[rows], check_finite=check_finite)
+                stacked = ranked.stacked[:scores]
+                if many:
+                    estimates = _tail_estimates(scan, stacked, workers)
+                else:
+                    estimates = _scan_estimates(scan, stacked, cols, workers)
+                part = from_sorted(ranked, np.ascontiguousarray(estimates.T), rows)
+            if part is not None:
+                yield part
         return
-    weights = TailWeights(N, cols) if many else RankWeights(N, cols)
-    local = threading.local()
+    weights = TailWeights(N, cols) if many else rank_weights(N, cols)
+    rows_per_block = min(block_rows(N), P)
 
-    def sorted_stats(rows: slice) -> CurveStats:
-        ranker = getattr(local, "ranker", None)
-        if ranker is None:
-            ranker = local.ranker = BlockRanker(block_rows(N), N)
-            local.out = np.empty((2 * ranker.rows, len(cols)))
-        ranked = ranker.rank(p[rows], t[rows], check_finite=check_finite)
+    def sorted_block(rows: slice) -> CurveStats | None:
+        ranked = thread_ranker(rows_per_block, N).rank(p[rows], t[rows], check_finite=check_finite)
         m = rows.stop - rows.start
         with turns:
-            estimates = weights.apply_stacked(ranked.stacked, out=local.out[: 2 * m])
-        return _block_stats(ranked, estimates, cols, bound, kl_mode, N)
+            if many:
+                by_n = np.ascontiguousarray(weights.apply_stacked(ranked.stacked[: scores * m]).T)
+            else:
+                by_n = weights.apply_by_n(ranked.stacked[: scores * m])
+        return from_sorted(ranked, by_n, rows)
 
     def work(blocks: list[slice]) -> list[CurveStats]:
         """Each block counted by level or sorted; consecutive counted blocks share one reduction."""
-        parts: list[CurveStats] = []
-        counted: list[LevelCounts] = []
+        parts: list[CurveStats | None] = []
+        held: list[LevelCounts] = []  # consecutive counted blocks, not yet reduced
+        held_rows = slice(0, 0)
         for rows in blocks:
-            counts = _counted(p[rows], t[rows], same, check_finite)
+            counts = counted(rows)
             if counts is not None:
-                counted.append(counts)
+                held_rows = slice(held_rows.start if held else rows.start, rows.stop)
+                held.append(counts)
                 continue
-            if counted:
-                parts.append(_level_block_stats(concat_level_counts(counted), level_weights, cols, bound, kl_mode, N))
-                counted = []
-            parts.append(sorted_stats(rows))
-        if counted:
-            parts.append(_level_block_stats(concat_level_counts(counted), level_weights, cols, bound, kl_mode, N))
-        return parts
+            if held:
+                parts.append(from_counts(concat_level_counts(held), held_rows))
+                held = []
+            parts.append(sorted_block(rows))
+        if held:
+            parts.append(from_counts(concat_level_counts(held), held_rows))
+        return [part for part in parts if part is not None]
 
     blocks = dense_blocks(P, N)
     # Work items: one block each, or LEVEL_GROUP consecutive blocks when the first block has few
     # proxy levels (counting a block is cheap next to reducing it). Either partition depends on
     # the input only, never on the thread count.
-    size = LEVEL_GROUP if _counted(p[blocks[0]], t[blocks[0]], same, check_finite) is not None else 1
+    size = LEVEL_GROUP if len(blocks) > 1 and counted(blocks[0]) is not None else 1
     items = [blocks[i : i + size] for i in range(0, len(blocks), size)]
     for parts in map_in_order(work, items, min(workers, len(items))):
         yield from parts
@@ -251,11 +369,11 @@ def _tail_estimates(tail: TailWeights, stacked: np.ndarray, workers: int) -> np.
     return out
 
 
-def _scan_estimates(scan, stacked, positions, cols, workers, turns) -> np.ndarray:
-    """Estimates for one huge prompt (``stacked``: sorted true then proxy, ascending)."""
-    N = stacked.shape[1]
-    laid_out = np.stack([row.take(positions) for row in stacked]).reshape((2, scan.n_blocks, scan.R, scan.SEGMENTS))
-    out = np.empty((2, len(cols)))
+def _scan_estimates(scan: ScanWeights, stacked: np.ndarray, cols: np.ndarray, workers: int) -> np.ndarray:
+    """Estimates for one huge prompt (``stacked``: its sorted true, then its sorted proxy, ascending)."""
+    K, N = stacked.shape
+    laid_out = scan.lay_out(stacked)
+    out = np.empty((K, len(cols)))
     cheap = (cols == 1) | (cols == N)
     out[:, cols == 1] = (np.add.reduce(stacked, axis=1) / N)[:, None]
     out[:, cols == N] = stacked[:, -1:]
@@ -270,35 +388,50 @@ def _scan_estimates(scan, stacked, positions, cols, workers, turns) -> np.ndarra
     return out
 
 
-def _block_stats(ranked, estimates: np.ndarray, cols: np.ndarray, bound: np.ndarray, kl_mode, N: int) -> CurveStats:
+def _kl_sum(bound: np.ndarray, rows: int, special: np.ndarray, special_kl: np.ndarray | None) -> np.ndarray:
+    """Sum over ``rows`` prompts of their KL: ``special_kl`` (``(len(special), len(bound))``) for
+    the prompts ``special``, the formula ``bound`` for every other prompt."""
+    total = bound * (rows - len(special))
+    if special_kl is not None and len(special):
+        total = total + np.ones(len(special)) @ special_kl
+    return total
+
+
+def _block_stats(ranked, by_n: np.ndarray, cols: np.ndarray, bound: np.ndarray, kl_mode, N: int) -> CurveStats:
+    """Statistics of one sorted block; ``by_n``: ``(len(cols), 2 m)`` estimates, true then proxy."""
     m = ranked.proxy.shape[0]
-    true_est, proxy_est = estimates[:m], estimates[m : 2 * m]
-    kl = np.broadcast_to(bound, true_est.shape)
-    has_ties = len(ranked.tied) > 0
-    if has_ties and kl_mode != "continuous":
-        kl = kl.copy()
-        kl[ranked.tied] = _discrete_kl_sorted(ranked.proxy[ranked.tied], ranked.new_group, cols, kl_mode)
-    if kl_mode == "discrete" and len(ranked.tied) < m:  # a level seen once is an atom too
-        kl = kl.copy()
-        untied = np.setdiff1d(np.arange(m), ranked.tied)
-        every_level = np.ones((len(untied), ranked.proxy.shape[1]), dtype=bool)
-        kl[untied] = _discrete_kl_sorted(ranked.proxy[untied], every_level, cols, kl_mode)
-    return curve_stats_update(cols, true_est, proxy_est, kl, N=N, has_ties=has_ties, n_samples=m * N)
+    tied = ranked.tied
+    has_ties = len(tied) > 0
+    if kl_mode == "discrete":  # every level an atom, also in rows without a tie
+        kl = np.empty((m, len(cols)))
+        if has_ties:
+            kl[tied] = _discrete_kl_sorted(ranked.proxy[tied], ranked.new_group, cols, kl_mode)
+        if len(tied) < m:
+            untied = np.setdiff1d(np.arange(m), tied)
+            every_level = np.ones((len(untied), ranked.proxy.shape[1]), dtype=bool)
+            kl[untied] = _discrete_kl_sorted(ranked.proxy[untied], every_level, cols, kl_mode)
+        kl_sum = _kl_sum(bound, m, np.arange(m), kl)
+    elif has_ties and kl_mode != "continuous":
+        kl_sum = _kl_sum(bound, m, tied, _discrete_kl_sorted(ranked.proxy[tied], ranked.new_group, cols, kl_mode))
+    else:
+        kl_sum = bound * m
+    estimates = by_n.reshape(len(cols), 2, m)  # by_n is C-contiguous: a view
+    return curve_stats_by_n(cols, estimates, kl_sum, N=N, has_ties=has_ties, n_samples=m * N)
 
 
-def _level_block_stats(counts: LevelCounts, weights: LevelWeights, cols, bound, kl_mode, N: int) -> CurveStats:
-    """As :func:`_block_stats`, for a block counted by proxy level."""
-    masses = weights.masses(counts)
-    true_est, proxy_est = weights.estimates(counts, masses)
+def _level_block_stats(counts: LevelCounts, true_est, proxy_est, cols, bound, kl_mode, N: int) -> CurveStats:
+    """As :func:`_block_stats`, for a block counted by proxy level (estimates ``(m, len(cols))``)."""
     m = counts.counts.shape[0]
-    kl = np.broadcast_to(bound, true_est.shape)
     tied = counts.tied
     if kl_mode == "discrete":  # every level an atom, also in rows without a tie
-        kl = counted_level_kl(counts.counts, counts.below, N, cols, kl_mode)
+        kl_sum = _kl_sum(bound, m, np.arange(m), counted_level_kl(counts.counts, counts.below, N, cols, kl_mode))
     elif len(tied) and kl_mode != "continuous":
-        kl = kl.copy()
-        kl[tied] = counted_level_kl(counts.counts[tied], counts.below[tied], N, cols, kl_mode)
-    return curve_stats_update(cols, true_est, proxy_est, kl, N=N, has_ties=len(tied) > 0, n_samples=m * N)
+        kl_tied = counted_level_kl(counts.counts[tied], counts.below[tied], N, cols, kl_mode)
+        kl_sum = _kl_sum(bound, m, tied, kl_tied)
+    else:
+        kl_sum = bound * m
+    estimates = np.stack([true_est.T, proxy_est.T], axis=1)  # (len(cols), 2, m)
+    return curve_stats_by_n(cols, estimates, kl_sum, N=N, has_ties=len(tied) > 0, n_samples=m * N)
 
 
 def bon_curve(
@@ -340,7 +473,43 @@ def bon_curve(
         >>> curve.n.tolist(), curve.true_mean.round(4).tolist()
         ([1, 2, 3], [0.5, 0.6667, 0.5])
     """
-    stats = curve_stats(proxy, true, ns, nan_policy=nan_policy, kl_mode=kl_mode, threads=threads)
-    N = stats.N
-    n_arr = default_ns(N) if ns is None else check_ns(ns, N)[0]
+    stats, _, n_arr, _ = rank_and_estimate(
+        proxy, true, ns, nan_policy=nan_policy, kl_mode=kl_mode, threads=threads, stats=True, keep=False
+    )
     return curve_stats_compute(stats, n_arr, kl_mode=kl_mode)
+
+
+class CurveParts(NamedTuple):
+    """A curve and the per-prompt estimates it averages (:func:`bon_curve_parts`)."""
+
+    curve: BonCurve
+    true: np.ndarray  # (P, len(curve.n)): each prompt's estimate of E[true of best-of-n], NaN where N_p < n
+    proxy: np.ndarray  # (P, len(curve.n)): the same for the proxy score
+
+
+def bon_curve_parts(
+    proxy: object,
+    true: object,
+    ns: object | None = None,
+    *,
+    nan_policy: NanPolicy = "raise",
+    kl_mode: KlMode = "auto",
+    threads: int | None = None,
+) -> CurveParts:
+    """:func:`bon_curve` and the per-prompt estimates of the true and the proxy score, from one sort.
+
+    ``parts.true`` equals ``bon_estimate(proxy, true, parts.curve.n)`` and ``parts.proxy``
+    equals ``bon_estimate(proxy, proxy, parts.curve.n)`` (one row per prompt, also for a 1-D
+    prompt; NaN where a prompt has fewer than n samples), at the cost of ``bon_curve`` alone.
+    Arguments as :func:`bon_curve`.
+
+    Example:
+        >>> parts = bon_curve_parts([[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]], [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+        >>> parts.true.round(4).tolist(), parts.curve.true_mean.round(4).tolist()
+        ([[0.6667, 1.0, 1.0], [0.3333, 0.3333, 0.0]], [0.5, 0.6667, 0.5])
+    """
+    stats, estimates, n_arr, _ = rank_and_estimate(
+        proxy, true, ns, nan_policy=nan_policy, kl_mode=kl_mode, threads=threads, stats=True, keep=True
+    )
+    curve = curve_stats_compute(stats, n_arr, kl_mode=kl_mode)
+    return CurveParts(curve, estimates.in_order(estimates.true, n_arr), estimates.in_order(estimates.proxy, n_arr))

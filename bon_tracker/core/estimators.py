@@ -4,69 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from bon_tracker.core.levels import LevelWeights, count_levels, same_array
-from bon_tracker.core.ranking import BlockRanker, block_rows, blocks_by_length, dense_blocks
+from bon_tracker.core.curve import rank_and_estimate
+from bon_tracker.core.levels import count_levels  # noqa: F401  (estimates count via curve.py's; tests patch both names)
 from bon_tracker.core.validation import NanPolicy, check_ns, paired_scores, sample_counts
-from bon_tracker.core.weights import MANY_NS, RankWeights, ScanWeights, TailWeights
 
 
-def estimate_per_prompt(proxy, score, ns: np.ndarray) -> np.ndarray:
-    """Validated (dense or ragged) input -> ``(P, len(ns))``, NaN where n > N_p.
-
-    Blocks whose proxy takes few distinct values are counted by level
-    (:mod:`bon_tracker.core.levels`); the others are sorted.
-    """
-    out = np.full((len(sample_counts(proxy)), len(ns)), np.nan)
-    for index, p, s in _dense_groups(proxy, score):
-        N = p.shape[1]
-        cols = np.flatnonzero(ns <= N)
-        same = same_array(p, s)
-        level_weights = LevelWeights(N, ns[cols])
-        ranker = BlockRanker(block_rows(N), N)
-        many = len(cols) > MANY_NS  # a large grid: work vectorised over n, on each n's tail
-        huge = not many and N * len(cols) > RankWeights.DENSE_LIMIT
-        rank_weights = TailWeights(N, ns[cols]) if many else (ScanWeights if huge else RankWeights)(N, ns[cols])
-        if huge:
-            positions = rank_weights.positions().ravel()
-            shape = (1, rank_weights.n_blocks, rank_weights.R, rank_weights.SEGMENTS)
-        for rows in dense_blocks(*p.shape):
-            prompts = rows if index is None else index[rows]
-            counts = count_levels(p[rows], (None,) if same else (s[rows],))
-            if counts is not None:
-                (estimates,) = level_weights.estimates(counts)
-                put_rows(out, prompts, cols, estimates)
-                continue
-            ranked = ranker.rank(p[rows], s[rows], check_finite=False)
-            if huge:
-                rows_out = [rank_weights.apply_layout(r.take(positions).reshape(shape)) for r in ranked.score]
-                estimates = np.vstack(rows_out)
-            else:
-                (estimates,) = rank_weights.apply(ranked.score)
-            put_rows(out, prompts, cols, estimates)
-    return out
-
-
-def _dense_groups(proxy, score):
-    """``(index, proxy, score)`` per dense group: the input itself, or ragged rows grouped by length."""
-    if isinstance(proxy, np.ndarray):
-        p = np.ascontiguousarray(proxy)
-        yield None, p, np.ascontiguousarray(score)
-        return
-    for idx in blocks_by_length(proxy).values():
-        p = np.stack([proxy[i] for i in idx])
-        yield idx, p, (p if score is proxy else np.stack([score[i] for i in idx]))
-
-
-def put_rows(out: np.ndarray, prompts: slice | np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
-    """``out[prompts, cols] = values`` for a slice or an index array of prompts."""
-    if isinstance(prompts, slice) and len(cols) == out.shape[1]:
-        out[prompts] = values
-    else:
-        rows = np.arange(out.shape[0])[prompts]
-        out[np.ix_(rows, cols)] = values
-
-
-def bon_estimate(proxy: object, score: object, ns: object, *, nan_policy: NanPolicy = "raise") -> np.ndarray:
+def bon_estimate(
+    proxy: object, score: object, ns: object, *, nan_policy: NanPolicy = "raise", threads: int | None = None
+) -> np.ndarray:
     """Unbiased all-subsets estimate of ``score`` under best-of-n selection by ``proxy``.
 
     For one prompt with samples sorted by proxy ascending,
@@ -86,6 +31,8 @@ def bon_estimate(proxy: object, score: object, ns: object, *, nan_policy: NanPol
         ns: an integer n or a sequence of them, each ``1 <= n <= N`` (ragged: up to
             the largest N; prompts with fewer samples give NaN).
         nan_policy: ``"raise"`` (default) rejects NaN/inf; ``"omit"`` drops those samples.
+        threads: worker threads, as :func:`~bon_tracker.core.curve.bon_curve` (the same blocks,
+            sort and weights); results are bit-identical for any count.
 
     Returns:
         ``(len(ns),)`` for one prompt, ``(P, len(ns))`` otherwise; a scalar n drops
@@ -95,12 +42,23 @@ def bon_estimate(proxy: object, score: object, ns: object, *, nan_policy: NanPol
         >>> bon_estimate([0.1, 0.7, 0.4], [1.0, 0.0, 2.0], [1, 2, 3])
         array([1.        , 0.66666667, 0.        ])
     """
-    p, s, one_prompt = paired_scores(proxy, score, nan_policy=nan_policy)
-    n_arr, scalar_n = check_ns(ns, int(sample_counts(p).max()))
-    out = estimate_per_prompt(p, s, n_arr)
+    if ns is None:
+        raise TypeError("ns must be an integer or a sequence of integers, got None")
+    _, estimates, n_arr, one_prompt = rank_and_estimate(
+        proxy,
+        score,
+        ns,
+        nan_policy=nan_policy,
+        kl_mode="auto",
+        threads=threads,
+        stats=False,
+        keep=True,
+        names=("proxy", "score"),
+    )
+    out = estimates.in_order(estimates.true, n_arr)
     if one_prompt:
         out = out[0]
-    return out[..., 0] if scalar_n else out
+    return out[..., 0] if np.ndim(ns) == 0 else out
 
 
 def mc_bon_estimate(

@@ -88,6 +88,14 @@ def max_levels(N: int) -> int:
 def _probe_levels(block: np.ndarray) -> np.ndarray | None:
     """The distinct values of the block's first samples, if they are few and finite."""
     flat = block.reshape(-1)
+    limit = max_levels(block.shape[1])
+    head = flat[: 4 * limit]
+    if len(head) > 2 * limit:
+        # The first few samples already show too many values (a continuous proxy): decided at the
+        # cost of sorting these few, not the whole probe. NaN counts as distinct, and is refused below.
+        head = np.sort(head)
+        if 1 + np.count_nonzero(head[1:] != head[:-1]) > limit:
+            return None
     probe = flat[: min(flat.size, PROBE_SAMPLES)]
     levels = np.unique(probe)
     if len(levels) > max_levels(block.shape[1]) or 2 * len(levels) > len(probe) or not np.isfinite(levels).all():

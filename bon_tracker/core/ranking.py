@@ -6,16 +6,18 @@ replaced by the group mean: the all-subsets estimate is unchanged in expectation
 over tie-breaks and becomes exact (and independent of the sort's tie order).
 
 The sort itself never runs ``np.argsort``: each proxy's low mantissa bits are
-replaced by its column index (a *packed key*, still a float of nearly the same
-value), the keys are sorted with ``np.sort`` (several times faster than an argsort)
-and the index is read back from the sorted keys. Truncating a float's low bits is
-monotone, so the keys come out in proxy order except among proxies that agree in all
-but those bits; the gathered proxies are checked to be non-decreasing and any such
-bucket is re-sorted exactly, so the order is always exact.
+replaced by its column index (for short rows: its index in the whole block), a
+*packed key* that is still a float of nearly the same value; the keys are sorted with
+``np.sort`` (several times faster than an argsort) and the index is read back from the
+sorted keys. Truncating a float's low bits is monotone, so the keys come out in proxy
+order except among proxies that agree in all but those bits; the gathered proxies are
+checked to be non-decreasing and any such bucket is re-sorted exactly, so the order is
+always exact.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +26,8 @@ import numpy as np
 # Prompts are ranked in blocks of about this many samples (1 MiB per float64 array),
 # so the sort, the gathers and the matrix product after it work in cache.
 BLOCK_SAMPLES = 1 << 17
+# Rows of at most this many samples get their per-position index arrays in full (see BlockRanker).
+SHORT_ROW = 256
 
 
 class NonFiniteInput(Exception):
@@ -68,11 +72,20 @@ class BlockRanker:
         if index_bits(N) > 52:
             raise ValueError(f"N = {N} samples per prompt is more than a float's mantissa can index")
         self.rows, self.N = int(rows), int(N)
-        self.bits = index_bits(N)
-        self.mask = np.int64((1 << self.bits) - 1)
         self.keys = np.empty((self.rows, self.N), dtype=np.float64)
-        self.columns = np.arange(self.N, dtype=np.int64)
-        self.offsets = np.arange(0, self.rows * self.N, self.N, dtype=np.int64)[:, None]
+        if self.N <= SHORT_ROW:
+            # Short rows: a key holds its sample's index in the whole block, so one pass reads
+            # the flat order back (broadcasting a column index and a row start along rows this
+            # short runs an inner loop per row, several times slower than one loop over the block).
+            self.bits = index_bits(self.rows * self.N)
+            self.index = np.arange(self.rows * self.N, dtype=np.int64).reshape(self.rows, self.N)
+            self.offsets = None
+        else:
+            self.bits = index_bits(N)
+            self.index = np.arange(self.N, dtype=np.int64)  # the column, broadcast along each row
+            self.offsets = np.arange(0, self.rows * self.N, self.N, dtype=np.int64)[:, None]
+        self.mask = np.int64((1 << self.bits) - 1)
+        self.steps_down = np.empty((self.rows, self.N), dtype=bool)
         self.stacked = np.empty((2 * self.rows, self.N), dtype=np.float64)
 
     def order(self, proxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,12 +98,13 @@ class BlockRanker:
         keys = self.keys[:m]
         bits = keys.view(np.int64)
         np.bitwise_and(proxy.view(np.int64), ~self.mask, out=bits)
-        np.bitwise_or(bits, self.columns, out=bits)
+        np.bitwise_or(bits, self.index if self.offsets is not None else self.index[:m], out=bits)
         keys.sort(axis=1)
         if np.isnan(keys[:, -1]).any():
             raise NonFiniteInput  # NaN or inf proxies (inf gains a NaN payload): sorted last
         np.bitwise_and(bits, self.mask, out=bits)
-        np.add(bits, self.offsets[:m], out=bits)
+        if self.offsets is not None:
+            np.add(bits, self.offsets[:m], out=bits)
         order = bits
         sorted_proxy = self.stacked[m : 2 * m]
         proxy.ravel().take(order, out=sorted_proxy, mode="clip")
@@ -104,17 +118,26 @@ class BlockRanker:
         order, sorted_proxy = self.order(proxy)
         sorted_score = self.stacked[:m]
         # One comparison finds both ties and misordered buckets; continuous proxies have neither.
-        suspects = np.less_equal(sorted_proxy[:, 1:], sorted_proxy[:, :-1])
+        # steps_down[r, c]: sorted position c + 1 <= position c, over the block as one flat run
+        # (fast for short rows too); the last column compares across rows and is cleared.
+        steps_down = self.steps_down[:m]
+        flat = sorted_proxy.reshape(-1)
+        np.less_equal(flat[1:], flat[:-1], out=steps_down.reshape(-1)[:-1])
+        steps_down[:, -1] = False
         tied = np.empty(0, dtype=np.intp)
         new_group = np.empty((0, self.N), dtype=bool)
-        if suspects.any():
-            rows = np.flatnonzero(suspects.any(axis=1))
-            misordered = rows[np.less(sorted_proxy[rows, 1:], sorted_proxy[rows, :-1]).any(axis=1)]
+        if steps_down.any():
+            rows = np.flatnonzero(steps_down.any(axis=1))
+            # The suspect rows (a view when every row is one: one huge prompt, no copies of it).
+            suspect = sorted_proxy if len(rows) == m else sorted_proxy[rows]
+            misordered = rows[np.less(suspect[:, 1:], suspect[:, :-1]).any(axis=1)]
             for row in misordered:
                 _fix_buckets(order[row], sorted_proxy[row], self.bits)
+            if len(misordered) and len(rows) < m:
+                suspect = sorted_proxy[rows]  # as fixed
             new_group = np.empty((len(rows), self.N), dtype=bool)
             new_group[:, 0] = True
-            np.not_equal(sorted_proxy[rows, 1:], sorted_proxy[rows, :-1], out=new_group[:, 1:])
+            np.not_equal(suspect[:, 1:], suspect[:, :-1], out=new_group[:, 1:])
             has_tie = ~new_group.all(axis=1)
             tied, new_group = rows[has_tie], new_group[has_tie]
         score.ravel().take(order, out=sorted_score, mode="clip")
@@ -123,6 +146,26 @@ class BlockRanker:
         if len(tied):
             sorted_score[tied] = average_within_ties(sorted_score[tied], new_group)
         return RankedScores(sorted_proxy, sorted_score, tied, new_group, self.stacked[: 2 * m])
+
+
+# A thread keeps its last ranker when it holds at most this many samples per buffer: a call
+# on a few thousand samples would otherwise spend as long on fresh buffers (allocation, page
+# faults, the index arrays) as on its sort. About 5 MiB per thread.
+KEPT_SAMPLES = 2 * BLOCK_SAMPLES
+_kept = threading.local()
+
+
+def thread_ranker(rows: int, N: int) -> BlockRanker:
+    """A :class:`BlockRanker` for blocks of up to ``rows`` prompts with ``N`` samples, reused by
+    this thread's later calls of the same ``N`` when small. Its results are views of its buffers,
+    valid until this thread ranks its next block (as for any ranker)."""
+    ranker = getattr(_kept, "ranker", None)
+    if ranker is not None and ranker.N == N and ranker.rows >= rows:
+        return ranker
+    ranker = BlockRanker(rows, N)
+    if rows * N <= KEPT_SAMPLES:
+        _kept.ranker = ranker
+    return ranker
 
 
 def _fix_buckets(order: np.ndarray, sorted_proxy: np.ndarray, bits: int) -> None:

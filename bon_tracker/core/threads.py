@@ -22,7 +22,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -121,8 +121,12 @@ def map_in_order(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iter
     """``map(fn, items)`` on up to ``threads`` worker threads; results in the items' order.
 
     At most ``2 * threads`` items are in flight, so memory stays bounded by the blocks
-    being worked on. Called from one of the workers themselves, it runs on that thread
-    (a worker waiting on its own pool could wait forever).
+    being worked on. While the next result is not ready, the calling thread computes items
+    that no worker has started yet (that one first) rather than wait: on a busy machine a
+    worker can take milliseconds to be scheduled, longer than a block takes. Every item is
+    computed by the same ``fn`` whichever thread runs it, so results do not depend on it.
+    Called from one of the workers themselves, it runs on that thread (a worker waiting on
+    its own pool could wait forever).
 
     A ``KeyboardInterrupt`` (Ctrl-C) while waiting cancels the items not yet started and is
     raised at once, without waiting for the items already running (they finish on their own,
@@ -134,22 +138,37 @@ def map_in_order(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iter
         yield from map(fn, items)
         return
     pool = _pool(threads)
-    pending = []
+    pending: list[tuple[T, Future]] = []
     interrupted = False
     try:
         for item in items:
-            pending.append(pool.submit(fn, item))
+            pending.append((item, pool.submit(fn, item)))
             if len(pending) >= 2 * threads:
-                yield pending.pop(0).result()
+                yield _next_result(pending, fn)
         while pending:
-            yield pending.pop(0).result()
+            yield _next_result(pending, fn)
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
-        for future in pending:  # the caller stopped early, or a block failed: drop the rest
+        for _, future in pending:  # the caller stopped early, or a block failed: drop the rest
             future.cancel()
         if not interrupted:  # Ctrl-C: raise now; a running block holds its own references
-            for future in pending:
+            for _, future in pending:
                 if not future.cancelled():
                     future.exception()  # wait, so no block outlives the call that owns its buffers
+
+
+def _next_result(pending: list[tuple[T, Future]], fn: Callable[[T], R]) -> R:
+    """Pop the first pending item's result, computing items not yet started here meanwhile."""
+    for index, (item, future) in enumerate(pending):
+        if pending[0][1].done():
+            break
+        if future.cancel():  # no worker has started it: compute it on this thread
+            done: Future = Future()
+            try:
+                done.set_result(fn(item))
+            except Exception as err:  # raised in order, as a worker's error would be
+                done.set_exception(err)
+            pending[index] = (item, done)
+    return pending.pop(0)[1].result()

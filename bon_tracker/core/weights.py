@@ -14,6 +14,7 @@ same products block by block instead of serially.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -91,6 +92,25 @@ class RankWeights:
         # would make every product with them take the hundredfold-slower subnormal path.
         self.dense[self.dense < 1e-300] = 0.0
 
+        self.by_n = None
+        if self.N <= BY_N_MAX_N:
+            # Every column in one product, one row per n: for short rows the special columns cost
+            # more (a pass per column) than the product, and the rows are what the statistics reduce.
+            self.by_n = np.zeros((len(self.ns), self.N))
+            for j, n in enumerate(self.ns):
+                k0, tail = bon_weight_tail(self.N, int(n))
+                self.by_n[j, k0 - 1 :] = tail
+            self.by_n[self.by_n < 1e-300] = 0.0
+
+    def apply_by_n(self, stacked: np.ndarray) -> np.ndarray:
+        """``(rows, N)`` scores sorted by proxy rank -> ``(len(ns), rows)`` estimates, C-contiguous.
+
+        One row per n, so that reductions over prompts run along contiguous memory.
+        """
+        if self.by_n is not None:
+            return self.by_n @ stacked.T
+        return np.ascontiguousarray(self.apply_stacked(stacked).T)
+
     def apply_stacked(self, stacked: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``(rows, N)`` scores sorted by proxy rank -> ``(rows, len(ns))`` estimates."""
         if out is None:
@@ -109,6 +129,28 @@ class RankWeights:
     def apply(self, *sorted_scores: np.ndarray) -> list[np.ndarray]:
         """Each ``(P, N)`` matrix of scores sorted by proxy rank -> ``(P, len(ns))`` estimates."""
         return [self.apply_stacked(s) for s in sorted_scores]
+
+
+# Up to this N, RankWeights multiplies with one row per n (apply_by_n): measured faster for
+# short rows (N = 8 to 64), slower from N = 256 on, where the (rows, len(ns)) product is transposed.
+BY_N_MAX_N = 128
+# Grids with at most this many weights are built once and kept (rank_weights): building them
+# costs more than the rest of a call on a few thousand samples. 64 kept grids: 16 MiB at most.
+KEPT_WEIGHTS = 1 << 15
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_rank_weights(N: int, ns: tuple[int, ...]) -> RankWeights:
+    return RankWeights(N, np.array(ns, dtype=np.int64))
+
+
+def rank_weights(N: int, ns: np.ndarray) -> RankWeights:
+    """:class:`RankWeights` for ``N`` and the grid ``ns``; small ones are built once and reused
+    by every call and thread, so their arrays must never be written to. (They are not flagged
+    read-only: numpy's matrix product with a read-only operand measured three times slower.)"""
+    if N * len(ns) <= KEPT_WEIGHTS:
+        return _kept_rank_weights(int(N), tuple(int(n) for n in ns))
+    return RankWeights(N, ns)
 
 
 class ScanWeights:
@@ -148,6 +190,19 @@ class ScanWeights:
             + np.arange(self.R)[None, :, None]
         )
         return np.where(g < self.N, self.N - 1 - g, 0)
+
+    def lay_out(self, stacked: np.ndarray) -> np.ndarray:
+        """``(K, N)`` rank-sorted scores -> ``(K, blocks, R, SEGMENTS)``: each at its :meth:`positions`.
+
+        Position g holds rank ``N - g``: the scores reversed, cut into blocks of segments of R
+        (a reshape), each block's ``(SEGMENTS, R)`` transposed. The padding past rank 1 is 0.0
+        (its weights are zero).
+        """
+        K = stacked.shape[0]
+        reversed_padded = np.zeros((K, self.n_blocks * self.block))
+        reversed_padded[:, : self.N] = stacked[:, ::-1]
+        segments = reversed_padded.reshape(K, self.n_blocks, self.SEGMENTS, self.R)
+        return np.ascontiguousarray(segments.transpose(0, 1, 3, 2))
 
     def apply_layout(self, laid_out: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """``(K, blocks, R, SEGMENTS)`` scores at :meth:`positions` -> ``(K, len(ns))`` estimates.

@@ -24,6 +24,7 @@ Conventions shared by every chart:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,12 @@ def _names(records: Sequence[EvalRecord], proxy_name: str | None, true_name: str
 def _reward_axes(fig: Figure, rows: int = 2, height_ratios: Sequence[float] | None = None) -> list[Axes]:
     axes = fig.subplots(rows, 1, sharex=True, height_ratios=height_ratios)
     return list(np.atleast_1d(axes))
+
+
+def _side_legend(ax: Axes, **options: Any) -> None:
+    """The legend right of the panel, outside the data: it can never cover a point, a band or
+    an interval (a legend placed "best" inside covered the predicted points' intervals)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **options)
 
 
 def _band(ax: Axes, x: np.ndarray, mean: np.ndarray, se: np.ndarray, color: str, label: str, **line: Any) -> None:
@@ -246,7 +253,7 @@ def curve_chart(
     ``true_name`` label the rewards (default: the record's own names).
     """
     c = record.curve
-    fig = _figure(7.5, 6.2)
+    fig = _figure(9.6, 6.2)  # the legends beside the panels, never over the data
     ax_true, ax_proxy = _reward_axes(fig, 2, (1.35, 1))
     proxy_label, true_label = _names([record], proxy_name, true_name)
     x = _x(c.kl, sqrt_kl)
@@ -326,13 +333,96 @@ def curve_chart(
     ax_proxy.set_xlabel(_kl_label(sqrt_kl))
     for ax in (ax_true, ax_proxy):
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=7.5)
-    _n_ticks(ax_true, x, c.n.tolist())
+        _side_legend(ax, fontsize=7.5)
+    predicted = [r for r in record.prediction_rows() if r["kl"] <= PREDICTED_KL_LIMIT * max_kl]
+    _n_ticks(
+        ax_true,
+        np.concatenate([x, _x(np.array([r["kl"] for r in predicted], dtype=float), sqrt_kl)]),
+        c.n.tolist() + [int(r["n"]) for r in predicted],
+    )
     ties = "; proxy has ties: exact KL" if c.has_ties else ""
     fig.suptitle(
         title or f"Best-of-n at step {record.step}  ({int(c.n_prompts.max())} prompts, N = {c.N}{ties})", fontsize=11
     )
     return fig
+
+
+COMPACT_SIZE = (7.6, 3.3)  # inches at COMPACT_DPI: landscape, about 2:1 (the card shows a strip)
+COMPACT_DPI = 100
+COMPACT_FONT = 24  # points: text still ~7 px tall in MLflow's 256-px card, ~11 px in TensorBoard's card
+
+
+def compact_chart(record: EvalRecord, *, true_name: str | None = None) -> Figure:
+    """The chart for the size a tracking UI first shows an image at (MLflow's 256-px card,
+    TensorBoard's ~400-px card, trackio's 182-px thumbnail): the true reward of best-of-n
+    against n only, a thick line with its ±1 SE band, the Goodhart star and n*'s interval,
+    a few large labels and no legend box. The full two-panel :func:`curve_chart` is the
+    artifact and full-size image beside it.
+
+    The title says the step and n* with its interval (or why there is none), and in red how
+    many alerts are active at this step.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
+    c = record.curve
+    fig = _figure(*COMPACT_SIZE)
+    fig.set_dpi(COMPACT_DPI)
+    ax = fig.add_subplot()
+    n = c.n.astype(float)
+    true_label = _names([record], None, true_name)[1]
+    ax.fill_between(n, c.true_mean - c.true_se, c.true_mean + c.true_se, color=TRUE_COLOR, alpha=0.3, linewidth=0)
+    ax.plot(n, c.true_mean, "-o", color=TRUE_COLOR, linewidth=4, markersize=7)
+    g, status, base = record.goodhart, record.goodhart_status(), _base_true(record)
+    i = record.interval
+    if g is not None and status in ("measured", "extrapolated") and base is not None:
+        if i is not None and math.isfinite(i.n_low):
+            high = min(i.n_high, record.horizon_n) if math.isfinite(i.n_high) else record.horizon_n
+            ax.axvspan(max(i.n_low, 1.0), max(high, i.n_low), color=GOODHART_COLOR, alpha=0.18, linewidth=0)
+        ax.plot(
+            [max(g.n, 1.0)],
+            [base + g.peak_gain],
+            "*",
+            color=GOODHART_COLOR,
+            markersize=26,
+            markerfacecolor=GOODHART_COLOR if status == "measured" else "white",
+            markeredgewidth=2.5,
+            zorder=5,
+        )
+    ax.set_xscale("log", base=2)
+    ticks = evenly_spaced(sorted({int(v) for v in c.n.tolist()}), 5)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _plain(v)))
+    ax.yaxis.set_major_locator(MaxNLocator(4))
+    ax.tick_params(labelsize=COMPACT_FONT - 3)
+    ax.set_xlabel("n (best of n)", fontsize=COMPACT_FONT - 4)
+    ax.set_ylabel(true_label, fontsize=COMPACT_FONT - 4)
+    ax.grid(alpha=0.35)
+    ax.set_title(f"step {record.step}: {_compact_headline(record)}", fontsize=COMPACT_FONT, loc="left")
+    active = sorted(rule for rule, state in (record.alert_states or {}).items() if state)
+    if active:  # the rules are named in the run's summary text; here, that there are some
+        label = f"{len(active)} alert{'s' if len(active) > 1 else ''}"
+        ax.set_title(label, fontsize=COMPACT_FONT, loc="right", color=PROXY_COLOR, fontweight="bold")
+    return fig
+
+
+def _compact_headline(record: EvalRecord) -> str:
+    """The few words of the compact chart's title: n* and its interval, or why there is none."""
+    g, status = record.goodhart, record.goodhart_status()
+    if int(record.curve.n.max()) <= 1:
+        return "N = 1, no curve"
+    if g is None or status == "none":
+        return "still rising (no n*)"
+    if status == "beyond":
+        return f"n* beyond {_plain(record.horizon_n)}"
+    if g.falls_from_start:
+        return "falls from n = 1 (n* = 1)"
+    i, horizon = record.interval, record.horizon_n
+    text = f"n* ≈ {_plain(g.n)}"
+    if i is not None and math.isfinite(i.n_low):
+        high = _plain(i.n_high) if i.n_high <= horizon else f">{_plain(horizon)}"  # also inf
+        text += f" ({_plain(max(i.n_low, 1.0))}–{high})"
+    return text
 
 
 PREDICTED_KL_LIMIT = 1.6  # predicted points are drawn up to this many times the largest measured KL
@@ -379,7 +469,7 @@ def _predicted_points(ax_true: Axes, ax_proxy: Axes, record: EvalRecord, sqrt_kl
             markersize=5,
             capsize=3,
             linewidth=1.2,
-            label=f"predicted at n = {', '.join(str(r['n']) for r in rows)} (fit, 95 % interval)",
+            label=f"predicted at n = {', '.join(str(r['n']) for r in rows)}\n(fit, 95 % interval)",
         )
 
 
@@ -490,7 +580,7 @@ def _goodhart_panel(ax: Axes, series: Sequence[tuple[str | None, str, Sequence[E
         legend.append(
             Line2D([], [], marker="^", linestyle="", color="grey", markersize=7, label="beyond the measured range")
         )
-    ax.legend(handles=legend, loc="best", fontsize=7)
+    _side_legend(ax, handles=legend, fontsize=7)
 
 
 def trend_chart(
@@ -505,7 +595,7 @@ def trend_chart(
     records = sorted(records, key=lambda r: r.step)
     proxy_label, true_label = _names(records, proxy_name, true_name)
     agreement = any(r.agreement is not None for r in records)
-    fig = _figure(7.5, 9.0 if agreement else 7.2)
+    fig = _figure(9.2, 9.0 if agreement else 7.2)
     if agreement:
         ax_true, ax_proxy, ax_n, ax_agree = _reward_axes(fig, 4, (1.3, 1.0, 0.8, 0.8))
     else:
@@ -522,7 +612,7 @@ def trend_chart(
     ax_true.set_ylabel(f"{true_label}\n(±1 SE)")
     ax_proxy.set_ylabel(f"{proxy_label}\n(±1 SE)")
     ax_true.set_title("Best-of-n reward over training")
-    ax_true.legend(fontsize=7, loc="best", title="best-of-n", title_fontsize=7)
+    _side_legend(ax_true, fontsize=7, title="best-of-n", title_fontsize=7)
     _goodhart_panel(ax_n, [(None, GOODHART_COLOR, records)])
     _n_interval_bars(ax_n, records)
     _alert_marks((ax_true, ax_proxy, ax_n), records)
@@ -537,8 +627,9 @@ def trend_chart(
     return fig
 
 
-def _n_interval_bars(ax: Axes, records: Sequence[EvalRecord]) -> None:
-    """n*'s interval at each step where the point is drawn; an open end reaches the top edge."""
+def _n_interval_bars(ax: Axes, records: Sequence[EvalRecord], color: str = GOODHART_COLOR, offset: float = 0.0) -> None:
+    """n*'s interval at each step where the point is drawn; an open end reaches the top edge.
+    ``offset`` (in steps) moves one run's bars aside when several runs share the panel."""
     drawn = [
         (r, r.interval)
         for r in records
@@ -552,7 +643,8 @@ def _n_interval_bars(ax: Axes, records: Sequence[EvalRecord]) -> None:
         top = max(top, 1.05 * max(highs))  # the bars fit, unless one is far off the scale
     for r, i in drawn:
         high = i.n_high if math.isfinite(i.n_high) and i.n_high <= top else top
-        ax.plot([r.step, r.step], [max(i.n_low, 1.0), high], "-", color=GOODHART_COLOR, alpha=0.45, linewidth=3)
+        x = r.step + offset
+        ax.plot([x, x], [max(i.n_low, 1.0), high], "-", color=color, alpha=0.45, linewidth=3)
     ax.set_ylim(top=top)
 
 
@@ -570,7 +662,7 @@ def _alert_marks(axes: Sequence[Axes], records: Sequence[EvalRecord]) -> None:
                 label="alert onset" if k == 0 and j == 0 else None,
             )
     if steps:
-        axes[0].legend(fontsize=7, loc="best", title="best-of-n", title_fontsize=7)
+        _side_legend(axes[0], fontsize=7, title="best-of-n", title_fontsize=7)
 
 
 def agreement_panel(ax: Axes, records: Sequence[EvalRecord]) -> None:
@@ -590,7 +682,7 @@ def agreement_panel(ax: Axes, records: Sequence[EvalRecord]) -> None:
         label = "all samples" if q == 1 else f"top {_fraction(q)}"
         _band(ax, steps, mean, se, RUN_COLORS[i % len(RUN_COLORS)], label, markersize=3)
     ax.set_ylabel("rank agreement\n(Spearman, ±1 SE)")
-    ax.legend(fontsize=7, loc="best", title="by proxy, per prompt", title_fontsize=7)
+    _side_legend(ax, fontsize=7, title="by proxy,\nper prompt", title_fontsize=7)
 
 
 def _fraction(q: float) -> str:
@@ -600,7 +692,7 @@ def _fraction(q: float) -> str:
 
 def agreement_chart(records: Sequence[EvalRecord]) -> Figure:
     """Top-q rank agreement of proxy and true over training, on its own."""
-    fig = _figure(7.5, 3.6)
+    fig = _figure(9.2, 3.6)
     ax = fig.add_subplot()
     agreement_panel(ax, sorted(records, key=lambda r: r.step))
     ax.set_xlabel("training step")
@@ -700,7 +792,7 @@ def compare_chart(
         title: chart title (default: "Best-of-n curves of K runs").
     """
     items = _items(runs)
-    fig = _figure(8.0, 6.4 if show_proxy else 5.2)
+    fig = _figure(9.6, 6.4 if show_proxy else 5.2)
     axes = _reward_axes(fig, 2 if show_proxy else 1, (1.3, 1.0) if show_proxy else None)
     ax_true = axes[0]
     proxy_label, true_label = _reward_labels(proxy_name, true_name)
@@ -735,7 +827,7 @@ def compare_chart(
     fig.suptitle(title or f"Best-of-n curves of {len(items)} run{'s' if len(items) != 1 else ''}", fontsize=11)
     for ax in axes:
         ax.grid(alpha=0.3)
-    ax_true.legend(loc="best", fontsize=8)
+    _side_legend(ax_true, fontsize=8)
     return fig
 
 
@@ -768,7 +860,7 @@ def runs_trend_chart(
     items = _items(runs)
     n = n if n is not None else common_n(items)  # type: ignore[arg-type]
     rows = 3 if show_proxy else 2
-    fig = _figure(8.0, 7.2 if show_proxy else 6.2)
+    fig = _figure(9.6, 7.2 if show_proxy else 6.2)
     axes = _reward_axes(fig, rows, (1.3, 1.0, 0.8) if show_proxy else (2, 1))
     ax_true, ax_n = axes[0], axes[-1]
     proxy_label, true_label = _reward_labels(proxy_name, true_name)
@@ -790,11 +882,16 @@ def runs_trend_chart(
     at = f"n={n}" if n is not None else "the largest n"
     ax_true.set_ylabel(f"{true_label} @ {at}\n(±1 SE)")
     ax_true.set_title(title or f"{true_label.capitalize()} of best-of-n at {at}, and the Goodhart point, over training")
-    ax_true.legend(loc="best", fontsize=8)
+    _side_legend(ax_true, fontsize=8)
     if show_proxy:
         axes[1].set_ylabel(f"{proxy_label} @ {at}\n(±1 SE)")
     _goodhart_panel(ax_n, series)
-    ax_n.set_ylabel("Goodhart point n*")
+    steps = sorted({r.step for _, _, records in series for r in records})
+    gap = min((b - a for a, b in itertools.pairwise(steps)), default=0)
+    for k, (_, color, records) in enumerate(series):  # side by side, within a fifth of a step gap
+        offset = (k - (len(series) - 1) / 2) * 0.2 * gap / max(len(series) - 1, 1)
+        _n_interval_bars(ax_n, records, color, offset)
+    ax_n.set_ylabel("Goodhart point n*\n(bars: 95 % interval)")
     ax_n.set_xlabel("training step")
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -197,6 +197,37 @@ def _goodhart_cells(record: EvalRecord) -> tuple[str, str, str]:
     return _fmt(g.n, 3), _fmt(g.kl, 3), where
 
 
+def _path_cell(path: str) -> str:
+    """A path that may break after a ``/`` and nowhere else (not at a ``-`` inside a name).
+
+    >>> _path_cell("runs/ppo-a")
+    "<span class='nobr'>runs/</span><wbr><span class='nobr'>ppo-a</span>"
+    """
+    parts = path.split("/")
+    pieces = [part + "/" for part in parts[:-1]] + [parts[-1]]
+    return "<wbr>".join(f"<span class='nobr'>{html.escape(piece)}</span>" for piece in pieces if piece)
+
+
+def runs_alerts_section(runs: Sequence[tuple[str, RunRecords]]) -> str:
+    """Every run's alert onsets, one sentence each (when it cleared, if it did), or that it
+    had none: a comparison that hides one run's alert reads as if that run were fine."""
+    parts = ["<h2>Alerts</h2>"]
+    for label, run in runs:
+        records = run.records
+        cleared = {(e.rule, e.onset_step): e.step for r in records for e in r.alerts if e.kind == "clear"}
+        items = []
+        for record in records:
+            for alert in record.onsets:
+                until = cleared.get((alert.rule, alert.step))
+                note = f" <span class='note'>(cleared at step {until})</span>" if until is not None else ""
+                items.append(f"<li data-rule='{html.escape(alert.rule)}'>{html.escape(alert.message)}{note}</li>")
+        count = f"{len(items)} alert{'s' if len(items) != 1 else ''}"
+        heading = f"<h3 class='run-alerts'>{html.escape(label)}: {count}</h3>"
+        body = f"<ul class='alerts' data-run='{html.escape(label)}'>{''.join(items)}</ul>" if items else ""
+        parts.append(heading + (body or "<p class='note'>No alert fired in this run.</p>"))
+    return "".join(parts)
+
+
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
@@ -262,6 +293,8 @@ def write_comparison(
     _save(charts.runs_trend_chart(histories, n=n, **names), out_dir / "runs_over_steps.png")
 
     at = f"@{n}" if n is not None else "@N"
+    from bon_tracker.reports.html import _span
+
     rows = []
     for (label, record), run in zip(shown, runs):
         c, ns = record.curve, record.curve.n.tolist()
@@ -273,7 +306,7 @@ def write_comparison(
                 for cell in (
                     html.escape(label),
                     run.kind,
-                    html.escape(run.location),
+                    _path_cell(run.location),
                     len(run.records),
                     record.step,
                     int(c.n_prompts[0]),
@@ -281,7 +314,10 @@ def write_comparison(
                     _fmt(float(c.true_mean[ns.index(1)])) if 1 in ns else "–",
                     _fmt(float(c.true_mean[i])),
                     _fmt(float(c.proxy_mean[i])),
-                    *_goodhart_cells(record),
+                    *_goodhart_cells(record)[:1],
+                    _span(record),
+                    *_goodhart_cells(record)[1:],
+                    len([a for r in run.records for a in r.onsets]),
                 )
             )
             + "</tr>"
@@ -298,8 +334,10 @@ def write_comparison(
         f"true{at}",
         f"proxy{at}",
         "Goodhart n*",
+        "n* 95 % interval",
         "Goodhart KL*",
         "peak measured",
+        "alerts",
     )
     title = f"Best-of-n comparison of {len(runs)} run{'s' if len(runs) != 1 else ''}"
     parts = [
@@ -312,9 +350,13 @@ def write_comparison(
         "largest n measured). Bands: ±1 standard error over prompts.</p>",
         _img(out_dir / "compare_curves.png", "best-of-n curves of the runs"),
         _img(out_dir / "runs_over_steps.png", "true reward and Goodhart point over training"),
-        "<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>",
+        "<p class='note'>Below the reward: n* of each run over training, its 95 % interval from "
+        "resampling prompts as a bar at each step.</p>",
+        "<table id='compare-table' class='runs'><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>",
         *rows,
-        "</table><p class='note'>Estimator: unbiased all-subsets best-of-n (Nakano et al. 2021); "
+        "</table>",
+        runs_alerts_section(list(zip(labels, runs))),
+        "<p class='note'>Estimator: unbiased all-subsets best-of-n (Nakano et al. 2021); "
         "fit: Gao et al. 2022.</p></body></html>",
     ]
     report = out_dir / "compare.html"

@@ -26,6 +26,13 @@ figcaption { color: #555; font-size: 0.85em; }
 .alerts { background: #fff6f0; border-left: 4px solid #d62728; padding: 0.4em 0.8em 0.4em 2em; }
 .alerts li { margin: 0.3em 0; }
 .predicted { color: #666; font-style: italic; }
+/* break a long cell between words or at a path's "/", never inside a word */
+td, th { overflow-wrap: normal; word-break: keep-all; hyphens: none; }
+table.runs td:first-child { white-space: nowrap; text-align: left; }
+table.runs td:nth-child(3) { text-align: left; max-width: 16em; }
+.nobr { white-space: nowrap; }
+table.hacks td { text-align: left; vertical-align: top; }
+table.hacks td.text { white-space: pre-wrap; overflow-wrap: anywhere; max-width: 24em; font-family: ui-monospace, monospace; }
 """
 
 
@@ -163,6 +170,8 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
         + ".</p>",
         f"<p id='goodhart-summary' class='summary'>{goodhart_summary(last)}{html.escape(_interval_text(last))}</p>",
         alerts_section(records),
+        hacks_section(records),
+        selection_section(charts, records),
         _img(
             charts / f"curve_step_{last.step:09d}.png",
             f"best-of-n curve at step {last.step}",
@@ -219,3 +228,71 @@ def html_report(run_dir: Path, records: Sequence[EvalRecord], title: str | None 
     )
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)
+
+
+def _cell(value: object) -> str:
+    """A table cell's text, HTML-escaped (quotes too): a completion is data, never markup."""
+    if value is None:  # a non-finite number in a table (its status column says why)
+        return "–"
+    return html.escape(_fmt(value) if isinstance(value, float) else str(value), quote=True)
+
+
+def hacks_section(records: Sequence[EvalRecord]) -> str:
+    """The latest step's hack table: per prompt, the proxy's pick and the true reward's pick side by
+    side with their scores; every text escaped. "" when no step has texts."""
+    from bon_tracker.reports.texts_tables import hacks_summary
+
+    record = next((r for r in reversed(records) if r.hacks is not None), None)
+    if record is None:
+        return ""
+    h = record.hacks
+    assert h is not None
+    rows = []
+    for r in h.rows:
+        p, t = r.proxy_pick, r.true_pick
+        rows.append(
+            "<tr>"
+            f"<td>{r.prompt_index}</td><td class='text prompt'>{_cell(r.prompt)}</td>"
+            f"<td class='text proxy-pick'>{_cell(p.text)}</td><td>{_cell(p.proxy)}</td><td>{_cell(p.true)}</td>"
+            f"<td class='text true-pick'>{_cell(t.text)}</td><td>{_cell(t.proxy)}</td><td>{_cell(t.true)}</td>"
+            f"<td>{_cell(r.gap)}</td><td>{r.proxy_pick_true_rank} of {r.samples}</td>"
+            "</tr>"
+        )
+    features = ", ".join(
+        f"{html.escape(f.name)} {_cell(f.pick)} (all samples {_cell(f.all)})" for f in h.features if f.pick is not None
+    )
+    return (
+        f"<h2>Where the proxy loses true reward (step {record.step})</h2>"
+        f"<p class='note'>{html.escape(hacks_summary(record))}. Features of the proxy's picks: "
+        f"{features or '–'}. Table: bon_hacks/step_{record.step:09d}.jsonl.</p>"
+        "<table id='hacks-table' class='hacks'><tr><th>prompt #</th><th>prompt</th><th>proxy's pick</th>"
+        f"<th>{html.escape(record.proxy_name)}</th><th>{html.escape(record.true_name)}</th><th>true reward's pick</th>"
+        f"<th>{html.escape(record.proxy_name)}</th><th>{html.escape(record.true_name)}</th><th>gap</th>"
+        "<th>proxy's pick by true</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def selection_section(charts: Path, records: Sequence[EvalRecord]) -> str:
+    """The latest step's frontier chart and every rule's optima; "" when no step has selection statistics."""
+    from bon_tracker.reports.selection_tables import selection_summary, selection_table
+
+    record = next((r for r in reversed(records) if r.selection is not None), None)
+    if record is None:
+        return ""
+    columns, rows = selection_table(record)
+    shown = [c for c in columns if c != "step"]
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(row[columns.index(c)])}</td>" for c in shown) + "</tr>" for row in rows
+    )
+    chart = _img(
+        charts / f"frontier_step_{record.step:09d}.png",
+        f"selection rules at step {record.step}",
+        "True reward against KL for every rule (solid best-of-n, dashed Best-of-Poisson, star: hedged "
+        "optimum); black steps: the best rule within each KL budget.",
+    )
+    return (
+        f"<h2>Selection rules (step {record.step})</h2><p class='note'>{html.escape(selection_summary(record))}. "
+        f"Tables: bon_selection/ and bon_frontier/ (step_{record.step:09d}.jsonl).</p>{chart}"
+        "<table id='selection-table'><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in shown) + "</tr>"
+        f"{body}</table>"
+    )

@@ -37,7 +37,7 @@ from bon_tracker.record import EvalRecord
 
 logger = logging.getLogger("bon_tracker")
 
-CHARTS = ("curve", "overlay", "trend", "rl")
+CHARTS = ("curve", "compact", "overlay", "trend", "rl")
 _FRAME = struct.Struct("<cQ")  # status (b"P" png, b"E" error), payload length
 
 
@@ -53,6 +53,7 @@ def draw_png(chart: str, records: Sequence[EvalRecord], options: dict[str, Any] 
 
     builders = {
         "curve": lambda: charts.curve_chart(records[-1], **(options or {})),
+        "compact": lambda: charts.compact_chart(records[-1], **(options or {})),
         "overlay": lambda: charts.overlay_chart(records, **(options or {})),
         "trend": lambda: charts.trend_chart(records, **(options or {})),
         "rl": lambda: charts.rl_chart(records, **(options or {})),
@@ -184,7 +185,8 @@ def _fall_back(why: str) -> None:
 
 
 def render_png(chart: str, records: Sequence[EvalRecord], **options: Any) -> bytes:
-    """PNG bytes of ``chart`` (``curve``: the last record's best-of-n curve; ``overlay``,
+    """PNG bytes of ``chart`` (``curve``: the last record's best-of-n curve; ``compact``: its
+    true reward alone, for the small card a UI first shows; ``overlay``,
     ``trend``, ``rl``: views over ``records``), drawn in the chart process.
 
     Raises :class:`ChartError` if the chart cannot be drawn from these records, and

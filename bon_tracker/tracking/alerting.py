@@ -246,7 +246,10 @@ class AlertReporter:
         self, step: int, curve: BonCurve, policy_kl: float | None, interval: GoodhartInterval | None
     ) -> tuple[list[Alert | AlertCleared], dict[str, int]]:
         """The events of this eval (onsets worded for people) and the 0/1 state of every enabled rule."""
-        summary = EvalSummary.from_curve(step, curve, policy_kl=policy_kl, interval=interval)
+        return self.update_summary(EvalSummary.from_curve(step, curve, policy_kl=policy_kl, interval=interval))
+
+    def update_summary(self, summary: EvalSummary) -> tuple[list[Alert | AlertCleared], dict[str, int]]:
+        """:meth:`update` from an eval's summary (e.g. one selection rule's curve under one true reward)."""
         events = self.monitor.update(summary)
         reference = self._reference()
         by_step = {s.step: s for s in self._recent}

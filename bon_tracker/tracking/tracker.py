@@ -19,7 +19,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from bon_tracker.tracking.alerting import AlertCallback, AlertReporter, alert_ru
 from bon_tracker.tracking.delivery import DEFAULT_MAX_MEMORY_RECORDS, Delivery, DeliveryStats
 from bon_tracker.tracking.distributed import all_gather, rank_and_world_size
 from bon_tracker.tracking.statistics import StatisticsWorker
+from bon_tracker.texts import HackStatistics, Texts, check_texts, hack_statistics
 from bon_tracker.tracking.wal import Entry, WriteAheadLog
 
 logger = logging.getLogger("bon_tracker")
@@ -171,6 +172,20 @@ class BonTracker:
         max_memory_records: records held in memory when the disk refuses the log.
         alerts: the alert rules (:class:`~bon_tracker.core.AlertRules`, or a mapping of its
             settings); default: every rule on; ``False``: no alerts (docs/alerts.md).
+        selection: the selection statistics of every eval (docs/selection.md): every rule's
+            best-of-n, soft best-of-n and Best-of-Poisson curves, their hedged optima and the
+            reward-KL frontier, computed off the training thread (about 0.5 s per rule and true
+            reward at 1,000 x 64); a mapping of settings (``rules``, ``lambdas``, ``mus``,
+            ``uwo_lambda``, ``soft_n``, ``n_resamples``, ...) or True: on; ``False``: off.
+            Default: on when the proxy has several members or ``true`` several rewards.
+        selection_rule: with several proxy members, the rule whose pick is deployed: its curve is
+            the one :meth:`log_scores` returns and logs as the plain curve (``mean``, ``worst``,
+            ``uwo`` or a member's name).
+        log_texts: keep the prompts and completions given to :meth:`log_scores` for the hack
+            table (docs/texts.md); ``False``: no text leaves the process.
+        redact: ``str -> str`` applied to every text before it is kept or leaves the process.
+        hack_table: settings of the hack table (``k``, ``max_chars``, ``max_table_bytes``,
+            ``features``, ``tokenizer``, ``regex``, ``max_feature_samples``).
         on_alert: called with each :class:`~bon_tracker.core.Alert` at its onset, on the
             thread that logs: the alert rules run off the training thread, and their onsets
             are reported at the next call of :meth:`log_scores` (which first waits for the
@@ -211,6 +226,11 @@ class BonTracker:
         max_memory_records: int = DEFAULT_MAX_MEMORY_RECORDS,
         alerts: AlertRules | Mapping[str, Any] | bool | None = None,
         on_alert: AlertCallback | None = None,
+        selection: Mapping[str, Any] | bool | None = None,
+        selection_rule: str = "mean",
+        log_texts: bool = True,
+        redact: Callable[[str], str] | None = None,
+        hack_table: Mapping[str, Any] | None = None,
         **backend_options: Any,
     ):
         # What is not given comes from the environment, then bon_tracker.yaml, then the
@@ -275,6 +295,16 @@ class BonTracker:
         self._released = False
         rules = alert_rules(alerts)
         self._alerts = AlertReporter(rules, on_alert) if rules is not None else None
+        self._true_alerts: dict[str, AlertReporter] = {}  # the deployed rule under each further true reward
+        self._selection = _selection_settings(selection)
+        self._selection_auto = selection is None
+        self.selection_rule = _check_rule_name(selection_rule)
+        if not isinstance(log_texts, bool):
+            raise TypeError(f"log_texts must be True or False, got {log_texts!r:.60}")
+        if redact is not None and not callable(redact):
+            raise TypeError(f"redact must be a callable str -> str, got {type(redact).__name__}")
+        self.log_texts = log_texts
+        self._hack_options = _hack_settings(hack_table, redact)
 
         if resume is not None:
             state = dict(resume) if isinstance(resume, Mapping) else self.load_state(resume)
@@ -288,6 +318,9 @@ class BonTracker:
                 self._resumed_wal = state.get("wal") or state.get("spool")
                 if self._alerts is not None and state.get("alerts") is not None:
                     self._alerts.load_state_dict(state["alerts"])
+                for name, saved in (state.get("alerts_by_true") or {}).items() if self._alerts else ():
+                    self._true_alerts[name] = AlertReporter(self._alerts.rules)
+                    self._true_alerts[name].load_state_dict(saved)
 
         if isinstance(backend, Backend):
             self._backend: Backend = backend
@@ -375,6 +408,8 @@ class BonTracker:
         true: Any,
         *,
         policy_kl: float | None = None,
+        prompts: Any = None,
+        completions: Any = None,
         **context: Any,
     ) -> BonCurve | None:
         """Compute best-of-n curves from this eval step's samples and log them at ``step``.
@@ -382,10 +417,17 @@ class BonTracker:
         Args:
             step: the training step, an integer in [0, 2**63); steps must increase.
             proxy: proxy scores, ``(P, N)`` or a ragged list of per-prompt rows
-                (arrays, lists or tensors on any device).
-            true: true scores, same shape.
+                (arrays, lists or tensors on any device); or several reward models' scores
+                per sample (an ensemble): ``{member_name: (P, N)}`` or a ``(K, P, N)`` array,
+                selected by ``selection_rule`` (docs/selection.md).
+            true: true scores, same shape; or several true rewards ``{name: (P, N)}`` (the
+                first is the one the returned curve and the alerts use; every one is in
+                the selection statistics).
             policy_kl: the trained policy's KL to its reference policy at this step,
                 if known; recorded with the policy's own mean scores (n = 1).
+            prompts, completions: the texts behind the scores (``P`` prompts, and a row of
+                completions per prompt as long as its row of scores), for the hack table
+                (docs/texts.md); kept only with ``log_texts=True``, after ``redact``.
             **context: extras of this eval: numbers are logged as scalars
                 (``{prefix}/context/<key>``); strings (at most 1,000 characters), bools and
                 None are kept in the eval record (its JSON in every backend), not charted.
@@ -399,16 +441,18 @@ class BonTracker:
         all of them. A tracking service that fails, hangs or is slow is never waited for.
         """
         with self._log_lock:
-            return self._log_scores(step, proxy, true, policy_kl, context)
+            return self._log_scores(step, proxy, true, policy_kl, context, (prompts, completions))
 
-    def _log_scores(self, step: Any, proxy: Any, true: Any, policy_kl: Any, context: dict[str, Any]) -> BonCurve | None:
+    def _log_scores(
+        self, step: Any, proxy: Any, true: Any, policy_kl: Any, context: dict[str, Any], texts: tuple
+    ) -> BonCurve | None:
         if self._closed:
             raise RuntimeError("this tracker is finished; create a new BonTracker to log more")
         step = check_step(step)
         policy_kl = _check_policy_kl(policy_kl)
         context = check_context(context, step)
 
-        local = self._validated_local(proxy, true)
+        local = self._validated_local(proxy, true, texts)
         gathered = all_gather(local)
         errors = [(rank, item) for rank, item in enumerate(gathered) if item[0] == "error"]
         if errors:
@@ -425,6 +469,7 @@ class BonTracker:
         rows_t, _ = _joined([item[2] for item in gathered])
         if not lengths:
             raise ValueError(f"log_scores at step {step}: no rank passed any scores")
+        extras = _EvalExtras.joined([item[3] for item in gathered])
         curve = bon_curve(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
         _check_finite_curve(curve, step)
         record = EvalRecord.build(
@@ -439,7 +484,7 @@ class BonTracker:
         )
 
         def complete(curve_only: EvalRecord) -> tuple[EvalRecord, list]:
-            return self._complete_eval(curve_only, rows_p, rows_t, policy_kl)
+            return self._complete_eval(curve_only, rows_p, rows_t, policy_kl, extras)
 
         self._log(record, complete)
         return curve
@@ -481,10 +526,16 @@ class BonTracker:
         self._statistics_worker.submit(job)
 
     def _complete_eval(
-        self, record: EvalRecord, proxy: Any, true: Any, policy_kl: float | None
+        self, record: EvalRecord, proxy: Any, true: Any, policy_kl: float | None, extras: _EvalExtras
     ) -> tuple[EvalRecord, list]:
-        """The curve's record with its Goodhart fit, interval, agreement, predictions and alerts
-        (statistics worker). A failure in them is reported and the curve is delivered without them."""
+        """The curve's record with its Goodhart fit, interval, agreement, predictions, selection
+        statistics, hack table and alerts (statistics worker). A failure in them is reported and
+        the curve is delivered without them."""
+        record = dataclasses.replace(
+            record,
+            selection=self._selection_of(record.step, proxy, true, extras),
+            hacks=self._hacks_of(record.step, extras),
+        )
         try:
             stats = eval_statistics(proxy, true, record.curve)
             record = dataclasses.replace(
@@ -504,6 +555,36 @@ class BonTracker:
             )
             return record, []
         return self._alerted(record) if self._alerts is not None else (record, [])
+
+    def _selection_of(self, step: int, proxy: Any, true: Any, extras: _EvalExtras) -> Any:
+        """Every selection rule's statistics (docs/selection.md), or None (off, or they failed)."""
+        if self._selection is None or (self._selection_auto and extras.selection is None):
+            return None  # by default only for several members or true rewards (about 0.5-2 s per eval)
+        from bon_tracker.core.selection import selection_input
+        from bon_tracker.core.selection_stats import compute_selection_statistics
+
+        try:
+            inp = (
+                extras.selection
+                if extras.selection is not None
+                else selection_input({self.proxy_name: proxy}, {self.true_name: true})
+            )
+            return compute_selection_statistics(inp, **self._selection)
+        except Exception as err:  # an addition to the curve: never the reason it is not logged
+            logger.warning(
+                "bon_tracker: the selection statistics failed at step %d (%s: %s)", step, type(err).__name__, err
+            )
+            return None
+
+    def _hacks_of(self, step: int, extras: _EvalExtras) -> HackStatistics | None:
+        """The hack table and text features, or None (no texts, or they failed)."""
+        if extras.texts is None:
+            return None
+        try:
+            return hack_statistics(extras.hack_proxy, extras.hack_true, extras.texts, **self._hack_options)
+        except Exception as err:
+            logger.warning("bon_tracker: the hack table failed at step %d (%s: %s)", step, type(err).__name__, err)
+            return None
 
     def _finish_job(self, job: _StatisticsJob) -> None:
         """Statistics worker: complete the job's record, log it over the curve's, deliver it."""
@@ -536,6 +617,31 @@ class BonTracker:
         assert self._delivery is not None
         self._delivery.submit(entry)
 
+    def _alerts_by_true(self, record: EvalRecord, kl: float | None) -> tuple[list, dict[str, int]]:
+        """The alert rules on the deployed rule's curve under each true reward after the first
+        (from the selection statistics); their states are named ``<true reward>/<rule>``."""
+        stats = record.selection
+        if stats is None or len(stats.true_names) < 2:
+            return [], {}
+        from bon_tracker.tracking.selection import selection_alert_summaries
+
+        deployed = self.selection_rule if len(stats.member_names) > 1 else stats.member_names[0]
+        summaries = selection_alert_summaries(stats, record.step, policy_kl=kl)
+        events: list = []
+        states: dict[str, int] = {}
+        for name in stats.true_names[1:]:
+            if (deployed, name) not in summaries:
+                continue  # the deployed rule is not among the configured selection rules
+            assert self._alerts is not None
+            reporter = self._true_alerts.setdefault(name, AlertReporter(self._alerts.rules))
+            found, found_states = reporter.update_summary(summaries[(deployed, name)])
+            events += [
+                dataclasses.replace(e, message=f"[true reward {name!r}] {e.message}") if isinstance(e, Alert) else e
+                for e in found
+            ]
+            states.update({f"{name}/{rule}": value for rule, value in found_states.items()})
+        return events, states
+
     def _report_alerts(self) -> None:
         """Warnings, :attr:`alerts` and ``on_alert`` for what the worker found, on this thread."""
         if self._alerts is None:
@@ -554,6 +660,8 @@ class BonTracker:
             kl = None if record.policy is None else record.policy.kl
             with self._state_lock:
                 events, states = self._alerts.update(record.step, record.curve, kl, record.interval)
+                more, more_states = self._alerts_by_true(record, kl)
+            events, states = [*events, *more], {**states, **more_states}
         except Exception as err:  # never the reason a training run crashes
             name = type(err).__name__
             logger.warning("bon_tracker: the alert rules failed at step %d (%s: %s)", record.step, name, err)
@@ -697,11 +805,13 @@ class BonTracker:
         self.wait()  # the alert rules' state includes the last eval (computing, never delivering)
         with self._state_lock:
             alerts = None if self._alerts is None else self._alerts.state_dict()
+            by_true = {name: reporter.state_dict() for name, reporter in self._true_alerts.items()}
         return {
             "backend": self._backend.spec(),
             "last_step": self.last_step,
             "wal": None if self._wal is None else str(self._wal.path),
             "alerts": alerts,
+            **({"alerts_by_true": by_true} if by_true else {}),
         }
 
     def save_state(self, directory: str | Path) -> Path | None:
@@ -742,21 +852,78 @@ class BonTracker:
             )
         return self.ns
 
-    def _validated_local(self, proxy: Any, true: Any) -> tuple:
-        """This rank's scores as a 2-D array or a list of 1-D float rows, or the reason they are bad."""
+    def _validated_local(self, proxy: Any, true: Any, texts: tuple = (None, None)) -> tuple:
+        """This rank's scores as a 2-D array or a list of 1-D float rows (for an ensemble or
+        several true rewards: the deployed rule's and the first true reward's), and the
+        :class:`_EvalExtras`; or the reason they are bad."""
         try:
+            if _is_selection(proxy) or isinstance(true, Mapping):
+                return self._validated_selection(proxy, true, texts)
             proxy, true = _rows(proxy), _rows(true)
         except TypeError as err:
             return ("error", str(err), "type")
+        except ValueError as err:
+            return ("error", str(err), "value")
         if self.world_size > 1 and len(proxy) == 0 and len(true) == 0:
-            return ("ok", [], [])  # a rank may get no eval prompts; the gathered whole is checked
+            return ("ok", [], [], _EvalExtras())  # a rank may get no eval prompts; the gathered whole is checked
         try:
             p, t, _ = paired_scores(proxy, true, nan_policy=self.nan_policy, names=("proxy", "true"))
+            extras = self._texts_extras(texts, proxy, true, p, t)
         except (TypeError, ValueError) as err:
             return ("error", str(err), "type" if isinstance(err, TypeError) else "value")
         # A (P, N) array stays one, ragged input stays rows; the statistics worker reads them
         # after log_scores returned, so what the caller may still change is copied.
-        return ("ok", _private(p, proxy), _private(t, true))
+        return ("ok", _private(p, proxy), _private(t, true), extras)
+
+    def _validated_selection(self, proxy: Any, true: Any, texts: tuple) -> tuple:
+        """Several proxy members or true rewards: checked together (core.selection), the deployed
+        rule's scores and the first true reward's for the curve; everything for the worker."""
+        from bon_tracker.core.selection import rule_scores, selection_input
+
+        proxy = {k: _rows(v) for k, v in proxy.items()} if isinstance(proxy, Mapping) else _rows(proxy)
+        true = {k: _rows(v) for k, v in true.items()} if isinstance(true, Mapping) else _rows(true)
+        inp = selection_input(proxy, true, nan_policy=self.nan_policy)  # fresh arrays: nothing to copy
+        names = inp.member_names
+        rule = self.selection_rule if len(names) > 1 else names[0]
+        if rule not in names and rule not in ("mean", "worst", "uwo"):
+            raise ValueError(f"selection_rule {rule!r} is neither an ensemble rule nor a member ({', '.join(names)})")
+        uwo = float(self._selection.get("uwo_lambda", 0.5)) if self._selection else 0.5
+        p = rule_scores(inp, rule, uwo)
+        t = inp.trues[0] if inp.dense else [row[0] for row in inp.trues]
+        lengths = inp.sample_counts().tolist()
+        extras = dataclasses.replace(self._texts_extras(texts, p, t, p, t, lengths), selection=inp)
+        return ("ok", p, t, extras)
+
+    def _texts_extras(
+        self, texts: tuple, given_p: Any, given_t: Any, p: Any, t: Any, lengths: Any = None
+    ) -> _EvalExtras:
+        """The texts checked against the rows of scores as given (their copy for the worker)."""
+        prompts, completions = texts
+        if prompts is None and completions is None:
+            return _EvalExtras()
+        if prompts is None or completions is None:
+            raise ValueError("pass both prompts= and completions= (or neither)")
+        if lengths is None:
+            lengths = (
+                [len(row) for row in given_p]
+                if not isinstance(given_p, np.ndarray) or given_p.ndim != 2
+                else ([given_p.shape[1]] * given_p.shape[0])
+            )
+        checked = check_texts(prompts, completions, lengths)
+        if not self.log_texts:
+            return _EvalExtras()
+        same = (
+            [int(n) for n in lengths] == [p.shape[1]] * p.shape[0]
+            if isinstance(p, np.ndarray)
+            else [int(n) for n in lengths] == [len(row) for row in p]
+        )
+        if same:  # no sample omitted: the validated rows are the given ones
+            return _EvalExtras(texts=checked, hack_proxy=_private(p, given_p), hack_true=_private(t, given_t))
+        rows = (
+            [np.array(row, dtype=np.float64) for row in given_p],
+            [np.array(row, dtype=np.float64) for row in given_t],
+        )
+        return _EvalExtras(texts=checked, hack_proxy=rows[0], hack_true=rows[1])
 
     def _check_backend(self) -> None:
         """Configuration errors surface here (rank 0, at construction), not as a silent outage later."""
@@ -878,6 +1045,93 @@ class BonTracker:
                 self._backend_name,
                 self._wal.path,
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExtras:
+    """What an eval adds beside its curve's scores, for the statistics worker: the checked
+    members and true rewards (several of either), the texts and the scores aligned with them."""
+
+    selection: Any = None  # core.selection.SelectionInput
+    texts: Texts | None = None
+    hack_proxy: Any = None
+    hack_true: Any = None
+
+    @staticmethod
+    def joined(parts: list[_EvalExtras]) -> _EvalExtras:
+        """The ranks' extras as one (prompts in rank order)."""
+        parts = [part for part in parts if part is not None]
+        if len(parts) <= 1:
+            return parts[0] if parts else _EvalExtras()
+        from bon_tracker.core.selection import SelectionInput
+
+        selection = None
+        inputs = [part.selection for part in parts if part.selection is not None]
+        if inputs:
+            first = inputs[0]
+            if all(i.dense for i in inputs) and len({i.members.shape[2] for i in inputs}) == 1:
+                members = np.concatenate([i.members for i in inputs], axis=1)
+                trues = np.concatenate([i.trues for i in inputs], axis=1)
+            else:
+                members = [row for i in inputs for row in (i.members if not i.dense else np.moveaxis(i.members, 1, 0))]
+                trues = [row for i in inputs for row in (i.trues if not i.dense else np.moveaxis(i.trues, 1, 0))]
+            selection = SelectionInput(first.member_names, first.true_names, members, trues)
+        texts = hack_proxy = hack_true = None
+        if all(part.texts is not None for part in parts):
+            texts = Texts(
+                tuple(p for part in parts for p in part.texts.prompts),  # type: ignore[union-attr]
+                tuple(c for part in parts for c in part.texts.completions),  # type: ignore[union-attr]
+            )
+            hack_proxy = [row for part in parts for row in part.hack_proxy]
+            hack_true = [row for part in parts for row in part.hack_true]
+        return _EvalExtras(selection, texts, hack_proxy, hack_true)
+
+
+def _is_selection(proxy: Any) -> bool:
+    """Several proxy scores per sample: a mapping of members, or a (K, P, N) array or tensor."""
+    return isinstance(proxy, Mapping) or getattr(proxy, "ndim", 0) == 3
+
+
+def _check_rule_name(rule: Any) -> str:
+    if not isinstance(rule, str) or not rule:
+        raise TypeError(f"selection_rule must be a rule name (mean, worst, uwo or a member's name), got {rule!r:.60}")
+    return rule
+
+
+def _selection_settings(selection: Mapping[str, Any] | bool | None) -> dict[str, Any] | None:
+    """``BonTracker(selection=...)``: None/True: defaults; False: off; a mapping: the settings of
+    :func:`~bon_tracker.core.selection_stats.compute_selection_statistics` (checked by name)."""
+    if selection is None or selection is True:
+        return {}
+    if selection is False:
+        return None
+    if not isinstance(selection, Mapping):
+        raise TypeError(f"selection must be None, True, False or a mapping of settings, got {type(selection).__name__}")
+    import inspect
+
+    from bon_tracker.core.selection_stats import compute_selection_statistics
+
+    known = set(inspect.signature(compute_selection_statistics).parameters) - {"inp"}
+    unknown = sorted(set(selection) - known)
+    if unknown:
+        raise ValueError(f"selection: unknown setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    return dict(selection)
+
+
+def _hack_settings(hack_table: Mapping[str, Any] | None, redact: Any) -> dict[str, Any]:
+    """``BonTracker(hack_table=..., redact=...)`` as keyword arguments of ``hack_statistics`` (checked by name)."""
+    import inspect
+
+    options = dict(hack_table or {})
+    if not isinstance(hack_table, (Mapping, type(None))):
+        raise TypeError(f"hack_table must be a mapping of settings, got {type(hack_table).__name__}")
+    known = set(inspect.signature(hack_statistics).parameters) - {"proxy_rows", "true_rows", "texts", "redact"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"hack_table: unknown setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    if redact is not None:
+        options["redact"] = redact
+    return options
 
 
 @dataclasses.dataclass

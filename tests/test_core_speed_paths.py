@@ -1,0 +1,245 @@
+"""The per-prompt estimates on bon_curve's path (bon_curve_parts, bon_estimate) and the fast paths
+of issue 18 (flat index arrays for short rows, kept rankers and weights, the huge-N layout)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from bon_tracker.core import bon_curve, bon_curve_parts, bon_estimate, default_ns
+from bon_tracker.core.curve import SCAN_MIN_N
+from bon_tracker.core.threads import map_in_order
+from bon_tracker.core.weights import ScanWeights
+from tests import brute_force
+
+
+def exact_estimates(proxy: np.ndarray, score: np.ndarray, ns) -> list[float]:
+    """Independent: exact integer binomials over a stable argsort, tie groups averaged, per n."""
+    order = np.argsort(proxy, kind="stable")
+    p, values = proxy[order], [Fraction(float(v)) for v in score[order]]
+    N = len(p)
+    i = 0
+    while i < N:  # every member of a tie group gets the group's mean
+        j = i
+        while j + 1 < N and p[j + 1] == p[i]:
+            j += 1
+        values[i : j + 1] = [sum(values[i : j + 1], Fraction(0)) / (j - i + 1)] * (j - i + 1)
+        i = j + 1
+    out = []
+    for n in ns:
+        total = math.comb(N, n)
+        out.append(float(sum(Fraction(math.comb(k - 1, n - 1), total) * values[k - 1] for k in range(n, N + 1))))
+    return out
+
+
+def exact_matrix(proxy: np.ndarray, score: np.ndarray, ns) -> np.ndarray:
+    return np.array([exact_estimates(p, s, ns) for p, s in zip(proxy, score)])
+
+
+def check_parts(proxy, true, ns=None, **kwargs) -> None:
+    """bon_curve_parts: the curve is bon_curve's, the matrices bon_estimate's, and the curve their mean and SE."""
+    parts = bon_curve_parts(proxy, true, ns, **kwargs)
+    curve = bon_curve(proxy, true, ns, **kwargs)
+    for field in ("n", "kl", "true_mean", "true_se", "proxy_mean", "proxy_se", "n_prompts"):
+        np.testing.assert_array_equal(getattr(parts.curve, field), getattr(curve, field))
+    nan_policy = kwargs.get("nan_policy", "raise")
+    est_true = np.atleast_2d(bon_estimate(proxy, true, curve.n, nan_policy=nan_policy))
+    # the proxy's own estimate from the same samples: omitting a pair also drops its proxy
+    paired_proxy = np.where(np.isfinite(true), proxy, np.nan) if nan_policy == "omit" else proxy
+    est_proxy = np.atleast_2d(bon_estimate(proxy, paired_proxy, curve.n, nan_policy=nan_policy))
+    np.testing.assert_allclose(parts.true, est_true, rtol=1e-12, atol=1e-14, equal_nan=True)
+    np.testing.assert_allclose(parts.proxy, est_proxy, rtol=1e-12, atol=1e-14, equal_nan=True)
+    for matrix, mean, se in (
+        (parts.true, curve.true_mean, curve.true_se),
+        (parts.proxy, curve.proxy_mean, curve.proxy_se),
+    ):
+        present = ~np.isnan(matrix)
+        count = present.sum(axis=0)
+        np.testing.assert_array_equal(count, curve.n_prompts)
+        want_mean = np.nanmean(matrix, axis=0)
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-12, atol=1e-14)
+        enough = count >= 2
+        want_se = np.nanstd(matrix[:, enough], axis=0, ddof=1) / np.sqrt(count[enough])
+        np.testing.assert_allclose(se[enough], want_se, rtol=1e-9, atol=1e-15)
+
+
+# ---- bon_curve_parts ---------------------------------------------------------------------------
+@pytest.mark.parametrize("P,N", [(1, 1), (3, 2), (40, 8), (25, 37), (300, 64)])
+def test_parts_equal_exact_binomials_continuous_and_tied(rng, P, N):
+    proxy = rng.normal(size=(P, N))
+    true = proxy + rng.standard_t(2, size=(P, N))
+    tied = np.round(proxy * 2) / 2  # many ties, more than the level path takes at some N
+    for p in (proxy, tied):
+        parts = bon_curve_parts(p, true)
+        rows = range(0, P, max(1, P // 6))
+        ns = parts.curve.n.tolist()
+        want_true = exact_matrix(p[rows], true[rows], ns)
+        want_proxy = exact_matrix(p[rows], p[rows], ns)
+        np.testing.assert_allclose(parts.true[rows], want_true, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(parts.proxy[rows], want_proxy, rtol=1e-12, atol=1e-12)
+        check_parts(p, true)
+
+
+def test_parts_of_a_verifier_are_pass_at_k(rng):
+    """Few proxy levels: the counted path; proxy = true = correct gives Chen et al.'s pass@k per problem."""
+    P, N = 50, 100
+    correct = (rng.random((P, N)) < rng.random((P, 1))).astype(np.float64)
+    parts = bon_curve_parts(correct, correct)
+    c = correct.sum(axis=1).astype(int)
+    want = np.array([[brute_force.pass_at_k(N, int(ci), int(k)) for k in parts.curve.n] for ci in c])
+    np.testing.assert_allclose(parts.true, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(parts.proxy, want, rtol=1e-12, atol=1e-15)
+    check_parts(correct, correct)
+    rating = rng.integers(1, 6, size=(P, N)).astype(float)  # a 1-5 scale, continuous true scores
+    check_parts(rating, rng.normal(size=(P, N)))
+
+
+def test_parts_of_ragged_prompts_and_omitted_samples(rng):
+    rows_p = [rng.normal(size=k) for k in (5, 1, 12, 12, 3, 30)]
+    rows_t = [rng.normal(size=len(r)) for r in rows_p]
+    parts = bon_curve_parts(rows_p, rows_t)
+    for i, (p, t) in enumerate(zip(rows_p, rows_t)):
+        reach = parts.curve.n <= len(p)
+        np.testing.assert_allclose(parts.true[i, reach], exact_estimates(p, t, parts.curve.n[reach]), rtol=1e-12)
+        assert np.isnan(parts.true[i, ~reach]).all() and np.isnan(parts.proxy[i, ~reach]).all()
+    check_parts(rows_p, rows_t)
+    proxy = rng.normal(size=(6, 20))
+    true = rng.normal(size=(6, 20))
+    proxy[2, :19] = np.nan  # prompt 2 keeps one sample
+    true[4, 3] = np.inf
+    check_parts(proxy, true, nan_policy="omit")
+    omitted = bon_curve_parts(proxy, true, nan_policy="omit")
+    assert np.isnan(omitted.true[2, 1:]).all() and omitted.true[2, 0] == true[2, 19]
+
+
+def test_parts_follow_the_grid_as_given(rng):
+    proxy, true = rng.normal(size=(30, 16)), rng.normal(size=(30, 16))
+    ns = [16, 3, 1, 3, 8]  # unsorted, with a repeat: columns in this order, as bon_estimate's
+    parts = bon_curve_parts(proxy, true, ns)
+    assert parts.curve.n.tolist() == ns
+    np.testing.assert_array_equal(parts.true, bon_estimate(proxy, true, ns))
+    np.testing.assert_allclose(parts.true, exact_matrix(proxy, true, ns), rtol=1e-12, atol=1e-12)
+    check_parts(proxy, true, ns)
+
+
+def test_parts_of_huge_prompts_and_large_grids(rng):
+    """One prompt past SCAN_MIN_N (block-by-block weights) and a grid of every n (tail weights)."""
+    N = SCAN_MIN_N + 500
+    proxy = rng.normal(size=(2, N))
+    true = proxy + rng.normal(size=proxy.shape)
+    check_parts(proxy, true, [1, 2, 7, 100, N])
+    mid = rng.normal(size=(20, 90))
+    check_parts(mid, mid + rng.normal(size=mid.shape), list(range(1, 91)))
+    small = rng.normal(size=(4, 70))
+    parts = bon_curve_parts(small, small * 2.0, list(range(1, 71)))
+    np.testing.assert_allclose(parts.true, exact_matrix(small, small * 2.0, range(1, 71)), rtol=1e-11, atol=1e-12)
+
+
+def test_bon_estimate_is_bit_identical_for_any_thread_count(rng):
+    proxy = rng.normal(size=(5000, 64))
+    proxy[::9, :6] = 0.5  # ties in some prompts
+    score = rng.normal(size=proxy.shape)
+    ns = default_ns(64)
+    runs = [bon_estimate(proxy, score, ns, threads=k) for k in (1, 2, 3)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])
+    parts = [bon_curve_parts(proxy, score, threads=k) for k in (1, 3)]
+    np.testing.assert_array_equal(parts[0].true, parts[1].true)
+    np.testing.assert_array_equal(parts[0].true, runs[0])
+
+
+def test_bon_estimate_still_rejects_a_missing_grid_and_names_the_score():
+    with pytest.raises(TypeError, match="ns must be an integer or a sequence of integers, got None"):
+        bon_estimate(np.zeros(3), np.zeros(3), None)
+    score = np.zeros((2, 4))
+    score[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"score has 1 non-finite value\(s\).*\(1, 2\)"):
+        bon_estimate(np.arange(8.0).reshape(2, 4), score, 2)
+
+
+# ---- short rows: index arrays in full, ties seen over the block as one run -----------------------
+@pytest.mark.parametrize("N", [1, 2, 3, 8])
+def test_equal_values_across_a_row_boundary_are_no_tie(N):
+    """The flat comparison looks across rows too: a row's last proxy equal to the next row's first is no tie."""
+    P = 50
+    proxy = np.arange(P)[:, None] * (N - 1) + np.arange(N)[None, :] * 1.0  # row i ends where row i+1 starts
+    true = np.random.default_rng(N).normal(size=(P, N))
+    curve = bon_curve(proxy, true)
+    assert not curve.has_ties
+    np.testing.assert_allclose(curve.true_mean, exact_matrix(proxy, true, curve.n).mean(axis=0), rtol=1e-12)
+    tied = proxy.copy()
+    if N >= 2:
+        tied[7, 1] = tied[7, 0]  # one real tie, at the first two positions
+        got = bon_curve_parts(tied, true)
+        assert got.curve.has_ties
+        np.testing.assert_allclose(got.true[7], exact_estimates(tied[7], true[7], got.curve.n), rtol=1e-12)
+
+
+def test_kept_rankers_and_weights_across_shapes(rng):
+    """A thread reuses its ranker (and small weights) between calls: shapes that grow, shrink and
+    change N in turn must each give the exact values."""
+    for P, N in [(300, 8), (20, 8), (300, 16), (3, 8), (1000, 8), (2, 5)]:
+        proxy = rng.normal(size=(P, N))
+        true = rng.normal(size=(P, N))
+        parts = bon_curve_parts(proxy, true)
+        rows = [0, P // 2, P - 1]
+        np.testing.assert_allclose(
+            parts.true[rows], exact_matrix(proxy[rows], true[rows], parts.curve.n), rtol=1e-12, atol=1e-12
+        )
+
+
+def test_default_grid_is_the_powers_of_two_and_n():
+    for N in [*range(1, 70), 1023, 1024, 1025, 2**20 - 1, 2**20 + 1]:
+        want = sorted({2**i for i in range(N.bit_length()) if 2**i <= N} | {N})
+        assert default_ns(N).tolist() == want
+        assert default_ns(N).dtype == np.int64
+
+
+def test_huge_n_layout_is_the_scores_at_their_positions(rng):
+    """ScanWeights.lay_out (a reshape) puts every score where positions() says (the take it replaced)."""
+    N = 3 * ScanWeights.R * ScanWeights.SEGMENTS + 777  # several blocks, the last one padded
+    scan = ScanWeights(N, np.array([1, 5, N]))
+    stacked = rng.normal(size=(2, N))
+    laid_out = scan.lay_out(stacked)
+    positions = scan.positions()
+    g = (
+        np.arange(scan.n_blocks)[:, None, None] * scan.block
+        + np.arange(scan.SEGMENTS)[None, None, :] * scan.R
+        + np.arange(scan.R)[None, :, None]
+    )
+    inside = g < N
+    for k in range(2):
+        np.testing.assert_array_equal(laid_out[k][inside], stacked[k].take(positions)[inside])
+        assert np.all(laid_out[k][~inside] == 0.0)
+
+
+# ---- threads: the calling thread computes items no worker has started --------------------------------
+def test_map_in_order_keeps_order_and_errors_while_the_caller_helps():
+    """Results in the items' order whichever thread computes them; an error surfaces at its item."""
+
+    def slow_square(i: int) -> int:
+        time.sleep(0.002 * (i % 3))  # uneven items: workers and the caller finish out of order
+        if i == 37:
+            raise ArithmeticError(f"item {i}")
+        return i * i
+
+    assert list(map_in_order(slow_square, range(30), 3)) == [i * i for i in range(30)]
+    seen = []
+    with pytest.raises(ArithmeticError, match="item 37"):
+        for value in map_in_order(slow_square, range(60), 2):
+            seen.append(value)
+    assert seen == [i * i for i in range(37)]
+    callers = set()
+
+    def where(i: int) -> int:
+        callers.add(threading.current_thread().name)
+        time.sleep(0.01)
+        return i
+
+    assert list(map_in_order(where, range(40), 2)) == list(range(40))
+    assert threading.current_thread().name in callers  # the caller did not wait idle
