@@ -16,6 +16,9 @@ from bon_tracker.tracking.tracker import BonTracker
 
 logger = logging.getLogger("bon_tracker")
 
+# BonTracker options that are not configuration keys (bon_tracker.yaml has none): passed as given.
+TRACKER_ONLY_OPTIONS = ("selection", "selection_rule")
+
 
 class TrackerLifecycle:
     """One tracking run across a framework's ``fit``/``evaluate`` calls.
@@ -40,8 +43,9 @@ class TrackerLifecycle:
         if tracker is not None and given:
             raise TypeError(f"pass either tracker= or tracker options, not both (got {given})")
         self.stop_on_alert = check_stop_on_alert(stop_on_alert)
-        self.config = resolve_config(**tracker_kwargs)
-        self.options = self.config.tracker_kwargs()
+        own = {k: v for k, v in tracker_kwargs.items() if k in TRACKER_ONLY_OPTIONS}
+        self.config = resolve_config(**{k: v for k, v in tracker_kwargs.items() if k not in own})
+        self.options = {**self.config.tracker_kwargs(), **own}
         if on_alert is not None:
             self.options["on_alert"] = on_alert
         self.explicit = frozenset(tracker_kwargs)

@@ -3,7 +3,10 @@
 The hand-off: ``validation_step`` returns a dict with ``"bon_proxy"`` and ``"bon_true"``,
 each ``(prompts in the batch, N)`` (tensors on any device, arrays or lists; rows may be
 ragged). The callback collects them over the validation epoch and logs the curves at
-``trainer.global_step`` when the epoch ends, skipping the sanity check.
+``trainer.global_step`` when the epoch ends, skipping the sanity check. Several reward models
+(an ensemble, docs/selection.md) or true rewards: a mapping under the key,
+``{"bon_proxy": {"rm_a": scores_a, "rm_b": scores_b}, "bon_true": {"gold": ..., "verifier": ...}}``,
+the same names in every batch; the tracker's ``selection_rule`` picks the deployed curve.
 
 >>> def validation_step(self, batch, batch_idx):
 ...     completions = sample(self.policy, batch["prompts"], n=16)  # doctest: +SKIP
@@ -35,6 +38,30 @@ pl = require("lightning.pytorch", "lightning")
 logger = logging.getLogger("bon_tracker")
 
 
+def _extend(collected: Any, values: Any, key: str) -> Any:
+    """``collected`` (a list of rows, or ``{name: rows}``) with one batch's block (or mapping of blocks) added."""
+    if isinstance(values, Mapping):
+        if collected is None or (not collected and not isinstance(collected, dict)):
+            collected = {name: [] for name in values}
+        if not isinstance(collected, dict) or set(collected) != set(values):
+            raise ValueError(
+                f"validation_step returned {key!r} with names {sorted(values)}, but earlier batches of this epoch "
+                f"with {sorted(collected) if isinstance(collected, dict) else 'one block of scores'}: return the "
+                "same names every batch"
+            )
+        for name, block in values.items():
+            collected[name].extend(_rows(block))
+        return collected
+    if isinstance(collected, dict):
+        raise ValueError(
+            f"validation_step returned one block of scores under {key!r}, but a mapping {sorted(collected)} in "
+            "earlier batches of this epoch: return the same form every batch"
+        )
+    collected = [] if collected is None else collected
+    collected.extend(_rows(values))
+    return collected
+
+
 def _rows(values: Any) -> list[Any]:
     """A ``(prompts, N)`` block (tensor, array or nested list) as a list of per-prompt rows."""
     if hasattr(values, "detach"):
@@ -48,8 +75,9 @@ class BonTrackerCallback(pl.Callback):
     Args:
         tracker: a :class:`BonTracker`; by default one is built from ``tracker_kwargs``
             when first needed, attached to the trainer's MLflow or W&B logger run.
-        proxy_key: key of the proxy scores in ``validation_step``'s output.
-        true_key: key of the true scores.
+        proxy_key: key of the proxy scores in ``validation_step``'s output (a block, or a
+            mapping ``{member: block}`` of several reward models).
+        true_key: key of the true scores (a block, or a mapping ``{name: block}``).
         kl_metric: name of a logged metric (``self.log(name, ...)``) holding the policy's
             KL to its reference; recorded with each eval as the RL point.
         stop_on_alert: stop training (``trainer.should_stop``) when an alert starts: True for
@@ -81,8 +109,8 @@ class BonTrackerCallback(pl.Callback):
         self._life = TrackerLifecycle(tracker, tracker_kwargs, stop_on_alert=stop_on_alert, on_alert=on_alert)
         self.proxy_key, self.true_key, self.kl_metric = proxy_key, true_key, kl_metric
         self.prompts_key, self.completions_key, self.log_texts = prompts_key, completions_key, log_texts
-        self._proxy: list[Any] = []
-        self._true: list[Any] = []
+        self._proxy: Any = []  # rows, or {member: rows}
+        self._true: Any = []
         self._prompts: list[str] = []
         self._completions: list[list[str]] = []
         self._without_texts = 0  # scored batches that returned no texts
@@ -94,8 +122,8 @@ class BonTrackerCallback(pl.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if isinstance(outputs, Mapping) and self.proxy_key in outputs and self.true_key in outputs:
-            self._proxy.extend(_rows(outputs[self.proxy_key]))
-            self._true.extend(_rows(outputs[self.true_key]))
+            self._proxy = _extend(self._proxy, outputs[self.proxy_key], self.proxy_key)
+            self._true = _extend(self._true, outputs[self.true_key], self.true_key)
             if self.log_texts and self.prompts_key in outputs and self.completions_key in outputs:
                 self._prompts.extend(outputs[self.prompts_key])
                 self._completions.extend(list(row) for row in outputs[self.completions_key])

@@ -12,7 +12,7 @@ the curves go into the Trainer's own run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from ._trainer import KL_KEYS, TrainerTracking
 
 transformers = require("transformers", "transformers")
 
-ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+ScoreFn = Callable[[list[str], list[str]], Sequence[float] | Mapping[str, Sequence[float]]]
 
 
 def _per_prompt(values: Any, shape: tuple[int, int], name: str) -> Any:
@@ -40,6 +40,14 @@ def _per_prompt(values: Any, shape: tuple[int, int], name: str) -> Any:
     return np.asarray(values, dtype=float).reshape(shape)
 
 
+def _scores(values: Any, shape: tuple[int, int], name: str) -> Any:
+    """A score function's result as ``(prompts, samples)`` blocks: one, or ``{name: block}`` for a
+    mapping (several reward models: an ensemble; several true rewards)."""
+    if isinstance(values, Mapping):
+        return {key: _per_prompt(v, shape, f"{name}[{key!r}]") for key, v in values.items()}
+    return _per_prompt(values, shape, name)
+
+
 class BonTrackerCallback(TrainerTracking):
     """Samples completions at each evaluation and logs their best-of-n curves.
 
@@ -47,8 +55,11 @@ class BonTrackerCallback(TrainerTracking):
         tracker: a :class:`BonTracker`; by default one is built from ``tracker_kwargs``.
         prompts: the eval prompts (the same list on every process; each samples its share).
         proxy_fn: ``(prompts, completions) -> one float per completion``, the reward
-            being optimized; called once per eval with every sample (batched).
-        true_fn: same signature, the reward you actually care about.
+            being optimized; called once per eval with every sample (batched). Or a mapping
+            ``{member: one float per completion}``: several reward models, an ensemble selected
+            by the tracker's ``selection_rule`` (docs/selection.md).
+        true_fn: same signature, the reward you actually care about (a mapping: several true
+            rewards, every selection statistic per true reward).
         num_samples: completions sampled per prompt (N of best-of-n).
         generation_kwargs: passed to ``model.generate`` (default: sampling, 32 new tokens).
         tokenizer: default: the Trainer's ``processing_class``.
@@ -128,7 +139,7 @@ class BonTrackerCallback(TrainerTracking):
         shape = (len(prompts), self.num_samples)
         texts = (prompts, [completions[i * self.num_samples : (i + 1) * self.num_samples] for i in range(len(prompts))])
         return (
-            _per_prompt(self.proxy_fn(repeated, completions), shape, "proxy_fn"),
-            _per_prompt(self.true_fn(repeated, completions), shape, "true_fn"),
+            _scores(self.proxy_fn(repeated, completions), shape, "proxy_fn"),
+            _scores(self.true_fn(repeated, completions), shape, "true_fn"),
             texts,
         )

@@ -15,7 +15,10 @@ actor; Ray's ``worker_process_setup_hook`` does that (the recipe is docs/verl.md
         +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=bon_tracker.integrations.verl.register
 
 Options live in the ``bon_tracker`` section of verl's config: ``true_key`` (required),
-``proxy_key`` (default ``reward``), ``log_texts`` (default true: each sample's ``input`` and
+``proxy_key`` (default ``reward``; a list of reward extra keys, ``[rm_a, rm_b]``, is an ensemble of
+reward models selected by the tracker's ``selection_rule``, docs/selection.md; ``true_key`` may be a
+list too: several true rewards; ``selection_rule``, ``selection``: as :class:`BonTracker`'s),
+``log_texts`` (default true: each sample's ``input`` and
 ``output`` text, as verl hands them to its generations logger, go to the tracker for the hack
 table, docs/texts.md; false: scores only), and any :func:`~bon_tracker.tracking.config.resolve_config`
 key (``backend``, ``ns``, ``key_prefix``, ``mlflow: {...}``...). Without a ``backend``, the
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from bon_tracker.backends import BACKENDS
+from bon_tracker.integrations._lifecycle import TRACKER_ONLY_OPTIONS
 from bon_tracker.optional import require
 from bon_tracker.tracking.config import resolve_config
 from bon_tracker.tracking.tracker import BonTracker
@@ -46,27 +50,52 @@ MODE_PREFIX = "bon_"
 _ADAPTER_KEYS = ("proxy_key", "true_key", "log_texts")
 
 
+Keys = str | Sequence[str]
+
+
+def score_keys(proxy_key: Keys, true_key: Keys) -> list[str]:
+    """Every reward extra key read: the proxy's (one, or an ensemble's members), then the true rewards'."""
+    keys = [proxy_key] if isinstance(proxy_key, str) else list(proxy_key)
+    keys += [true_key] if isinstance(true_key, str) else list(true_key)
+    if not keys or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+        raise ValueError(f"bon_tracker.proxy_key and true_key must name distinct reward extra keys, got {keys}")
+    return keys
+
+
+def _kept(reward_extra_infos_dict: Mapping[str, Sequence[Any]], keys: list[str], i: int) -> list[Any] | None:
+    """Sample ``i``'s values under ``keys``, or None when any is None (verl's padding for a key the
+    reward function did not return for it)."""
+    values = [reward_extra_infos_dict[k][i] for k in keys]
+    return None if any(v is None for v in values) else values
+
+
 def validation_scores(
-    sample_uids: Sequence[Any], reward_extra_infos_dict: Mapping[str, Sequence[Any]], proxy_key: str, true_key: str
-) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    sample_uids: Sequence[Any], reward_extra_infos_dict: Mapping[str, Sequence[Any]], proxy_key: Keys, true_key: Keys
+) -> tuple[Any, Any, int]:
     """Per-prompt ``(proxy rows, true rows, samples dropped)``: samples grouped by ``uid`` in order of
     first appearance; a sample whose proxy or true value is None (verl's padding for a key the reward
-    function did not return for it) is dropped."""
-    proxy_values, true_values = reward_extra_infos_dict[proxy_key], reward_extra_infos_dict[true_key]
-    if not len(proxy_values) == len(true_values) == len(sample_uids):
-        raise ValueError(
-            f"{len(sample_uids)} uids, {len(proxy_values)} {proxy_key!r} and {len(true_values)} {true_key!r} values"
-        )
-    groups: dict[Any, tuple[list[float], list[float]]] = {}
+    function did not return for it) is dropped. A list of keys (an ensemble's members, several true
+    rewards) gives ``{key: rows}``, and a sample is dropped where any of its keys is None."""
+    keys = score_keys(proxy_key, true_key)
+    lengths = {k: len(reward_extra_infos_dict[k]) for k in keys}
+    if any(n != len(sample_uids) for n in lengths.values()):
+        shown = " and ".join(f"{n} {k!r}" for k, n in lengths.items())
+        raise ValueError(f"{len(sample_uids)} uids, {shown} values")
+    groups: dict[Any, list[list[float]]] = {}
     dropped = 0
-    for uid, p, t in zip(sample_uids, proxy_values, true_values):
-        if p is None or t is None:
+    for i, uid in enumerate(sample_uids):
+        values = _kept(reward_extra_infos_dict, keys, i)
+        if values is None:
             dropped += 1
             continue
-        rows = groups.setdefault(uid, ([], []))
-        rows[0].append(float(p))
-        rows[1].append(float(t))
-    return [np.asarray(p) for p, _ in groups.values()], [np.asarray(t) for _, t in groups.values()], dropped
+        for row, value in zip(groups.setdefault(uid, [[] for _ in keys]), values):
+            row.append(float(value))
+    per_key = {k: [np.asarray(rows[j]) for rows in groups.values()] for j, k in enumerate(keys)}
+
+    def rows_of(key: Keys) -> Any:
+        return per_key[key] if isinstance(key, str) else {k: per_key[k] for k in key}
+
+    return rows_of(proxy_key), rows_of(true_key), dropped
 
 
 def validation_texts(
@@ -74,15 +103,15 @@ def validation_texts(
     inputs: Sequence[str],
     outputs: Sequence[str],
     reward_extra_infos_dict: Mapping[str, Sequence[Any]],
-    proxy_key: str,
-    true_key: str,
+    proxy_key: Keys,
+    true_key: Keys,
 ) -> tuple[list[str], list[list[str]]]:
     """``(prompts, completions)`` grouped as :func:`validation_scores` groups the scores: by ``uid`` in
     order of first appearance, a prompt's ``input`` text once, the ``output`` of each sample kept."""
-    proxy_values, true_values = reward_extra_infos_dict[proxy_key], reward_extra_infos_dict[true_key]
+    keys = score_keys(proxy_key, true_key)
     groups: dict[Any, tuple[str, list[str]]] = {}
-    for uid, text_in, text_out, p, t in zip(sample_uids, inputs, outputs, proxy_values, true_values):
-        if p is None or t is None:
+    for i, (uid, text_in, text_out) in enumerate(zip(sample_uids, inputs, outputs)):
+        if _kept(reward_extra_infos_dict, keys, i) is None:
             continue
         groups.setdefault(uid, (text_in, []))[1].append(text_out)
     return [prompt for prompt, _ in groups.values()], [rows for _, rows in groups.values()]
@@ -131,7 +160,9 @@ class BonValidation:
         if not isinstance(log_texts, bool):
             raise ValueError(f"bon_tracker.log_texts must be true or false, got {log_texts!r:.60}")
         (inputs, outputs), self._bon_texts = self._bon_texts, ([], [])
-        missing = [k for k in (proxy_key, true_key) if k not in reward_extra_infos_dict]
+        missing = (
+            [] if true_key is None else [k for k in score_keys(proxy_key, true_key) if k not in reward_extra_infos_dict]
+        )
         if true_key is None or missing:
             logger.warning(
                 "bon_tracker: no best-of-n curves: %s (the reward extra keys are %s); return the true reward "
@@ -141,8 +172,8 @@ class BonValidation:
             )
             return {}
         proxy, true, dropped = validation_scores(sample_uids, reward_extra_infos_dict, proxy_key, true_key)
-        if not proxy:
-            logger.warning("bon_tracker: no sample has a %r value at step %d", true_key, self.global_steps)
+        if not (proxy if isinstance(proxy, list) else next(iter(proxy.values()))):  # every sample dropped
+            logger.warning("bon_tracker: no sample has every %r value at step %d", true_key, self.global_steps)
             return {}
         if self._bon_tracker is None:
             self._bon_tracker = BonTracker(**self._bon_tracker_kwargs(options))
@@ -170,6 +201,7 @@ class BonValidation:
     def _bon_tracker_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
         """Tracker options: the ``bon_tracker`` section; without a backend there (or in the environment or
         config file), the backend of verl's own ``wandb``/``mlflow`` logger, attached to its run."""
+        own = {k: options.pop(k) for k in TRACKER_ONLY_OPTIONS if k in options}  # selection_rule, selection
         config = resolve_config(**options)
         if config.sources["backend"] == "default":
             verl_loggers = self.config.trainer.get("logger", None) or []
@@ -177,7 +209,7 @@ class BonValidation:
             ours = next((name for name in verl_loggers if name in BACKENDS and name != "local"), None)
             if ours is not None:
                 config = resolve_config(**{**options, "backend": ours})
-        kwargs = config.tracker_kwargs()
+        kwargs = {**config.tracker_kwargs(), **own}
         if kwargs.get("run_name") is None:
             kwargs["run_name"] = self.config.trainer.get("experiment_name", None)
         return kwargs

@@ -15,7 +15,10 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest "$@"
+# Two workers (most of the suite waits on servers, subprocesses and browsers, so two workers
+# overlap that waiting on two cores); tests/conftest.py keeps the fault tests on one worker and
+# Ray's on one. BON_TRACKER_TEST_WORKERS=0 runs everything in this process (or pass -n 0).
+.venv/bin/python -m pytest -n "${BON_TRACKER_TEST_WORKERS:-2}" --dist loadgroup "$@"
 # The verl adapter against the real verl package, in its own environment (verl pins an older
 # transformers): scripts/verl_env.sh builds .venv-verl once (about 60-75 s) and then reuses it;
 # its tests take about 25 s. BON_TRACKER_SKIP_VERL=1 skips them locally; under CI=true it is refused.

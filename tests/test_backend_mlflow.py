@@ -162,7 +162,9 @@ def test_sqlite_run_reads_back_exactly(sqlite_uri, tmp_path, rng, monkeypatch):
             proxy, true = scores(rng, drift=step / 1000)
             curves[step] = bon_curve(proxy, true)
             tracker.log_scores(step, proxy, true, policy_kl=policy_kl, **{"lr (x)": 0.01 * step})
-        assert tracker.flush()  # delivered in the background: wait for it before reading the run
+        # delivered in the background: wait for it before reading the run (generously: the first
+        # write creates the store's schema and the charts, ~40 s on two busy cores)
+        assert tracker.flush(180)
         run_id = tracker.backend.run_id
         assert run_id is not None
         assert tracker.backend.spec() == {

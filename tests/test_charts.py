@@ -244,3 +244,51 @@ def test_runs_trend_chart_without_goodhart_points(rng):
     fig = charts.runs_trend_chart({"pass@n": binary}, n=4)
     assert_legible(fig)
     assert any("no Goodhart point" in t.get_text() for t in fig.axes[1].texts)
+
+
+def test_compact_chart_is_a_wide_strip_of_the_true_reward_with_n_star_and_its_interval(rng, tmp_path):
+    from PIL import Image
+
+    from bon_tracker import BonTracker
+
+    with BonTracker("local", root=tmp_path, charts=False) as tracker:  # the tracker fits the interval
+        for i, step in enumerate((0, 100)):
+            true = rng.normal(size=(128, 32))
+            tracker.log_scores(step, true + (1.0 + i) * rng.standard_t(df=2, size=true.shape), true)
+    record = tracker.history[-1]
+    g, i = record.goodhart, record.interval
+    assert record.goodhart_status() == "measured" and i is not None
+    fig = charts.compact_chart(record)
+    assert_legible(fig)
+    ax, ax_proxy, _ = fig.axes
+    assert ax.get_legend() is None and ax.get_xscale() == "log"
+    # the proxy reward on its own axis, below
+    assert ax_proxy.lines[0].get_ydata().tolist() == record.curve.proxy_mean.tolist()
+    line = ax.lines[0]  # the true reward against n, nothing else on the y axis
+    assert line.get_xdata().tolist() == record.curve.n.tolist()
+    assert line.get_ydata().tolist() == record.curve.true_mean.tolist() and line.get_linewidth() >= 3
+    (star,) = [ln for ln in ax.lines if ln.get_marker() == "*"]
+    base = float(record.curve.true_mean[0])
+    assert star.get_xdata()[0] == pytest.approx(g.n) and star.get_ydata()[0] == pytest.approx(base + g.peak_gain)
+    (band,) = [p for p in ax.patches if p.get_width() > 0]  # n*'s interval on the n axis
+    assert (band.get_x(), band.get_x() + band.get_width()) == pytest.approx((i.n_low, i.n_high))
+    title = ax.get_title(loc="left")
+    assert title.startswith(f"step {record.step}: n* ≈ {charts._plain(g.n)} (") and "–" in title
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    with Image.open(buffer) as png:  # square, as MLflow's card box is
+        assert png.size[0] >= 600 and png.size[0] == png.size[1]
+    # the title, the true reward and its n axis above the part of the image MLflow's card cuts off
+    renderer = fig.canvas.get_renderer()
+    assert 1 - ax.get_tightbbox(renderer).y0 / fig.bbox.height <= charts.COMPACT_TRUE_FRACTION
+
+
+def test_compact_chart_counts_active_alerts_and_says_beyond(history):
+    record = dataclasses.replace(history[-1], alert_states={"bon_true_falls": 1, "goodhart_kl": 1, "x": 0})
+    far = with_goodhart(record, n=4.3e7, kl=17.0, within_range=False)
+    fig = charts.compact_chart(far)
+    ax, _, ax_text = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["2 alerts"]
+    assert ax_text.texts[0].get_text() == "active alerts: bon_true_falls, goodhart_kl"
+    assert ax.get_title(loc="left") == f"step {far.step}: n* beyond {charts._plain(far.horizon_n)}"
+    assert not [ln for ln in ax.lines if ln.get_marker() == "*"]  # never drawn at 4.3e7

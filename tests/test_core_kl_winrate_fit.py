@@ -207,3 +207,14 @@ def test_edge_cases_found_in_review():
     d = np.linspace(0.05, 0.3, 8)
     rl = fit_rl_overoptimization(d**2, d * (-0.5 - 0.4 * np.log(d)))
     assert rl.has_peak and rl.peak_d == pytest.approx(math.exp(-0.5 / 0.4 - 1))
+
+
+def test_an_rl_fit_whose_peak_lies_past_float_range_says_infinity_not_overflow():
+    from bon_tracker.core.fit import FunctionalFit
+
+    far = FunctionalFit(form="rl", alpha=800.0, beta=1.0, r2=1.0, rmse=0.0, n_points=5)  # peak at sqrt(KL) = e^799
+    assert far.has_peak and far.peak_d == math.inf and far.peak_kl == math.inf
+    big = FunctionalFit(form="rl", alpha=400.0, beta=1.0, r2=1.0, rmse=0.0, n_points=5)  # e^399 squared overflows
+    assert big.peak_d == math.exp(399.0) and big.peak_kl == math.inf
+    near = FunctionalFit(form="rl", alpha=3.0, beta=1.0, r2=1.0, rmse=0.0, n_points=5)
+    assert near.peak_kl == pytest.approx(math.exp(2.0) ** 2)

@@ -35,6 +35,7 @@ def _isolated(tmp_path, monkeypatch):
     for name in ("BON_TRACKER_DIR", "BON_TRACKER_CONFIG", "BON_TRACKER_BACKEND", "BON_TRACKER_NS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("BON_TRACKER_SPOOL_DIR", str(tmp_path / "spool"))
+    (tmp_path / "bon_tracker.yaml").write_text("local:\n  charts: false\n")  # records only: no PNGs to draw
 
 
 def make_scores(seed: int = 0, prompts: int = 10, samples: int = 8) -> dict[int, dict[str, np.ndarray]]:

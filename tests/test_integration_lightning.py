@@ -131,3 +131,37 @@ def test_eval_every_and_reward_names_come_from_the_config_file(tmp_path):
     assert [r.step for r in records] == [8]  # epochs end at steps 4, 8, 12: only multiples of 8
     assert (records[0].proxy_name, records[0].true_name) == ("linear RM", "gold")
     _check_against_returned(records, module)
+
+
+class EnsemblePolicy(TinyPolicy):
+    """Returns two reward models' scores and two true rewards per validation batch, as mappings."""
+
+    def validation_step(self, batch, batch_idx):
+        score = self.layer(batch[0])
+        members = {"rm_a": score, "rm_b": score + 0.3 * torch.sin(7 * score)}
+        trues = {"gold": score - 0.5 * score**2, "verifier": (score > 0).float()}
+        if not self.trainer.sanity_checking:
+            self.returned.setdefault(self.global_step, []).append(
+                ({k: v.numpy() for k, v in members.items()}, {k: v.numpy() for k, v in trues.items()})
+            )
+        return {"bon_proxy": members, "bon_true": trues}
+
+
+def test_validation_step_returning_members_logs_an_ensemble(tmp_path):
+    from bon_tracker.core.selection import rule_scores, selection_input
+
+    callback = BonTrackerCallback(root=tmp_path / "runs", run_name="lit", selection={"n_resamples": 50}, charts=False)
+    module = _fit(tmp_path, [callback], max_epochs=1, module=EnsemblePolicy())
+    (record,) = read_records(tmp_path / "runs" / "lit")
+    blocks = module.returned[record.step]
+    members = {k: np.vstack([m[k] for m, _ in blocks]).astype(float) for k in ("rm_a", "rm_b")}
+    trues = {k: np.vstack([t[k] for _, t in blocks]).astype(float) for k in ("gold", "verifier")}
+    mean = rule_scores(selection_input(members, trues), "mean")  # the default selection_rule
+    np.testing.assert_allclose(mean, (members["rm_a"] + members["rm_b"]) / 2, rtol=0, atol=1e-12)
+    expected = bon_curve(mean, trues["gold"])
+    np.testing.assert_allclose(record.curve.true_mean, expected.true_mean, rtol=1e-6)
+    np.testing.assert_allclose(record.curve.proxy_mean, expected.proxy_mean, rtol=1e-6)
+    assert record.selection.member_names == ("rm_a", "rm_b")
+    assert record.selection.true_names == ("gold", "verifier")
+    assert set(record.selection.rules) == {"rm_a", "rm_b", "mean", "worst", "uwo"}
+    assert record.selection.n_prompts == 6

@@ -215,3 +215,50 @@ def test_eval_every_is_a_documented_argument(tmp_path):
         prompts=PROMPTS, proxy_fn=proxy_reward, true_fn=true_reward, num_samples=N, eval_every=4, root=tmp_path
     )
     assert callback.eval_every == 4
+
+
+def test_proxy_fn_returning_members_logs_an_ensemble(tmp_path):
+    """proxy_fn and true_fn return mappings: the record's selection holds every member and true
+    reward, and its curve is best-of-n on the deployed rule (worst: the minimum over members)."""
+    from bon_tracker.core.selection import selection_input
+    from bon_tracker.core.selection_stats import compute_selection_statistics
+
+    calls = []
+
+    def members(prompts, completions):
+        scores = {
+            "rm_good": torch.tensor(proxy_reward(prompts, completions)),
+            "rm_short": [-len(c) / 10 for c in completions],
+        }
+        calls.append(scores)  # a float32 tensor and a list
+        return scores
+
+    def trues(prompts, completions):
+        gold = true_reward(prompts, completions)
+        calls.append({"gold": gold, "verifier": [float(g > 0) for g in gold]})
+        return calls[-1]
+
+    settings = {"n_resamples": 50}
+    callback = BonTrackerCallback(
+        prompts=PROMPTS,
+        proxy_fn=members,
+        true_fn=trues,
+        num_samples=N,
+        generation_kwargs={"max_new_tokens": 6},
+        root=tmp_path / "runs",
+        run_name="hf",
+        selection_rule="worst",
+        selection=settings,
+        charts=False,
+    )
+    _trainer(tmp_path, [callback], max_steps=2).train()
+    (record,) = read_records(tmp_path / "runs" / "hf")
+    proxy = {k: np.asarray(v, dtype=float).reshape(-1, N) for k, v in calls[0].items()}
+    true = {k: np.asarray(v).reshape(-1, N) for k, v in calls[1].items()}
+    expected = bon_curve(np.minimum(proxy["rm_good"], proxy["rm_short"]), true["gold"])
+    np.testing.assert_allclose(record.curve.true_mean, expected.true_mean)
+    np.testing.assert_allclose(record.curve.proxy_mean, expected.proxy_mean)
+    assert record.selection.member_names == ("rm_good", "rm_short")
+    assert record.selection.true_names == ("gold", "verifier")
+    want = compute_selection_statistics(selection_input(proxy, true), **settings)
+    assert record.selection.to_json() == want.to_json()

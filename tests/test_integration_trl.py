@@ -107,3 +107,82 @@ def test_grpo_eval_groups_become_curves(tmp_path):
     # the trainer still sees its reward functions by name, and no true reward
     assert "rewards/likes_good/mean" in logs.logs[0][1] and "rewards/brevity/mean" in logs.logs[0][1]
     assert not any(key.startswith(("rewards/gold", "eval_rewards/gold")) for _, entry in logs.logs for key in entry)
+
+
+def test_grpo_reward_functions_as_ensemble_members(tmp_path):
+    """proxy_keys names the reward functions that are members (raw rewards, not the weighted sum);
+    several true rewards; the record's curve is the deployed rule's (uwo), its selection every member's."""
+    from bon_tracker.core.selection import rule_scores, selection_input
+
+    tokenizer = tiny_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_gpt2(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    scored = []
+
+    def gold(prompts, completions, **kwargs):
+        scored.append((list(prompts), list(completions)))
+        return true_reward(prompts, completions)
+
+    def verifier(prompts, completions, **kwargs):
+        return [float(t > 0) for t in true_reward(prompts, completions)]
+
+    bon = BonTrackerCallback(
+        reward_funcs=[likes_good, brevity],
+        true_fn={"gold": gold, "verifier": verifier},
+        proxy_keys=["likes_good", "brevity"],
+        root=tmp_path / "runs",
+        run_name="grpo",
+        selection_rule="uwo",
+        selection={"n_resamples": 50},
+        charts=False,
+    )
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=G,
+        num_generations=G,
+        num_generations_eval=G,
+        per_device_eval_batch_size=2 * G,
+        max_completion_length=6,
+        reward_weights=WEIGHTS,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=bon.reward_funcs,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}),
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+        callbacks=[bon],
+    )
+    trainer.train()
+    (record,) = read_records(tmp_path / "runs" / "grpo")
+    ((prompts, completions),) = scored
+    members = {
+        "likes_good": np.array(likes_good(prompts, completions)).reshape(-1, G),
+        "brevity": np.array([-0.05 * len(c.split()) for c in completions]).reshape(-1, G),
+    }
+    trues = {
+        "gold": np.array(true_reward(prompts, completions)).reshape(-1, G),
+        "verifier": np.array(verifier(prompts, completions)).reshape(-1, G),
+    }
+    expected = bon_curve(rule_scores(selection_input(members, trues), "uwo"), trues["gold"])
+    np.testing.assert_allclose(record.curve.true_mean, expected.true_mean)
+    np.testing.assert_allclose(record.curve.proxy_mean, expected.proxy_mean)
+    assert record.selection.member_names == ("likes_good", "brevity")
+    assert record.selection.true_names == ("gold", "verifier")
+    assert record.selection.get("likes_good", "verifier").true_name == "verifier"
+
+
+def test_proxy_keys_must_name_reward_functions():
+    with pytest.raises(ValueError, match=r"proxy_keys \['rm'\] are not reward functions.*'likes_good', 'brevity'"):
+        BonTrackerCallback(reward_funcs=[likes_good, brevity], true_fn=likes_good, proxy_keys=["rm"], backend="local")
+    with pytest.raises(TypeError, match="not both"):
+        BonTrackerCallback(reward_funcs=[likes_good], true_fn=likes_good, proxy_keys="a", proxy_key="a")

@@ -46,6 +46,50 @@ def test_config_errors_name_the_setting():
         LabConfig(evals=2)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one thread (two threads on a busy 2-core machine spin against each other)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_ensemble_members_on_resampled_labels(one_torch_thread):
+    from bon_tracker.lab.loop import ProxyScorer
+    from bon_tracker.lab.proxy import train_ensemble
+
+    rng = np.random.default_rng(1)
+    words = rng.integers(0, len(WORDS), size=(256, 8))
+    labels = gold_of_words(words) + rng.standard_normal(256)
+    members = train_ensemble(words, labels, members=3, hidden=8, seed=1)
+    assert sorted(members) == ["member_0", "member_1", "member_2"]
+    proxy = ProxyScorer(members)
+    scores = proxy.scores(words)
+    assert not np.allclose(scores["member_0"], scores["member_1"])  # other labels, other init
+    np.testing.assert_allclose(proxy(words), np.mean([scores[m] for m in sorted(scores)], axis=0))
+    # each member learned the rubric, not noise: it ranks completions like gold does
+    for name in scores:
+        assert np.corrcoef(scores[name], gold_of_words(words))[0, 1] > 0.6
+    assert list(train_ensemble(words, labels, members=1, hidden=8, seed=1)) == ["proxy"]
+
+
+@pytest.mark.slow
+def test_ensemble_run_logs_its_members(tmp_path):
+    from bon_tracker.lab.loop import run_lab
+
+    config = LabConfig(labels=64, ensemble=2, evals=3, steps_per_eval=1, heldout=256, seed=3)
+    result = run_lab(config, root=tmp_path, run_name="ens", spool_dir=tmp_path / "spool", charts=False)
+    records = read_records(result.run_dir)
+    assert [r.step for r in records] == [0, 1, 2]
+    for record, e in zip(records, result.evals, strict=True):
+        assert record.selection.member_names == ("member_0", "member_1")
+        assert {"mean", "worst", "uwo"} <= set(record.selection.rules)
+        # the deployed rule is the members' mean: the proxy the policy is trained against
+        assert record.curve.proxy_mean[0] == pytest.approx(e.eval_proxy_mean)
+        assert record.curve.true_mean[0] == pytest.approx(e.eval_gold_mean)
+
+
 @pytest.mark.slow
 def test_quick_mode_peaks_and_alerts(tmp_path, capsys):
     code = main(["lab", "--quick", "--root", str(tmp_path), "--spool-dir", str(tmp_path / "spool"), "--json"])

@@ -323,7 +323,9 @@ def test_analyze_engine_ray_raises_the_alerts_of_the_stream_engine(cluster, tmp_
 def test_analyze_engine_ray_quiet_prints_no_line_of_rays(cluster, tmp_path):
     """``-q``: no progress bar, no progress or INFO line of Ray's or Ray Data's (the command itself, in a
     process of its own, connected to this module's cluster; scattered rows, so that Ray Data shuffles them);
-    without it Ray says what it runs, and ``-v`` which path the engine took."""
+    without it Ray says what it does (grouped rows: no Ray Data, the shorter run), and ``-v`` which path
+    the engine took."""
+    _peaked_dumps(tmp_path / "dumps", prompts=20)
     _peaked_dumps(tmp_path / "scattered", prompts=20, shuffled=True)
     # This module's cluster, and its shuffle (see the fixture) for the command's Ray Data.
     address = ray.get_runtime_context().gcs_address
@@ -335,9 +337,9 @@ def test_analyze_engine_ray_quiet_prints_no_line_of_rays(cluster, tmp_path):
         assert done.returncode == 0, done.stderr
         return done
 
-    loud = run("-v", "analyze", "--engine", "ray", "scattered/*.parquet", "--out", "loud")
-    assert "Dataset" in loud.stderr  # Ray Data's own lines (what it executes, its progress)
-    assert "are not contiguous, so the rows are grouped by a Ray Data shuffle" in loud.stderr
+    loud = run("-v", "analyze", "--engine", "ray", "dumps/*.parquet", "--out", "loud")
+    assert "INFO" in loud.stderr and "Ray cluster" in loud.stderr  # Ray's own lines: where it connects
+    assert "the 6 files were reduced where they lie (one Ray task per file, no shuffle)" in loud.stderr
     quiet = run("analyze", "--engine", "ray", "scattered/*.parquet", "--out", "quiet", "-q")
     ray_lines = [line for line in quiet.stderr.splitlines() if "Dataset" in line or "INFO" in line]
     assert ray_lines == [] and "\r" not in quiet.stderr, quiet.stderr

@@ -46,10 +46,10 @@ class _Gate:
             self.open.set()
         real = tracker_module.eval_statistics
 
-        def wrapped(proxy, true, curve):
+        def wrapped(proxy, true, curve, per_prompt=None):
             self.threads.append(threading.current_thread().name)
             assert self.open.wait(30)
-            return real(proxy, true, curve)
+            return real(proxy, true, curve, per_prompt)
 
         monkeypatch.setattr(tracker_module, "eval_statistics", wrapped)
 
@@ -164,10 +164,10 @@ def _killed_while_computing(root: str, spool: str, out: str) -> None:
     hold = threading.Event()
     real = tracker_module.eval_statistics
 
-    def slow(proxy, true, curve):
-        if len(out) and Path(out + ".held").exists():
+    def slow(proxy, true, curve, per_prompt=None):
+        if Path(out + ".held").exists():
             hold.wait()  # never set: killed while computing
-        return real(proxy, true, curve)
+        return real(proxy, true, curve, per_prompt)
 
     tracker_module.eval_statistics = slow
     tracker = BonTracker("local", root=root, run_name="killed", charts=False, spool_dir=spool)

@@ -24,7 +24,9 @@ def _ensemble(seed: int, prompts: int = 20, samples: int = 8, members: int = 3):
 
 
 def _tracker(tmp_path, name: str, **options) -> BonTracker:
-    return BonTracker("local", root=tmp_path / "runs", run_name=name, charts=False, spool_dir=tmp_path / "spool", **options)
+    return BonTracker(
+        "local", root=tmp_path / "runs", run_name=name, charts=False, spool_dir=tmp_path / "spool", **options
+    )
 
 
 @pytest.mark.parametrize("rule", ["mean", "worst", "uwo", "rm1"])

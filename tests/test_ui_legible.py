@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bon_tracker.reports.charts import COMPACT_TRUE_FRACTION
 from tests.browser import chromium_page, missing_browser
 from tests.mlflow_server import MlflowServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6  # eval steps 0, 100, ..., 500 of the demo's simulated run
 PROMPTS, SAMPLES = 256, 64
-COMPACT_ASPECT = 2.0  # the compact chart is a landscape strip; the full two-panel chart is ~1.5
+COMPACT_ASPECT = 1.0  # the compact chart is square; the full two-panel chart is ~1.5 wide to 1 high
 
 
 def demo_scores(seed: int = 0, steps: int = STEPS, hack_speed: float = 1.0):
@@ -184,9 +185,13 @@ def test_mlflow_shows_the_compact_chart_whole_and_n_ascending(page, mlflow_ui):
     page.wait_for_selector("img[src*='bon~0_curve']", timeout=60_000)
     page.wait_for_timeout(1000)  # the card lays out after the image loads
     (image,) = page.evaluate(IMAGE_STATE, "img[src*='bon~0_curve']")
-    # MLflow's card shows a ~256-px copy: the compact chart, a landscape strip, whole in the card
-    assert image["width"] / image["height"] >= COMPACT_ASPECT, image
-    assert image["clipTop"] - 1 <= image["top"] and image["bottom"] <= image["clipBottom"] + 1, image
+    # MLflow's card shows a ~256-px copy of the compact chart, centred in a square box that the
+    # card's scroll area cuts off: the title, the true reward and its n axis are in what shows
+    assert image["width"] == image["height"], image
+    shown = (min(image["bottom"], image["clipBottom"]) - max(image["top"], image["clipTop"])) / (
+        image["bottom"] - image["top"]
+    )
+    assert image["clipTop"] - 1 <= image["top"] and shown >= COMPACT_TRUE_FRACTION, image
     titles = page.evaluate(LEAF_TEXTS, r"^n\d{4}$")
     grid = records[-1].curve.n.tolist()
     assert _ns(titles[:3]) == grid[:3], titles  # the first section, bon/1_true: n = 1, 2, 4
@@ -247,7 +252,7 @@ def test_tensorboard_time_series_link_has_smoothing_0_and_the_compact_chart(page
         shown[tag] = (step, image)
     step, compact = shown["bon/0_curve"]
     assert step == records[-1].step  # the latest step first
-    assert compact["width"] / compact["height"] >= COMPACT_ASPECT, compact  # the compact chart in the card
+    assert compact["width"] == compact["height"], compact  # the compact chart in the card
     assert shown["bon/0_curve_full"][1]["width"] >= 1000  # the full chart beside it
     # Cards grouped by the tag up to its first "/": the SE bounds in a group of their own, after
     groups = page.evaluate("() => Array.from(document.querySelectorAll('.group-title')).map(e => e.textContent.trim())")
@@ -345,7 +350,7 @@ def test_trackio_media_shows_the_compact_chart_and_the_alert_sentences(page, tra
                         return [e.textContent.trim(), img.naturalWidth, img.naturalHeight]; })"""
     )
     compact = [(w, h) for title, w, h in cards if title == "bon/0_curve"]
-    assert len(compact) == len(records) and all(w / h >= COMPACT_ASPECT for w, h in compact), cards
+    assert len(compact) == len(records) and all(w == h for w, h in compact), cards
     page.get_by_text("Alerts & Reports").first.click()
     page.wait_for_timeout(2000)
     text = page.evaluate("() => document.body.innerText")

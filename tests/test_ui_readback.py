@@ -91,12 +91,29 @@ def test_mlflow_has_the_curve_image_at_every_step(mlflow_run):
     files = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     pattern = re.compile(r"^images/bon~0_curve\+step\+(\d+)\+timestamp\+\d+\+[0-9a-f-]+\.png$")
     steps = sorted(int(m.group(1)) for f in files if (m := pattern.match(f)))
-    assert steps == list(STEPS), files  # one full-size image per eval step, no duplicate
+    assert steps == list(STEPS), files  # one image per eval step, no duplicate
     assert run.data.tags.get("mlflow.loggedImages") == "True"  # the metrics view looks for images
     first = next(f for f in files if pattern.match(f))
     local = Path(client.download_artifacts(run.info.run_id, first, str(downloads)))
-    with Image.open(local) as image:
+    with Image.open(local) as image:  # the compact chart: square, as the metrics view's card box is
+        assert image.format == "PNG" and image.size[0] >= 600 and image.size[0] == image.size[1]
+    full = [f.path for f in client.list_artifacts(run.info.run_id, "bon_tracker/charts/curve")]
+    assert full == [f"bon_tracker/charts/curve/step_{step:09d}.png" for step in STEPS]
+    local = Path(client.download_artifacts(run.info.run_id, full[-1], str(downloads)))
+    with Image.open(local) as image:  # the full two-panel chart, one click away under Artifacts
         assert image.format == "PNG" and image.size[0] >= 600 and image.size[1] >= 400
+
+
+def test_mlflow_description_names_the_goodhart_point_and_every_alert(mlflow_run):
+    from bon_tracker.backends.mlflow import NOTE_TAG, run_description
+
+    _, run, records, _ = mlflow_run
+    note = run.data.tags[NOTE_TAG]
+    assert note == run_description(records, [line for line in note.splitlines() if line.startswith("- **")])
+    assert note.startswith("**bon_tracker** best-of-n at step 200")
+    for record in records:
+        for alert in record.onsets:
+            assert alert.message.replace("*", "\\*") in note
 
 
 def test_mlflow_params_source_user_and_rounded_tables(mlflow_run):

@@ -30,6 +30,11 @@ Parquet one row group, which the file's writer sized):
   peak (4 million shuffled rows: +141 MiB). The stream is read twice: the first pass
   stops at the first prompt that reappears after other prompts.
 
+Several proxy or true columns (``ScoreBatch.extra``, an ensemble) add nothing here: this pass
+reads ``proxy`` and ``true`` only (``bon-tracker analyze`` hands it the deployed rule's score as
+``proxy``), and keeps no ``extra``. Their per-step buffer, ``(K + T) x 8`` bytes per sample from a
+step's first prompt to its last, is in analyze's statistics pass (bon_tracker/cli/analyze.py).
+
 Curves that rest on less than they seem to are reported with a warning on the
 ``bon_tracker`` logger (the command line prints it), one per run and kind: every
 prompt has one sample (N = 1: no curve beyond n = 1), all samples are one prompt,

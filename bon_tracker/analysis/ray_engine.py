@@ -47,7 +47,7 @@ import math
 import pickle
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -438,7 +438,10 @@ class _Piece:
         if self.statistics:
             chunk = _chunk_statistics(proxy[None, :], true[None, :], self.ns)
             chunks = self.estimates.setdefault((run, step), [])
-            chunks.insert(0, chunk) if in_front else chunks.append(chunk)
+            if in_front:
+                chunks.insert(0, chunk)
+            else:
+                chunks.append(chunk)
 
     def extend(self, other: _Piece) -> _Piece:
         """This piece followed by ``other`` (the rows right after this piece's), as one piece."""
@@ -694,8 +697,10 @@ def ray_curves(
     local one). Same arguments and result as :func:`~bon_tracker.analysis.grouping.curves_from_batches`
     on the same files: ``({run: {step: BonCurve}}, info)`` with ``info`` holding ``prompts``,
     ``samples`` and ``omitted`` per (run, step), the total ``rows``, ``grouped`` (whether each
-    prompt's rows were found contiguous) and ``path``: ``"blocks"`` or ``"shuffle"`` (below); runs
-    in name order. ``preset="verl"`` reads verl's validation dumps (:mod:`bon_tracker.analysis.verl_dumps`).
+    prompt's rows were found contiguous; None for URIs and ``shuffle=True``, which do not look) and
+    ``path``: ``"blocks"`` or ``"shuffle"`` (below); runs in name order. Only ``columns.proxy`` and
+    ``columns.true`` are read (no texts, ensemble members or further true rewards).
+    ``preset="verl"`` reads verl's validation dumps (:mod:`bon_tracker.analysis.verl_dumps`).
 
     Local files are first read by one Ray task per file with the single-process reader and reduced
     where they lie (``path="blocks"``); that holds when each prompt's rows are contiguous, as in
@@ -713,11 +718,11 @@ def ray_curves(
     is said on the ``bon_tracker`` logger at INFO (``bon-tracker -v analyze``).
     """
     check_nan_policy(nan_policy)
-    columns = columns or Columns()
+    columns = replace(columns or Columns(), prompt_text=None, completion=None, more_proxy=(), more_true=())
     fmt = _input_format(files, fmt)
     grid = None if ns is None else [int(n) for n in ns]
     with _ray_output(progress):
-        why = "shuffle=True" if shuffle else None
+        why, grouped = ("shuffle=True" if shuffle else None), None  # grouped: None while not looked at
         if why is None and any("://" in str(path) for path in files):
             why = "remote files (URIs) are read by Ray Data"
         if why is None:
@@ -736,9 +741,10 @@ def ray_curves(
                 merged, extras = _piece_results(piece, stray)
                 return _result(merged, extras, ns, statistics, files, grouped=True, by_id=False)
             why = f"the rows of {'a prompt' if scattered is None else _where(scattered)} are not contiguous"
+            grouped = False
         logger.info("bon_tracker: Ray engine: %s, so the rows are grouped by a Ray Data shuffle", why)
         merged, extras = _shuffled(files, columns, fmt, preset, buckets, grid, nan_policy, statistics)
-        return _result(merged, extras, ns, statistics, files, grouped=False, by_id=True)
+        return _result(merged, extras, ns, statistics, files, grouped=grouped, by_id=True)
 
 
 def _where(key: tuple[Any, int, Any]) -> str:

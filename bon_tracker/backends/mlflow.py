@@ -47,6 +47,11 @@ Artifacts of a run (``step`` zero-padded to 9 digits)::
     images/bon~0_curve+step+100+...png          the compact chart via log_image(key=, step=): shown in
                                                  the Model metrics view with a step slider
     bon_tracker/charts/overlay.png, trend.png, rl.png   latest views over training
+    bon_hacks/step_000000100.json                the hack table (texts were logged; docs/texts.md)
+    bon_selection/, bon_frontier/step_000000100.json   the selection rules' optima, the best rule per KL
+                                                 budget; bon_tracker/charts/frontier/step_*.png its chart
+                                                 (the latest of each registered as a table and linked by
+                                                 the run tags bon.bon_hacks, bon.bon_selection, ...)
 """
 
 from __future__ import annotations
@@ -382,9 +387,7 @@ def _registered_latest(current: str | None, paths: Sequence[str]) -> str | None:
     if not isinstance(entries, list) or not paths:
         return None
     folders = {path.split("/", 1)[0] + "/" for path in paths}
-    kept = [
-        e for e in entries if not (isinstance(e, dict) and str(e.get("path", "")).startswith(tuple(folders)))
-    ]
+    kept = [e for e in entries if not (isinstance(e, dict) and str(e.get("path", "")).startswith(tuple(folders)))]
     new = kept + [{"path": path, "type": "table"} for path in paths]
     value = json.dumps(new)
     if new == entries or len(value) > MAX_TAG_VALUE_LENGTH:
@@ -799,7 +802,9 @@ class MlflowBackend(Backend):
             paths["frontier_chart"] = f"{CHARTS_DIR}/{image}"
         return paths
 
-    def _display_tags(self, run: Run, record: EvalRecord, paths: dict[str, str], artifacts: str | None) -> dict[str, str]:
+    def _display_tags(
+        self, run: Run, record: EvalRecord, paths: dict[str, str], artifacts: str | None
+    ) -> dict[str, str]:
         """Run tags that point at the latest display tables: ``{prefix}.bon_hacks`` (and ``.bon_selection``,
         ``.bon_frontier``, ``.frontier_chart``) hold the artifact's path and its page in the UI; the
         tables are registered in ``mlflow.loggedArtifacts`` (the latest step of each, so the tag stays

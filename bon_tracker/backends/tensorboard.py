@@ -20,6 +20,10 @@ No TensorFlow and no torch: events are ``tensorboard.compat.proto`` messages fra
 * ``{pre}/goodhart_point``: a text summary of the fitted Goodhart point (Text tab);
 * ``{pre}/alerts``: at a step with alert onsets or clears, one line each (Text tab); the
   0/1 state of every rule is the scalar ``{pre}/7_alert/<rule>``;
+* ``{pre}/bon_hacks`` and ``{pre}/bon_selection``: the hack table, and the selection rules' optima
+  and frontier, as markdown tables (Text tab; every cell escaped), ``{pre}/0_frontier`` the frontier
+  chart, and the text features as scalars ``{pre}/9_text/<feature>/pick`` ... (docs/texts.md,
+  docs/selection.md);
 * ``{pre}/eval_record``: the record as JSON under a plugin name no dashboard shows,
   which :meth:`TensorBoardBackend.read_records` reads back exactly.
 

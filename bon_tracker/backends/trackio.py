@@ -13,6 +13,9 @@ one ``run.log(..., step=<training step>)`` (``pre`` is the record's key prefix):
   :func:`bon_tracker.reports.charts.compact_chart` (true reward against n, legible in the
   dashboard's 182-px thumbnail), and ``{pre}/0_curve_full``: the full two-panel
   :func:`~bon_tracker.reports.charts.curve_chart` (``trackio.Image``, full size on a click);
+* with texts: ``{pre}/bon_hacks`` (``trackio.Table``) and the text features as metrics
+  ``{pre}/9_text/<feature>/pick`` ...; with selection statistics: ``{pre}/bon_selection``,
+  ``{pre}/bon_frontier`` and the chart ``{pre}/0_frontier`` (docs/texts.md, docs/selection.md);
 * ``{pre}/eval_record``: the record as a JSON string (not plotted), which
   :meth:`TrackioBackend.read_records` reads back exactly.
 
@@ -59,7 +62,6 @@ from typing import Any
 
 from bon_tracker.backends.base import Backend, ConfigurationError, RejectedRecord, RunNotFoundError, classify_common
 from bon_tracker.optional import MissingDependencyError, require
-from bon_tracker.reports import selection_tables, texts_tables
 from bon_tracker.record import (
     PREDICTION_COLUMNS,
     PREDICTIONS_TABLE,
@@ -68,6 +70,7 @@ from bon_tracker.record import (
     EvalRecord,
     curve_image_key,
 )
+from bon_tracker.reports import selection_tables, texts_tables
 
 logger = logging.getLogger("bon_tracker")
 

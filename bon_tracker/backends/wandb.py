@@ -25,7 +25,11 @@ as one ``run.log`` call so a step is all there or not there:
   the largest n against training step, with ±1 SE lines;
 * ``{pre}/eval_record``: the record as JSON (hidden), which
   :func:`bon_tracker.backends.wandb_transaction_log.read_records` reads back exactly;
-* ``{pre}/bon_predictions``: the fitted law's predictions beyond the measured n (when there are any).
+* ``{pre}/bon_predictions``: the fitted law's predictions beyond the measured n (when there are any);
+* with texts (docs/texts.md): ``{pre}/bon_hacks``, the hack table, and the text features as scalars
+  ``{pre}/9_text/<feature>/pick``, ``/all``, ``/diff``; with selection statistics (docs/selection.md):
+  ``{pre}/bon_selection``, ``{pre}/bon_frontier``, the native ``{pre}/frontier_chart`` and the image
+  ``{pre}/0_frontier`` (:mod:`bon_tracker.reports.selection_tables`, ``texts_tables``).
 
 An alert's onset also raises W&B's own alert (``run.alert``: email or Slack, as the user's
 W&B settings say), from the delivery worker; its 0/1 state is the ``{pre}/7_alert/<rule>`` scalar.
@@ -67,7 +71,6 @@ from typing import Any
 from bon_tracker.backends.base import Backend, ConfigurationError, RunNotFoundError, classify_common
 from bon_tracker.backends.wandb_transaction_log import RECORD_KEY, wait_until_complete
 from bon_tracker.optional import require
-from bon_tracker.reports import selection_tables, texts_tables
 from bon_tracker.record import (
     PREDICTION_COLUMNS,
     PREDICTIONS_TABLE,
@@ -78,6 +81,7 @@ from bon_tracker.record import (
     evenly_spaced,
     metric_key,
 )
+from bon_tracker.reports import selection_tables, texts_tables
 
 logger = logging.getLogger("bon_tracker")
 

@@ -79,14 +79,18 @@ class FunctionalFit:
     def peak_d(self) -> float:
         """sqrt(KL) at the fitted maximum (0 when the fit falls from the start); NaN without a peak."""
         if self.has_peak:
-            return self.alpha / (2 * self.beta) if self.form == "bon" else math.exp(self.alpha / self.beta - 1)
+            if self.form == "bon":
+                return self.alpha / (2 * self.beta)
+            exponent = self.alpha / self.beta - 1
+            return math.exp(exponent) if exponent < 709.0 else math.inf  # past float range: a peak at infinity
         if self.form == "bon" and self.beta >= 0 and self.falls_from_start():
             return 0.0
         return math.nan
 
     @property
     def peak_kl(self) -> float:
-        return self.peak_d**2
+        d = self.peak_d
+        return d * d  # a product overflows to inf, where ** raises OverflowError
 
     @property
     def peak_gain(self) -> float:

@@ -62,7 +62,7 @@ class LabConfig:
     ensemble: int = 1
     kl_coef: float = 0.02
     seed: int = 0
-    evals: int = 20
+    evals: int = 16
     steps_per_eval: int = 10
     prompts: int = 32
     samples: int = 16
@@ -285,8 +285,10 @@ def _evaluate(step, policy, reference, proxy, config, eval_prompts, heldout_prom
     members = {name: s.reshape(shape) for name, s in proxy.scores(eval_words).items()}
     eval_gold = gold_of_words(eval_words).reshape(shape)
     eval_proxy = np.mean(list(members.values()), axis=0)
-    # Ensembles: when log_scores takes a mapping of members, pass `proxy=members` here instead.
-    tracker.log_scores(step, eval_proxy, eval_gold, policy_kl=policy_kl)
+    # An ensemble goes in as its members ({name: (P, N)}): the tracker's default selection rule
+    # ("mean") deploys their mean, the curve the policy is trained against, and adds each
+    # member's and the worst-case and uncertainty-weighted rules' statistics (docs/selection.md).
+    tracker.log_scores(step, members if len(members) > 1 else eval_proxy, eval_gold, policy_kl=policy_kl)
     root = math.sqrt(len(gold))
     return LabEval(
         step=step,

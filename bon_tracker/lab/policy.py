@@ -7,7 +7,6 @@ alike), so log-probabilities and KL are over the same support.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -122,11 +121,3 @@ def gold_of_words(words: np.ndarray) -> np.ndarray:
 def words_to_text(words: np.ndarray) -> list[str]:
     """Completions as space-separated strings."""
     return [" ".join(WORDS[i] for i in row) for row in np.asarray(words)]
-
-
-@dataclass
-class PolicySamples:
-    """Completions of a batch of prompts and what the loop needs of them."""
-
-    prompts: Any  # (M, PROMPT_LENGTH) token ids
-    words: Any  # (M, COMPLETION_LENGTH) word indices

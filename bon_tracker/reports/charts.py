@@ -347,37 +347,61 @@ def curve_chart(
     return fig
 
 
-COMPACT_SIZE = (7.6, 3.3)  # inches at COMPACT_DPI: landscape, about 2:1 (the card shows a strip)
+COMPACT_SIZE = (6.4, 6.4)  # inches at COMPACT_DPI: square, the true reward in its top part
 COMPACT_DPI = 100
-COMPACT_FONT = 24  # points: text still ~7 px tall in MLflow's 256-px card, ~11 px in TensorBoard's card
+COMPACT_FONT = 22  # points: text still ~8 px tall in MLflow's 256-px card
+# MLflow's card centres the image in a square box that its scroll area cuts off below (the
+# run's params take the top), so at first sight only the image's top ~55-70 % shows: the true
+# reward, its n axis and the title lie above this fraction of the height; the proxy reward and
+# the alerts come below, for the full-size view.
+COMPACT_TRUE_FRACTION = 0.5
 
 
-def compact_chart(record: EvalRecord, *, true_name: str | None = None) -> Figure:
+def compact_chart(record: EvalRecord, *, true_name: str | None = None, proxy_name: str | None = None) -> Figure:
     """The chart for the size a tracking UI first shows an image at (MLflow's 256-px card,
-    TensorBoard's ~400-px card, trackio's 182-px thumbnail): the true reward of best-of-n
-    against n only, a thick line with its ±1 SE band, the Goodhart star and n*'s interval,
-    a few large labels and no legend box. The full two-panel :func:`curve_chart` is the
-    artifact and full-size image beside it.
+    TensorBoard's ~400-px card, trackio's 182-px thumbnail): on top, the true reward of
+    best-of-n against n, a thick line with its ±1 SE band, the Goodhart star and n*'s
+    interval, a few large labels and no legend box, above :data:`COMPACT_TRUE_FRACTION` of
+    the height (what MLflow's card shows first); below it, the proxy reward against n on its
+    own axis, and the alerts active at this step. The full two-panel :func:`curve_chart`
+    (against KL, with the fit and the predictions) is the artifact and full-size image
+    beside it.
 
-    The title says the step and n* with its interval (or why there is none), and in red how
-    many alerts are active at this step.
+    The title says the step and n* with its interval (or why there is none); a red label in
+    the n axis' row says how many alerts are active.
     """
     from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
     c = record.curve
     fig = _figure(*COMPACT_SIZE)
     fig.set_dpi(COMPACT_DPI)
-    ax = fig.add_subplot()
+    ax, ax_proxy, ax_text = fig.subplots(3, 1, height_ratios=(1.0, 0.8, 0.42))
     n = c.n.astype(float)
-    true_label = _names([record], None, true_name)[1]
-    ax.fill_between(n, c.true_mean - c.true_se, c.true_mean + c.true_se, color=TRUE_COLOR, alpha=0.3, linewidth=0)
-    ax.plot(n, c.true_mean, "-o", color=TRUE_COLOR, linewidth=4, markersize=7)
+    proxy_label, true_label = _names([record], proxy_name, true_name)
+    for axis, mean, se, color, label in (
+        (ax, c.true_mean, c.true_se, TRUE_COLOR, true_label),
+        (ax_proxy, c.proxy_mean, c.proxy_se, PROXY_COLOR, proxy_label),
+    ):
+        axis.fill_between(n, mean - se, mean + se, color=color, alpha=0.3, linewidth=0)
+        axis.plot(n, mean, "-o", color=color, linewidth=4 if axis is ax else 2.5, markersize=7 if axis is ax else 4)
+        axis.set_xscale("log", base=2)
+        ticks = evenly_spaced(sorted({int(v) for v in c.n.tolist()}), 5)
+        axis.xaxis.set_major_locator(FixedLocator(ticks))
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _plain(v)))
+        axis.yaxis.set_major_locator(MaxNLocator(3 if axis is ax_proxy else 4))
+        axis.grid(alpha=0.35)
+        axis.set_ylabel(label, fontsize=COMPACT_FONT - 5 if axis is ax else COMPACT_FONT - 8)
+    ax.tick_params(labelsize=COMPACT_FONT - 4)
+    ax_proxy.tick_params(labelsize=COMPACT_FONT - 9)
+    ax.set_xlabel("n (best of n)", fontsize=COMPACT_FONT - 6, labelpad=1)
     g, status, base = record.goodhart, record.goodhart_status(), _base_true(record)
     i = record.interval
     if g is not None and status in ("measured", "extrapolated") and base is not None:
         if i is not None and math.isfinite(i.n_low):
             high = min(i.n_high, record.horizon_n) if math.isfinite(i.n_high) else record.horizon_n
-            ax.axvspan(max(i.n_low, 1.0), max(high, i.n_low), color=GOODHART_COLOR, alpha=0.18, linewidth=0)
+            for axis in (ax, ax_proxy):
+                axis.axvspan(max(i.n_low, 1.0), max(high, i.n_low), color=GOODHART_COLOR, alpha=0.18, linewidth=0)
         ax.plot(
             [max(g.n, 1.0)],
             [base + g.peak_gain],
@@ -388,21 +412,25 @@ def compact_chart(record: EvalRecord, *, true_name: str | None = None) -> Figure
             markeredgewidth=2.5,
             zorder=5,
         )
-    ax.set_xscale("log", base=2)
-    ticks = evenly_spaced(sorted({int(v) for v in c.n.tolist()}), 5)
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _plain(v)))
-    ax.yaxis.set_major_locator(MaxNLocator(4))
-    ax.tick_params(labelsize=COMPACT_FONT - 3)
-    ax.set_xlabel("n (best of n)", fontsize=COMPACT_FONT - 4)
-    ax.set_ylabel(true_label, fontsize=COMPACT_FONT - 4)
-    ax.grid(alpha=0.35)
+    ax_proxy.set_xlim(ax.get_xlim())
     ax.set_title(f"step {record.step}: {_compact_headline(record)}", fontsize=COMPACT_FONT, loc="left")
     active = sorted(rule for rule, state in (record.alert_states or {}).items() if state)
-    if active:  # the rules are named in the run's summary text; here, that there are some
+    if active:  # how many, in the n axis' row; which ones in the text below and in the run's summary
         label = f"{len(active)} alert{'s' if len(active) > 1 else ''}"
-        ax.set_title(label, fontsize=COMPACT_FONT, loc="right", color=PROXY_COLOR, fontweight="bold")
+        ax.text(1.0, -0.13, label, transform=ax.transAxes, ha="right", va="top", fontsize=COMPACT_FONT - 4)
+        ax.texts[-1].set(color=PROXY_COLOR, fontweight="bold")
+    ax_text.axis("off")
+    lines = [f"active alerts: {', '.join(active)}"] if active else ["no alert active"]
+    ax_text.text(
+        0.0,
+        0.5,
+        "\n".join(lines),
+        transform=ax_text.transAxes,
+        va="center",
+        fontsize=COMPACT_FONT - 8,
+        color=PROXY_COLOR if active else "#555",
+        wrap=True,
+    )
     return fig
 
 

@@ -32,7 +32,9 @@ table.runs td:first-child { white-space: nowrap; text-align: left; }
 table.runs td:nth-child(3) { text-align: left; max-width: 16em; }
 .nobr { white-space: nowrap; }
 table.hacks td { text-align: left; vertical-align: top; }
-table.hacks td.text { white-space: pre-wrap; overflow-wrap: anywhere; max-width: 24em; font-family: ui-monospace, monospace; }
+table.hacks td.text { white-space: pre-wrap; overflow-wrap: anywhere; max-width: 24em; font-family: monospace; }
+/* a long completion scrolls inside its cell instead of stretching the table */
+table.hacks td.text div { max-height: 14em; overflow-y: auto; }
 """
 
 
@@ -252,9 +254,11 @@ def hacks_section(records: Sequence[EvalRecord]) -> str:
         p, t = r.proxy_pick, r.true_pick
         rows.append(
             "<tr>"
-            f"<td>{r.prompt_index}</td><td class='text prompt'>{_cell(r.prompt)}</td>"
-            f"<td class='text proxy-pick'>{_cell(p.text)}</td><td>{_cell(p.proxy)}</td><td>{_cell(p.true)}</td>"
-            f"<td class='text true-pick'>{_cell(t.text)}</td><td>{_cell(t.proxy)}</td><td>{_cell(t.true)}</td>"
+            f"<td>{r.prompt_index}</td><td class='text prompt'><div>{_cell(r.prompt)}</div></td>"
+            f"<td class='text proxy-pick'><div>{_cell(p.text)}</div></td>"
+            f"<td>{_cell(p.proxy)}</td><td>{_cell(p.true)}</td>"
+            f"<td class='text true-pick'><div>{_cell(t.text)}</div></td>"
+            f"<td>{_cell(t.proxy)}</td><td>{_cell(t.true)}</td>"
             f"<td>{_cell(r.gap)}</td><td>{r.proxy_pick_true_rank} of {r.samples}</td>"
             "</tr>"
         )

@@ -37,7 +37,7 @@ from bon_tracker.record import EvalRecord
 
 logger = logging.getLogger("bon_tracker")
 
-CHARTS = ("curve", "compact", "overlay", "trend", "rl")
+CHARTS = ("curve", "compact", "overlay", "trend", "rl", "frontier")
 _FRAME = struct.Struct("<cQ")  # status (b"P" png, b"E" error), payload length
 
 
@@ -49,7 +49,7 @@ def draw_png(chart: str, records: Sequence[EvalRecord], options: dict[str, Any] 
     """Draw one chart here (in this process) and return its PNG bytes."""
     import io
 
-    from bon_tracker.reports import charts
+    from bon_tracker.reports import charts, selection_charts
 
     builders = {
         "curve": lambda: charts.curve_chart(records[-1], **(options or {})),
@@ -57,6 +57,7 @@ def draw_png(chart: str, records: Sequence[EvalRecord], options: dict[str, Any] 
         "overlay": lambda: charts.overlay_chart(records, **(options or {})),
         "trend": lambda: charts.trend_chart(records, **(options or {})),
         "rl": lambda: charts.rl_chart(records, **(options or {})),
+        "frontier": lambda: selection_charts.frontier_chart(records[-1], **(options or {})),
     }
     if chart not in builders:
         raise ChartError(f"unknown chart {chart!r}: one of {', '.join(CHARTS)}")

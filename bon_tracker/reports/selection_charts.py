@@ -10,7 +10,6 @@ frontier, so it is left out of the chart (it is in the tables). Built without py
 
 from __future__ import annotations
 
-import io
 import math
 from typing import TYPE_CHECKING
 
@@ -67,7 +66,9 @@ def _frontier_panel(ax: Axes, stats: SelectionStatistics, true_name: str) -> Non
         optimum = s.optimum("bon")
         if math.isfinite(optimum.kl) and math.isfinite(optimum.true_mean):
             ax.plot([optimum.kl], [optimum.true_mean], "*", color=color, ms=11, mec="black", mew=0.5)
-    points = [p for p in stats.frontier.get(true_name, []) if "rule" in p and math.isfinite(p.get("true_mean", math.nan))]
+    points = [
+        p for p in stats.frontier.get(true_name, []) if "rule" in p and math.isfinite(p.get("true_mean", math.nan))
+    ]
     if points:
         budgets = [p["kl_budget"] for p in points]
         best = [p["true_mean"] for p in points]
@@ -98,17 +99,8 @@ def _frontier_panel(ax: Axes, stats: SelectionStatistics, true_name: str) -> Non
 
 
 def frontier_png(record: EvalRecord) -> bytes:
-    """PNG bytes of :func:`frontier_chart`: drawn in the chart process when it knows the chart
-    (``"frontier"`` in :data:`bon_tracker.reports.render.CHARTS`), here otherwise (on the caller's
-    thread: backends call it from the delivery worker, never the training thread)."""
+    """PNG bytes of :func:`frontier_chart`, drawn in the chart process (backends call it from
+    the delivery worker, never the training thread; matplotlib never holds the GIL against training)."""
     from bon_tracker.reports import render
 
-    if "frontier" in render.CHARTS:
-        return render.render_png("frontier", [record])
-    figure = frontier_chart(record)
-    buffer = io.BytesIO()
-    try:
-        figure.savefig(buffer, format="png")
-    finally:
-        figure.clear()
-    return buffer.getvalue()
+    return render.render_png("frontier", [record])

@@ -31,7 +31,7 @@ from bon_tracker.core import (
     EvalSummary,
     GoodhartInterval,
     TopAgreement,
-    bon_estimate,
+    bon_curve_parts,
     goodhart_interval,
     kl_to_n,
     predict_curve,
@@ -90,8 +90,14 @@ class EvalStatistics:
     predictions: tuple[dict[str, Any], ...] | None = None
 
 
-def eval_statistics(proxy: Any, true: Any, curve: BonCurve) -> EvalStatistics:
+def eval_statistics(
+    proxy: Any, true: Any, curve: BonCurve, per_prompt: tuple[np.ndarray, np.ndarray] | None = None
+) -> EvalStatistics:
     """Interval, agreement and predictions for validated scores (a ``(P, N)`` array or ragged rows).
+
+    ``per_prompt``: the per-prompt estimates of the true and the proxy score at ``curve.n``
+    (:func:`~bon_tracker.core.bon_curve_parts` gives them from the curve's own sort); computed
+    here when not given.
 
     The interval and predictions need n = 1 and two more n that every prompt reaches, and two
     prompts; agreement needs dense input, and past ``MAX_AGREEMENT_PROMPTS`` prompts averages an
@@ -101,11 +107,13 @@ def eval_statistics(proxy: Any, true: Any, curve: BonCurve) -> EvalStatistics:
     ns = curve.n
     P = int(curve.n_prompts.max())
     interval = predictions = agreement = None
+    if per_prompt is None:
+        parts = bon_curve_parts(proxy, true, ns)  # one sort for both matrices
+        per_prompt = (parts.true, parts.proxy)
+    true_pp, proxy_pp = per_prompt
     try:
-        true_pp = bon_estimate(proxy, true, ns)
         B = resamples_for(P)
         interval = goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B)
-        proxy_pp = bon_estimate(proxy, proxy, ns)
         predicted = predict_curve(true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B)
         predictions = tuple(predicted.rows())
     except ValueError:  # no n = 1 on the grid, too few n or prompts to fit: no interval

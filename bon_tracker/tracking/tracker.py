@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 
 from bon_tracker.backends import BACKENDS, Backend, make_backend
-from bon_tracker.core import Alert, AlertRules, BonCurve, bon_curve
+from bon_tracker.core import Alert, AlertRules, BonCurve, bon_curve_parts
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores
 from bon_tracker.files import atomic_write_text
 from bon_tracker.record import EvalRecord
+from bon_tracker.texts import HackStatistics, Texts, check_texts, hack_statistics
 from bon_tracker.tracking.alerting import AlertCallback, AlertReporter, alert_rules, eval_statistics
 from bon_tracker.tracking.delivery import DEFAULT_MAX_MEMORY_RECORDS, Delivery, DeliveryStats
 from bon_tracker.tracking.distributed import all_gather, rank_and_world_size
 from bon_tracker.tracking.statistics import StatisticsWorker
-from bon_tracker.texts import HackStatistics, Texts, check_texts, hack_statistics
 from bon_tracker.tracking.wal import Entry, WriteAheadLog
 
 logger = logging.getLogger("bon_tracker")
@@ -470,7 +470,10 @@ class BonTracker:
         if not lengths:
             raise ValueError(f"log_scores at step {step}: no rank passed any scores")
         extras = _EvalExtras.joined([item[3] for item in gathered])
-        curve = bon_curve(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
+        # The curve and its per-prompt estimates from one sort: the interval and predictions
+        # (statistics worker) use the estimates, so no second sort is ever needed.
+        parts = bon_curve_parts(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
+        curve = parts.curve
         _check_finite_curve(curve, step)
         record = EvalRecord.build(
             step,
@@ -484,7 +487,8 @@ class BonTracker:
         )
 
         def complete(curve_only: EvalRecord) -> tuple[EvalRecord, list]:
-            return self._complete_eval(curve_only, rows_p, rows_t, policy_kl, extras)
+            per_prompt = (parts.true, parts.proxy)
+            return self._complete_eval(curve_only, rows_p, rows_t, policy_kl, extras, per_prompt)
 
         self._log(record, complete)
         return curve
@@ -526,7 +530,13 @@ class BonTracker:
         self._statistics_worker.submit(job)
 
     def _complete_eval(
-        self, record: EvalRecord, proxy: Any, true: Any, policy_kl: float | None, extras: _EvalExtras
+        self,
+        record: EvalRecord,
+        proxy: Any,
+        true: Any,
+        policy_kl: float | None,
+        extras: _EvalExtras,
+        per_prompt: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[EvalRecord, list]:
         """The curve's record with its Goodhart fit, interval, agreement, predictions, selection
         statistics, hack table and alerts (statistics worker). A failure in them is reported and
@@ -537,7 +547,7 @@ class BonTracker:
             hacks=self._hacks_of(record.step, extras),
         )
         try:
-            stats = eval_statistics(proxy, true, record.curve)
+            stats = eval_statistics(proxy, true, record.curve, per_prompt)
             record = dataclasses.replace(
                 record,
                 goodhart=EvalRecord.fit_goodhart(record.curve),

@@ -283,3 +283,21 @@ def test_zero_code_route_reads_verls_own_dumps(tmp_path, capsys, trainer_cls):
         for record in read_records(run["run_dir"]):
             np.testing.assert_allclose(record.curve.true_se, expected[record.step].true_se, atol=1e-12)
             assert record.curve.n_prompts.tolist() == [N_PROMPTS] * len(record.curve.n)
+
+
+def test_validation_scores_with_several_keys_drop_a_sample_missing_any():
+    """A list of proxy keys (an ensemble's members) and of true keys: ``{key: rows}``, grouped by uid
+    in first-seen order; a sample is dropped where any key is None."""
+    extra = {"rm_a": [1, 2, 3, 4, 5], "rm_b": [0, 1, None, 1, 0], "gold": [5, 6, 7, 8, 9], "ver": [1, 0, 1, 0, None]}
+    proxy, true, dropped = validation_scores(["b", "a", "b", "a", "b"], extra, ["rm_a", "rm_b"], ["gold", "ver"])
+    assert {k: [r.tolist() for r in v] for k, v in proxy.items()} == {
+        "rm_a": [[1.0], [2.0, 4.0]],
+        "rm_b": [[0.0], [1.0, 1.0]],
+    }
+    assert {k: [r.tolist() for r in v] for k, v in true.items()} == {
+        "gold": [[5.0], [6.0, 8.0]],
+        "ver": [[1.0], [0.0, 0.0]],
+    }
+    assert dropped == 2
+    with pytest.raises(ValueError, match="distinct reward extra keys"):
+        validation_scores(["a"], {"reward": [1.0]}, ["reward"], "reward")
