@@ -17,7 +17,7 @@ from bon_tracker.tracking.tracker import BonTracker
 logger = logging.getLogger("bon_tracker")
 
 # BonTracker options that are not configuration keys (bon_tracker.yaml has none): passed as given.
-TRACKER_ONLY_OPTIONS = ("selection", "selection_rule")
+TRACKER_ONLY_OPTIONS = ("selection", "selection_rule", "redact", "hack_table", "log_texts")
 
 
 class TrackerLifecycle:

@@ -134,6 +134,8 @@ def assert_same_records(got: list, want: list) -> None:
         assert a.selection.member_names == b.selection.member_names
         assert a.selection.true_names == b.selection.true_names
         assert a.selection.to_json() == b.selection.to_json()
+        assert a.alert_states == b.alert_states  # the deployed rule's under every true reward
+        assert any(key.startswith("verifier/") for key in a.alert_states)
 
 
 # ---- the records are log_scores's --------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from tests.mlflow_server import MlflowServer, free_port
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6  # eval steps 0, 100, ..., 500 of the demo's simulated run
 PROMPTS, SAMPLES = 256, 64
-COMPACT_ASPECT = 1.0  # the compact chart is square; the full two-panel chart is ~1.5 wide to 1 high
 
 
 def demo_scores(seed: int = 0, steps: int = STEPS, hack_speed: float = 1.0):

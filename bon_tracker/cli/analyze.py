@@ -75,6 +75,7 @@ from bon_tracker.files import atomic_write_text
 from bon_tracker.optional import MissingDependencyError
 from bon_tracker.record import EvalRecord
 from bon_tracker.reports.compare import write_run_report
+from bon_tracker.texts import MAX_FEATURE_SAMPLES, HackAccumulator, HackStatistics, Texts
 from bon_tracker.tracking.alerting import (
     MAX_AGREEMENT_PROMPTS,
     AlertReporter,
@@ -84,7 +85,6 @@ from bon_tracker.tracking.alerting import (
     resamples_for,
 )
 from bon_tracker.tracking.config import TrackerConfig
-from bon_tracker.texts import MAX_FEATURE_SAMPLES, HackAccumulator, HackStatistics, Texts
 from bon_tracker.version import __version__
 
 ANALYZE_FILE = "analyze.json"  # in a run folder analyze wrote: what --overwrite may replace
@@ -899,7 +899,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         name = base if run is None else (f"{base}-{run}" if explicit_name else str(run))
         records = [
             _with_texts(r, hacks.get((run, r.step)), selections.get((run, r.step)))
-            for r in _records(steps, run, statistics, config, rules)
+            for r in _records(
+                steps, run, statistics, config, rules, selections, None if selection is None else selection.rule
+            )
         ]
         run_dir, report, replaced = _write_run_folder(
             out_root, name, records, overwrite=args.overwrite, draw=draw, files=files, names=names
@@ -936,10 +938,14 @@ def _records(
     statistics: dict[tuple[Any, int], EvalStatistics],
     config: TrackerConfig,
     rules: Any,
+    selections: dict[tuple[Any, int], SelectionStatistics | None] | None = None,
+    deployed: str | None = None,
 ) -> list[EvalRecord]:
     """The eval records of one run, as ``log_scores`` builds them: interval, agreement,
-    predictions, and the alerts of the run's steps in order (the tracker's reporter)."""
+    predictions, and the alerts of the run's steps in order (the tracker's reporter; with several
+    true rewards also the deployed rule's alerts under each further one, ``<true reward>/<rule>``)."""
     reporter = AlertReporter(rules) if rules is not None else None
+    true_reporters: dict[str, AlertReporter] = {}
     records = []
     for step, curve in sorted(steps.items()):
         stats = statistics.get((run, step), EvalStatistics())
@@ -948,6 +954,10 @@ def _records(
         if reporter is not None:
             try:
                 events, states = reporter.update(step, curve, None, stats.interval)
+                selection = (selections or {}).get((run, step))
+                if selection is not None and deployed is not None:
+                    more, more_states = _alerts_by_true(selection, step, deployed, rules, true_reporters)
+                    events, states = [*events, *more], {**states, **more_states}
             except Exception as err:  # as in the tracker: never the reason the curves are not reported
                 where = f"step {step}" + ("" if run is None else f" of run {run!r}")
                 logger.warning("bon_tracker: the alerts failed at %s (%s: %s)", where, type(err).__name__, err)
@@ -966,6 +976,33 @@ def _records(
             )
         )
     return records
+
+
+def _alerts_by_true(
+    stats: SelectionStatistics, step: int, deployed: str, rules: Any, reporters: dict[str, AlertReporter]
+) -> tuple[list, dict[str, int]]:
+    """The alert rules on the deployed rule's curve under each true reward after the first, as the
+    tracker runs them (``BonTracker._alerts_by_true``): states named ``<true reward>/<rule>``."""
+    from bon_tracker.core import Alert
+    from bon_tracker.tracking.selection import selection_alert_summaries
+
+    if len(stats.true_names) < 2:
+        return [], {}
+    summaries = selection_alert_summaries(stats, step)
+    events: list = []
+    states: dict[str, int] = {}
+    for name in stats.true_names[1:]:
+        if (deployed, name) not in summaries:
+            continue
+        found, found_states = reporters.setdefault(name, AlertReporter(rules)).update_summary(
+            summaries[(deployed, name)]
+        )
+        events += [
+            dataclasses.replace(e, message=f"[true reward {name!r}] {e.message}") if isinstance(e, Alert) else e
+            for e in found
+        ]
+        states.update({f"{name}/{rule}": value for rule, value in found_states.items()})
+    return events, states
 
 
 def _with_texts(
@@ -1101,6 +1138,8 @@ def add_parser(commands: Any) -> None:
             "  bon-tracker analyze samples.jsonl\n"
             "  bon-tracker analyze shard-*.parquet --step-col global_step --ns 1,2,4,8,16,32,64\n"
             "  bon-tracker analyze scores.csv --prompt-col question --proxy-col rm_score --true-col gold_score\n"
+            "  bon-tracker analyze ensemble.csv --proxy-col rm_a,rm_b,rm_c --true-col gold,verifier "
+            "--selection-rule worst\n"
             "  bon-tracker analyze scores.csv --backend mlflow --tracking-uri sqlite:///mlflow.db "
             "--experiment goodhart\n"
             "  bon-tracker analyze scores.csv --backend wandb --project goodhart --run-name ppo-1\n\n" + EXIT_CODES_HELP

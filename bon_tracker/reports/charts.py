@@ -375,7 +375,7 @@ def compact_chart(record: EvalRecord, *, true_name: str | None = None, proxy_nam
     c = record.curve
     fig = _figure(*COMPACT_SIZE)
     fig.set_dpi(COMPACT_DPI)
-    ax, ax_proxy, ax_text = fig.subplots(3, 1, height_ratios=(1.0, 0.8, 0.42))
+    ax, ax_proxy = fig.subplots(2, 1, height_ratios=(1.0, 1.2))
     n = c.n.astype(float)
     proxy_label, true_label = _names([record], proxy_name, true_name)
     for axis, mean, se, color, label in (
@@ -419,18 +419,11 @@ def compact_chart(record: EvalRecord, *, true_name: str | None = None, proxy_nam
         label = f"{len(active)} alert{'s' if len(active) > 1 else ''}"
         ax.text(1.0, -0.13, label, transform=ax.transAxes, ha="right", va="top", fontsize=COMPACT_FONT - 4)
         ax.texts[-1].set(color=PROXY_COLOR, fontweight="bold")
-    ax_text.axis("off")
-    lines = [f"active alerts: {', '.join(active)}"] if active else ["no alert active"]
-    ax_text.text(
-        0.0,
-        0.5,
-        "\n".join(lines),
-        transform=ax_text.transAxes,
-        va="center",
-        fontsize=COMPACT_FONT - 8,
-        color=PROXY_COLOR if active else "#555",
-        wrap=True,
-    )
+    import textwrap
+
+    note = textwrap.fill(f"active alerts: {', '.join(active)}", 48) if active else "no alert active"
+    # a figure-level label: the constrained layout keeps room for it below the proxy panel
+    fig.supxlabel(note, x=0.02, ha="left", fontsize=COMPACT_FONT - 8, color=PROXY_COLOR if active else "#555")
     return fig
 
 
