@@ -182,6 +182,7 @@ def main() -> int:
         work = Path(tmp)
         os.environ["TRACKIO_DIR"] = str(work / "trackio")  # read once, when trackio is first imported
         os.environ["MPLBACKEND"] = "Agg"
+        os.environ["BON_TRACKER_SPOOL_DIR"] = str(work / "spool")  # write-ahead logs with the rest
         os.chdir(work)  # nothing lands in the repository
         for shoot in (shoot_mlflow, shoot_tensorboard, shoot_trackio, shoot_reports):
             made.extend(shoot(work, out))

@@ -127,10 +127,30 @@ _XDIST_GROUP_OF_FILE = {
 }
 
 
+# Files whose tests start a server, a browser, a trainer, Ray or killed processes (10-100 s
+# each): marked slow, so `pytest -m "not slow"` is the quick loop (README, Development).
+_SLOW_FILES = {
+    "test_delivery_faults.py",
+    "test_faults_tensorboard_trackio.py",
+    "test_ray.py",
+    "test_report_browser.py",
+    "test_ui_legible.py",
+    "test_ui_readback.py",
+    "test_integration_transformers.py",
+    "test_integration_trl.py",
+    "test_integration_lightning.py",
+    "test_integration_alerts.py",
+    "test_alerts_end_to_end.py",
+    "test_lab.py",
+    "test_distributed.py",
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
+        if item.path.name in _SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
         group = _XDIST_GROUP_OF_FILE.get(item.path.name)
-        if group is not None and item.get_closest_marker("xdist_group") is None:
+        if xdist and group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))

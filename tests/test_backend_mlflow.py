@@ -150,6 +150,7 @@ def test_keys_follow_mlflow_rules():
 
 
 # ---- a local sqlite store -------------------------------------------------------------------
+@pytest.mark.slow
 def test_sqlite_run_reads_back_exactly(sqlite_uri, tmp_path, rng, monkeypatch):
     workdir = tmp_path / "workdir"
     workdir.mkdir()
@@ -266,6 +267,7 @@ def test_replay_of_a_step_logs_each_metric_once(sqlite_uri, rng, tmp_path):
     assert len(table) == len({e["path"] for e in table}) == 4  # 3 steps + cumulative, no repeats
 
 
+@pytest.mark.slow
 def test_more_metrics_than_one_batch(sqlite_uri, rng):
     ns = np.arange(1, 401)  # 3 metrics per n (no ties: no KL): 1200 > MLflow's 1000 per batch
     proxy, true = rng.normal(size=(4, 400)), rng.normal(size=(4, 400))
@@ -280,6 +282,7 @@ def test_more_metrics_than_one_batch(sqlite_uri, rng):
     assert run.data.metrics["bon/1_true/n0400"] == float(record.curve.true_mean[-1])
 
 
+@pytest.mark.slow
 def test_attaches_to_the_active_run_and_leaves_it_open(sqlite_uri, rng, tmp_path, monkeypatch):
     client = MlflowClient(sqlite_uri)
     experiment_id = client.create_experiment("attach", artifact_location=(tmp_path / "artifacts").as_uri())

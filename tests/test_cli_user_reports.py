@@ -389,6 +389,12 @@ def _doc_metric_names(text: str) -> set[str]:
 # Names the docs give that are no scalar of a run folder's scalars.jsonl, and where each is made.
 NOT_SCALARS = {
     curve_image_key(): "the per-step chart image",
+    "bon/0_curve_full": "the full chart image (W&B, TensorBoard, trackio)",
+    "bon/curve_chart": "a W&B custom chart (bon_tracker/backends/wandb.py)",
+    "bon/curve_chart_proxy": "a W&B custom chart (bon_tracker/backends/wandb.py)",
+    "bon/4_goodhart/over_steps": "a W&B line-series panel (bon_tracker/backends/wandb.py)",
+    "bon/4_goodhart/sentence": "W&B run summary text (bon_tracker/backends/wandb.py)",
+    "bon/7_alert/sentences": "W&B run summary text (bon_tracker/backends/wandb.py)",
     "bon/step": "W&B's step metric (bon_tracker/backends/wandb.py)",
     "bon/1_true/over_steps": "a W&B line-series panel (bon_tracker/backends/wandb.py)",
     "bon/alerts": "TensorBoard's text summary (bon_tracker/backends/tensorboard.py)",

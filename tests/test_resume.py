@@ -70,6 +70,7 @@ def _callback(root):
     )
 
 
+@pytest.mark.slow
 def test_resumed_trainer_continues_the_same_run_each_step_once(tmp_path):
     root = tmp_path / "runs"
     _trainer(tmp_path, [_callback(root), StopAt(4)]).train()

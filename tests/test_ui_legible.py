@@ -51,10 +51,13 @@ def demo_scores(seed: int = 0, steps: int = STEPS, hack_speed: float = 1.0):
 
 
 def log_demo(tracker, **scores_options):
-    """Log the demo run through ``tracker`` and finish it; returns its records."""
+    """Log the demo run through ``tracker`` and finish it once every step is delivered (a busy
+    machine can take longer than the default timeout); returns its records."""
     for step, proxy, true, policy_kl in demo_scores(**scores_options):
         tracker.log_scores(step, proxy, true, policy_kl=policy_kl)
-    tracker.finish()
+    tracker.finish(timeout=600)
+    if tracker.wal_path is not None and tracker.wal_path.exists():
+        raise RuntimeError(f"the demo run was not delivered in 10 minutes: {tracker.wal_path}")
     return list(tracker.history)
 
 
