@@ -200,3 +200,20 @@ def test_a_kill_during_the_statistics_replays_the_completed_record_and_the_bare_
     assert records[0].interval == stats.interval and records[0].goodhart == goodhart
     assert records[1].curve.to_dict() == bon_curve(*_scores(1)).to_dict()
     assert records[1].interval is None and records[1].goodhart is None  # the curve, as logged
+
+
+def test_past_the_agreements_prompt_budget_the_record_is_unchanged_by_the_caller_too(tmp_path, monkeypatch):
+    gate = _Gate(monkeypatch, hold=True)
+    proxy, true = _scores(7, prompts=2100, samples=4)  # the agreement averages 2,048 of them
+    original = proxy.copy(), true.copy()
+    tracker = BonTracker("local", root=tmp_path / "runs", run_name="big", charts=False, spool_dir=tmp_path)
+    tracker.log_scores(0, proxy, true)
+    proxy.fill(0.0)
+    true.fill(1.0)
+    gate.open.set()
+    tracker.finish(60)
+    (record,) = read_records(tmp_path / "runs" / "big")
+    curve, stats, goodhart = _expected(*original)
+    assert record.curve.to_dict() == curve.to_dict() and record.goodhart == goodhart
+    assert record.agreement == stats.agreement and record.agreement.n_prompts == (2048,)
+    assert record.interval == stats.interval and record.predictions == stats.predictions

@@ -119,14 +119,24 @@ def eval_statistics(
     except ValueError:  # no n = 1 on the grid, too few n or prompts to fit: no interval
         pass
     if dense:
-        rows = slice(None)
-        if proxy.shape[0] > MAX_AGREEMENT_PROMPTS:  # the SE (from the prompts used) says how sure it is
-            rows = np.unique(np.linspace(0, proxy.shape[0] - 1, MAX_AGREEMENT_PROMPTS).round().astype(np.int64))
+        rows = agreement_rows(proxy.shape[0])
         try:
             agreement = topq_agreement(proxy[rows], true[rows])
         except ValueError:  # fewer than 4 samples per prompt
             agreement = None
     return EvalStatistics(interval, agreement, predictions)
+
+
+def agreement_rows(n_prompts: int) -> slice | np.ndarray:
+    """The prompts the agreement averages: all of them, or an evenly spaced ``MAX_AGREEMENT_PROMPTS``
+    (its cost grows as P N log N; the SE, from the prompts used, says how sure it is).
+
+    >>> agreement_rows(10), len(agreement_rows(10_000))
+    (slice(None, None, None), 2048)
+    """
+    if n_prompts <= MAX_AGREEMENT_PROMPTS:
+        return slice(None)
+    return np.unique(np.linspace(0, n_prompts - 1, MAX_AGREEMENT_PROMPTS).round().astype(np.int64))
 
 
 def alert_rules(alerts: AlertRules | Mapping[str, Any] | bool | None) -> AlertRules | None:

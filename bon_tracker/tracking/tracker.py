@@ -31,7 +31,14 @@ from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, p
 from bon_tracker.files import atomic_write_text
 from bon_tracker.record import EvalRecord
 from bon_tracker.texts import HackStatistics, Texts, check_texts, hack_statistics
-from bon_tracker.tracking.alerting import AlertCallback, AlertReporter, alert_rules, eval_statistics
+from bon_tracker.tracking.alerting import (
+    MAX_AGREEMENT_PROMPTS,
+    AlertCallback,
+    AlertReporter,
+    agreement_rows,
+    alert_rules,
+    eval_statistics,
+)
 from bon_tracker.tracking.delivery import DEFAULT_MAX_MEMORY_RECORDS, Delivery, DeliveryStats
 from bon_tracker.tracking.distributed import all_gather, rank_and_world_size
 from bon_tracker.tracking.statistics import StatisticsWorker
@@ -486,12 +493,25 @@ class BonTracker:
             fit=False,  # the fit and every other statistic: off this thread (_complete_eval)
         )
 
+        worker_p, worker_t = self._worker_scores(rows_p, rows_t, proxy, true, extras)
+
         def complete(curve_only: EvalRecord) -> tuple[EvalRecord, list]:
             per_prompt = (parts.true, parts.proxy)
-            return self._complete_eval(curve_only, rows_p, rows_t, policy_kl, extras, per_prompt)
+            return self._complete_eval(curve_only, worker_p, worker_t, policy_kl, extras, per_prompt)
 
         self._log(record, complete)
         return curve
+
+    def _worker_scores(self, p: Any, t: Any, given_p: Any, given_t: Any, extras: _EvalExtras) -> tuple[Any, Any]:
+        """The scores the statistics worker reads after log_scores returned, where the caller
+        cannot change them: all of them when the selection statistics need them, else (dense
+        input past ``MAX_AGREEMENT_PROMPTS`` prompts) only the agreement's prompts; the interval
+        and predictions use the per-prompt estimates of the curve's own sort."""
+        selection = self._selection is not None and not (self._selection_auto and extras.selection is None)
+        if not selection and isinstance(p, np.ndarray) and p.shape[0] > MAX_AGREEMENT_PROMPTS:
+            rows = agreement_rows(p.shape[0])
+            return p[rows], t[rows]  # fancy indexing copies
+        return _private(p, given_p), _private(t, given_t)
 
     def log_record(self, record: EvalRecord) -> bool:
         """Log an already computed :class:`EvalRecord` (e.g. built from a score file).
@@ -881,9 +901,7 @@ class BonTracker:
             extras = self._texts_extras(texts, proxy, true, p, t)
         except (TypeError, ValueError) as err:
             return ("error", str(err), "type" if isinstance(err, TypeError) else "value")
-        # A (P, N) array stays one, ragged input stays rows; the statistics worker reads them
-        # after log_scores returned, so what the caller may still change is copied.
-        return ("ok", _private(p, proxy), _private(t, true), extras)
+        return ("ok", p, t, extras)  # a (P, N) array stays one (no copy here), ragged input stays rows
 
     def _validated_selection(self, proxy: Any, true: Any, texts: tuple) -> tuple:
         """Several proxy members or true rewards: checked together (core.selection), the deployed
