@@ -85,6 +85,7 @@ from bon_tracker.tracking.alerting import (
     resamples_for,
 )
 from bon_tracker.tracking.config import TrackerConfig
+from bon_tracker.tracking.selection import alerts_by_true
 from bon_tracker.version import __version__
 
 ANALYZE_FILE = "analyze.json"  # in a run folder analyze wrote: what --overwrite may replace
@@ -956,7 +957,7 @@ def _records(
                 events, states = reporter.update(step, curve, None, stats.interval)
                 selection = (selections or {}).get((run, step))
                 if selection is not None and deployed is not None:
-                    more, more_states = _alerts_by_true(selection, step, deployed, rules, true_reporters)
+                    more, more_states = alerts_by_true(selection, step, deployed, rules, true_reporters)
                     events, states = [*events, *more], {**states, **more_states}
             except Exception as err:  # as in the tracker: never the reason the curves are not reported
                 where = f"step {step}" + ("" if run is None else f" of run {run!r}")
@@ -976,33 +977,6 @@ def _records(
             )
         )
     return records
-
-
-def _alerts_by_true(
-    stats: SelectionStatistics, step: int, deployed: str, rules: Any, reporters: dict[str, AlertReporter]
-) -> tuple[list, dict[str, int]]:
-    """The alert rules on the deployed rule's curve under each true reward after the first, as the
-    tracker runs them (``BonTracker._alerts_by_true``): states named ``<true reward>/<rule>``."""
-    from bon_tracker.core import Alert
-    from bon_tracker.tracking.selection import selection_alert_summaries
-
-    if len(stats.true_names) < 2:
-        return [], {}
-    summaries = selection_alert_summaries(stats, step)
-    events: list = []
-    states: dict[str, int] = {}
-    for name in stats.true_names[1:]:
-        if (deployed, name) not in summaries:
-            continue
-        found, found_states = reporters.setdefault(name, AlertReporter(rules)).update_summary(
-            summaries[(deployed, name)]
-        )
-        events += [
-            dataclasses.replace(e, message=f"[true reward {name!r}] {e.message}") if isinstance(e, Alert) else e
-            for e in found
-        ]
-        states.update({f"{name}/{rule}": value for rule, value in found_states.items()})
-    return events, states
 
 
 def _with_texts(

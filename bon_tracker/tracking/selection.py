@@ -19,17 +19,20 @@ who deploys ``worst`` of 5 members is alerted on that rule.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
-from bon_tracker.core.alerts import EvalSummary
+from bon_tracker.core.alerts import Alert, AlertCleared, AlertRules, EvalSummary
 from bon_tracker.core.selection import DEFAULT_UWO_LAMBDA, Rows, selection_input
 from bon_tracker.core.selection import check_members as _check_members
 from bon_tracker.core.selection_stats import RuleStatistics, SelectionStatistics, compute_selection_statistics
 from bon_tracker.core.soft_bon import DEFAULT_LAMBDAS
 from bon_tracker.core.validation import NanPolicy
+from bon_tracker.tracking.alerting import AlertReporter
 
 __all__ = [
     "RuleStatistics",
     "SelectionStatistics",
+    "alerts_by_true",
     "check_members",
     "selection_alert_summaries",
     "selection_statistics",
@@ -149,3 +152,31 @@ def selection_alert_summaries(
             **extra,
         )
     return out
+
+
+def alerts_by_true(
+    stats: SelectionStatistics,
+    step: int,
+    deployed: str,
+    rules: AlertRules,
+    reporters: dict[str, AlertReporter],
+    *,
+    policy_kl: float | None = None,
+) -> tuple[list[Alert | AlertCleared], dict[str, int]]:
+    """The alert rules on the ``deployed`` rule's curve under each true reward after the first
+    (the first is the record's own curve), one reporter per true reward kept in ``reporters``.
+    Onsets are worded ``[true reward 'name'] ...``; states are named ``<true reward>/<rule>``."""
+    if len(stats.true_names) < 2:
+        return [], {}
+    summaries = selection_alert_summaries(stats, step, policy_kl=policy_kl)
+    events: list[Alert | AlertCleared] = []
+    states: dict[str, int] = {}
+    for name in stats.true_names[1:]:
+        if (deployed, name) not in summaries:
+            continue  # the deployed rule is not among the configured selection rules
+        reporter = reporters.setdefault(name, AlertReporter(rules))
+        found, found_states = reporter.update_summary(summaries[(deployed, name)])
+        label = f"[true reward {name!r}] "
+        events += [replace(e, message=label + e.message) if isinstance(e, Alert) else e for e in found]
+        states.update({f"{name}/{rule}": value for rule, value in found_states.items()})
+    return events, states

@@ -648,29 +648,14 @@ class BonTracker:
         self._delivery.submit(entry)
 
     def _alerts_by_true(self, record: EvalRecord, kl: float | None) -> tuple[list, dict[str, int]]:
-        """The alert rules on the deployed rule's curve under each true reward after the first
-        (from the selection statistics); their states are named ``<true reward>/<rule>``."""
+        """The alert rules on the deployed rule under each further true reward (selection statistics)."""
         stats = record.selection
-        if stats is None or len(stats.true_names) < 2:
+        if stats is None or self._alerts is None:
             return [], {}
-        from bon_tracker.tracking.selection import selection_alert_summaries
+        from bon_tracker.tracking.selection import alerts_by_true
 
         deployed = self.selection_rule if len(stats.member_names) > 1 else stats.member_names[0]
-        summaries = selection_alert_summaries(stats, record.step, policy_kl=kl)
-        events: list = []
-        states: dict[str, int] = {}
-        for name in stats.true_names[1:]:
-            if (deployed, name) not in summaries:
-                continue  # the deployed rule is not among the configured selection rules
-            assert self._alerts is not None
-            reporter = self._true_alerts.setdefault(name, AlertReporter(self._alerts.rules))
-            found, found_states = reporter.update_summary(summaries[(deployed, name)])
-            events += [
-                dataclasses.replace(e, message=f"[true reward {name!r}] {e.message}") if isinstance(e, Alert) else e
-                for e in found
-            ]
-            states.update({f"{name}/{rule}": value for rule, value in found_states.items()})
-        return events, states
+        return alerts_by_true(stats, record.step, deployed, self._alerts.rules, self._true_alerts, policy_kl=kl)
 
     def _report_alerts(self) -> None:
         """Warnings, :attr:`alerts` and ``on_alert`` for what the worker found, on this thread."""
