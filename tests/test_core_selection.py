@@ -214,6 +214,18 @@ def test_bop_kl_continuous_matches_the_mixture_density(mu):
     assert kl_bop(mu) == pytest.approx(direct, rel=1e-7)
 
 
+@pytest.mark.parametrize("mu", [0.5, 4.0, 30.0])
+def test_bop_kl_continuous_matches_khalaf_et_al_closed_form_density(mu):
+    # Khalaf et al. 2025 (arXiv 2506.19248), BoP with n = 1 + Poisson(mu): the density of the
+    # pick's proxy quantile is q(x) = (mu x + 1) exp(mu (x - 1)) on [0, 1].
+    def integrand(x):
+        log_q = math.log1p(mu * x) + mu * (x - 1)
+        return math.exp(log_q) * log_q
+
+    direct, _ = integrate.quad(integrand, 0.0, 1.0, limit=400, epsabs=1e-13, epsrel=1e-11)
+    assert kl_bop(mu) == pytest.approx(direct, rel=1e-8)
+
+
 def test_bop_kl_per_prompt_modes():
     tie_free = np.sort(np.random.default_rng(0).standard_normal((2, 50)), axis=1)
     new_group = np.ones_like(tie_free, dtype=bool)

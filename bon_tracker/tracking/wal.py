@@ -128,6 +128,7 @@ class WriteAheadLog:
         self.path = Path(path)
         self._lock_fd: int | None = None
         self._spec_text: str | None = None
+        self._spec_written: Any = None
         self._spec_lock = threading.Lock()
         self._log = LineFile(self.path)  # appended by the training thread(s)
         self._acks = LineFile(self.acks_path)  # appended by the delivery worker
@@ -210,6 +211,8 @@ class WriteAheadLog:
 
     def write_spec(self, spec: dict[str, Any]) -> None:
         """Record the backend's spec (only when it changed; atomic)."""
+        if spec == self._spec_written:  # every eval passes the spec: the usual case is no change
+            return
         text = json.dumps(spec, sort_keys=True, default=str)
         with self._spec_lock:
             if text == self._spec_text:
@@ -217,6 +220,7 @@ class WriteAheadLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.spec_path, text)
             self._spec_text = text
+            self._spec_written = json.loads(text)  # a private copy: the caller may change its dict
 
     def spec(self) -> dict[str, Any]:
         """The backend spec of this log (0.1 spools kept it on every line)."""
