@@ -17,7 +17,9 @@ not the engine, so here the workers run at the benchmark's own priority (``--wor
 15 for Ray's default). It checks that both
 give the same curves (1e-12) and prints rows/s for each and Ray / single-process.
 
-Measured on a 2-CPU machine shared with other work (load average 7 to 28 during the runs):
+Measured on a quiet 2-CPU machine (load average 1 to 2): 2.56 M rows, 2 files: 1.23x, 1.13x,
+1.19x, 1.18x; 1 file: 0.77x; 4 files: 1.13x. On the same machine shared with other work (load
+average 7 to 28 during the runs):
 2.56 M rows, 1, 2 or 4 files: 0.27x to 1.45x over 18 runs (e.g. 0.57x, 0.63x, 0.34x at load 12 to
 13); 10.24 M rows (``--steps 8``) in 1 file: 0.57x and 1.08x; the shuffle path (``--shuffle``)
 0.01x. The spread is the neighbours': timed inside the task, a Ray worker reduces one 2.56 M-row

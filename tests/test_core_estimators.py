@@ -212,3 +212,24 @@ def test_bad_input_is_a_clear_error(proxy, score, ns, error, match):
         return
     with pytest.raises(error, match=match):
         bon_estimate(proxy, score, ns)
+
+
+def test_paired_scores_returns_clean_float64_matrices_as_given_and_checks_everything_else():
+    from bon_tracker.core.validation import paired_scores
+
+    proxy, score = np.arange(6.0).reshape(2, 3), np.ones((2, 3))
+    p, s, one_prompt = paired_scores(proxy, score)
+    assert p is proxy and s is score and one_prompt is False  # no copy, nothing to convert
+    # the fast path never lets through what full validation refuses or converts
+    bad = proxy.copy()
+    bad[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"proxy has 1 non-finite value\(s\).*\(1, 2\)"):
+        paired_scores(bad, score)
+    huge = np.full((2, 3), 1e308)  # finite values whose sum overflows: still finite, still accepted
+    assert paired_scores(huge, score)[0] is huge
+    p32, _, _ = paired_scores(proxy.astype(np.float32), score)
+    assert p32.dtype == np.float64
+    with pytest.raises(ValueError, match="same shape"):
+        paired_scores(proxy, np.ones((3, 2)))
+    omitted, _, _ = paired_scores(bad, score, nan_policy="omit")
+    assert [len(row) for row in omitted] == [3, 2]

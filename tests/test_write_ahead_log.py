@@ -498,3 +498,19 @@ def test_training_in_a_thread_that_outlives_the_main_thread_is_finished_after_it
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert [r.step for r in read_records(tmp_path / "runs" / "thread")] == [0, 1, 2, 3]
+
+
+def test_write_spec_rewrites_the_spec_only_when_it_changes_even_if_the_caller_mutates_its_dict(tmp_path):
+    wal = WriteAheadLog(tmp_path / "log.jsonl")
+    spec = {"backend": "local", "options": {"root": "a"}}
+    wal.write_spec(spec)
+    first = wal.spec_path.stat().st_mtime_ns
+    wal.spec_path.write_text(json.dumps({"backend": "local", "options": {"root": "a"}}))  # same content, new stamp
+    stamp = wal.spec_path.stat().st_mtime_ns
+    wal.write_spec({"backend": "local", "options": {"root": "a"}})  # equal: not written again
+    assert wal.spec_path.stat().st_mtime_ns == stamp and stamp >= first
+    spec["options"]["root"] = "b"  # the caller changes the dict it passed before
+    wal.write_spec(spec)
+    assert wal.spec() == {"backend": "local", "options": {"root": "b"}}
+    wal.write_spec({"backend": "local", "options": {"root": "a"}})
+    assert wal.spec() == {"backend": "local", "options": {"root": "a"}}
