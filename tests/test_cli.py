@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 from bon_tracker import bon_curve
 from bon_tracker.backends.local import read_records
 from bon_tracker.cli.main import EXIT_OK, EXIT_PENDING, EXIT_USAGE, main
+from bon_tracker.core import bon_estimate, goodhart_interval, predict_curve
 from bon_tracker.record import EvalRecord
 from bon_tracker.reports.compare import resolve_run
 from bon_tracker.tracking.alerting import resamples_for
@@ -157,6 +159,68 @@ def test_analyze_rows_in_any_order(tmp_path, capsys, rng):
     summary = analyze_json(capsys, path, "--out", tmp_path / "out", "--batch-rows", 16)
     assert summary["grouped"] is False  # detected, and read again with per-step buffers
     assert_same_records(read_records(summary["runs"][0]["run_dir"]), reference(rows))
+
+
+def _live_reader_threads() -> list[str]:
+    return [
+        t.name for t in threading.enumerate() if t.name.startswith(("bon_tracker_reader", "bon_tracker_statistics"))
+    ]
+
+
+@pytest.mark.parametrize("order", ["grouped", "shuffled"])
+def test_analyze_statistics_are_the_same_on_any_number_of_threads(tmp_path, capsys, monkeypatch, rng, order):
+    """With two threads each step's interval and predictions run on worker threads while a reader
+    thread reads ahead (and the steps share their bootstrap draws): the records are those of one
+    thread to the bit, the statistics those of the interval and predictions on the step's estimates
+    computed in memory, and no thread outlives the command (also when the first pass stops early)."""
+    rows = make_rows(rng, steps=(0, 10, 20), prompts=40, samples=16)
+    if order == "shuffled":
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    path = write_rows(tmp_path / "scores.parquet", rows)
+    records = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("BON_TRACKER_THREADS", threads)
+        summary = analyze_json(capsys, path, "--out", tmp_path / threads, "--batch-rows", 64)
+        assert summary["grouped"] is (order == "grouped")
+        records[threads] = read_records(summary["runs"][0]["run_dir"])
+        assert _live_reader_threads() == []
+    assert [r.step for r in records["2"]] == [0, 10, 20]
+    for one, two in zip(records["1"], records["2"]):
+        assert one.interval is not None and one.interval.to_dict() == two.interval.to_dict()
+        assert one.predictions == two.predictions and one.predictions
+    for record in records["2"]:  # prompts in the order they first appear, as the statistics pass takes them
+        prompts: dict[str, tuple[list, list]] = {}
+        for row in rows:
+            if row["step"] == record.step:
+                proxy, true = prompts.setdefault(row["prompt_id"], ([], []))
+                proxy.append(row["proxy"])
+                true.append(row["true"])
+        proxy_rows = [np.array(p) for p, _ in prompts.values()]
+        true_rows = [np.array(t) for _, t in prompts.values()]
+        ns, B = record.curve.n, resamples_for(len(prompts))
+        true_pp, proxy_pp = bon_estimate(proxy_rows, true_rows, ns), bon_estimate(proxy_rows, proxy_rows, ns)
+        want = goodhart_interval(true_pp, ns, kl=record.curve.kl, n_resamples=B).to_dict()
+        got = record.interval.to_dict()
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-9, abs=1e-12)), key
+        predicted = predict_curve(true_pp, proxy_pp, ns, [r["n"] for r in record.predictions], n_resamples=B).rows()
+        for got_row, want_row in zip(record.predictions, predicted):
+            assert got_row == pytest.approx(want_row, rel=1e-9, abs=1e-12)
+
+
+def test_a_read_error_after_batches_read_ahead_is_raised_naming_its_row(tmp_path, capsys, monkeypatch):
+    """The reader thread's error comes out where the rows before it end, as on one thread."""
+    proxy = [str(0.1 * i) for i in range(40)]
+    proxy[29] = "abc"
+    table = pa.table({"prompt_id": [f"q{i // 4}" for i in range(40)], "proxy": proxy, "true": [0.0] * 40})
+    pq.write_table(table, tmp_path / "scores.parquet", row_group_size=4)
+    for threads in ("1", "2"):
+        monkeypatch.setenv("BON_TRACKER_THREADS", threads)
+        code, _, err = cli(capsys, "analyze", tmp_path / "scores.parquet", "-q", "--batch-rows", 3)
+        assert code == EXIT_USAGE
+        assert "scores.parquet row 30, column 'proxy': 'abc' is not a number" in err
+        assert _live_reader_threads() == []
 
 
 def test_analyze_without_step_column_is_one_step_zero(tmp_path, capsys, rng):

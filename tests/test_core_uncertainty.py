@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from bon_tracker.core import bon_curve, bon_estimate, default_ns, fit_overoptimization, kl_bon
+from bon_tracker.core.prediction import predict_curve
 from bon_tracker.core.simulation import SimulationModel, normal_max_moments, simulated_runs
-from bon_tracker.core.uncertainty import goodhart_interval, kl_to_n, prompt_resample_counts, resample_prompt_means
+from bon_tracker.core.uncertainty import (
+    goodhart_interval,
+    kl_to_n,
+    prompt_resample_counts,
+    resample_prompt_means,
+    reusing_draws,
+)
 
 
 # ---- the simulation family -------------------------------------------------------------------
@@ -61,6 +68,49 @@ def test_resampled_means_equal_brute_force_over_the_same_draws():
     np.testing.assert_allclose(
         wide, prompt_resample_counts(37, 20, rng=4) @ np.column_stack([contrib, contrib[:, :1]]) / 37
     )
+
+
+@pytest.mark.parametrize(("P", "B"), [(3000, 50), (70_000, 3)])
+def test_resampling_in_blocks_of_resamples_is_the_whole_gather(P, B):
+    """Means gathered a few resamples at a time (and counts bincounted so) are, to the bit, those of
+    the whole (B, P) gather and of one bincount over every cell, from the same single draw."""
+    contrib = np.random.default_rng(5).normal(size=(P, 2))
+    dtype = np.uint16 if P <= 65535 else np.int64
+    idx = np.random.default_rng(2).integers(0, P, size=(B, P), dtype=dtype)
+    packed = contrib[:, 0] + 1j * contrib[:, 1]
+    whole = packed.take(idx).sum(axis=1) / P
+    got = resample_prompt_means(contrib, B, rng=2)
+    np.testing.assert_array_equal(got, np.column_stack([whole.real, whole.imag]))
+    np.testing.assert_array_equal(resample_prompt_means(contrib[:, :1], B, rng=2), whole.real[:, None])
+    draws = np.random.default_rng(2).integers(0, P, size=(B, P), dtype=np.int64)
+    cells = (draws + (np.arange(B) * P)[:, None]).ravel()
+    want = np.bincount(cells, minlength=B * P).reshape(B, P).astype(np.float64)
+    np.testing.assert_array_equal(prompt_resample_counts(P, B, rng=2), want)
+
+
+def test_reused_draws_give_the_same_intervals_and_predictions():
+    """Inside reusing_draws the steps of one size share one draw (read-only, freed after): every
+    interval and prediction is the one drawn afresh; a generator or another size draws its own."""
+    rng = np.random.default_rng(8)
+    ns = np.array([1, 2, 4, 8, 16])
+    d = np.sqrt(kl_bon(ns))
+    steps = [d * (1.0 - g * d) + 0.3 * rng.standard_normal((P, 5)) for g, P in ((0.3, 300), (0.5, 300), (0.4, 301))]
+    fresh = [(goodhart_interval(t, ns, n_resamples=200), predict_curve(t, t + 1.0, ns, [32, 64], n_resamples=200))
+             for t in steps]  # fmt: skip
+    with reusing_draws():
+        shared = [(goodhart_interval(t, ns, n_resamples=200), predict_curve(t, t + 1.0, ns, [32, 64], n_resamples=200))
+                  for t in steps]  # fmt: skip
+        counts = prompt_resample_counts(300, 200, rng=0)
+        assert prompt_resample_counts(300, 200, rng=0) is counts and not counts.flags.writeable
+        assert prompt_resample_counts(300, 200, rng=np.random.default_rng(0)) is not counts
+        with reusing_draws():  # nested: the outer block's draws stay
+            assert prompt_resample_counts(300, 200, rng=0) is counts
+        assert prompt_resample_counts(300, 200, rng=0) is counts
+    assert prompt_resample_counts(300, 200, rng=0) is not counts  # freed with the block
+    for (ci_a, pred_a), (ci_b, pred_b) in zip(fresh, shared):
+        assert ci_a.to_dict() == ci_b.to_dict()
+        assert pred_a.rows() == pred_b.rows()
+    assert fresh[0][0].to_dict() != fresh[1][0].to_dict()  # the steps differ; only the draws are shared
 
 
 def test_kl_to_n_inverts_kl_bon():

@@ -66,7 +66,7 @@ from bon_tracker.core import (
     CurveAccumulator,
     CurveStats,
     TopAgreement,
-    bon_estimate,
+    bon_curve_parts,
     curve_stats_compute,
     default_ns,
     merge_curve_stats,
@@ -147,9 +147,10 @@ def prompt_estimates(proxy: Any, true: Any, grid: np.ndarray) -> tuple[np.ndarra
     true_pp = np.full((P, len(grid)), np.nan)
     proxy_pp = np.full((P, len(grid)), np.nan)
     cols = np.flatnonzero(grid <= largest)
-    if P and cols.size:
-        true_pp[:, cols] = bon_estimate(proxy, true, grid[cols])
-        proxy_pp[:, cols] = bon_estimate(proxy, proxy, grid[cols])
+    if P and cols.size:  # one sort for both: bon_estimate(proxy, true) and bon_estimate(proxy, proxy)
+        parts = bon_curve_parts(proxy, true, grid[cols])
+        true_pp[:, cols] = parts.true
+        proxy_pp[:, cols] = parts.proxy
     return true_pp, proxy_pp
 
 

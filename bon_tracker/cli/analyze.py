@@ -8,6 +8,10 @@ from one streaming pass (:func:`~bon_tracker.analysis.grouping.curves_from_batch
 over the files computes each prompt's estimates on the step's grid, in the order of the input,
 for the interval and the predictions (2 x 8 bytes per prompt and n of the grid are kept, never
 the rows) and keeps the scores of the prompts the agreement averages (at most 2,048 per step).
+A step's interval and predictions start once this pass has its last prompt, on worker threads
+(``BON_TRACKER_THREADS``) while the pass reads on, and steps with as many prompts share their
+bootstrap draws (one seed: the same draws, the same numbers as drawing again); with more than
+one thread a reader thread decodes a couple of batches ahead. Nothing depends on the thread count.
 With text columns (``--prompt-text-col``/``--completion-col``, or verl's ``input``/``output``), the
 same pass builds each step's hack table (:class:`~bon_tracker.texts.HackAccumulator`: the
 ``k`` worst prompts' texts cut, feature sums; never the texts of every prompt).
@@ -29,14 +33,18 @@ the run goes to the first free ``<run name>-2``, ``-3``, ... and one line says s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import queue
 import shutil
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +79,8 @@ from bon_tracker.cli.common import (
 from bon_tracker.core import BonCurve, TopAgreement, bon_curve, topq_agreement
 from bon_tracker.core.selection import DEFAULT_UWO_LAMBDA, aggregate_members, check_rules, rule_scores, selection_input
 from bon_tracker.core.selection_stats import SelectionStatistics, compute_selection_statistics
+from bon_tracker.core.threads import thread_count
+from bon_tracker.core.uncertainty import reusing_draws
 from bon_tracker.files import atomic_write_text
 from bon_tracker.optional import MissingDependencyError
 from bon_tracker.record import EvalRecord
@@ -94,6 +104,9 @@ STATISTICS_CHUNK = 1 << 18  # samples of prompts whose estimates are computed at
 # ---- reading ------------------------------------------------------------------------------------------------
 
 
+READ_AHEAD = 2  # batches a reader thread decodes ahead of the computation (with more than one thread)
+
+
 def _open_batches(
     files: Sequence[Path],
     columns: Columns,
@@ -104,24 +117,85 @@ def _open_batches(
     counts: dict[str, int],
     reader: Callable[..., Iterator[ScoreBatch]] = read_score_batches,
 ) -> Iterator[ScoreBatch]:
+    """The batches of every file in order. With more than one thread (``BON_TRACKER_THREADS``)
+    a reader thread decodes up to :data:`READ_AHEAD` batches ahead, while this thread computes on
+    the last: the same batches in the same order, and the same errors where they occur."""
+
+    def read() -> Iterator[tuple[ScoreBatch | None, int]]:
+        for path in files:
+            pending = [0]
+            batches = reader(
+                path,
+                columns,
+                fmt=fmt,
+                nan_policy=nan_policy,
+                batch_rows=batch_rows,
+                progress=lambda nbytes, pending=pending: pending.__setitem__(0, nbytes),
+            )
+            try:
+                for batch in batches:
+                    yield batch, pending[0]
+                    pending[0] = 0
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+            yield None, pending[0]  # the bytes read after the file's last batch
+
     counts["rows"] = counts["omitted"] = 0
-    for path in files:
-        pending = [0]
-        batches = reader(
-            path,
-            columns,
-            fmt=fmt,
-            nan_policy=nan_policy,
-            batch_rows=batch_rows,
-            progress=lambda nbytes, pending=pending: pending.__setitem__(0, nbytes),
-        )
-        for batch in batches:
+    items = read() if thread_count() <= 1 else _read_ahead(read, READ_AHEAD)
+    try:
+        for batch, nbytes in items:
+            if batch is None:
+                progress.update(nbytes)
+                continue
             counts["rows"] += len(batch)
             counts["omitted"] += batch.omitted
-            progress.update(pending[0], len(batch))
-            pending[0] = 0
+            progress.update(nbytes, len(batch))
             yield batch
-        progress.update(pending[0])
+    finally:
+        items.close()
+
+
+def _read_ahead(produce: Callable[[], Iterator[Any]], depth: int) -> Iterator[Any]:
+    """The items of ``produce()``, made on a thread at most ``depth`` ahead of the consumer (pyarrow
+    decodes and numpy converts without the GIL). An error there is raised here, after the items
+    before it; closing this generator stops the thread and closes ``produce()``'s iterator."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            items = produce()
+            try:
+                for item in items:
+                    if stop.is_set():
+                        break
+                    ready.put((True, item))
+            finally:
+                items.close()  # type: ignore[attr-defined]
+        except BaseException as err:  # raised in the consumer's thread, in order
+            ready.put((False, err))
+            return
+        ready.put((False, None))
+
+    thread = threading.Thread(target=run, name="bon_tracker_reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = ready.get()
+            if more:
+                yield item
+            elif item is not None:
+                raise item
+            else:
+                return
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a put() waiting on a full queue through, so the thread ends
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.01)
+        thread.join()
 
 
 # ---- several proxies and true rewards (docs/selection.md) -----------------------------------------------------
@@ -226,6 +300,10 @@ class _StepEstimates:
             self.picks = np.unique(np.linspace(0, n_prompts - 1, MAX_AGREEMENT_PROMPTS).round().astype(np.int64))
         self.agree_proxy: list[np.ndarray] = []
         self.agree_true: list[np.ndarray] = []
+        # Called once with this step when its last prompt's estimates are in (all n_prompts of them):
+        # its interval and predictions can start while the pass reads on.
+        self.on_complete: Callable[[_StepEstimates], None] | None = None
+        self._result: tuple[np.ndarray, np.ndarray, TopAgreement | None] | None = None
 
     def add(
         self,
@@ -306,6 +384,9 @@ class _StepEstimates:
         self.pending_samples += proxy.size
         if self.pending_samples >= STATISTICS_CHUNK:
             self._flush()
+        if self.on_complete is not None and self.count >= self.n_prompts:
+            on_complete, self.on_complete = self.on_complete, None
+            on_complete(self)
 
     def _add_texts(self, proxy: np.ndarray, true: np.ndarray, texts: tuple[np.ndarray, np.ndarray] | None) -> None:
         assert self.hack is not None
@@ -345,6 +426,10 @@ class _StepEstimates:
         self.proxy_parts.append(proxy_pp)
 
     def result(self) -> tuple[np.ndarray, np.ndarray, TopAgreement | None]:
+        """Each prompt's estimates ``(P, G)`` of the true and the proxy score, and the agreement
+        (computed once: the arrays given to the step's statistics, then freed here)."""
+        if self._result is not None:
+            return self._result
         if self.score_parts:  # fewer prompts than the curves' pass counted (never expected)
             self._select()
         self._flush()
@@ -357,7 +442,9 @@ class _StepEstimates:
                 agreement = topq_agreement(np.concatenate(self.agree_proxy), np.concatenate(self.agree_true))
             except ValueError:  # fewer than 4 samples per prompt
                 agreement = None
-        return true_pp, proxy_pp, agreement
+        self.true_parts, self.proxy_parts, self.agree_proxy, self.agree_true = [], [], [], []
+        self._result = (true_pp, proxy_pp, agreement)
+        return self._result
 
 
 def _segments(batch: ScoreBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -531,27 +618,78 @@ def _eval_statistics(
     return EvalStatistics(interval, agreement, predictions)
 
 
-def _step_statistics(
-    curves: dict[Any, dict[int, BonCurve]], estimates: dict[tuple[Any, int], tuple]
-) -> dict[tuple[Any, int], EvalStatistics]:
-    out = {}
-    for run, steps in curves.items():
-        for step, curve in steps.items():
-            found = estimates.get((run, step))
-            if found is None:
-                continue
-            try:
-                out[(run, step)] = _eval_statistics(curve, *found)
-            except Exception as err:  # as in the tracker: the curve is reported without them
-                where = f"step {step}" + ("" if run is None else f" of run {run!r}")
-                logger.warning(
-                    "bon_tracker: the interval, agreement and alert statistics failed at %s (%s: %s); "
-                    "the curve is reported without them",
-                    where,
-                    type(err).__name__,
-                    err,
-                )
-    return out
+def _guarded_statistics(
+    curve: BonCurve, true_pp: np.ndarray, proxy_pp: np.ndarray, agreement: TopAgreement | None
+) -> EvalStatistics | Exception:
+    """:func:`_eval_statistics`, or the error it raised (reported in step order by :class:`_Statistics`)."""
+    try:
+        return _eval_statistics(curve, true_pp, proxy_pp, agreement)
+    except Exception as err:  # as in the tracker: the curve is reported without them
+        return err
+
+
+class _Statistics:
+    """Each step's interval and predictions, computed as soon as the step's estimates are in.
+
+    Steps are independent: with more than one thread (``BON_TRACKER_THREADS``, as the core's)
+    they run on worker threads -- numpy's draws, gathers, sums, bincounts and matrix products
+    release the GIL -- while the statistics pass reads the next steps; each step's numbers are
+    computed by the same calls whichever thread runs them, so they do not depend on the count.
+    The bootstrap draws are shared by steps with the same number of prompts
+    (:func:`~bon_tracker.core.uncertainty.reusing_draws`: the same seed gives the same draws).
+    """
+
+    def __init__(self, threads: int | None = None):
+        workers = thread_count(threads)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bon_tracker_statistics") if workers > 1 else None
+        self._jobs: dict[tuple[Any, int], Future] = {}
+        self._draws = reusing_draws()
+
+    def __enter__(self) -> _Statistics:
+        self._draws.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self._draws.__exit__(None, None, None)
+
+    def submit(self, key: tuple[Any, int], curve: BonCurve, estimates: tuple) -> None:
+        """Start the statistics of the step ``key`` from its ``(true_pp, proxy_pp, agreement)``."""
+        if self._pool is not None:
+            self._jobs[key] = self._pool.submit(_guarded_statistics, curve, *estimates)
+            return
+        done: Future = Future()
+        done.set_result(_guarded_statistics(curve, *estimates))
+        self._jobs[key] = done
+
+    def __contains__(self, key: tuple[Any, int]) -> bool:
+        return key in self._jobs
+
+    def results(self, curves: dict[Any, dict[int, BonCurve]]) -> dict[tuple[Any, int], EvalStatistics]:
+        """Every submitted step's statistics (waiting for them); a step whose computation failed
+        is left out with a warning, in the order of the curves."""
+        out = {}
+        for run, steps in curves.items():
+            for step in steps:
+                job = self._jobs.get((run, step))
+                if job is None:
+                    continue
+                found = job.result()
+                if isinstance(found, Exception):
+                    where = f"step {step}" + ("" if run is None else f" of run {run!r}")
+                    logger.warning(
+                        "bon_tracker: the interval, agreement and alert statistics failed at %s (%s: %s); "
+                        "the curve is reported without them",
+                        where,
+                        type(found).__name__,
+                        found,
+                    )
+                    continue
+                out[(run, step)] = found
+        return out
 
 
 # ---- run folders ---------------------------------------------------------------------------------------------
@@ -835,6 +973,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     hacks: dict[tuple[Any, int], HackStatistics | None] = {}  # each step's hack table (stream engine, texts)
     selections: dict[tuple[Any, int], SelectionStatistics | None] = {}  # several proxies/trues, or --selection
+    statistics: dict[tuple[Any, int], EvalStatistics] = {}
+    jobs = _Statistics().__enter__()  # each step's interval and predictions, while the statistics pass reads on
     try:
         if args.engine == "ray":  # Ray Data: the cluster ray.init() finds ($RAY_ADDRESS), else a local one
             from bon_tracker.analysis.ray_engine import ray_curves
@@ -853,10 +993,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                 progress=False if args.quiet else None,  # -q: no Ray progress bars or INFO lines either
             )
             counts.update(rows=info["rows"], omitted=sum(info["omitted"].values()))
-            estimates = {key: (*info["estimates"][key], info["agreement"][key]) for key in info.get("estimates", {})}
+            for run, step in info.get("estimates", {}):
+                if step in curves.get(run, {}):
+                    estimated = (*info["estimates"][(run, step)], info["agreement"][(run, step)])
+                    jobs.submit((run, step), curves[run][step], estimated)
         else:
             curves, info = curves_from_batches(open_batches, ns=config.ns, on_ungrouped=on_ungrouped)
-            estimates = {}
+
+            def step_done(key: tuple[Any, int], estimated: _StepEstimates) -> None:
+                curve = estimated.deployed_curve  # several proxies: the deployed rule's curve
+                jobs.submit(key, curves[key[0]][key[1]] if curve is None else curve, estimated.result())
+
             if curves:
                 read = dict(counts)
                 steps = {
@@ -870,22 +1017,28 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                     for run, by_step in curves.items()
                     for step, curve in by_step.items()
                 }
+                for key, estimated in steps.items():
+                    estimated.on_complete = lambda done, key=key: step_done(key, done)
                 feed = _feed_grouped if info["grouped"] else _feed_buffered
                 feed(open_batches("statistics"), steps)
                 counts.update(read)
-                estimates = {key: step.result() for key, step in steps.items()}
+                for key, estimated in steps.items():
+                    if key not in jobs:  # fewer prompts than the curves' pass counted (never expected)
+                        step_done(key, estimated)
                 hacks = {key: step.hack_statistics() for key, step in steps.items()}
                 selections = {key: step.selection_stats for key, step in steps.items()}
                 for (run, step), estimated in steps.items():
                     if estimated.deployed_curve is not None:  # several proxies: the deployed rule's curve
                         curves[run][step] = estimated.deployed_curve
+        if curves:
+            statistics = jobs.results(curves)
     finally:
         for bar in bars:
             bar.close()
+        jobs.__exit__(None, None, None)
     if not curves:
         dropped = f" ({counts['omitted']:,} dropped by --nan-policy omit)" if counts.get("omitted") else ""
         raise ScoreFileError(f"no samples in {', '.join(str(f) for f in files)}{dropped}")
-    statistics = _step_statistics(curves, estimates)
 
     draw = bool(config.local.get("charts", True))
     names = {"proxy_name": config.proxy_name, "true_name": config.true_name}
