@@ -11,11 +11,11 @@ from bon_tracker.core import bon_curve, bon_estimate, default_ns, fit_overoptimi
 from bon_tracker.core.prediction import predict_curve
 from bon_tracker.core.simulation import SimulationModel, normal_max_moments, simulated_runs
 from bon_tracker.core.uncertainty import (
+    BootstrapDraws,
     goodhart_interval,
     kl_to_n,
     prompt_resample_counts,
     resample_prompt_means,
-    reusing_draws,
 )
 
 
@@ -88,25 +88,28 @@ def test_resampling_in_blocks_of_resamples_is_the_whole_gather(P, B):
     np.testing.assert_array_equal(prompt_resample_counts(P, B, rng=2), want)
 
 
-def test_reused_draws_give_the_same_intervals_and_predictions():
-    """Inside reusing_draws the steps of one size share one draw (read-only, freed after): every
-    interval and prediction is the one drawn afresh; a generator or another size draws its own."""
+def test_shared_draws_give_the_same_intervals_and_predictions():
+    """With one BootstrapDraws the steps of one size share one draw (read-only): every interval
+    and prediction is the one drawn afresh; a generator or another size draws its own."""
     rng = np.random.default_rng(8)
     ns = np.array([1, 2, 4, 8, 16])
     d = np.sqrt(kl_bon(ns))
     steps = [d * (1.0 - g * d) + 0.3 * rng.standard_normal((P, 5)) for g, P in ((0.3, 300), (0.5, 300), (0.4, 301))]
     fresh = [(goodhart_interval(t, ns, n_resamples=200), predict_curve(t, t + 1.0, ns, [32, 64], n_resamples=200))
              for t in steps]  # fmt: skip
-    with reusing_draws():
-        shared = [(goodhart_interval(t, ns, n_resamples=200), predict_curve(t, t + 1.0, ns, [32, 64], n_resamples=200))
-                  for t in steps]  # fmt: skip
-        counts = prompt_resample_counts(300, 200, rng=0)
-        assert prompt_resample_counts(300, 200, rng=0) is counts and not counts.flags.writeable
-        assert prompt_resample_counts(300, 200, rng=np.random.default_rng(0)) is not counts
-        with reusing_draws():  # nested: the outer block's draws stay
-            assert prompt_resample_counts(300, 200, rng=0) is counts
-        assert prompt_resample_counts(300, 200, rng=0) is counts
-    assert prompt_resample_counts(300, 200, rng=0) is not counts  # freed with the block
+    draws = BootstrapDraws()
+    shared = [
+        (
+            goodhart_interval(t, ns, n_resamples=200, draws=draws),
+            predict_curve(t, t + 1.0, ns, [32, 64], n_resamples=200, draws=draws),
+        )
+        for t in steps
+    ]
+    counts = prompt_resample_counts(300, 200, rng=0, draws=draws)
+    assert prompt_resample_counts(300, 200, rng=0, draws=draws) is counts and not counts.flags.writeable
+    assert prompt_resample_counts(300, 200, rng=np.random.default_rng(0), draws=draws) is not counts
+    assert prompt_resample_counts(300, 200, rng=0) is not counts  # without the object: drawn afresh
+    np.testing.assert_array_equal(prompt_resample_counts(300, 200, rng=0), counts)
     for (ci_a, pred_a), (ci_b, pred_b) in zip(fresh, shared):
         assert ci_a.to_dict() == ci_b.to_dict()
         assert pred_a.rows() == pred_b.rows()

@@ -80,7 +80,7 @@ from bon_tracker.core import BonCurve, TopAgreement, bon_curve, topq_agreement
 from bon_tracker.core.selection import DEFAULT_UWO_LAMBDA, aggregate_members, check_rules, rule_scores, selection_input
 from bon_tracker.core.selection_stats import SelectionStatistics, compute_selection_statistics
 from bon_tracker.core.threads import thread_count
-from bon_tracker.core.uncertainty import reusing_draws
+from bon_tracker.core.uncertainty import BootstrapDraws
 from bon_tracker.files import atomic_write_text
 from bon_tracker.optional import MissingDependencyError
 from bon_tracker.record import EvalRecord
@@ -600,18 +600,23 @@ def _feed_buffered(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _
 
 
 def _eval_statistics(
-    curve: BonCurve, true_pp: np.ndarray, proxy_pp: np.ndarray, agreement: TopAgreement | None
+    curve: BonCurve,
+    true_pp: np.ndarray,
+    proxy_pp: np.ndarray,
+    agreement: TopAgreement | None,
+    draws: BootstrapDraws | None = None,
 ) -> EvalStatistics:
     """The interval, the predictions and the agreement of one step, as the tracker's
-    :func:`~bon_tracker.tracking.alerting.eval_statistics` computes them from the scores."""
+    :func:`~bon_tracker.tracking.alerting.eval_statistics` computes them from the scores
+    (``draws``: bootstrap draws shared with the analysis's other steps: the same numbers)."""
     ns = curve.n
     B = resamples_for(int(curve.n_prompts.max()))
     interval = predictions = None
     try:
         from bon_tracker.core import goodhart_interval, predict_curve
 
-        interval = goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B)
-        predicted = predict_curve(true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B)
+        interval = goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B, draws=draws)
+        predicted = predict_curve(true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B, draws=draws)
         predictions = tuple(predicted.rows())
     except ValueError:  # no n = 1 on the grid, too few n or prompts to fit: no interval
         pass
@@ -619,11 +624,15 @@ def _eval_statistics(
 
 
 def _guarded_statistics(
-    curve: BonCurve, true_pp: np.ndarray, proxy_pp: np.ndarray, agreement: TopAgreement | None
+    curve: BonCurve,
+    true_pp: np.ndarray,
+    proxy_pp: np.ndarray,
+    agreement: TopAgreement | None,
+    draws: BootstrapDraws | None = None,
 ) -> EvalStatistics | Exception:
     """:func:`_eval_statistics`, or the error it raised (reported in step order by :class:`_Statistics`)."""
     try:
-        return _eval_statistics(curve, true_pp, proxy_pp, agreement)
+        return _eval_statistics(curve, true_pp, proxy_pp, agreement, draws)
     except Exception as err:  # as in the tracker: the curve is reported without them
         return err
 
@@ -636,33 +645,30 @@ class _Statistics:
     release the GIL -- while the statistics pass reads the next steps; each step's numbers are
     computed by the same calls whichever thread runs them, so they do not depend on the count.
     The bootstrap draws are shared by steps with the same number of prompts
-    (:func:`~bon_tracker.core.uncertainty.reusing_draws`: the same seed gives the same draws).
+    (:class:`~bon_tracker.core.uncertainty.BootstrapDraws`: the same seed gives the same draws).
     """
 
     def __init__(self, threads: int | None = None):
         workers = thread_count(threads)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bon_tracker_statistics") if workers > 1 else None
         self._jobs: dict[tuple[Any, int], Future] = {}
-        self._draws = reusing_draws()
+        self._draws = BootstrapDraws()
 
     def __enter__(self) -> _Statistics:
-        self._draws.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-        finally:
-            self._draws.__exit__(None, None, None)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._draws = BootstrapDraws()  # the draws are freed with the analysis
 
     def submit(self, key: tuple[Any, int], curve: BonCurve, estimates: tuple) -> None:
         """Start the statistics of the step ``key`` from its ``(true_pp, proxy_pp, agreement)``."""
         if self._pool is not None:
-            self._jobs[key] = self._pool.submit(_guarded_statistics, curve, *estimates)
+            self._jobs[key] = self._pool.submit(_guarded_statistics, curve, *estimates, self._draws)
             return
         done: Future = Future()
-        done.set_result(_guarded_statistics(curve, *estimates))
+        done.set_result(_guarded_statistics(curve, *estimates, self._draws))
         self._jobs[key] = done
 
     def __contains__(self, key: tuple[Any, int]) -> bool:

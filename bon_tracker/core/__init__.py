@@ -33,7 +33,7 @@ from bon_tracker.core.selection_stats import (
     compute_selection_statistics,
 )
 from bon_tracker.core.soft_bon import SoftBonEstimates, soft_bon_estimates
-from bon_tracker.core.uncertainty import GoodhartInterval, goodhart_interval, kl_to_n
+from bon_tracker.core.uncertainty import BootstrapDraws, GoodhartInterval, goodhart_interval, kl_to_n
 from bon_tracker.core.weights import bon_weights
 from bon_tracker.core.win_rate import BonWinRate, bon_win_rate
 
@@ -45,6 +45,7 @@ __all__ = [
     "AlertRules",
     "BonCurve",
     "BonWinRate",
+    "BootstrapDraws",
     "CurveAccumulator",
     "CurveParts",
     "CurvePrediction",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bon_tracker.core.kl import kl_bon
-from bon_tracker.core.uncertainty import _design, _relative_true, prompt_resample_counts
+from bon_tracker.core.uncertainty import BootstrapDraws, _design, _relative_true, prompt_resample_counts
 from bon_tracker.core.validation import float_array
 
 
@@ -67,6 +67,7 @@ def predict_curve(
     level: float = 0.95,
     n_resamples: int = 1000,
     rng: np.random.Generator | int | None = 0,
+    draws: BootstrapDraws | None = None,
 ) -> CurvePrediction:
     """Predict true and proxy best-of-n scores at ``predict_ns`` from the measured ``ns``.
 
@@ -78,6 +79,8 @@ def predict_curve(
         level: two-sided level of the percentile intervals.
         n_resamples: bootstrap resamples of the prompts.
         rng: seed or generator of the resampling.
+        draws: a :class:`~bon_tracker.core.uncertainty.BootstrapDraws` to share an integer
+            seed's draws with other calls (the same results, drawn once).
 
     Returns:
         A :class:`CurvePrediction`; the KL of each n is ``kl_bon(n)`` (continuous proxies).
@@ -110,7 +113,7 @@ def predict_curve(
     # per-prompt contributions, all linear in the mean: (alpha, beta) of true and proxy, and the n = 1 means
     contrib = np.column_stack([rel_t @ solve, rel_p @ solve, t[:, at_one], p[:, at_one]])  # (P, 6)
     point = contrib.mean(axis=0)
-    boot = prompt_resample_counts(P, n_resamples, rng) @ contrib / P  # (B, 6)
+    boot = prompt_resample_counts(P, n_resamples, rng, draws=draws) @ contrib / P  # (B, 6)
     a = (1.0 - level) / 2.0
 
     def band(values: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,10 +18,9 @@ Intervals for ``n*`` and ``KL*`` are monotone maps of the interval for ``d*``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,35 +32,33 @@ from bon_tracker.core.validation import float_array
 _METHODS = ("percentile", "bca")
 
 
-class _DrawCache:
-    """Bootstrap draws from an integer seed, kept for reuse while :func:`reusing_draws` is open.
+class BootstrapDraws:
+    """Bootstrap draws from an integer seed, made once and shared (read-only) by every call
+    given this object: pass it as ``draws=`` to :func:`goodhart_interval`,
+    :func:`~bon_tracker.core.prediction.predict_curve`, :func:`prompt_resample_counts` or
+    :func:`resample_prompt_means`.
 
-    The draws are a function of (kind, prompts, resamples, seed) alone, so steps of one
-    analysis with the same number of prompts (every eval step of a fixed eval set) resample
-    the same prompts: computing them once gives the very same arrays the other steps would
-    draw. One entry per kind (the last key) is kept, read-only; outside the block nothing is.
+    The draws are a function of (kind, prompts, resamples, seed) alone, so the eval steps of one
+    analysis with the same number of prompts (every step of a fixed eval set) resample the same
+    prompts: computing them once gives the very same arrays each step would draw, and results
+    are exactly those of drawing again. One entry per kind (the last key) is kept; the arrays go
+    with the object. Thread-safe. ``bon-tracker analyze`` makes one per analysis.
+
+    Example:
+        >>> draws = BootstrapDraws()
+        >>> a, b = prompt_resample_counts(5, 3, rng=0, draws=draws), prompt_resample_counts(5, 3, rng=0, draws=draws)
+        >>> a is b, bool(np.array_equal(a, prompt_resample_counts(5, 3, rng=0)))
+        (True, True)
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open = 0
         self._entries: dict[str, tuple[tuple, np.ndarray]] = {}
         self._kind_locks = {"indices": threading.Lock(), "counts": threading.Lock()}
 
-    def enter(self) -> None:
-        with self._lock:
-            self._open += 1
-
-    def exit(self) -> None:
-        with self._lock:
-            self._open -= 1
-            if self._open == 0:
-                self._entries.clear()
-
     def get(self, kind: str, key: tuple | None, make: Callable[[], np.ndarray]) -> np.ndarray:
-        """``make()``, or the array it made for the same ``key`` while the cache is open
-        (``key`` None: a generator or fresh entropy, whose draws are never the same twice)."""
-        if key is None or not self._open:
+        """``make()``, or the array it made for the same ``key`` (``key`` None: a generator or
+        fresh entropy, whose draws are never the same twice: always ``make()``)."""
+        if key is None:
             return make()
         with self._kind_locks[kind]:  # a second thread asking for the same draws waits for the first's
             found = self._entries.get(kind)
@@ -69,36 +66,12 @@ class _DrawCache:
                 return found[1]
             value = make()
             value.flags.writeable = False
-            with self._lock:
-                if self._open:
-                    self._entries[kind] = (key, value)
+            self._entries[kind] = (key, value)
             return value
 
 
-_DRAWS = _DrawCache()
-
-
-@contextlib.contextmanager
-def reusing_draws() -> Iterator[None]:
-    """Within the block, the bootstrap draws of an integer seed are made once per number of
-    prompts and resamples, and shared (read-only) by every call that asks for them again.
-
-    Results are exactly those of drawing again (the same seed gives the same draws); only
-    the time is saved: ``bon-tracker analyze`` opens it around the statistics of every eval
-    step, which all resample their prompts from seed 0. The arrays are freed when the
-    outermost block closes. Thread-safe.
-
-    Example:
-        >>> with reusing_draws():
-        ...     a, b = prompt_resample_counts(5, 3, rng=0), prompt_resample_counts(5, 3, rng=0)
-        >>> a is b, bool(np.array_equal(a, prompt_resample_counts(5, 3, rng=0)))
-        (True, True)
-    """
-    _DRAWS.enter()
-    try:
-        yield
-    finally:
-        _DRAWS.exit()
+def _drawn(draws: BootstrapDraws | None, kind: str, key: tuple | None, make: Callable[[], np.ndarray]) -> np.ndarray:
+    return make() if draws is None else draws.get(kind, key, make)
 
 
 def _seed_key(rng: object) -> int | None:
@@ -111,10 +84,12 @@ def _seed_key(rng: object) -> int | None:
 _GATHER_CELLS = 1 << 16  # bootstrap cells worked on at once (1 MiB of complex values)
 
 
-def prompt_resample_counts(n_prompts: int, n_resamples: int, rng: np.random.Generator | int | None) -> np.ndarray:
+def prompt_resample_counts(
+    n_prompts: int, n_resamples: int, rng: np.random.Generator | int | None, *, draws: BootstrapDraws | None = None
+) -> np.ndarray:
     """Bootstrap counts ``(B, P)``: how often each prompt is drawn in each resample of P prompts.
 
-    Inside :func:`reusing_draws`, counts of an integer seed come back shared and read-only.
+    With ``draws`` (a :class:`BootstrapDraws`), counts of an integer seed come back shared and read-only.
 
     Example:
         >>> counts = prompt_resample_counts(5, 3, rng=0)
@@ -139,16 +114,22 @@ def prompt_resample_counts(n_prompts: int, n_resamples: int, rng: np.random.Gene
         return counts
 
     key = None if seed is None else (n_prompts, n_resamples, seed)
-    return _DRAWS.get("counts", key, make)
+    return _drawn(draws, "counts", key, make)
 
 
-def resample_prompt_means(contrib: np.ndarray, n_resamples: int, rng: np.random.Generator | int | None) -> np.ndarray:
+def resample_prompt_means(
+    contrib: np.ndarray,
+    n_resamples: int,
+    rng: np.random.Generator | int | None,
+    *,
+    draws: BootstrapDraws | None = None,
+) -> np.ndarray:
     """Means over B bootstrap resamples of the rows (prompts) of ``contrib (P, k)`` -> ``(B, k)``.
 
     Indices are drawn as small integers, all at once, and, for ``k <= 2``, gathered as one
     complex array a few resamples at a time (each resample's sum is the same as over the
     whole ``(B, P)`` gather, without holding it): about 2 ms for P = B = 1000 on one core.
-    Inside :func:`reusing_draws` the indices of an integer seed are drawn once per (P, B).
+    With ``draws`` (a :class:`BootstrapDraws`) the indices of an integer seed are drawn once per (P, B).
 
     Example:
         >>> resample_prompt_means(np.ones((4, 3)), 2, rng=0).tolist()
@@ -159,10 +140,11 @@ def resample_prompt_means(contrib: np.ndarray, n_resamples: int, rng: np.random.
     if P < 1 or n_resamples < 1:
         raise ValueError(f"need at least one prompt and one resample, got {P} and {n_resamples}")
     if k > 2:
-        return prompt_resample_counts(P, n_resamples, rng) @ contrib / P
+        return prompt_resample_counts(P, n_resamples, rng, draws=draws) @ contrib / P
     dtype = np.uint16 if np.iinfo(np.uint16).max >= P else np.int64
     seed = _seed_key(rng)
-    idx = _DRAWS.get(
+    idx = _drawn(
+        draws,
         "indices",
         None if seed is None else (P, n_resamples, seed, np.dtype(dtype).str),
         lambda: np.random.default_rng(rng).integers(0, P, size=(n_resamples, P), dtype=dtype),
@@ -320,6 +302,7 @@ def goodhart_interval(
     n_resamples: int = 1000,
     method: str = "percentile",
     rng: np.random.Generator | int | None = 0,
+    draws: BootstrapDraws | None = None,
 ) -> GoodhartInterval:
     """Interval for the Goodhart point (n*, KL*, peak gain) by resampling prompts.
 
@@ -343,6 +326,8 @@ def goodhart_interval(
             form; falls back to percentile where undefined).
         rng: seed or generator of the resampling (fixed by default: the same data give
             the same interval).
+        draws: a :class:`BootstrapDraws` to share an integer seed's draws with other calls
+            (the same results, drawn once).
 
     Returns:
         A :class:`GoodhartInterval`.
@@ -371,7 +356,7 @@ def goodhart_interval(
     proj = rel @ solve  # (P, 2): each prompt's contribution; fits are linear in the mean
     alpha_hat, beta_hat = proj.mean(axis=0)
     d_max = float(np.sqrt(max(float(np.nanmax(kl_arr[keep])), 0.0)))
-    coef = resample_prompt_means(proj, n_resamples, rng)  # (B, 2)
+    coef = resample_prompt_means(proj, n_resamples, rng, draws=draws)  # (B, 2)
     d_boot, gain_boot = _peak(coef[:, 0], coef[:, 1], d_max)
     (d_hat,), (gain_hat,) = _peak(np.array([alpha_hat]), np.array([beta_hat]), d_max)
     a = 1.0 - level
