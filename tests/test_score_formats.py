@@ -427,3 +427,46 @@ def test_analyze_names_a_verl_run_after_its_dump_folder(tmp_path, capsys):
         main(["analyze", *files, "--preset", "verl", "--true-col", "gold", "--out", str(tmp_path / "out"), "-q"]) == 0
     )
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["ppo-lr1e-5"]
+
+
+def test_analyze_preset_verl_reads_an_ensemble_and_several_true_rewards_from_the_extra_keys(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "val"
+    folder.mkdir()
+    rows = {}
+    for step in (10, 20):
+        lines = [
+            {
+                "input": f"q{q}",
+                "output": f"a{j}",
+                "score": float(rng.normal()),
+                "rm_b": float(rng.normal()),
+                "gold": float(rng.normal()),
+                "verifier": float(rng.integers(0, 2)),
+                "step": step,
+                "uid": f"u{q}_{j}_0",
+            }
+            for q in range(12)
+            for j in range(8)
+        ]
+        write_jsonl(folder / f"{step}.jsonl", lines)
+        rows[step] = lines
+    args = ["analyze", str(folder), "--preset", "verl", "--proxy-col", "score", "--proxy-col", "rm_b"]
+    args += ["--true-col", "gold", "--true-col", "verifier", "--out", str(tmp_path / "out"), "--json", "-q"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    (run,) = json.loads(out)["runs"]
+    records = {r.step: r for r in read_records(run["run_dir"])}
+    assert sorted(records) == [10, 20]
+    for step, lines in rows.items():
+
+        def matrix(key, lines=lines):
+            return np.array([[row[key] for row in lines if row["input"] == f"q{q}"] for q in range(12)])
+
+        selection = records[step].selection
+        assert list(selection.member_names) == ["score", "rm_b"] and list(selection.true_names) == ["gold", "verifier"]
+        got = selection.get("rm_b", "verifier").curve("bon")  # a member's own curve under the second true reward
+        want = bon_curve(matrix("rm_b"), matrix("verifier"), ns=[int(n) for n in got.values])
+        np.testing.assert_allclose(got.true_mean, want.true_mean, rtol=0, atol=1e-12)
+        deployed = bon_curve((matrix("score") + matrix("rm_b")) / 2, matrix("gold"))  # mean of the members
+        np.testing.assert_allclose(records[step].curve.true_mean, deployed.true_mean, rtol=0, atol=1e-12)

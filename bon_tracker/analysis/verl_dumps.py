@@ -84,6 +84,7 @@ def _take(batch: ScoreBatch, keep: np.ndarray, prompt: np.ndarray, omitted: int 
         prompt=prompt[keep],
         proxy=batch.proxy[keep],
         true=batch.true[keep],
+        extra=None if batch.extra is None else batch.extra[:, keep],  # further proxy and true columns
         step=None if batch.step is None else batch.step[keep],
         run=None if batch.run is None else batch.run[keep],
         omitted=omitted,

@@ -930,10 +930,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if args.preset == "verl":
         from bon_tracker.analysis import verl_dumps
 
-        if len(proxy_cols) > 1 or len(true_cols) > 1:
-            raise UsageError("--preset verl reads one proxy (score) and one --true-col; several are not read there yet")
         columns = dataclasses.replace(
             verl_dumps.dump_columns(files[0], true_cols[0]),
+            # the reward function's score; --proxy-col names it otherwise, or an ensemble (its extra keys)
+            proxy=proxy_cols[0] if args.proxy_col else "score",
+            more_proxy=proxy_cols[1:],
+            more_true=true_cols[1:],
             prompt_text=args.prompt_text_col or "input",  # verl writes each sample's texts beside its scores
             completion=args.completion_col or "output",
         )
