@@ -3,6 +3,7 @@ of issue 18 (flat index arrays for short rows, kept rankers and weights, the hug
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -243,3 +244,133 @@ def test_map_in_order_keeps_order_and_errors_while_the_caller_helps():
 
     assert list(map_in_order(where, range(40), 2)) == list(range(40))
     assert threading.current_thread().name in callers  # the caller did not wait idle
+
+
+# ---- issue 18, item 3: finiteness read off the n = 1 estimates, chunked ranks and products ---------
+def brute_matrix(proxy: np.ndarray, score: np.ndarray, ns) -> np.ndarray:
+    """Every n-subset enumerated (tests.brute_force), one row per prompt."""
+    return np.array([[float(brute_force.bon_expected(list(p), list(s), n)) for n in ns] for p, s in zip(proxy, score)])
+
+
+@pytest.mark.parametrize("where", ["proxy", "true"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("column", [0, 5, 7])
+def test_a_non_finite_value_at_n8_is_found_without_its_own_pass(rng, where, value, column):
+    """Dense N = 8 with ties: a NaN or infinity anywhere (column 0 keeps an infinite proxy's bits
+    in its key) still gives the error naming it, and nan_policy="omit" the brute force of the rest."""
+    proxy = np.round(rng.normal(size=(40, 8)) * 2) / 2  # ties in most prompts
+    true = rng.normal(size=proxy.shape)
+    (proxy if where == "proxy" else true)[13, column] = value
+    with pytest.raises(ValueError, match=rf"{where} has 1 non-finite value\(s\).*\(13, {column}\)"):
+        bon_curve(proxy, true)
+    with pytest.raises(ValueError, match=rf"{where} has 1 non-finite value\(s\)"):
+        bon_curve_parts(proxy, true)
+    parts = bon_curve_parts(proxy, true, nan_policy="omit")
+    keep = np.ones(8, dtype=bool)
+    keep[column] = False
+    want = brute_matrix(proxy[13:14, keep], true[13:14, keep], [1, 2, 4])
+    np.testing.assert_allclose(parts.true[13, :3], want[0], rtol=1e-12, atol=1e-12)
+    assert np.isnan(parts.true[13, 3])  # n = 8: the prompt has 7 samples left
+    rows = [0, 20, 39]
+    np.testing.assert_allclose(parts.true[rows], brute_matrix(proxy[rows], true[rows], [1, 2, 4, 8]), rtol=1e-12)
+
+
+def test_grids_without_n1_still_check_every_value(rng):
+    """Without n = 1 no estimate sees every sample: the checks on the ranked block stay."""
+    proxy, true = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
+    true[4, 0] = np.nan
+    proxy[4, 0] = -5.0  # ranked lowest: weight zero for every n >= 2
+    with pytest.raises(ValueError, match=r"true has 1 non-finite value\(s\)"):
+        bon_curve(proxy, true, ns=[2, 8])
+    with pytest.raises(ValueError, match=r"score has 1 non-finite value\(s\)"):
+        bon_estimate(proxy, true, [2, 8])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the sums do overflow
+def test_huge_finite_scores_give_what_the_validated_path_gives(rng):
+    """Sums that overflow move a block to the validated path, which must agree with the fast one."""
+    proxy = rng.normal(size=(20, 8))
+    true = rng.uniform(0.5, 1.0, size=proxy.shape) * 1.5e308
+    dense = bon_curve_parts(proxy, true)
+    ragged = bon_curve_parts(list(proxy), list(true))  # validated in full, then the same blocks
+    for field in ("true_mean", "true_se", "proxy_mean", "proxy_se", "kl"):
+        np.testing.assert_array_equal(getattr(dense.curve, field), getattr(ragged.curve, field))
+    np.testing.assert_array_equal(dense.true, ragged.true)
+
+
+def test_chunked_and_whole_block_ranking_agree_with_ties_and_collisions(rng):
+    """One thread ranks a block chunk by chunk, several threads whole: the same values, bit for bit,
+    also where packed keys collide (proxies equal in all but their last bits: buckets re-sorted,
+    scores gathered again) and across chunk boundaries."""
+    from bon_tracker.core.ranking import BLOCK_SAMPLES, CHUNK_SAMPLES
+
+    N = 64
+    P = 2 * BLOCK_SAMPLES // N + 37  # three blocks: on two threads no block runs alone
+    proxy = rng.normal(size=(P, N))
+    proxy[::11, :9] = 0.75  # ties
+    near = 1.0 + rng.integers(0, 1 << 20, size=(P // 7, N)) * 2.0**-52  # differ in the low bits only
+    proxy[::7][: len(near)] = near
+    true = proxy + rng.normal(size=proxy.shape)
+    one = bon_curve_parts(proxy, true, threads=1)
+    two = bon_curve_parts(proxy, true, threads=2)
+    for field in ("true_mean", "true_se", "proxy_mean", "proxy_se", "kl"):
+        np.testing.assert_array_equal(getattr(one.curve, field), getattr(two.curve, field))
+    np.testing.assert_array_equal(one.true, two.true)
+    np.testing.assert_array_equal(one.proxy, two.proxy)
+    edge = CHUNK_SAMPLES // N  # first row of the second chunk
+    rows = [0, 7, 11, edge - 1, edge, edge + 6, P - 1]
+    ns = one.curve.n.tolist()
+    np.testing.assert_allclose(one.true[rows], exact_matrix(proxy[rows], true[rows], ns), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(one.proxy[rows], exact_matrix(proxy[rows], proxy[rows], ns), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("N", [1, 8, 16, 17, 64, 256, 1000])
+def test_weight_products_one_row_per_n_are_the_weights(rng, N):
+    """apply_by_n, in one product (short rows) or chunk by chunk and transposed: bon_weights applied."""
+    from bon_tracker.core.weights import RankWeights, bon_weights
+
+    ns = default_ns(N)
+    weights = RankWeights(N, ns)
+    stacked = rng.normal(size=(2 * 301 + 1, N))  # not a multiple of any chunk
+    want = np.array([bon_weights(N, int(n)) for n in ns]) @ stacked.T
+    np.testing.assert_allclose(weights.apply_by_n(stacked), want, rtol=1e-13, atol=1e-13)
+    out = np.full((len(ns), stacked.shape[0]), np.nan)
+    assert weights.apply_by_n(stacked, out=out) is out
+    np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-13)
+
+
+def test_dense_blocks_are_even_and_bounded():
+    from bon_tracker.core.ranking import block_rows, dense_blocks
+
+    for P, N in [(1, 8), (10_000, 8), (100_000, 8), (10_000, 64), (4_097, 64), (3, 1 << 20), (1000, 4096)]:
+        blocks = dense_blocks(P, N)
+        assert blocks[0].start == 0 and blocks[-1].stop == P
+        assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
+        sizes = [b.stop - b.start for b in blocks]
+        assert max(sizes) <= block_rows(N) and len(blocks) == -(-P // block_rows(N))
+        assert max(sizes) - min(sizes) < len(blocks)  # even: the last block short by less than one row a block
+
+
+def test_kept_product_buffer_across_grids(rng):
+    """The product buffer kept with a thread's ranker serves a long grid, then a short one, then a long one."""
+    proxy, true = rng.normal(size=(50, 40)), rng.normal(size=(50, 40))
+    for ns in (list(range(1, 41)), [1, 40], [1, 2, 3, 5, 8, 13, 21, 34], None):
+        parts = bon_curve_parts(proxy, true, ns, threads=1)
+        rows = [0, 25, 49]
+        np.testing.assert_allclose(
+            parts.true[rows], exact_matrix(proxy[rows], true[rows], parts.curve.n), rtol=1e-12, atol=1e-12
+        )
+
+
+def test_single_threaded_blas_sets_and_restores_the_count():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from bon_tracker.core.threads import single_threaded_blas
+
+    def counts() -> list[int]:
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+    before = counts()
+    with pytest.raises(ZeroDivisionError), single_threaded_blas() as limited:
+        assert limited and all(c == 1 for c in counts())
+        1 / 0  # noqa: B018
+    assert counts() == before

@@ -106,17 +106,25 @@ def kl_formula(n: np.ndarray) -> np.ndarray:
 
 
 def curve_stats_by_n(
-    n: np.ndarray, estimates: np.ndarray, kl_sum: np.ndarray, *, N: int, has_ties: bool, n_samples: int
+    n: np.ndarray,
+    estimates: np.ndarray,
+    kl_sum: np.ndarray,
+    *,
+    N: int,
+    has_ties: bool,
+    n_samples: int,
+    overwrite: bool = False,
 ) -> CurveStats:
     """:func:`curve_stats_update` for a block whose prompts all reach every n, laid out one row per n.
 
     ``estimates``: ``(len(n), 2, P)``, the true score's estimates then the proxy's, each row
     contiguous (every reduction runs along contiguous memory, several times faster than down
     the columns of ``(P, len(n))`` for a short grid); ``kl_sum``: the sum of the prompts' KL per n.
+    ``overwrite``: the deviations may be computed in ``estimates`` itself (no temporary as large).
     """
     P = estimates.shape[2]
     means = np.add.reduce(estimates, axis=2) / P
-    deviations = estimates - means[:, :, None]
+    deviations = np.subtract(estimates, means[:, :, None], out=estimates if overwrite else None)
     np.square(deviations, out=deviations)
     m2 = np.add.reduce(deviations, axis=2)
     return CurveStats(

@@ -320,15 +320,24 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite, *, stats: bo
         return
     weights = TailWeights(N, cols) if many else rank_weights(N, cols)
     rows_per_block = min(block_rows(N), P)
+    # Every weight of n = 1 is 1/N: its estimates (row means) are non-finite whenever a value of
+    # their row is. With both scores estimated, checking them replaces two passes over the block
+    # (the proxy's ends, the scores' sum) by one over a row of estimates.
+    check_after = check_finite and stats and cols[0] == 1
 
     def sorted_block(rows: slice) -> CurveStats | None:
-        ranked = thread_ranker(rows_per_block, N).rank(p[rows], t[rows], check_finite=check_finite)
+        ranker = thread_ranker(rows_per_block, N)
+        ranked = ranker.rank(p[rows], t[rows], check_finite=check_finite, checked_after=check_after, chunked=alone)
         m = rows.stop - rows.start
-        with turns:
+        stacked = ranked.stacked[: scores * m]
+        # Non-finite values are found only after the product here: no warnings about them.
+        with turns, np.errstate(invalid="ignore", over="ignore"):
             if many:
-                by_n = np.ascontiguousarray(weights.apply_stacked(ranked.stacked[: scores * m]).T)
+                by_n = np.ascontiguousarray(weights.apply_stacked(stacked).T)
             else:
-                by_n = weights.apply_by_n(ranked.stacked[: scores * m])
+                by_n = weights.apply_by_n(stacked, out=ranker.product_buffer(len(cols), scores * m))
+            if check_after and not np.isfinite(np.add.reduce(by_n[0])):
+                raise NonFiniteInput  # a non-finite proxy or score, or finite ones whose sum overflows
         return from_sorted(ranked, by_n, rows)
 
     def work(blocks: list[slice]) -> list[CurveStats]:
@@ -356,6 +365,7 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite, *, stats: bo
     # the input only, never on the thread count.
     size = LEVEL_GROUP if len(blocks) > 1 and counted(blocks[0]) is not None else 1
     items = [blocks[i : i + size] for i in range(0, len(blocks), size)]
+    alone = min(workers, len(items)) <= 1  # one thread: sorted_block ranks in cache-sized chunks
     for parts in map_in_order(work, items, min(workers, len(items))):
         yield from parts
 
@@ -415,8 +425,8 @@ def _block_stats(ranked, by_n: np.ndarray, cols: np.ndarray, bound: np.ndarray, 
         kl_sum = _kl_sum(bound, m, tied, _discrete_kl_sorted(ranked.proxy[tied], ranked.new_group, cols, kl_mode))
     else:
         kl_sum = bound * m
-    estimates = by_n.reshape(len(cols), 2, m)  # by_n is C-contiguous: a view
-    return curve_stats_by_n(cols, estimates, kl_sum, N=N, has_ties=has_ties, n_samples=m * N)
+    estimates = by_n.reshape(len(cols), 2, m)  # by_n is C-contiguous: a view, not needed after this
+    return curve_stats_by_n(cols, estimates, kl_sum, N=N, has_ties=has_ties, n_samples=m * N, overwrite=True)
 
 
 def _level_block_stats(counts: LevelCounts, true_est, proxy_est, cols, bound, kl_mode, N: int) -> CurveStats:
@@ -465,7 +475,7 @@ def bon_curve(
         ns: the grid of n; default powers of two up to the largest N, plus that N.
         nan_policy: ``"raise"`` (default) or ``"omit"`` non-finite samples.
         kl_mode: ``"auto"``, ``"discrete"`` or ``"continuous"`` (above).
-        threads: worker threads for blocks of prompts (default ``$BON_TRACKER_THREADS``,
+        threads: threads for blocks of prompts, the calling one included (default ``$BON_TRACKER_THREADS``,
             else ``min(cores, 4)``); results are bit-identical for any count.
 
     Example:
