@@ -31,8 +31,9 @@ def bon_estimate(
         ns: an integer n or a sequence of them, each ``1 <= n <= N`` (ragged: up to
             the largest N; prompts with fewer samples give NaN).
         nan_policy: ``"raise"`` (default) rejects NaN/inf; ``"omit"`` drops those samples.
-        threads: threads to compute on (the calling one included), as :func:`~bon_tracker.core.curve.bon_curve` (the same blocks,
-            sort and weights); results are bit-identical for any count.
+        threads: threads to compute on (the calling one included), as
+            :func:`~bon_tracker.core.curve.bon_curve` (the same blocks, sort and weights);
+            results are bit-identical for any count.
 
     Returns:
         ``(len(ns),)`` for one prompt, ``(P, len(ns))`` otherwise; a scalar n drops
