@@ -15,6 +15,7 @@ from bon_tracker.core import bon_curve, bon_estimate, kl_bon_discrete, kl_bon_em
 from bon_tracker.core import curve as curve_module
 from bon_tracker.core import estimators as estimators_module
 from bon_tracker.core.curve import SCAN_MIN_N
+from bon_tracker.core.ranking import block_rows
 from tests import brute_force
 
 CURVE_FIELDS = ("kl", "kl_bound", "true_mean", "true_se", "proxy_mean", "proxy_se")
@@ -172,11 +173,13 @@ def test_rating_scale_with_continuous_true_scores_equals_sorting_path(rng, P, N,
 
 
 def test_levels_the_probe_misses_and_blocks_that_are_not_few_levels(rng):
-    P, N = 600, 256  # blocks of 512 prompts: the second block is mixed
+    N = 256
+    block = block_rows(N)  # prompts per block: the second block is mixed
+    P = block + 88
     proxy = rng.integers(0, 2, size=(P, N)).astype(float)
     proxy[20, 3] = 7.0  # a level first seen in row 20, past the probe
     proxy[40, 5] = -1.0  # and another
-    proxy[550] = rng.normal(size=N)  # a continuous prompt in the second block
+    proxy[block + 38] = rng.normal(size=N)  # a continuous prompt in the second block
     true = rng.normal(size=(P, N))
     with counted_blocks() as calls:
         got = bon_curve(proxy, true, ns=[1, 2, 16, 256])
