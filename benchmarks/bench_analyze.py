@@ -143,8 +143,9 @@ def measure(prompts: int, samples: int, steps: int, threads: int, repeats: int, 
 
     t_floor = best_time(lambda: read_and_sort(path, samples), repeats)
     t_curves = best_time(lambda: curves_from_batches(lambda: read_score_batches(path)), repeats)
-    t_plain = best_time(lambda: run_analyze([str(path), "--out", str(out), "--config", str(no_charts)]), repeats)
-    t_charts = best_time(lambda: run_analyze([str(path), "--out", str(out)]), max(1, repeats - 1))
+    again = [str(path), "--out", str(out), "--overwrite"]  # each repeat replaces the run folder, as a rerun would
+    t_plain = best_time(lambda: run_analyze([*again, "--config", str(no_charts)]), repeats)
+    t_charts = best_time(lambda: run_analyze(again), max(1, repeats - 1))
 
     print(f"{'':<58}{'s':>8}{'ratio':>8}{'goal':>8}")
     print(f"{'floor: pyarrow read of 3 columns + argsort per prompt':<58}{t_floor:>8.3f}{1.0:>8.2f}")
