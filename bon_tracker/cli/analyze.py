@@ -654,13 +654,11 @@ class _Statistics:
         self._jobs: dict[tuple[Any, int], Future] = {}
         self._draws = BootstrapDraws()
 
-    def __enter__(self) -> _Statistics:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
+        """Stop the worker threads (steps not started are cancelled) and free the shared draws."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        self._draws = BootstrapDraws()  # the draws are freed with the analysis
+        self._draws = BootstrapDraws()
 
     def submit(self, key: tuple[Any, int], curve: BonCurve, estimates: tuple) -> None:
         """Start the statistics of the step ``key`` from its ``(true_pp, proxy_pp, agreement)``."""
@@ -982,7 +980,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     hacks: dict[tuple[Any, int], HackStatistics | None] = {}  # each step's hack table (stream engine, texts)
     selections: dict[tuple[Any, int], SelectionStatistics | None] = {}  # several proxies/trues, or --selection
     statistics: dict[tuple[Any, int], EvalStatistics] = {}
-    jobs = _Statistics().__enter__()  # each step's interval and predictions, while the statistics pass reads on
+    jobs = _Statistics()  # each step's interval and predictions, while the statistics pass reads on
     try:
         if args.engine == "ray":  # Ray Data: the cluster ray.init() finds ($RAY_ADDRESS), else a local one
             from bon_tracker.analysis.ray_engine import ray_curves
@@ -1043,7 +1041,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     finally:
         for bar in bars:
             bar.close()
-        jobs.__exit__(None, None, None)
+        jobs.close()
     if not curves:
         dropped = f" ({counts['omitted']:,} dropped by --nan-policy omit)" if counts.get("omitted") else ""
         raise ScoreFileError(f"no samples in {', '.join(str(f) for f in files)}{dropped}")
