@@ -122,6 +122,27 @@ def test_nan_policy_omit_drops_samples(tmp_path, rng):
     assert curve.n_prompts[-1] == 15  # the prompt with 15 samples has no n = 16
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_omitted_samples_reach_the_statistics_as_omitted(tmp_path, rng, bad):
+    """One process with float64 matrices: finiteness is found by the curve's own pass; a
+    non-finite sample then sends the eval through full validation, so every statistic (not
+    only the curve) is that of the rows with the sample dropped."""
+    proxy, true = _scores(rng, 24, 16)
+    proxy[3, 4] = bad
+    true[5, 0] = bad
+    ragged_p = [np.delete(row, [4] if i == 3 else [0] if i == 5 else []) for i, row in enumerate(proxy)]
+    ragged_t = [np.delete(row, [4] if i == 3 else [0] if i == 5 else []) for i, row in enumerate(true)]
+    records = []
+    for k, (p, t) in enumerate([(proxy, true), (ragged_p, ragged_t)]):
+        with BonTracker("local", root=tmp_path / str(k), nan_policy="omit", charts=False) as tracker:
+            tracker.log_scores(0, p, t)
+            records.append(tracker.history[0].to_json())
+    for record in records:
+        record.pop("timestamp")
+    assert records[0] == records[1]
+    assert records[0]["interval"] is not None
+
+
 class FlakyService(Backend):
     """A spec'd fake service that is down for a while: raises, then accepts."""
 

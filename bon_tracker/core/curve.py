@@ -497,6 +497,29 @@ class CurveParts(NamedTuple):
     proxy: np.ndarray  # (P, len(curve.n)): the same for the proxy score
 
 
+def finite_curve_parts(proxy: np.ndarray, true: np.ndarray, ns: object | None = None) -> CurveParts | None:
+    """:func:`bon_curve_parts` of two ``(P, N)`` float64 matrices of one shape that have not been
+    checked for NaN or inf: None when a value is not finite (or their sum overflows), so that a
+    caller that validates anyway (the tracker) reads its scores once, not twice.
+
+    The curve and estimates are those of :func:`bon_curve_parts` (the same pass): the blocks
+    find non-finite values on the way, at no extra cost.
+    """
+    dense = _dense_input(proxy, true)
+    if dense is None or dense[2]:
+        raise ValueError("finite_curve_parts takes two (P, N) float64 matrices of one shape")
+    p, t, _ = dense
+    n_arr = default_ns(p.shape[1]) if ns is None else check_ns(ns, p.shape[1])[0]
+    try:
+        stats, estimates = _pass_over_groups(
+            [(None, p, t)], p.shape[0], n_arr, "auto", thread_count(None), True, True, True
+        )
+    except NonFiniteInput:
+        return None
+    curve = curve_stats_compute(stats, n_arr, kl_mode="auto")
+    return CurveParts(curve, estimates.in_order(estimates.true, n_arr), estimates.in_order(estimates.proxy, n_arr))
+
+
 def bon_curve_parts(
     proxy: object,
     true: object,

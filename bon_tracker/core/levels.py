@@ -72,6 +72,8 @@ def same_array(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two arrays are views of the same memory with the same layout (proxy passed as the score)."""
     if a is b:
         return True
+    if not np.may_share_memory(a, b):  # the usual case (two arrays), decided from their bounds alone
+        return False
     return (
         a.dtype == b.dtype
         and a.shape == b.shape

@@ -125,9 +125,9 @@ def _all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def _finite_float64_matrices(a: object, b: object) -> bool:
-    """Both are non-empty ``(P, N)`` float64 arrays of one shape holding only finite values:
-    what full validation would return unchanged."""
+def plain_float64_matrices(a: object, b: object) -> bool:
+    """Both are non-empty ``(P, N)`` float64 numpy arrays of one shape: what full validation
+    returns unchanged when their values are finite (not checked here)."""
     return (
         type(a) is np.ndarray
         and type(b) is np.ndarray
@@ -136,9 +136,12 @@ def _finite_float64_matrices(a: object, b: object) -> bool:
         and a.ndim == 2
         and a.shape == b.shape
         and a.size > 0
-        and _all_finite(a)
-        and _all_finite(b)
     )
+
+
+def _finite_float64_matrices(a: object, b: object) -> bool:
+    """:func:`plain_float64_matrices` holding only finite values."""
+    return plain_float64_matrices(a, b) and _all_finite(a) and _all_finite(b)
 
 
 def _is_ragged(values: object) -> bool:

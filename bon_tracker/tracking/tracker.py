@@ -27,7 +27,8 @@ import numpy as np
 
 from bon_tracker.backends import BACKENDS, Backend, make_backend
 from bon_tracker.core import Alert, AlertRules, BonCurve, bon_curve_parts
-from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores
+from bon_tracker.core.curve import finite_curve_parts
+from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores, plain_float64_matrices
 from bon_tracker.files import atomic_write_text
 from bon_tracker.record import EvalRecord
 from bon_tracker.texts import HackStatistics, Texts, check_texts, hack_statistics
@@ -459,27 +460,32 @@ class BonTracker:
         policy_kl = _check_policy_kl(policy_kl)
         context = check_context(context, step)
 
-        local = self._validated_local(proxy, true, texts)
+        # One process with two float64 matrices: their finiteness is checked by the curve's own
+        # pass (finite_curve_parts), not by a pass of its own first; all else is validated here.
+        unchecked = self.world_size == 1 and plain_float64_matrices(proxy, true)
+        local = self._validated_local(proxy, true, texts, finite_checked=not unchecked)
         gathered = all_gather(local)
-        errors = [(rank, item) for rank, item in enumerate(gathered) if item[0] == "error"]
-        if errors:
-            rank, (_, message, *kind) = errors[0]
-            where = f" (on rank {rank})" if self.world_size > 1 else ""
-            error = TypeError if kind == ["type"] else ValueError
-            raise error(f"log_scores at step {step}{where}: {message}")
+        _raise_invalid(gathered, step, self.world_size)
         if not self.is_writer:
             return None
         if not self._is_new_step(step):
             return None  # checked before computing, so a replayed step costs nothing
 
+        parts = None
+        if unchecked:
+            parts = finite_curve_parts(proxy, true, ns=self._grid({proxy.shape[1]}))
+            if parts is None:  # a NaN or inf: validated in full, for its error or nan_policy="omit"
+                gathered = [self._validated_local(proxy, true, texts)]
+                _raise_invalid(gathered, step, self.world_size)
         rows_p, lengths = _joined([item[1] for item in gathered])
         rows_t, _ = _joined([item[2] for item in gathered])
         if not lengths:
             raise ValueError(f"log_scores at step {step}: no rank passed any scores")
         extras = _EvalExtras.joined([item[3] for item in gathered])
-        # The curve and its per-prompt estimates from one sort: the interval and predictions
-        # (statistics worker) use the estimates, so no second sort is ever needed.
-        parts = bon_curve_parts(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
+        if parts is None:
+            # The curve and its per-prompt estimates from one sort: the interval and predictions
+            # (statistics worker) use the estimates, so no second sort is ever needed.
+            parts = bon_curve_parts(rows_p, rows_t, ns=self._grid(lengths), nan_policy=self.nan_policy)
         curve = parts.curve
         _check_finite_curve(curve, step)
         record = EvalRecord.build(
@@ -867,10 +873,18 @@ class BonTracker:
             )
         return self.ns
 
-    def _validated_local(self, proxy: Any, true: Any, texts: tuple = (None, None)) -> tuple:
+    def _validated_local(
+        self, proxy: Any, true: Any, texts: tuple = (None, None), *, finite_checked: bool = True
+    ) -> tuple:
         """This rank's scores as a 2-D array or a list of 1-D float rows (for an ensemble or
         several true rewards: the deployed rule's and the first true reward's), and the
-        :class:`_EvalExtras`; or the reason they are bad."""
+        :class:`_EvalExtras`; or the reason they are bad. ``finite_checked`` False: two float64
+        matrices of one shape (``plain_float64_matrices``) are returned unchecked for NaN/inf."""
+        if not finite_checked:
+            try:
+                return ("ok", proxy, true, self._texts_extras(texts, proxy, true, proxy, true))
+            except (TypeError, ValueError) as err:
+                return ("error", str(err), "type" if isinstance(err, TypeError) else "value")
         try:
             if _is_selection(proxy) or isinstance(true, Mapping):
                 return self._validated_selection(proxy, true, texts)
@@ -1226,6 +1240,16 @@ def _finish_trackers() -> None:
             tracker.finish()
         except Exception as err:  # never an exception at exit
             logger.warning("bon_tracker: finishing at exit failed: %s", err)
+
+
+def _raise_invalid(gathered: list[tuple], step: int, world_size: int) -> None:
+    """The first rank's validation error, as log_scores raises it."""
+    errors = [(rank, item) for rank, item in enumerate(gathered) if item[0] == "error"]
+    if errors:
+        rank, (_, message, *kind) = errors[0]
+        where = f" (on rank {rank})" if world_size > 1 else ""
+        error = TypeError if kind == ["type"] else ValueError
+        raise error(f"log_scores at step {step}{where}: {message}")
 
 
 def _private(scores: np.ndarray | list[np.ndarray], given: Any) -> np.ndarray | list[np.ndarray]:
