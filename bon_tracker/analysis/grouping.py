@@ -33,7 +33,10 @@ Parquet one row group, which the file's writer sized):
 Several proxy or true columns (``ScoreBatch.extra``, an ensemble) add nothing here: this pass
 reads ``proxy`` and ``true`` only (``bon-tracker analyze`` hands it the deployed rule's score as
 ``proxy``), and keeps no ``extra``. Their per-step buffer, ``(K + T) x 8`` bytes per sample from a
-step's first prompt to its last, is in analyze's statistics pass (bon_tracker/cli/analyze.py).
+step's first prompt to its last, is analyze's (bon_tracker/cli/analyze.py), as is the one read
+of grouped input: with ``accumulators`` given, the accumulators also keep each prompt's estimates
+on the way (``2 x 8`` bytes per prompt and n of the grid) and, when analyze asks, a step's blocks
+of scores until the step is done (views of the batches, within analyze's budget).
 
 Curves that rest on less than they seem to are reported with a warning on the
 ``bon_tracker`` logger (the command line prints it), one per run and kind: every
@@ -45,6 +48,7 @@ some of them (``n_prompts`` of the curve says how many at each n).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -53,7 +57,13 @@ import numpy as np
 
 from bon_tracker.analysis.score_files import ScoreBatch, ScoreFileError
 from bon_tracker.core import BonCurve
-from bon_tracker.core.accumulator import DEFAULT_CHUNK_SAMPLES, CurveAccumulator
+from bon_tracker.core.accumulator import (
+    DEFAULT_CHUNK_SAMPLES,
+    CurveAccumulator,
+    CurveStats,
+    empty_curve_stats,
+    merge_curve_stats,
+)
 
 __all__ = ["DEFAULT_CHUNK_SAMPLES", "CurveAccumulator", "curve_warnings", "curves_from_batches"]
 
@@ -64,23 +74,156 @@ RunSteps = dict[Any, dict[int, BonCurve]]  # run name (None without a run column
 
 class _SizedAccumulator(CurveAccumulator):
     """A :class:`CurveAccumulator` that also keeps the smallest number of samples of a
-    prompt and one prompt id (for the warnings about the shape of the data)."""
+    prompt and one prompt id (for the warnings about the shape of the data).
 
-    def __init__(self, ns: Sequence[int] | None, chunk_samples: int):
+    With ``keep_estimates`` each chunk is reduced by the same call as the base class's (one sort
+    of every prompt, ``rank_and_estimate``) asked to keep the per-prompt estimates it computes on
+    the way, and keeps them (``2 x 8`` bytes per prompt and n of the chunk's grid): what
+    ``bon-tracker analyze`` would otherwise read the file again to compute (:meth:`estimates_on`).
+    The statistics, hence the curve, are the base class's to the bit."""
+
+    def __init__(self, ns: Sequence[int] | None, chunk_samples: int, keep_estimates: bool = False):
         super().__init__(ns, chunk_samples=chunk_samples)
         self.min_samples: int | None = None
         self.example: Any = None
+        self.keep_estimates = keep_estimates
+        # Per chunk, in order: (largest N, prompts, chunk grid, true (P, G) or None, proxy (P, G) or None).
+        self.estimate_parts: list[tuple[int, int, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+        self._peeked: tuple[tuple[int, ...], CurveStats, tuple] | None = None  # the pending chunk's reduction
+
+    def _reduce_pending(self) -> tuple[CurveStats, tuple]:
+        """The statistics and estimates of the pending prompts, as ``CurveAccumulator._flush``
+        reduces them (the same grid, the same matrix, the same call), cached while they are pending."""
+        from bon_tracker.core.curve import default_ns, rank_and_estimate
+
+        key = tuple(id(p) for p in self._pending_proxy)
+        if self._peeked is not None and self._peeked[0] == key:
+            return self._peeked[1], self._peeked[2]
+        pending_proxy, pending_true = self._pending_proxy, self._pending_true
+        lengths = {p.shape[-1] for p in pending_proxy}
+        prompts = sum(1 if p.ndim == 1 else p.shape[0] for p in pending_proxy)
+        largest = max(lengths)
+        if self.ns is None:
+            grid = default_ns(largest)
+        else:
+            grid = np.array(sorted({n for n in self.ns if n <= largest}), dtype=np.int64)
+        if grid.size == 0:  # these prompts have fewer samples than every n of the grid
+            empty = empty_curve_stats()
+            part = dataclasses.replace(empty, N=largest, n_samples=self._pending_samples, n_prompts=prompts)
+            found: tuple = (part, (largest, prompts, grid, None, None))
+        else:
+            if len(pending_proxy) == 1 and pending_proxy[0].ndim == 2:
+                proxy, true = pending_proxy[0], pending_true[0]
+            elif len(lengths) == 1:
+                proxy = np.concatenate([p.reshape(-1, largest) for p in pending_proxy])
+                true = np.concatenate([t.reshape(-1, largest) for t in pending_true])
+            else:
+                proxy = [row for p in pending_proxy for row in (p if p.ndim == 2 else [p])]
+                true = [row for t in pending_true for row in (t if t.ndim == 2 else [t])]
+            part, estimates, n_arr, _ = rank_and_estimate(
+                proxy, true, grid, nan_policy="raise", kl_mode=self.kl_mode, threads=None, stats=True, keep=True
+            )
+            assert part is not None and estimates is not None and estimates.proxy is not None
+            kept = (estimates.in_order(estimates.true, n_arr), estimates.in_order(estimates.proxy, n_arr))
+            found = (part, (largest, prompts, n_arr, *kept))
+        self._peeked = (key, *found)
+        return found
+
+    def _flush(self) -> None:
+        if not self.keep_estimates:
+            super()._flush()
+            return
+        if not self._pending_proxy:
+            return
+        part, estimates = self._reduce_pending()
+        self._pending_proxy, self._pending_true, self._pending_samples = [], [], 0
+        self._peeked = None
+        self._stats = merge_curve_stats(self._stats, part)
+        self.estimate_parts.append(estimates)
+
+    def peek_curve(self) -> BonCurve:
+        """The curve :meth:`curve` would give if no more prompts came, without changing what it
+        gives later: the pending chunk is reduced now, and that reduction kept for its flush."""
+        if not self._pending_proxy:
+            return self.curve()
+        part, _ = self._reduce_pending()
+        saved = (self._stats, self._pending_proxy, self._pending_true, self._pending_samples, self._peeked)
+        self._stats = merge_curve_stats(self._stats, part)
+        self._pending_proxy, self._pending_true, self._pending_samples = [], [], 0
+        try:
+            return self.curve()
+        finally:
+            self._stats, self._pending_proxy, self._pending_true, self._pending_samples, self._peeked = saved
+
+    def estimates_on(self, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every prompt's estimates ``(P, len(grid))`` of the true and the proxy score on ``grid``
+        (the step's), in order, as ``ray_engine.prompt_estimates`` computes them chunk by chunk
+        (NaN where a prompt has fewer samples than n); None when a chunk's grid is not the
+        step's grid up to the chunk's largest N (ragged prompts: the estimates are recomputed).
+        Pending prompts count, reduced as :meth:`peek_curve` reduces them (nothing is flushed)."""
+        grid = np.asarray(grid, dtype=np.int64)
+        parts = list(self.estimate_parts)
+        if self._pending_proxy:
+            parts.append(self._reduce_pending()[1])
+        true_parts, proxy_parts = [], []
+        for largest, prompts, chunk_grid, true_est, proxy_est in parts:
+            true_pp = np.full((prompts, len(grid)), np.nan)
+            proxy_pp = np.full((prompts, len(grid)), np.nan)
+            cols = np.flatnonzero(grid <= largest)
+            if cols.size:
+                if true_est is None or proxy_est is None or not np.array_equal(grid[cols], chunk_grid):
+                    return None
+                true_pp[:, cols] = true_est
+                proxy_pp[:, cols] = proxy_est
+            true_parts.append(true_pp)
+            proxy_parts.append(proxy_pp)
+        if not true_parts:
+            return np.empty((0, len(grid))), np.empty((0, len(grid)))
+        return np.concatenate(true_parts), np.concatenate(proxy_parts)
 
     def add_prompt(self, proxy: np.ndarray, true: np.ndarray) -> None:
         if len(proxy):
             self.min_samples = len(proxy) if self.min_samples is None else min(self.min_samples, len(proxy))
+            self._kept(proxy[None, :], true[None, :])
         super().add_prompt(proxy, true)
 
     def add_prompts(self, proxy: np.ndarray, true: np.ndarray) -> None:
         if proxy.size:
             n = proxy.shape[1]
             self.min_samples = n if self.min_samples is None else min(self.min_samples, n)
+            self._kept(proxy, true)
         super().add_prompts(proxy, true)
+
+    # Keeping the prompts' scores (``bon-tracker analyze``'s one read: the agreement's prompts are
+    # taken from them once the step is done): off until keep_blocks(), dropped past a budget.
+    blocks: list[tuple[np.ndarray, np.ndarray]] | None = None
+    block_bytes = 0
+    block_budget = 0
+    blocks_over = False  # the budget was passed: the blocks were dropped
+    sealed = False  # the step was taken as done (take_blocks)
+    reopened = False  # prompts came after that
+
+    def keep_blocks(self, budget: int) -> None:
+        """From now on keep every ``(k, N)`` block of prompts added (the arrays given, not copies),
+        while they take at most ``budget`` bytes."""
+        self.blocks, self.block_bytes, self.block_budget = [], 0, int(budget)
+
+    def take_blocks(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """The blocks kept (None: past the budget, or never kept); the step counts as done from now:
+        prompts added later set :attr:`reopened`."""
+        blocks, self.blocks, self.sealed = self.blocks, None, True
+        return None if self.blocks_over else blocks
+
+    def _kept(self, proxy: np.ndarray, true: np.ndarray) -> None:
+        if self.sealed:
+            self.reopened = True
+        if self.blocks is None:
+            return
+        self.block_bytes += proxy.nbytes + true.nbytes
+        if self.block_bytes > self.block_budget:
+            self.blocks, self.blocks_over = None, True
+            return
+        self.blocks.append((proxy, true))
 
 
 class _NotGrouped(Exception):
@@ -226,11 +369,15 @@ def _segment_keys(batch: ScoreBatch, at: np.ndarray) -> tuple[np.ndarray | None,
     return (None if batch.run is None else batch.run[at]), steps, batch.prompt[at]
 
 
-def _grouped(batches: Iterable[ScoreBatch], make: Callable[[], CurveAccumulator]) -> dict:
+def _grouped(
+    batches: Iterable[ScoreBatch],
+    make: Callable[[], CurveAccumulator],
+    accumulators: dict[tuple[Any, int], CurveAccumulator] | None = None,
+) -> dict:
     """Curves of grouped input: prompts complete inside a batch go to the accumulators as
     blocks of equal-length prompts (no Python work per prompt); a prompt cut by a batch's
-    end is joined with the next batch's first rows."""
-    accumulators: dict[tuple[Any, int], CurveAccumulator] = {}
+    end is joined with the next batch's first rows. ``accumulators``: the dict to fill."""
+    accumulators = {} if accumulators is None else accumulators
     closed = _ClosedKeys()
     open_key: tuple[Any, int, Any] | None = None
     open_proxy: list[np.ndarray] = []
@@ -349,6 +496,7 @@ def curves_from_batches(
     ns: Sequence[int] | None = None,
     chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
     on_ungrouped: Callable[[tuple[Any, int, Any]], None] | None = None,
+    accumulators: dict[tuple[Any, int], Any] | None = None,
 ) -> tuple[RunSteps, dict[str, Any]]:
     """Best-of-n curves per run and step of a stream of score rows.
 
@@ -359,6 +507,10 @@ def curves_from_batches(
         chunk_samples: see :class:`CurveAccumulator`.
         on_ungrouped: called with the first (run, step, prompt) key found out of
             place, before the second pass.
+        accumulators: a dict that receives each (run, step)'s accumulator of grouped input
+            as the pass makes it (emptied if the input turns out not to be grouped): they
+            keep every prompt's estimates on the way (``estimates_on``; ``peek_curve``
+            gives a step's curve before the pass ends). The curves are the same.
 
     Returns:
         ``({run: {step: BonCurve}}, info)`` with runs in order of first appearance and
@@ -368,11 +520,14 @@ def curves_from_batches(
         :func:`curve_warnings`).
     """
     make = lambda: _SizedAccumulator(ns, chunk_samples)  # noqa: E731
+    keeping = lambda: _SizedAccumulator(ns, chunk_samples, keep_estimates=True)  # noqa: E731
     try:
         with _closing(open_batches()) as batches:
-            accumulators = _grouped(batches, make)
+            accumulators = _grouped(batches, make if accumulators is None else keeping, accumulators)
         grouped = True
     except _NotGrouped as err:
+        if accumulators is not None:
+            accumulators.clear()
         if on_ungrouped is not None:
             on_ungrouped(err.args[0])
         with _closing(open_batches()) as batches:

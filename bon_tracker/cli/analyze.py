@@ -4,14 +4,22 @@ What each eval step gets is what ``BonTracker.log_scores`` computes in training:
 Goodhart point's interval (resampling prompts), the predictions beyond the measured n, the tail
 agreement (dense input) and the alerts (the tracker's :class:`AlertReporter`, over the steps of
 each run in order; ``alerts: off`` or ``BON_TRACKER_ALERTS=off`` turns them off). The curves come
-from one streaming pass (:func:`~bon_tracker.analysis.grouping.curves_from_batches`); a second pass
-over the files computes each prompt's estimates on the step's grid, in the order of the input,
-for the interval and the predictions (2 x 8 bytes per prompt and n of the grid are kept, never
-the rows) and keeps the scores of the prompts the agreement averages (at most 2,048 per step).
-A step's interval and predictions start once this pass has its last prompt, on worker threads
-(``BON_TRACKER_THREADS``) while the pass reads on, and steps with as many prompts share their
-bootstrap draws (one seed: the same draws, the same numbers as drawing again); with more than
-one thread a reader thread decodes a couple of batches ahead. Nothing depends on the thread count.
+from one streaming pass (:func:`~bon_tracker.analysis.grouping.curves_from_batches`), and so, for
+grouped input (each prompt's rows together), does everything else: the sort that gives a step's
+curve also gives each prompt's estimates on the step's grid, in the order of the input, for the
+interval and the predictions (2 x 8 bytes per prompt and n of the grid), and the step's rows are
+kept until the input moves on to another step (:class:`_OnePass`, at most
+:data:`STEP_BUFFER_BYTES` a step: 16 bytes a sample, with texts or more score columns those too),
+when the agreement's prompts (at most 2,048 per step), the hack table and the selection
+statistics are taken from them and the rows freed. A step past that budget, one whose rows come
+back after another step's, one whose chunks of prompts were reduced on grids other than the
+step's (ragged prompts), and every step of ungrouped input get the same numbers from a second
+pass over the files instead (today's statistics pass, for those steps only); the results do not
+depend on which path a step takes. A step's interval and predictions start once its last prompt
+is in, on worker threads (``BON_TRACKER_THREADS``) while the pass reads on, and steps with as
+many prompts share their bootstrap draws (one seed: the same draws, the same numbers as drawing
+again); with more than one thread a reader thread decodes a couple of batches ahead. Nothing
+depends on the thread count.
 With text columns (``--prompt-text-col``/``--completion-col``, or verl's ``input``/``output``), the
 same pass builds each step's hack table (:class:`~bon_tracker.texts.HackAccumulator`: the
 ``k`` worst prompts' texts cut, feature sums; never the texts of every prompt).
@@ -20,9 +28,9 @@ or ``--selection``, each step also gets the selection statistics the tracker com
 (:func:`~bon_tracker.core.selection_stats.compute_selection_statistics` on
 :func:`~bon_tracker.core.selection.selection_input`, docs/selection.md), and with several proxy
 columns its curve is ``--selection-rule``'s (default ``mean``), as ``log_scores`` returns it. For
-them the statistics pass buffers one step's scores, ``(K + T) x 8`` bytes per sample (K proxy and
-T true columns), from its first prompt to its last, and then computes and frees them: with input
-sorted by step, one step at a time; with steps interleaved, every open step's.
+them a step's scores, ``(K + T) x 8`` bytes per sample (K proxy and T true columns), are buffered
+from its first prompt to its last, then computed on and freed: one step at a time (in the second
+pass, with steps interleaved, every open step's).
 
 Run folders: ``<root>/<run name>``. When that folder exists (an earlier run of the same name),
 the run goes to the first free ``<run name>-2``, ``-3``, ... and one line says so and names
@@ -274,9 +282,14 @@ class _StepEstimates:
         samples: int = 0,
         texts: bool = False,
         selection: _Selection | None = None,
+        estimates: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         self.grid = np.asarray(grid, dtype=np.int64)
         self.n_prompts = n_prompts
+        # Every prompt's (true, proxy) estimates already computed (by the curves' own sort, one pass):
+        # the prompts added then give the agreement, texts and selection statistics only.
+        self.given = estimates is not None
+        assert not (self.given and selection is not None and selection.ensemble), "the deployed rule's estimates"
         self.seen = 0  # prompts given to add() so far
         # The selection statistics: this step's (K + T, k, N) score blocks until its last prompt.
         self.selection = selection
@@ -289,8 +302,8 @@ class _StepEstimates:
         if texts and samples > MAX_FEATURE_SAMPLES:
             m = max(1, int(n_prompts * MAX_FEATURE_SAMPLES / samples))
             self.feature_prompts = np.unique(np.linspace(0, n_prompts - 1, m).round().astype(np.int64))
-        self.true_parts: list[np.ndarray] = []
-        self.proxy_parts: list[np.ndarray] = []
+        self.true_parts: list[np.ndarray] = [] if estimates is None else [estimates[0]]
+        self.proxy_parts: list[np.ndarray] = [] if estimates is None else [estimates[1]]
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending_samples = 0
         self.count = 0
@@ -380,10 +393,11 @@ class _StepEstimates:
         else:
             self.agree_proxy, self.agree_true = [], []
         self.count += k
-        self.pending.append((proxy, true))
-        self.pending_samples += proxy.size
-        if self.pending_samples >= STATISTICS_CHUNK:
-            self._flush()
+        if not self.given:
+            self.pending.append((proxy, true))
+            self.pending_samples += proxy.size
+            if self.pending_samples >= STATISTICS_CHUNK:
+                self._flush()
         if self.on_complete is not None and self.count >= self.n_prompts:
             on_complete, self.on_complete = self.on_complete, None
             on_complete(self)
@@ -481,40 +495,49 @@ def _block_scores(batch: ScoreBatch, rows: slice, k: int, N: int) -> np.ndarray 
     return None if batch.extra is None else batch.extra[:, rows].reshape(-1, k, N)
 
 
-def _feed_grouped(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _StepEstimates]) -> None:
-    """Input whose prompts are contiguous: prompts complete in a batch go in blocks of equal length;
-    a prompt cut by a batch's end is joined with the next batch's first rows."""
-    open_key: tuple[Any, int, Any] | None = None
-    open_proxy: list[np.ndarray] = []
-    open_true: list[np.ndarray] = []
-    open_texts: list[tuple[np.ndarray, np.ndarray] | None] = []  # (prompt texts, completions) per piece
-    open_scores: list[np.ndarray] = []  # every score column per piece (the selection statistics)
+class _GroupedFeeder:
+    """Input whose prompts are contiguous, a batch at a time: prompts complete in a batch go in
+    blocks of equal length to ``target((run, step))``'s ``add`` (None: a step not wanted); a prompt
+    cut by a batch's end is joined with the next batch's first rows."""
 
-    def close() -> None:
-        if open_key is not None and (open_key[0], open_key[1]) in steps:
-            proxy = np.concatenate(open_proxy)
-            texts = None
-            if open_texts and all(t is not None for t in open_texts):
-                completions = np.concatenate([t[1].reshape(-1) for t in open_texts])  # type: ignore[index]
-                texts = (open_texts[0][0][:1], completions[None, :])  # type: ignore[index]
-            scores = np.concatenate(open_scores, axis=1)[:, None, :] if open_scores else None
-            steps[(open_key[0], open_key[1])].add(proxy[None, :], np.concatenate(open_true)[None, :], texts, scores)
+    def __init__(self, target: Callable[[tuple[Any, int]], Any]):
+        self.target = target
+        self.open_key: tuple[Any, int, Any] | None = None
+        self.open_proxy: list[np.ndarray] = []
+        self.open_true: list[np.ndarray] = []
+        self.open_texts: list[tuple[np.ndarray, np.ndarray] | None] = []  # (prompt texts, completions) per piece
+        self.open_scores: list[np.ndarray] = []  # every score column per piece (the selection statistics)
 
-    for batch in batches:
+    def _close(self) -> None:
+        if self.open_key is None:
+            return
+        sink = self.target((self.open_key[0], self.open_key[1]))
+        if sink is None:
+            return
+        open_texts, open_scores = self.open_texts, self.open_scores
+        proxy = np.concatenate(self.open_proxy)
+        texts = None
+        if open_texts and all(t is not None for t in open_texts):
+            completions = np.concatenate([t[1].reshape(-1) for t in open_texts])  # type: ignore[index]
+            texts = (open_texts[0][0][:1], completions[None, :])  # type: ignore[index]
+        scores = np.concatenate(open_scores, axis=1)[:, None, :] if open_scores else None
+        sink.add(proxy[None, :], np.concatenate(self.open_true)[None, :], texts, scores)
+
+    def feed(self, batch: ScoreBatch) -> None:
         if len(batch) == 0:
-            continue
+            return
         starts, ends = _segments(batch)
         first = 0
-        if _key(batch, 0) == open_key:  # the open prompt goes on in this batch
-            open_proxy.append(batch.proxy[: ends[0]])
-            open_true.append(batch.true[: ends[0]])
-            open_texts.append(_block_texts(batch, slice(0, ends[0]), 1, int(ends[0])))
+        if _key(batch, 0) == self.open_key:  # the open prompt goes on in this batch
+            self.open_proxy.append(batch.proxy[: ends[0]])
+            self.open_true.append(batch.true[: ends[0]])
+            self.open_texts.append(_block_texts(batch, slice(0, ends[0]), 1, int(ends[0])))
             if batch.extra is not None:
-                open_scores.append(batch.extra[:, : ends[0]])
+                self.open_scores.append(batch.extra[:, : ends[0]])
             if len(starts) == 1:
-                continue
+                return
             first = 1
-        close()
+        self._close()
         complete = slice(first, len(starts) - 1)
         at, lengths = starts[complete], ends[complete] - starts[complete]
         if len(at):
@@ -524,23 +547,35 @@ def _feed_grouped(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _S
                 cut |= batch.run[at][1:] != batch.run[at][:-1]
             pieces = np.concatenate(([0], np.flatnonzero(cut) + 1, [len(at)]))
             for a, b in zip(pieces[:-1].tolist(), pieces[1:].tolist()):
-                key = (None if batch.run is None else batch.run[at[a]], int(step_of[a]))
-                if key not in steps:
+                sink = self.target((None if batch.run is None else batch.run[at[a]], int(step_of[a])))
+                if sink is None:
                     continue
                 N, lo = int(lengths[a]), int(at[a])
                 rows = slice(lo, lo + (b - a) * N)
-                steps[key].add(
+                sink.add(
                     batch.proxy[rows].reshape(b - a, N),
                     batch.true[rows].reshape(b - a, N),
                     _block_texts(batch, rows, b - a, N),
                     _block_scores(batch, rows, b - a, N),
                 )
         last = int(starts[-1])
-        open_key = _key(batch, last)
-        open_proxy, open_true = [batch.proxy[last:]], [batch.true[last:]]
-        open_texts = [_block_texts(batch, slice(last, None), 1, len(batch) - last)]
-        open_scores = [] if batch.extra is None else [batch.extra[:, last:]]
-    close()
+        self.open_key = _key(batch, last)
+        self.open_proxy, self.open_true = [batch.proxy[last:]], [batch.true[last:]]
+        self.open_texts = [_block_texts(batch, slice(last, None), 1, len(batch) - last)]
+        self.open_scores = [] if batch.extra is None else [batch.extra[:, last:]]
+
+    def finish(self) -> None:
+        """The last prompt goes in."""
+        self._close()
+        self.open_key = None
+
+
+def _feed_grouped(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _StepEstimates]) -> None:
+    """Input whose prompts are contiguous, to the steps of ``steps`` (:class:`_GroupedFeeder`)."""
+    feeder = _GroupedFeeder(steps.get)
+    for batch in batches:
+        feeder.feed(batch)
+    feeder.finish()
 
 
 def _feed_buffered(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _StepEstimates]) -> None:
@@ -672,6 +707,10 @@ class _Statistics:
     def __contains__(self, key: tuple[Any, int]) -> bool:
         return key in self._jobs
 
+    def discard(self, key: tuple[Any, int]) -> None:
+        """Forget the step's statistics (submitted again later; a computation under way is let finish)."""
+        self._jobs.pop(key, None)
+
     def results(self, curves: dict[Any, dict[int, BonCurve]]) -> dict[tuple[Any, int], EvalStatistics]:
         """Every submitted step's statistics (waiting for them); a step whose computation failed
         is left out with a warning, in the order of the curves."""
@@ -694,6 +733,209 @@ class _Statistics:
                     continue
                 out[(run, step)] = found
         return out
+
+
+# ---- one read of the file (grouped input) ----------------------------------------------------------------------
+
+# Per eval step, what the one-pass path keeps of the rows until the step is done (its agreement
+# prompts, texts and score columns are taken from it then): 256 MiB holds the proxy and true scores
+# (16 bytes a sample) of a step of 16 million samples, far more than an eval step is (the benchmark's
+# are 3.2 million: 50 MiB, peak RSS about 0.5 GiB against 0.43 reading twice), and bounds what one
+# read adds to the command's memory to well under what the floor of loading the file takes (the
+# benchmark's: 0.9 GiB). A step past it is read again instead (its statistics only).
+STEP_BUFFER_BYTES = 256 << 20
+_STR_BYTES = 49  # CPython's size of an empty str: what each text costs beside its characters
+
+
+def _texts_bytes(texts: tuple[np.ndarray, np.ndarray] | None) -> int:
+    """About what a block's texts take in memory (their characters, the str objects, the pointers)."""
+    if texts is None:
+        return 0
+    total = 0
+    for values in texts:
+        items = values.ravel().tolist()
+        total += values.nbytes + _STR_BYTES * len(items) + sum(len(v) for v in items if isinstance(v, str))
+    return total
+
+
+class _StepRecorder:
+    """The blocks of one step's prompts the feeder gives (views of the batches, in order), up to
+    ``budget`` bytes; past it, nothing (``over``: the step's statistics come from a second read)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.calls: list[tuple[np.ndarray, np.ndarray, Any, np.ndarray | None]] = []
+        self.nbytes = 0
+        self.over = False
+
+    def add(
+        self,
+        proxy: np.ndarray,
+        true: np.ndarray,
+        texts: tuple[np.ndarray, np.ndarray] | None = None,
+        scores: np.ndarray | None = None,
+    ) -> None:
+        if self.over:
+            return
+        self.nbytes += proxy.nbytes + true.nbytes + (0 if scores is None else scores.nbytes) + _texts_bytes(texts)
+        if self.nbytes > self.budget:
+            self.over, self.calls = True, []
+            return
+        self.calls.append((proxy, true, texts, scores))
+
+
+class _NewSteps(dict):
+    """The curves' accumulators per (run, step), calling ``on_new(key, accumulator)`` as each is made."""
+
+    def __init__(self, on_new: Callable[[tuple[Any, int], Any], None]):
+        super().__init__()
+        self.on_new = on_new
+
+    def __setitem__(self, key: tuple[Any, int], value: Any) -> None:
+        super().__setitem__(key, value)
+        self.on_new(key, value)
+
+
+class _OnePass:
+    """Each step's statistics from the curves' own read of grouped input.
+
+    The scores of a step's prompts are kept until the step is done: without texts or further score
+    columns, the blocks the curves' accumulator is given (:meth:`keep_blocks`, views of the
+    batches); with them, the blocks a :class:`_GroupedFeeder` cuts from each batch after the curves
+    took it (:meth:`tee`, :class:`_StepRecorder`: the texts and score columns too). When the input
+    moves on to another step (or ends), the step is done: its curve and every prompt's estimates
+    come from its accumulator (the curves' own sort, ``keep_estimates``), the kept blocks go to a
+    :class:`_StepEstimates` (agreement, texts, selection statistics; with several proxies the
+    deployed rule's estimates) and its statistics job is submitted, as the second read would. A
+    step past :data:`STEP_BUFFER_BYTES`, one whose rows come back after another step's, or one
+    whose prompts' grids differ (ragged prompts) is left to the second read (:meth:`end`); so is
+    one whose curve is not the curves' pass's own (never expected)."""
+
+    def __init__(self, jobs: _Statistics, texts: bool, selection: _Selection | None, budget: int):
+        self.jobs, self.texts, self.selection, self.budget = jobs, texts, selection, budget
+        self.feeding = texts or selection is not None  # blocks cut from the batches, with their other columns
+        # Filled by curves_from_batches; without the feeder a new step's accumulator ends the last step.
+        self.accumulators: dict[tuple[Any, int], Any] = {} if self.feeding else _NewSteps(self._started)
+        self.current: tuple[Any, int] | None = None
+        self.recorder: _StepRecorder | None = None
+        self.done: dict[tuple[Any, int], tuple[BonCurve, _StepEstimates]] = {}
+        self.again: set[tuple[Any, int]] = set()  # steps left to the second read
+        self.active = True
+
+    def batches(self, batches: Iterator[ScoreBatch]) -> Iterator[ScoreBatch]:
+        """The curves' batches (:meth:`tee`'d with the feeder)."""
+        return self.tee(batches) if self.feeding else batches
+
+    def tee(self, batches: Iterator[ScoreBatch]) -> Iterator[ScoreBatch]:
+        feeder = _GroupedFeeder(self._target)
+        try:
+            for batch in batches:
+                yield batch
+                if self.active:
+                    feeder.feed(batch)
+            if self.active:
+                feeder.finish()
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    def abandon(self) -> None:
+        """The input is not grouped: nothing of this pass is used."""
+        self.active = False
+        for key in self.done:
+            self.jobs.discard(key)
+        self.done, self.recorder, self.current = {}, None, None
+
+    def _started(self, key: tuple[Any, int], accumulator: Any) -> None:
+        if not self.active:
+            return
+        accumulator.keep_blocks(self.budget)
+        if self.current is not None:
+            self._finish()
+        self.current = key
+
+    def _target(self, key: tuple[Any, int]) -> _StepRecorder | None:
+        if key in self.again:
+            return None
+        if key in self.done:  # the step's rows go on after another step's: a second read
+            self._again(key)
+            return None
+        if key != self.current:
+            if self.current is not None:
+                self._finish()
+            self.current, self.recorder = key, _StepRecorder(self.budget)
+        return self.recorder
+
+    def _again(self, key: tuple[Any, int]) -> None:
+        self.done.pop(key, None)
+        self.jobs.discard(key)
+        self.again.add(key)
+
+    def _finish(self) -> None:
+        key, recorder = self.current, self.recorder
+        self.current = self.recorder = None
+        assert key is not None
+        accumulator = self.accumulators.get(key)
+        calls: list | None = None
+        if accumulator is not None and recorder is not None:
+            calls = None if recorder.over else recorder.calls
+        elif accumulator is not None:
+            blocks = accumulator.take_blocks()
+            calls = None if blocks is None else [(proxy, true, None, None) for proxy, true in blocks]
+        if calls is None:
+            self.again.add(key)
+            return
+        try:
+            curve = accumulator.peek_curve()
+        except ValueError:  # the curves' pass reports it
+            self.again.add(key)
+            return
+        ensemble = self.selection is not None and self.selection.ensemble
+        given = None if ensemble else accumulator.estimates_on(curve.n)
+        if given is None and not ensemble:  # prompts on different grids: recomputed
+            self.again.add(key)
+            return
+        estimated = _StepEstimates(
+            curve.n, accumulator.n_prompts, accumulator.n_samples, self.texts, self.selection, given
+        )
+        estimated.on_complete = lambda done: self._submit(key, curve, done)
+        if recorder is not None:
+            recorder.calls = []
+        for call in calls:
+            estimated.add(*call)
+        del calls
+        if key not in self.jobs:  # fewer prompts than counted (never expected)
+            self._submit(key, curve, estimated)
+        self.done[key] = (curve, estimated)
+
+    def _submit(self, key: tuple[Any, int], curve: BonCurve, estimated: _StepEstimates) -> None:
+        deployed = estimated.deployed_curve  # several proxies: the deployed rule's curve
+        self.jobs.submit(key, curve if deployed is None else deployed, estimated.result())
+
+    def end(self, curves: dict[Any, dict[int, BonCurve]]) -> dict[tuple[Any, int], _StepEstimates]:
+        """After the curves' pass: the steps done in it (the rest are in :attr:`again`)."""
+        if self.current is not None:
+            self._finish()
+        for key, (curve, _) in list(self.done.items()):
+            final = curves.get(key[0], {}).get(key[1])
+            if final is None or getattr(self.accumulators.get(key), "reopened", False) or not _same_curve(curve, final):
+                self._again(key)
+        for run, steps in curves.items():
+            self.again.update((run, step) for step in steps if (run, step) not in self.done)
+        return {key: estimated for key, (_, estimated) in self.done.items()}
+
+
+def _same_curve(a: BonCurve, b: BonCurve) -> bool:
+    """The same curve: every field equal, NaN where NaN."""
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            if x.shape != y.shape or not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 # ---- run folders ---------------------------------------------------------------------------------------------
@@ -1004,13 +1246,27 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                     estimated = (*info["estimates"][(run, step)], info["agreement"][(run, step)])
                     jobs.submit((run, step), curves[run][step], estimated)
         else:
-            curves, info = curves_from_batches(open_batches, ns=config.ns, on_ungrouped=on_ungrouped)
+            one = _OnePass(jobs, columns.has_texts, selection, STEP_BUFFER_BYTES)
+            reads = [0]
+
+            def curve_batches() -> Iterator[ScoreBatch]:
+                reads[0] += 1
+                return one.batches(open_batches()) if reads[0] == 1 else open_batches()
+
+            def not_grouped(key: tuple) -> None:
+                one.abandon()
+                on_ungrouped(key)
+
+            curves, info = curves_from_batches(
+                curve_batches, ns=config.ns, on_ungrouped=not_grouped, accumulators=one.accumulators
+            )
 
             def step_done(key: tuple[Any, int], estimated: _StepEstimates) -> None:
                 curve = estimated.deployed_curve  # several proxies: the deployed rule's curve
                 jobs.submit(key, curves[key[0]][key[1]] if curve is None else curve, estimated.result())
 
             if curves:
+                done = one.end(curves) if info["grouped"] else {}
                 read = dict(counts)
                 steps = {
                     (run, step): _StepEstimates(
@@ -1022,15 +1278,18 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                     )
                     for run, by_step in curves.items()
                     for step, curve in by_step.items()
+                    if (run, step) not in done
                 }
                 for key, estimated in steps.items():
                     estimated.on_complete = lambda done, key=key: step_done(key, done)
-                feed = _feed_grouped if info["grouped"] else _feed_buffered
-                feed(open_batches("statistics"), steps)
-                counts.update(read)
+                if steps:  # ungrouped input, or the steps the one read left (see _OnePass)
+                    feed = _feed_grouped if info["grouped"] else _feed_buffered
+                    feed(open_batches("statistics"), steps)
+                    counts.update(read)
                 for key, estimated in steps.items():
                     if key not in jobs:  # fewer prompts than the curves' pass counted (never expected)
                         step_done(key, estimated)
+                steps = {**steps, **done}
                 hacks = {key: step.hack_statistics() for key, step in steps.items()}
                 selections = {key: step.selection_stats for key, step in steps.items()}
                 for (run, step), estimated in steps.items():
