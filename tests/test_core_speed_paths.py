@@ -15,7 +15,6 @@ import pytest
 from bon_tracker.core import bon_curve, bon_curve_parts, bon_estimate, default_ns
 from bon_tracker.core.curve import SCAN_MIN_N
 from bon_tracker.core.threads import map_in_order
-from bon_tracker.core.weights import ScanWeights
 from tests import brute_force
 
 
@@ -199,24 +198,6 @@ def test_default_grid_is_the_powers_of_two_and_n():
         want = sorted({2**i for i in range(N.bit_length()) if 2**i <= N} | {N})
         assert default_ns(N).tolist() == want
         assert default_ns(N).dtype == np.int64
-
-
-def test_huge_n_layout_is_the_scores_at_their_positions(rng):
-    """ScanWeights.lay_out (a reshape) puts every score where positions() says (the take it replaced)."""
-    N = 3 * ScanWeights.R * ScanWeights.SEGMENTS + 777  # several blocks, the last one padded
-    scan = ScanWeights(N, np.array([1, 5, N]))
-    stacked = rng.normal(size=(2, N))
-    laid_out = scan.lay_out(stacked)
-    positions = scan.positions()
-    g = (
-        np.arange(scan.n_blocks)[:, None, None] * scan.block
-        + np.arange(scan.SEGMENTS)[None, None, :] * scan.R
-        + np.arange(scan.R)[None, :, None]
-    )
-    inside = g < N
-    for k in range(2):
-        np.testing.assert_array_equal(laid_out[k][inside], stacked[k].take(positions)[inside])
-        assert np.all(laid_out[k][~inside] == 0.0)
 
 
 # ---- threads: the calling thread computes items no worker has started --------------------------------

@@ -382,19 +382,16 @@ def _tail_estimates(tail: TailWeights, stacked: np.ndarray, workers: int) -> np.
 def _scan_estimates(scan: ScanWeights, stacked: np.ndarray, cols: np.ndarray, workers: int) -> np.ndarray:
     """Estimates for one huge prompt (``stacked``: its sorted true, then its sorted proxy, ascending)."""
     K, N = stacked.shape
-    laid_out = scan.lay_out(stacked)
     out = np.empty((K, len(cols)))
     cheap = (cols == 1) | (cols == N)
     out[:, cols == 1] = (np.add.reduce(stacked, axis=1) / N)[:, None]
     out[:, cols == N] = stacked[:, -1:]
     rest = np.flatnonzero(~cheap)
     if len(rest):
-        # Each n is independent: the n's are dealt round-robin to the threads (by
-        # ascending n, so that long and short tails mix); results do not depend on it.
-        ascending = rest[np.argsort(cols[rest], kind="stable")]
-        shares = [ascending[i :: max(1, workers)] for i in range(max(1, min(workers, len(ascending))))]
-        for share, part in zip(shares, map_in_order(lambda cs: scan.apply_layout(laid_out, cs), shares, len(shares))):
-            out[:, share] = part[:, share]
+        # The work items (blocks of positions, every n in each) depend on N and the grid only:
+        # the threads share them, and the results do not depend on how many there are.
+        part = scan.apply(stacked, rest, mapper=lambda fn, items: map_in_order(fn, items, workers))
+        out[:, rest] = part[:, rest]
     return out
 
 

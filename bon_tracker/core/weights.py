@@ -173,113 +173,191 @@ def rank_weights(N: int, ns: np.ndarray) -> RankWeights:
     return RankWeights(N, ns)
 
 
-class ScanWeights:
-    """The weights of a grid of n for a huge N, built block by block and applied at once.
+def _log2_factorial(m: int) -> float:
+    return math.lgamma(m + 1) / math.log(2.0)
 
-    Position g = 0, 1, ... counts ranks down from the top (rank N - g). Each n's weight
-    is the product of exact ratios ``w_{k-1} / w_k = (k - n)/(k - 1)`` from ``w_N = n/N``.
-    Instead of one serial cumulative product per n, positions are laid out as ``R``
-    rows by segments: a product down the rows (vectorised over segments and over every
-    n at once), a short cumulative product over the segments' totals, and one matrix
-    product of the weights with the scores in the same layout. Each weight is the
-    product of the same exact ratios as in :func:`bon_weight_tail` (rounding differs
-    only in the order of the products), with the same cut-off. The products carry a
-    factor 2^600 (exact) so that weights down to 1e-320 stay normal floats: subnormal
-    arithmetic is a hundred times slower.
+
+def _scan_tables(N: int, R: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(psi, den)`` of :class:`ScanWeights` for ``N`` (see there), read-only.
+
+    ``psi`` has ``N // R + 2`` rows: every n's shifted rows, ``q + s < N/R + 1``.
+    """
+    rows = N // R + 2
+    scale = 2.0**-L
+    # a_u = (N + 1 - u) / 2^L, laid out as psi's columns: a_{sR + j - 1} = v[s] - (j - 1) 2^-L (exact).
+    v = (N + 1.0 - R * np.arange(rows, dtype=np.float64)) * scale
+    psi_t = np.empty((2 * R + 1, rows))
+    psi_t[0] = 2.0**ScanWeights.TABLE_EXPONENT
+    factor = np.empty(rows)
+    for j in range(1, 2 * R + 1):
+        np.subtract(v, (j - 1) * scale, out=factor)
+        np.multiply(psi_t[j - 1], factor, out=psi_t[j])  # each entry one rounding from the previous one
+    psi = np.ascontiguousarray(psi_t.T)
+    segments = -(-N // R)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        den = np.divide(psi[:segments, 1:2], psi[:segments, 2 : R + 2])  # (segments, R); inf past rank 1
+    psi.flags.writeable = False
+    den.flags.writeable = False
+    return psi, den
+
+
+class ScanWeights:
+    """The weights of a grid of n for a huge N, applied as shifted products of shared tables.
+
+    Position g = 0, 1, ... counts ranks down from the top (rank ``k = N - g``); the weight of
+    n at g is ``w_g = (n/N) prod_{t=1}^{g} (k_t + 1 - n)/k_t``, the product of exact ratios of
+    :func:`bon_weight_tail`. Positions are cut into segments of ``R``. Within a segment the
+    ratios' numerators ``k_t + 1 - n = N + 1 - (t + n)`` are the numbers ``a_u 2^L = N + 1 - u``
+    at ``u = t + n``: one table serves every n, shifted by n. With ``2^L > N + 1``:
+
+    * ``psi[s, j] = 2^E prod_{u = sR}^{sR + j - 1} a_u`` (j = 0 .. 2R), a sequential product of
+      exact numbers, so ``psi[s, j'] / psi[s, j]`` is ``prod a_u`` over ``j <= u - sR < j'`` to
+      ``j' - j`` roundings and one division;
+    * ``den[s, r] = psi[s, 1] / psi[s, r + 2] = 2^{(r+1)L} / prod_{t = sR}^{sR + r} k_t``, the
+      denominators of segment s;
+    * ``Q = scores * den`` (once per call, shared by every n).
+
+    For ``n = qR + rho`` the sum over segment s is ``D(s) = sum_r psi[s + q, rho + 1 + r] Q[s, r]
+    = psi[s + q, rho] * sum_r w_g s_g / B(s)``, one ``vecdot`` of two views, and the estimate
+    ``sum_s D(s) B(s) / psi[s + q, rho]``, where the carry ``B(s)`` (the weight before segment
+    s, times ``(N + 1 - n)/n`` at s = 0) is a cumulative product over segments of the segments'
+    ratio products ``psi[s + q, rho + R] / psi[s + q, rho] * den[s, R - 1]``.
+
+    Every weight is the product of the same exact ratios as in :func:`bon_weight_tail`. At
+    position ``g = sR + r`` it carries at most ``2r + 8`` roundings from its own segment and
+    ``2R + 4`` from each segment above it: ``2g + 4s + 8 <= (2 + 4/R) g + 8``, fewer than the
+    ``3g + s + 2`` of the serial-ratio scan this replaced (two per ratio, one per product) from
+    the seventh rank down (tests/test_core_scan_weights.py checks ``(3g + 8)`` roundings against
+    exact binomials at N ~ 10^6). The factors 2^E, 2^L and 2^scale_exponent are exact and keep
+    every product a normal float down to weights of about 1e-312 (subnormal arithmetic is a
+    hundred times slower and inexact). The tables depend on N alone and the carries on N and
+    n: up to ``KEEP_N`` both are kept between calls (for the last N), else built per call.
     """
 
-    R = 64  # positions per segment
-    SEGMENTS = 2048  # segments per block: R * SEGMENTS weights (1 MiB) stay in cache
-    SCALE_EXPONENT = 600
+    R = 32  # positions per segment (fewer from N = 2^20 - 1 on, see _segment_length)
+    SEGMENTS = 1024  # segments per work item: its scaled scores and table rows stay in cache
+    TABLE_EXPONENT = 493
+    # Up to this N the tables (about 3 N floats) and the carries (N/R floats per n) are kept
+    # between calls, for the last N and the last 32 n: 28 MiB at N = 10^6 (default grid),
+    # 32 MiB at most. Building them costs as much as the rest of a call at N = 10^6 (an eval
+    # step after step with the same N pays it once).
+    KEEP_N = 1 << 20
 
     def __init__(self, N: int, ns: np.ndarray):
         self.N = int(N)
         self.ns = np.asarray(ns, dtype=np.int64)
+        self.L = (self.N + 1).bit_length()
+        self.R = _segment_length(self.L)
+        # carries stay below 2^1016 (psi >= 2^-TABLE_EXPONENT, B(0) <= N < 2^L)
+        self.scale_exponent = 1016 - self.TABLE_EXPONENT - self.L
         self.order = np.argsort(self.ns, kind="stable")  # ascending n: descending tail length
         sorted_ns = self.ns[self.order]
         self.tails = np.array([self.N - _lowest_nonzero_rank(self.N, int(n)) + 1 for n in sorted_ns])
         self.sorted_ns = sorted_ns.astype(np.float64)
-        self.block = self.R * self.SEGMENTS
-        self.n_blocks = -(-self.N // self.block)
+        self.segments = -(-self.N // self.R)
+        self._spans = -(-self.tails // self.R)  # segments reached by each n's tail
+        self._tables: tuple[np.ndarray, np.ndarray] | None = None
+        self._carries: dict[int, np.ndarray] = {}
 
-    def positions(self) -> np.ndarray:
-        """``(blocks, R, SEGMENTS)`` ascending rank positions (0 = lowest) of the layout; padding -> 0."""
-        g = (
-            np.arange(self.n_blocks)[:, None, None] * self.block
-            + np.arange(self.SEGMENTS)[None, None, :] * self.R
-            + np.arange(self.R)[None, :, None]
-        )
-        return np.where(g < self.N, self.N - 1 - g, 0)
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(psi, den)`` (see the class), built on first use; kept between calls up to ``KEEP_N``."""
+        if self._tables is None:
+            build = _kept_scan_tables if self.N <= self.KEEP_N else _scan_tables
+            self._tables = build(self.N, self.R, self.L)
+        return self._tables
 
-    def lay_out(self, stacked: np.ndarray) -> np.ndarray:
-        """``(K, N)`` rank-sorted scores -> ``(K, blocks, R, SEGMENTS)``: each at its :meth:`positions`.
+    def carries(self, j: int) -> np.ndarray:
+        """``2^scale_exponent B(s) / psi[s + q, rho]`` for the j-th smallest n, s over its tail's segments."""
+        carry = self._carries.get(j)
+        if carry is None:
+            build = _kept_scan_carries if self.N <= self.KEEP_N else _scan_carries
+            carry = self._carries[j] = build(self.N, int(self.sorted_ns[j]), int(self._spans[j]))
+        return carry
 
-        Position g holds rank ``N - g``: the scores reversed, cut into blocks of segments of R
-        (a reshape), each block's ``(SEGMENTS, R)`` transposed. The padding past rank 1 is 0.0
-        (its weights are zero).
+    def apply(self, stacked: np.ndarray, columns=None, mapper=None) -> np.ndarray:
+        """``(K, N)`` rank-sorted scores -> ``(K, len(ns))`` estimates.
+
+        ``columns`` picks which n's to compute (indices into ``ns``; default all); the others
+        are left NaN. ``mapper(fn, items)``: an in-order map (default ``map``), e.g. over threads;
+        the work items depend on N and the grid only, so the results do not depend on it.
         """
         K = stacked.shape[0]
-        reversed_padded = np.zeros((K, self.n_blocks * self.block))
-        reversed_padded[:, : self.N] = stacked[:, ::-1]
-        segments = reversed_padded.reshape(K, self.n_blocks, self.SEGMENTS, self.R)
-        return np.ascontiguousarray(segments.transpose(0, 1, 3, 2))
-
-    def apply_layout(self, laid_out: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
-        """``(K, blocks, R, SEGMENTS)`` scores at :meth:`positions` -> ``(K, len(ns))`` estimates.
-
-        ``columns`` picks which n's to compute (indices into ``ns``; default all); the
-        others are left NaN. Each n is independent, so threads may share the n's of one call.
-        """
-        K = laid_out.shape[0]
-        R, S, N = self.R, self.SEGMENTS, self.N
         picked = np.arange(len(self.ns)) if columns is None else np.asarray(columns)
         wanted = set(picked.tolist())  # built once: a set per j made this quadratic in the grid
         js = [j for j in range(len(self.ns)) if self.order[j] in wanted]
-        scale_exponent = self.SCALE_EXPONENT
-        if not np.all(np.abs(laid_out) < 2.0 ** (1000 - scale_exponent)):
-            scale_exponent = 0  # absurdly large scores: unscaled (slower, never overflows)
-        scale = 2.0**scale_exponent
         result = np.full((K, len(self.ns)), np.nan)
-        totals = {j: np.zeros(K) for j in js}
-        carries = dict.fromkeys(js, scale)
-        local = np.arange(S, dtype=np.float64)[None, :] * R + np.arange(R, dtype=np.float64)[:, None]
-        g = np.empty((R, S))
-        inverse = np.empty((R, S))
-        x = np.empty((R, S))
-        flat = x.reshape(-1)
-        before = np.empty(S)
-        for h in range(self.n_blocks):
-            base = h * self.block
-            todo = [j for j in js if self.tails[j] > base]
-            if not todo:
-                break
-            np.add(local, base, out=g)
-            np.subtract(N, g, out=inverse)
-            with np.errstate(divide="ignore"):
-                np.divide(1.0, inverse, out=inverse)  # the padding below rank 1 is cut below
-            scores = laid_out[:, h].reshape(K, -1)
-            for j in todo:
-                n, tail = self.sorted_ns[j], int(self.tails[j])
-                np.subtract(N + 1.0 - n, g, out=x)
-                with np.errstate(invalid="ignore"):
-                    x *= inverse
-                if h == 0:
-                    x[0, 0] = n / N
-                cut = tail - base  # positions from here on have weight zero (or are padding)
-                if cut < self.block:
-                    x[cut % R :, cut // R] = 0.0
-                    x[:, cut // R + 1 :] = 0.0
-                for i in range(1, R):
-                    np.multiply(x[i], x[i - 1], out=x[i])
-                before[0] = carries[j]
-                before[1:] = x[R - 1, :-1]
-                np.cumprod(before, out=before)
-                carries[j] = before[-1] * x[R - 1, -1]
-                x *= before
-                totals[j] += scores @ flat
-        for j in js:
-            result[:, self.order[j]] = totals[j] / scale
+        if not js:
+            return result
+        mapper = map if mapper is None else mapper
+        estimates = self._estimates(stacked, js, mapper)
+        if not np.isfinite(estimates).all() and np.isfinite(stacked).all():
+            # absurdly large scores overflowed a product: again on scores scaled by an exact 2^-600
+            estimates = self._estimates(stacked * 2.0**-600, js, mapper) * 2.0**600
+        result[:, self.order[js]] = estimates
         return result
+
+    def _estimates(self, stacked: np.ndarray, js: list[int], mapper) -> np.ndarray:
+        K, N, R = stacked.shape[0], self.N, self.R
+        psi, den = self.tables()
+        sums = {j: np.empty((K, int(self._spans[j]))) for j in js}
+        scaled = np.zeros((K, self.segments * R))
+        flat_den = den.reshape(-1)
+        reversed_scores = stacked[:, ::-1]
+
+        def block(start: int) -> None:
+            """Segments ``start .. start + SEGMENTS``: their scaled scores, and every n's sums there."""
+            stop = min(start + self.SEGMENTS, self.segments)
+            lo, hi = start * R, min(stop * R, N)
+            here = scaled[:, start * R : stop * R].reshape(K, -1, R)
+            with np.errstate(over="ignore", invalid="ignore"):  # huge scores: found, and redone, in apply
+                np.multiply(reversed_scores[:, lo:hi], flat_den[lo:hi], out=scaled[:, lo:hi])
+                for j in js:
+                    end = min(stop, int(self._spans[j]))
+                    if end > start:
+                        q, rho = divmod(int(self.sorted_ns[j]), R)
+                        rows = psi[q + start : q + end, rho + 1 : rho + 1 + R]
+                        np.vecdot(rows, here[:, : end - start], out=sums[j][:, start:end])
+
+        for _ in mapper(self.carries, js):  # built once for N and n, then kept
+            pass
+        for _ in mapper(block, range(0, self.segments, self.SEGMENTS)):
+            pass
+        out = np.empty((K, len(js)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i, j in enumerate(js):
+                out[:, i] = sums[j] @ self.carries(j)
+        return out * 2.0**-self.scale_exponent
+
+
+def _scan_carries(N: int, n: int, spans: int) -> np.ndarray:
+    """:meth:`ScanWeights.carries` of n (they depend on N and n alone), read-only."""
+    scan = ScanWeights(N, np.array([n]))
+    psi, den = scan.tables()  # kept or not as for the caller: the same N
+    R = scan.R
+    q, rho = divmod(n, R)
+    rows = psi[q : q + spans]
+    carry = np.empty(spans)
+    carry[0] = 2.0**scan.scale_exponent * (n / (N + 1 - n))
+    if spans > 1:
+        # the ratio product of segment s: its numerators from psi, its denominators from den
+        np.divide(rows[:-1, rho + R], rows[:-1, rho], out=carry[1:])
+        carry[1:] *= den[: spans - 1, R - 1]
+        np.cumprod(carry, out=carry)
+    carry /= rows[:, rho]
+    carry.flags.writeable = False
+    return carry
+
+
+_kept_scan_tables = functools.lru_cache(maxsize=1)(_scan_tables)
+_kept_scan_carries = functools.lru_cache(maxsize=32)(_scan_carries)
+
+
+def _segment_length(L: int) -> int:
+    """The largest R (16 at most) whose tables stay within 2^+-450: psi spans ``2R L - log2((2R)!)`` bits."""
+    for R in (32, 16, 8, 4, 2, 1):
+        if 2 * R * L - _log2_factorial(2 * R) <= 2 * ScanWeights.TABLE_EXPONENT:
+            return R
+    return 1
 
 
 class TailWeights:
