@@ -70,10 +70,11 @@ def test_resampled_means_equal_brute_force_over_the_same_draws():
     )
 
 
-@pytest.mark.parametrize(("P", "B"), [(3000, 50), (70_000, 3)])
+@pytest.mark.parametrize(("P", "B"), [(3000, 50), (70_000, 3), (7, 10_000), (1, 4)])
 def test_resampling_in_blocks_of_resamples_is_the_whole_gather(P, B):
     """Means gathered a few resamples at a time (and counts bincounted so) are, to the bit, those of
-    the whole (B, P) gather and of one bincount over every cell, from the same single draw."""
+    the whole (B, P) gather and of one bincount over every cell, from the same single draw (the counts
+    are drawn a few resamples at a time too: the same numbers)."""
     contrib = np.random.default_rng(5).normal(size=(P, 2))
     dtype = np.uint16 if P <= 65535 else np.int64
     idx = np.random.default_rng(2).integers(0, P, size=(B, P), dtype=dtype)
