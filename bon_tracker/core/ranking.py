@@ -285,8 +285,13 @@ def block_rows(N: int) -> int:
 
 def dense_blocks(P: int, N: int) -> list[slice]:
     """The blocks of a dense ``(P, N)`` input, of at most ``block_rows(N)`` prompts and as even as
-    possible (so that threads share the work evenly): they depend on the shape only."""
+    possible (so that threads share the work evenly): they depend on the shape only.
+
+    More than one block: an even number of them (three blocks on two threads leave one thread
+    idle for a third of the call; four smaller ones keep both busy)."""
     count = -(-P // block_rows(N))
+    if count > 1 and count % 2:
+        count = min(P, count + 1)
     rows = -(-P // max(1, count))
     return [slice(start, min(P, start + rows)) for start in range(0, P, rows)]
 
