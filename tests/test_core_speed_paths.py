@@ -323,12 +323,26 @@ def test_weight_products_one_row_per_n_are_the_weights(rng, N):
 def test_dense_blocks_are_even_and_bounded():
     from bon_tracker.core.ranking import block_rows, dense_blocks
 
-    for P, N in [(1, 8), (10_000, 8), (100_000, 8), (10_000, 64), (4_097, 64), (3, 1 << 20), (1000, 4096)]:
+    for P, N in [
+        (1, 8),
+        (10_000, 8),
+        (100_000, 8),
+        (10_000, 64),
+        (4_097, 64),
+        (3, 1 << 20),
+        (1000, 4096),
+        (3, 1 << 18),
+        (9000, 64),
+    ]:
         blocks = dense_blocks(P, N)
         assert blocks[0].start == 0 and blocks[-1].stop == P
         assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
         sizes = [b.stop - b.start for b in blocks]
-        assert max(sizes) <= block_rows(N) and len(blocks) == -(-P // block_rows(N))
+        fewest = -(-P // block_rows(N))
+        assert max(sizes) <= block_rows(N) and len(blocks) == (
+            min(P, fewest + 1) if fewest > 1 and fewest % 2 else fewest
+        )
+        assert len(blocks) == 1 or len(blocks) % 2 == 0 or len(blocks) == P  # two threads share them evenly
         assert max(sizes) - min(sizes) < len(blocks)  # even: the last block short by less than one row a block
 
 
