@@ -22,17 +22,16 @@ load-everything floor, each in a fresh process, shows that ``analyze`` streams. 
 core's threads (``BON_TRACKER_THREADS``) and pyarrow's CPU pool are pinned to
 ``--threads`` and printed.
 
-Measured on a shared 2-core machine (numpy 2.4, pyarrow 25, ``--threads 2``, three runs of best
-of 3, load average about 0.9 from other work): floor 0.25-0.41 s; curves 0.45-0.55 s (1.1-2.2x);
-analyze without charts 0.81-0.88 s (2.1-3.2x); with charts 2.55-2.67 s (matplotlib, about 0.4 s a
-step). Since issue 18 analyze reads grouped input once: the curves' own sort gives each prompt's
-estimates and a step's rows are kept (50 MiB here) until the step is done, instead of a second
-read and sort of the file (the same command reading twice, alternated with it in one process:
-1.09-1.20 s against 0.80-0.92 s). Peak RSS: analyze 488-493 MiB (410-435 MiB reading twice: one
-step's rows are the difference), the floor about 930 MiB. What remains above 2x is each step's
-interval and predictions on the same two cores as the read (bootstrap: about 0.3 s of CPU for the
-first step of a size, which draws the resamples, then 0.05-0.1 s a step), and the last step's,
-which starts when the file ends.
+Measured on a 2-core machine (numpy 2.4, pyarrow 25, ``--threads 2``, best of 3; two runs here and
+section 5 of bench_core.py): floor 0.29-0.34 s; curves 0.49-0.52 s (1.5-1.7x); analyze without
+charts 0.81-0.86 s (2.5-2.8x); with charts 2.57-2.67 s (matplotlib, about 0.45 s a step). Since
+issue 18 analyze reads grouped input once: the curves' own sort gives each prompt's estimates and
+a step's rows are kept (50 MiB here) until the step is done, instead of a second read and sort of
+the file (the same command reading twice, alternated with it in one process: 1.09-1.20 s against
+0.80-0.92 s), and the bootstrap counts are drawn a few resamples at a time (no 80 MB array of
+indices). Peak RSS: analyze 418-427 MiB, the floor 831-933 MiB. What remains above 2x is CPU on
+the same two cores: each step's interval and predictions (the first step of a size draws the
+resamples), the curves, the read; and the last step's statistics, which start when the file ends.
 """
 
 from __future__ import annotations

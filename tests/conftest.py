@@ -95,6 +95,18 @@ def _work_in_a_temporary_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture
+def cli_folder(tmp_path, monkeypatch):
+    """For command-line tests: no bon_tracker settings from the environment (folder, config
+    file, backend, grid, alerts) and a spool of the test's own, in its own working folder."""
+    monkeypatch.chdir(tmp_path)
+    settings = ("BON_TRACKER_DIR", "BON_TRACKER_CONFIG", "BON_TRACKER_BACKEND", "BON_TRACKER_NS", "BON_TRACKER_ALERTS")
+    for name in settings:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BON_TRACKER_SPOOL_DIR", str(tmp_path / "spool"))
+    return tmp_path
+
+
 @pytest.fixture(autouse=True)
 def _isolate_tracking_services():
     """Undo process-wide state that trackers keep between tests: the environment

@@ -23,11 +23,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for name in ("BON_TRACKER_DIR", "BON_TRACKER_CONFIG", "BON_TRACKER_BACKEND", "BON_TRACKER_NS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("BON_TRACKER_SPOOL_DIR", str(tmp_path / "spool"))
+def _isolated(cli_folder):
+    """Each test in its own working folder: no bon_tracker.yaml, runs or spool from elsewhere."""
 
 
 def make_rows(rng, steps=(0, 10, 20), prompts=40, samples=16, ties=False, texts=False, members=1) -> list[dict]:

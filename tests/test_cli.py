@@ -123,12 +123,8 @@ def assert_png(path: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
+def _isolated(cli_folder):
     """Each test in its own working folder: no bon_tracker.yaml, runs or spool from elsewhere."""
-    monkeypatch.chdir(tmp_path)
-    for name in ("BON_TRACKER_DIR", "BON_TRACKER_CONFIG", "BON_TRACKER_BACKEND", "BON_TRACKER_NS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("BON_TRACKER_SPOOL_DIR", str(tmp_path / "spool"))
 
 
 # ---- analyze: results --------------------------------------------------------------------------------------

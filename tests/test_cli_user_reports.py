@@ -35,12 +35,8 @@ EXPECTED_ONSETS = [(200, "bon_true_falls"), (300, "headroom_shrinks")]
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for name in ("BON_TRACKER_DIR", "BON_TRACKER_CONFIG", "BON_TRACKER_BACKEND", "BON_TRACKER_NS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("BON_TRACKER_ALERTS", raising=False)
-    monkeypatch.setenv("BON_TRACKER_SPOOL_DIR", str(tmp_path / "spool"))
+def _isolated(cli_folder):
+    """Each test in its own working folder: no bon_tracker.yaml, runs or spool from elsewhere."""
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

@@ -30,12 +30,8 @@ STEPS = (0, 10)
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for name in ("BON_TRACKER_DIR", "BON_TRACKER_CONFIG", "BON_TRACKER_BACKEND", "BON_TRACKER_NS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("BON_TRACKER_SPOOL_DIR", str(tmp_path / "spool"))
-    (tmp_path / "bon_tracker.yaml").write_text("local:\n  charts: false\n")  # records only: no PNGs to draw
+def _isolated(cli_folder):
+    (cli_folder / "bon_tracker.yaml").write_text("local:\n  charts: false\n")  # records only: no PNGs to draw
 
 
 def make_scores(seed: int = 0, prompts: int = 10, samples: int = 8) -> dict[int, dict[str, np.ndarray]]:
