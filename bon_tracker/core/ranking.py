@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Prompts are ranked in blocks of about this many samples (2 MiB per float64 array), each block
+# Prompts are ranked in blocks of about this many samples (4 MiB per float64 array), each block
 # one work item for the threads. Not smaller: every numpy call of a block hands the GIL to the
 # other threads and back (measured on two threads: blocks of 2^16 samples 1.2 to 1.5 times slower
-# than 2^17, and 2^18 another 2 to 10% faster at 10^4 x 256 and 10^5 x 8 or 64); on one thread a
-# block is sorted in cache-sized chunks (CHUNK_SAMPLES).
-BLOCK_SAMPLES = 1 << 18
+# than 2^17, 2^18 another 2 to 10% faster at 10^4 x 256 and 10^5 x 8 or 64, and 2^19 another 5 to
+# 15% at 10^4 x 64 and 256); on one thread a block is sorted in cache-sized chunks (CHUNK_SAMPLES).
+BLOCK_SAMPLES = 1 << 19
 # Rows of at most this many samples get their per-position index arrays in full (see BlockRanker).
 SHORT_ROW = 256
 # On one thread a block is sorted and gathered in chunks of about this many samples (256 KiB per
@@ -212,7 +212,7 @@ class BlockRanker:
 
 # A thread keeps its last ranker when it holds at most this many samples per buffer: a call
 # on a few thousand samples would otherwise spend as long on fresh buffers (allocation, page
-# faults, the index arrays) as on its sort. About 10 MiB per thread (a whole block's buffers).
+# faults, the index arrays) as on its sort. About 17 MiB per thread (a whole block's buffers).
 KEPT_SAMPLES = BLOCK_SAMPLES
 _kept = threading.local()
 
