@@ -238,12 +238,12 @@ def test_keeping_estimates_leaves_the_curve_as_it_is(rng, ties, ns):
 
 def test_blocks_are_kept_within_the_budget_only():
     acc = grouping._SizedAccumulator(None, 1 << 18, keep_estimates=True)
-    acc.keep_blocks(3 * 8 * 8 * 2)
+    recorder = analyze._StepRecorder(3 * 8 * 8 * 2)
+    acc.keep_blocks(recorder)
     acc.add_prompts(np.zeros((3, 8)), np.ones((3, 8)))
-    blocks = acc.blocks
-    assert blocks is not None and len(blocks) == 1
+    assert len(recorder.calls) == 1 and not recorder.over
     acc.add_prompt(np.zeros(8), np.ones(8))  # past the budget: dropped
-    assert acc.take_blocks() is None and acc.blocks_over
+    assert acc.take_blocks() is recorder and recorder.over and recorder.calls == []
     assert not acc.reopened
     acc.add_prompt(np.zeros(8), np.ones(8))  # after take_blocks: the step was taken as done
     assert acc.reopened

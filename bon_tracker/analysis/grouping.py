@@ -48,7 +48,6 @@ some of them (``n_prompts`` of the curve says how many at each n).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -61,7 +60,6 @@ from bon_tracker.core.accumulator import (
     DEFAULT_CHUNK_SAMPLES,
     CurveAccumulator,
     CurveStats,
-    empty_curve_stats,
     merge_curve_stats,
 )
 
@@ -94,40 +92,13 @@ class _SizedAccumulator(CurveAccumulator):
     def _reduce_pending(self) -> tuple[CurveStats, tuple]:
         """The statistics and estimates of the pending prompts, as ``CurveAccumulator._flush``
         reduces them (the same grid, the same matrix, the same call), cached while they are pending."""
-        from bon_tracker.core.curve import default_ns, rank_and_estimate
-
         key = tuple(id(p) for p in self._pending_proxy)
         if self._peeked is not None and self._peeked[0] == key:
             return self._peeked[1], self._peeked[2]
-        pending_proxy, pending_true = self._pending_proxy, self._pending_true
-        lengths = {p.shape[-1] for p in pending_proxy}
-        prompts = sum(1 if p.ndim == 1 else p.shape[0] for p in pending_proxy)
-        largest = max(lengths)
-        if self.ns is None:
-            grid = default_ns(largest)
-        else:
-            grid = np.array(sorted({n for n in self.ns if n <= largest}), dtype=np.int64)
-        if grid.size == 0:  # these prompts have fewer samples than every n of the grid
-            empty = empty_curve_stats()
-            part = dataclasses.replace(empty, N=largest, n_samples=self._pending_samples, n_prompts=prompts)
-            found: tuple = (part, (largest, prompts, grid, None, None))
-        else:
-            if len(pending_proxy) == 1 and pending_proxy[0].ndim == 2:
-                proxy, true = pending_proxy[0], pending_true[0]
-            elif len(lengths) == 1:
-                proxy = np.concatenate([p.reshape(-1, largest) for p in pending_proxy])
-                true = np.concatenate([t.reshape(-1, largest) for t in pending_true])
-            else:
-                proxy = [row for p in pending_proxy for row in (p if p.ndim == 2 else [p])]
-                true = [row for t in pending_true for row in (t if t.ndim == 2 else [t])]
-            part, estimates, n_arr, _ = rank_and_estimate(
-                proxy, true, grid, nan_policy="raise", kl_mode=self.kl_mode, threads=None, stats=True, keep=True
-            )
-            assert part is not None and estimates is not None and estimates.proxy is not None
-            kept = (estimates.in_order(estimates.true, n_arr), estimates.in_order(estimates.proxy, n_arr))
-            found = (part, (largest, prompts, n_arr, *kept))
-        self._peeked = (key, *found)
-        return found
+        part, estimates = self._reduce(keep=True)
+        assert estimates is not None
+        self._peeked = (key, part, estimates)
+        return part, estimates
 
     def _flush(self) -> None:
         if not self.keep_estimates:
@@ -195,35 +166,27 @@ class _SizedAccumulator(CurveAccumulator):
         super().add_prompts(proxy, true)
 
     # Keeping the prompts' scores (``bon-tracker analyze``'s one read: the agreement's prompts are
-    # taken from them once the step is done): off until keep_blocks(), dropped past a budget.
-    blocks: list[tuple[np.ndarray, np.ndarray]] | None = None
-    block_bytes = 0
-    block_budget = 0
-    blocks_over = False  # the budget was passed: the blocks were dropped
+    # taken from them once the step is done): off until keep_blocks().
+    recorder: Any = None  # given every block of prompts added: ``recorder.add(proxy, true)``
     sealed = False  # the step was taken as done (take_blocks)
     reopened = False  # prompts came after that
 
-    def keep_blocks(self, budget: int) -> None:
-        """From now on keep every ``(k, N)`` block of prompts added (the arrays given, not copies),
-        while they take at most ``budget`` bytes."""
-        self.blocks, self.block_bytes, self.block_budget = [], 0, int(budget)
+    def keep_blocks(self, recorder: Any) -> None:
+        """From now on hand every ``(k, N)`` block of prompts added (the arrays given, not copies)
+        to ``recorder.add(proxy, true)`` (which bounds what it keeps)."""
+        self.recorder = recorder
 
-    def take_blocks(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
-        """The blocks kept (None: past the budget, or never kept); the step counts as done from now:
-        prompts added later set :attr:`reopened`."""
-        blocks, self.blocks, self.sealed = self.blocks, None, True
-        return None if self.blocks_over else blocks
+    def take_blocks(self) -> Any:
+        """The recorder given to :meth:`keep_blocks` (None if none); the step counts as done from
+        now: prompts added later set :attr:`reopened`."""
+        recorder, self.recorder, self.sealed = self.recorder, None, True
+        return recorder
 
     def _kept(self, proxy: np.ndarray, true: np.ndarray) -> None:
         if self.sealed:
             self.reopened = True
-        if self.blocks is None:
-            return
-        self.block_bytes += proxy.nbytes + true.nbytes
-        if self.block_bytes > self.block_budget:
-            self.blocks, self.blocks_over = None, True
-            return
-        self.blocks.append((proxy, true))
+        if self.recorder is not None:
+            self.recorder.add(proxy, true)
 
 
 class _NotGrouped(Exception):

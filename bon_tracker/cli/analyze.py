@@ -800,9 +800,9 @@ class _OnePass:
     """Each step's statistics from the curves' own read of grouped input.
 
     The scores of a step's prompts are kept until the step is done: without texts or further score
-    columns, the blocks the curves' accumulator is given (:meth:`keep_blocks`, views of the
-    batches); with them, the blocks a :class:`_GroupedFeeder` cuts from each batch after the curves
-    took it (:meth:`tee`, :class:`_StepRecorder`: the texts and score columns too). When the input
+    columns, the blocks the curves' accumulator is given (``keep_blocks``, views of the batches);
+    with them, the blocks a :class:`_GroupedFeeder` cuts from each batch after the curves took it
+    (:meth:`tee`: the texts and score columns too), either way into a :class:`_StepRecorder`. When the input
     moves on to another step (or ends), the step is done: its curve and every prompt's estimates
     come from its accumulator (the curves' own sort, ``keep_estimates``), the kept blocks go to a
     :class:`_StepEstimates` (agreement, texts, selection statistics; with several proxies the
@@ -850,7 +850,7 @@ class _OnePass:
     def _started(self, key: tuple[Any, int], accumulator: Any) -> None:
         if not self.active:
             return
-        accumulator.keep_blocks(self.budget)
+        accumulator.keep_blocks(_StepRecorder(self.budget))
         if self.current is not None:
             self._finish()
         self.current = key
@@ -877,12 +877,9 @@ class _OnePass:
         self.current = self.recorder = None
         assert key is not None
         accumulator = self.accumulators.get(key)
-        calls: list | None = None
-        if accumulator is not None and recorder is not None:
-            calls = None if recorder.over else recorder.calls
-        elif accumulator is not None:
-            blocks = accumulator.take_blocks()
-            calls = None if blocks is None else [(proxy, true, None, None) for proxy, true in blocks]
+        if accumulator is not None and recorder is None:
+            recorder = accumulator.take_blocks()  # the blocks the curves were given
+        calls = None if accumulator is None or recorder is None or recorder.over else recorder.calls
         if calls is None:
             self.again.add(key)
             return
@@ -900,8 +897,7 @@ class _OnePass:
             curve.n, accumulator.n_prompts, accumulator.n_samples, self.texts, self.selection, given
         )
         estimated.on_complete = lambda done: self._submit(key, curve, done)
-        if recorder is not None:
-            recorder.calls = []
+        recorder.calls = []
         for call in calls:
             estimated.add(*call)
         del calls

@@ -354,11 +354,17 @@ class CurveAccumulator:
     def _flush(self) -> None:
         if not self._pending_proxy:
             return
-        from bon_tracker.core.curve import curve_stats, default_ns
+        part, _ = self._reduce()
+        self._pending_proxy, self._pending_true, self._pending_samples = [], [], 0
+        self._stats = merge_curve_stats(self._stats, part)
+
+    def _reduce(self, keep: bool = False) -> tuple[CurveStats, tuple | None]:
+        """The statistics of the pending prompts (left pending), from one sort of them; with ``keep``
+        also their per-prompt estimates ``(largest N, prompts, grid, true, proxy)``, ``(P, len(grid))``
+        each (None, None when they reach no n of the grid)."""
+        from bon_tracker.core.curve import default_ns, rank_and_estimate
 
         pending_proxy, pending_true = self._pending_proxy, self._pending_true
-        self._pending_proxy, self._pending_true = [], []
-        samples, self._pending_samples = self._pending_samples, 0
         lengths = {p.shape[-1] for p in pending_proxy}
         prompts = sum(1 if p.ndim == 1 else p.shape[0] for p in pending_proxy)
         largest = max(lengths)
@@ -368,8 +374,8 @@ class CurveAccumulator:
             grid = np.array(sorted({n for n in self.ns if n <= largest}), dtype=np.int64)
             if grid.size == 0:  # these prompts have fewer samples than every n of the grid
                 part = CurveStats(**{**empty_curve_stats().__dict__, "N": largest})
-                self._stats = merge_curve_stats(self._stats, _with_counts(part, n_samples=samples, n_prompts=prompts))
-                return
+                counted = _with_counts(part, n_samples=self._pending_samples, n_prompts=prompts)
+                return counted, ((largest, prompts, grid, None, None) if keep else None)
         if len(pending_proxy) == 1 and pending_proxy[0].ndim == 2:  # one block: as it is
             proxy, true = pending_proxy[0], pending_true[0]
         elif len(lengths) == 1:  # one dense matrix
@@ -378,8 +384,20 @@ class CurveAccumulator:
         else:  # ragged: one row per prompt
             proxy = [row for p in pending_proxy for row in (p if p.ndim == 2 else [p])]
             true = [row for t in pending_true for row in (t if t.ndim == 2 else [t])]
-        part = curve_stats(proxy, true, grid, kl_mode=self.kl_mode)  # type: ignore[arg-type]
-        self._stats = merge_curve_stats(self._stats, part)
+        part, estimates, n_arr, _ = rank_and_estimate(
+            proxy, true, grid, nan_policy="raise", kl_mode=self.kl_mode, threads=None, stats=True, keep=keep
+        )
+        assert part is not None
+        if estimates is None or estimates.proxy is None:
+            return part, None
+        kept = (
+            largest,
+            prompts,
+            n_arr,
+            estimates.in_order(estimates.true, n_arr),
+            estimates.in_order(estimates.proxy, n_arr),
+        )
+        return part, kept
 
 
 def _with_counts(stats: CurveStats, *, n_samples: int, n_prompts: int) -> CurveStats:

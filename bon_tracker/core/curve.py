@@ -513,7 +513,11 @@ def finite_curve_parts(proxy: np.ndarray, true: np.ndarray, ns: object | None = 
         )
     except NonFiniteInput:
         return None
-    curve = curve_stats_compute(stats, n_arr, kl_mode="auto")
+    return _curve_parts(stats, estimates, n_arr, "auto")
+
+
+def _curve_parts(stats: CurveStats, estimates: PromptEstimates, n_arr: np.ndarray, kl_mode: KlMode) -> CurveParts:
+    curve = curve_stats_compute(stats, n_arr, kl_mode=kl_mode)
     return CurveParts(curve, estimates.in_order(estimates.true, n_arr), estimates.in_order(estimates.proxy, n_arr))
 
 
@@ -541,5 +545,4 @@ def bon_curve_parts(
     stats, estimates, n_arr, _ = rank_and_estimate(
         proxy, true, ns, nan_policy=nan_policy, kl_mode=kl_mode, threads=threads, stats=True, keep=True
     )
-    curve = curve_stats_compute(stats, n_arr, kl_mode=kl_mode)
-    return CurveParts(curve, estimates.in_order(estimates.true, n_arr), estimates.in_order(estimates.proxy, n_arr))
+    return _curve_parts(stats, estimates, n_arr, kl_mode)
