@@ -117,6 +117,17 @@ def test_shared_draws_give_the_same_intervals_and_predictions():
     assert fresh[0][0].to_dict() != fresh[1][0].to_dict()  # the steps differ; only the draws are shared
 
 
+def test_shared_draws_past_their_bound_are_drawn_afresh_with_the_same_numbers():
+    draws = BootstrapDraws(max_bytes=300 * 200 * 8)  # the counts of 300 prompts x 200 resamples fit
+    kept = prompt_resample_counts(300, 200, rng=0, draws=draws)
+    assert prompt_resample_counts(300, 200, rng=0, draws=draws) is kept
+    big = prompt_resample_counts(301, 200, rng=0, draws=draws)
+    again = prompt_resample_counts(301, 200, rng=0, draws=draws)
+    assert again is not big and np.array_equal(again, big)
+    np.testing.assert_array_equal(big, prompt_resample_counts(301, 200, rng=0))
+    assert prompt_resample_counts(300, 200, rng=0, draws=draws) is kept  # too big to keep: the kept entry stays
+
+
 def test_kl_to_n_inverts_kl_bon():
     ns = np.array([1.0, 1.5, 2.0, 16.0, 1000.0, 6e4, 1e12])
     np.testing.assert_allclose(kl_to_n(kl_bon(ns)), ns, rtol=1e-9)

@@ -46,10 +46,10 @@ class _Gate:
             self.open.set()
         real = tracker_module.eval_statistics
 
-        def wrapped(proxy, true, curve, per_prompt=None):
+        def wrapped(proxy, true, curve, per_prompt=None, **options):
             self.threads.append(threading.current_thread().name)
             assert self.open.wait(30)
-            return real(proxy, true, curve, per_prompt)
+            return real(proxy, true, curve, per_prompt, **options)
 
         monkeypatch.setattr(tracker_module, "eval_statistics", wrapped)
 
@@ -164,10 +164,10 @@ def _killed_while_computing(root: str, spool: str, out: str) -> None:
     hold = threading.Event()
     real = tracker_module.eval_statistics
 
-    def slow(proxy, true, curve, per_prompt=None):
+    def slow(proxy, true, curve, per_prompt=None, **options):
         if Path(out + ".held").exists():
             hold.wait()  # never set: killed while computing
-        return real(proxy, true, curve, per_prompt)
+        return real(proxy, true, curve, per_prompt, **options)
 
     tracker_module.eval_statistics = slow
     tracker = BonTracker("local", root=root, run_name="killed", charts=False, spool_dir=spool)
@@ -217,3 +217,48 @@ def test_past_the_agreements_prompt_budget_the_record_is_unchanged_by_the_caller
     assert record.curve.to_dict() == curve.to_dict() and record.goodhart == goodhart
     assert record.agreement == stats.agreement and record.agreement.n_prompts == (2048,)
     assert record.interval == stats.interval and record.predictions == stats.predictions
+
+
+def test_the_worker_reads_copies_in_reused_buffers_that_the_caller_cannot_change(tmp_path, monkeypatch):
+    """The worker's copies of the scores go into buffers kept from earlier evals (given back only
+    once the worker is done with them); the caller refilling its own arrays right after each
+    log_scores changes no record, and every eval of one size shares one bootstrap draw."""
+    gate = _Gate(monkeypatch, hold=True)  # each eval's statistics run only after the caller refilled its arrays
+    evals = [_scores(seed, shift=0.1 * seed) for seed in range(4)]
+    proxy, true = (np.empty_like(a) for a in evals[0])  # the caller's buffers, refilled every eval
+    tracker = BonTracker("local", root=tmp_path / "runs", run_name="reuse", charts=False, spool_dir=tmp_path)
+    used = []
+    real_copy = tracker._copies.copy
+    monkeypatch.setattr(tracker._copies, "copy", lambda scores: used.append(real_copy(scores)) or used[-1])
+    for step, (p, t) in enumerate(evals):
+        np.copyto(proxy, p)
+        np.copyto(true, t)
+        tracker.log_scores(step, proxy, true)
+        proxy.fill(9.0)
+        true.fill(-9.0)
+        gate.open.set()
+        assert tracker.wait(30)
+        gate.open.clear()
+    gate.open.set()
+    tracker.finish(30)
+    assert len(used) == 8 and len({id(buffer) for buffer in used}) == 2  # eval 0's pair, reused three times
+    for record, (p, t) in zip(read_records(tmp_path / "runs" / "reuse"), evals):
+        curve, stats, _ = _expected(p, t)
+        assert record.curve.to_dict() == curve.to_dict()
+        assert record.interval == stats.interval and record.interval is not None
+        assert record.agreement == stats.agreement and record.predictions == stats.predictions
+    assert set(tracker._draws._entries) == {"indices", "counts"}  # kept: 24 prompts, 1000 resamples
+
+
+def test_score_copies_reuse_only_what_was_given_back_and_keep_a_bounded_number():
+    copies = tracker_module.ScoreCopies()
+    a = np.arange(12.0).reshape(3, 4)
+    first = copies.copy(a)
+    second = copies.copy(a)
+    assert first is not second and not np.shares_memory(first, a)  # nothing given back yet: fresh copies
+    copies.give_back([first])
+    third = copies.copy(a + 1.0)
+    assert third is first and np.array_equal(third, a + 1.0)
+    assert copies.copy(a.astype(np.float32)).dtype == np.float32  # another dtype or shape: a fresh one
+    copies.give_back([np.empty(5) for _ in range(copies.KEEP + 3)] + [np.empty(copies.KEEP_BYTES // 8 + 1)])
+    assert len(copies._free) == copies.KEEP and all(b.nbytes <= copies.KEEP_BYTES for b in copies._free)

@@ -9,6 +9,7 @@ sqlite, or as an ``mlflow server`` process), the local run folder read back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +192,46 @@ def test_a_damaged_line_is_set_aside_by_number_and_every_good_record_delivered(t
     (kept,) = wal.bad_lines()
     assert kept["line"] == 3 and kept["text"] == damaged
     assert not wal.path.exists()  # delivered; the bad line lives on beside it
+
+
+def _framed(entry: dict) -> bytes:
+    body = json.dumps(entry, separators=(",", ":")).encode()
+    return b'{"crc32":"%08x","entry":%s}' % (zlib.crc32(body), body)
+
+
+def test_a_lines_curve_is_packed_bit_for_bit_and_older_lines_with_numbers_still_read():
+    """The curve's float arrays travel as the hex of their float64 bytes (no float is formatted on the
+    training thread): read back bit for bit, NaN and inf included; a line that holds them as JSON
+    numbers (written before) gives the same record; a malformed packing is a damaged line."""
+    from bon_tracker.tracking.wal import PACKED_CURVE_FIELDS, parse_line
+
+    curve = bon_curve(*_scores(3, prompts=1))  # one prompt: every standard error is NaN
+    assert np.isnan(curve.true_se).all() and len(curve.n) == 4
+    curve = dataclasses.replace(
+        curve, proxy_mean=np.array([np.inf, -np.inf, 5e-324, -0.0]), true_mean=curve.true_mean / 3
+    )
+    record = EvalRecord.build(4, curve, fit=False)
+    line = Entry(seq=7, record=record).to_line()
+    entry = json.loads(line)["entry"]
+    assert set(entry["curve_f64"]) == set(PACKED_CURVE_FIELDS)
+    assert not set(PACKED_CURVE_FIELDS) & set(entry["record"]["curve"])  # no float formatted for them
+    back = parse_line(line.rstrip(b"\n")).record
+    for name in PACKED_CURVE_FIELDS:
+        assert getattr(back.curve, name).tobytes() == getattr(record.curve, name).tobytes(), name
+    assert json.dumps(back.to_json()) == json.dumps(record.to_json())  # NaN is written as NaN on both sides
+    older = {"seq": 7, "record": json.loads(json.dumps(record.to_json(), allow_nan=True))}  # numbers in the record
+    for old_line in (_framed(older), json.dumps(older).encode()):
+        assert parse_line(old_line).record.curve.to_dict().keys() == back.curve.to_dict().keys()
+        for name in PACKED_CURVE_FIELDS:
+            np.testing.assert_array_equal(getattr(parse_line(old_line).record.curve, name), getattr(back.curve, name))
+    for bad, message in (
+        ("abc", "not the hex of float64 values"),
+        ("zz" * 8, "not a valid eval record"),
+        (3, "not the hex"),
+    ):
+        broken = {**entry, "curve_f64": {**entry["curve_f64"], "kl": bad}}
+        with pytest.raises(ValueError, match=message):
+            parse_line(_framed(broken))
 
 
 def test_a_garbled_spec_or_a_bad_log_never_stops_the_other_logs(tmp_path, capsys):

@@ -98,9 +98,9 @@ from bon_tracker.tracking.alerting import (
     MAX_AGREEMENT_PROMPTS,
     AlertReporter,
     EvalStatistics,
+    agreement_rows,
     alert_rules,
-    prediction_ns,
-    resamples_for,
+    interval_and_predictions,
 )
 from bon_tracker.tracking.config import TrackerConfig
 from bon_tracker.tracking.selection import alerts_by_true
@@ -310,7 +310,7 @@ class _StepEstimates:
         self.lengths: set[int] = set()
         self.picks = None
         if n_prompts > MAX_AGREEMENT_PROMPTS:  # the rows eval_statistics takes
-            self.picks = np.unique(np.linspace(0, n_prompts - 1, MAX_AGREEMENT_PROMPTS).round().astype(np.int64))
+            self.picks = agreement_rows(n_prompts)
         self.agree_proxy: list[np.ndarray] = []
         self.agree_true: list[np.ndarray] = []
         # Called once with this step when its last prompt's estimates are in (all n_prompts of them):
@@ -634,30 +634,6 @@ def _feed_buffered(batches: Iterable[ScoreBatch], steps: dict[tuple[Any, int], _
             steps[key].add(proxy[prompt_rows][None, :], true[prompt_rows][None, :], block, more)
 
 
-def _eval_statistics(
-    curve: BonCurve,
-    true_pp: np.ndarray,
-    proxy_pp: np.ndarray,
-    agreement: TopAgreement | None,
-    draws: BootstrapDraws | None = None,
-) -> EvalStatistics:
-    """The interval, the predictions and the agreement of one step, as the tracker's
-    :func:`~bon_tracker.tracking.alerting.eval_statistics` computes them from the scores
-    (``draws``: bootstrap draws shared with the analysis's other steps: the same numbers)."""
-    ns = curve.n
-    B = resamples_for(int(curve.n_prompts.max()))
-    interval = predictions = None
-    try:
-        from bon_tracker.core import goodhart_interval, predict_curve
-
-        interval = goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B, draws=draws)
-        predicted = predict_curve(true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B, draws=draws)
-        predictions = tuple(predicted.rows())
-    except ValueError:  # no n = 1 on the grid, too few n or prompts to fit: no interval
-        pass
-    return EvalStatistics(interval, agreement, predictions)
-
-
 def _guarded_statistics(
     curve: BonCurve,
     true_pp: np.ndarray,
@@ -665,9 +641,13 @@ def _guarded_statistics(
     agreement: TopAgreement | None,
     draws: BootstrapDraws | None = None,
 ) -> EvalStatistics | Exception:
-    """:func:`_eval_statistics`, or the error it raised (reported in step order by :class:`_Statistics`)."""
+    """The step's interval, predictions and agreement, as the tracker's
+    :func:`~bon_tracker.tracking.alerting.eval_statistics` computes them from the scores (``draws``:
+    bootstrap draws shared with the analysis's other steps: the same numbers); or the error it
+    raised (reported in step order by :class:`_Statistics`)."""
     try:
-        return _eval_statistics(curve, true_pp, proxy_pp, agreement, draws)
+        interval, predictions = interval_and_predictions(curve, true_pp, proxy_pp, draws=draws)
+        return EvalStatistics(interval, agreement, predictions)
     except Exception as err:  # as in the tracker: the curve is reported without them
         return err
 

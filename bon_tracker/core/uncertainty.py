@@ -42,7 +42,9 @@ class BootstrapDraws:
     analysis with the same number of prompts (every step of a fixed eval set) resample the same
     prompts: computing them once gives the very same arrays each step would draw, and results
     are exactly those of drawing again. One entry per kind (the last key) is kept; the arrays go
-    with the object. Thread-safe. ``bon-tracker analyze`` makes one per analysis.
+    with the object. ``max_bytes``: arrays larger than this are made afresh each time, never kept
+    (None: no bound). Thread-safe. ``bon-tracker analyze`` makes one per analysis, a tracker one
+    for its evals (bounded: see ``BonTracker``).
 
     Example:
         >>> draws = BootstrapDraws()
@@ -51,7 +53,8 @@ class BootstrapDraws:
         (True, True)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
         self._entries: dict[str, tuple[tuple, np.ndarray]] = {}
         self._kind_locks = {"indices": threading.Lock(), "counts": threading.Lock()}
 
@@ -66,7 +69,8 @@ class BootstrapDraws:
                 return found[1]
             value = make()
             value.flags.writeable = False
-            self._entries[kind] = (key, value)
+            if self.max_bytes is None or value.nbytes <= self.max_bytes:
+                self._entries[kind] = (key, value)
             return value
 
 

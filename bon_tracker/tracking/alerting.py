@@ -28,6 +28,7 @@ from bon_tracker.core import (
     AlertMonitor,
     AlertRules,
     BonCurve,
+    BootstrapDraws,
     EvalSummary,
     GoodhartInterval,
     TopAgreement,
@@ -91,40 +92,53 @@ class EvalStatistics:
 
 
 def eval_statistics(
-    proxy: Any, true: Any, curve: BonCurve, per_prompt: tuple[np.ndarray, np.ndarray] | None = None
+    proxy: Any,
+    true: Any,
+    curve: BonCurve,
+    per_prompt: tuple[np.ndarray, np.ndarray] | None = None,
+    *,
+    draws: BootstrapDraws | None = None,
 ) -> EvalStatistics:
     """Interval, agreement and predictions for validated scores (a ``(P, N)`` array or ragged rows).
 
     ``per_prompt``: the per-prompt estimates of the true and the proxy score at ``curve.n``
     (:func:`~bon_tracker.core.bon_curve_parts` gives them from the curve's own sort); computed
-    here when not given.
+    here when not given. ``draws``: bootstrap draws shared with other evals
+    (:class:`~bon_tracker.core.BootstrapDraws`: the same numbers, drawn once).
 
     The interval and predictions need n = 1 and two more n that every prompt reaches, and two
     prompts; agreement needs dense input, and past ``MAX_AGREEMENT_PROMPTS`` prompts averages an
     evenly spaced subset of them (``TopAgreement.n_prompts`` says how many). What does not apply is None.
     """
-    dense = isinstance(proxy, np.ndarray)
-    ns = curve.n
-    P = int(curve.n_prompts.max())
-    interval = predictions = agreement = None
     if per_prompt is None:
-        parts = bon_curve_parts(proxy, true, ns)  # one sort for both matrices
+        parts = bon_curve_parts(proxy, true, curve.n)  # one sort for both matrices
         per_prompt = (parts.true, parts.proxy)
-    true_pp, proxy_pp = per_prompt
-    try:
-        B = resamples_for(P)
-        interval = goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B)
-        predicted = predict_curve(true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B)
-        predictions = tuple(predicted.rows())
-    except ValueError:  # no n = 1 on the grid, too few n or prompts to fit: no interval
-        pass
-    if dense:
+    interval, predictions = interval_and_predictions(curve, *per_prompt, draws=draws)
+    agreement = None
+    if isinstance(proxy, np.ndarray):
         rows = agreement_rows(proxy.shape[0])
         try:
             agreement = topq_agreement(proxy[rows], true[rows])
         except ValueError:  # fewer than 4 samples per prompt
             agreement = None
     return EvalStatistics(interval, agreement, predictions)
+
+
+def interval_and_predictions(
+    curve: BonCurve, true_pp: np.ndarray, proxy_pp: np.ndarray, *, draws: BootstrapDraws | None = None
+) -> tuple[GoodhartInterval | None, tuple[dict[str, Any], ...] | None]:
+    """The Goodhart interval and the fitted law's predictions from the per-prompt estimates at
+    ``curve.n`` (``resamples_for`` the prompts); None for what does not apply (no n = 1 on the
+    grid, too few n or prompts to fit)."""
+    ns = curve.n
+    B = resamples_for(int(curve.n_prompts.max()))
+    interval = None
+    try:
+        interval = goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B, draws=draws)
+        predicted = predict_curve(true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B, draws=draws)
+        return interval, tuple(predicted.rows())
+    except ValueError:
+        return interval, None
 
 
 def agreement_rows(n_prompts: int) -> slice | np.ndarray:
