@@ -470,3 +470,55 @@ def test_analyze_preset_verl_reads_an_ensemble_and_several_true_rewards_from_the
         np.testing.assert_allclose(got.true_mean, want.true_mean, rtol=0, atol=1e-12)
         deployed = bon_curve((matrix("score") + matrix("rm_b")) / 2, matrix("gold"))  # mean of the members
         np.testing.assert_allclose(records[step].curve.true_mean, deployed.true_mean, rtol=0, atol=1e-12)
+
+
+def test_default_batch_rows_are_large_only_for_flat_parquet_scores_without_texts(tmp_path, rng):
+    from bon_tracker.analysis.score_files import DEFAULT_BATCH_ROWS, FLAT_PARQUET_BATCH_ROWS, default_batch_rows
+
+    flat = pa.table({"prompt": [0, 0, 1], "proxy": [0.1, 0.2, 0.3], "true": [1.0, 2.0, 3.0], "completion": list("abc")})
+    pq.write_table(flat, tmp_path / "flat.parquet")
+    lists = pa.table({"prompt": [0], "proxy": [[0.1, 0.2]], "true": [[1.0, 2.0]]})
+    pq.write_table(lists, tmp_path / "lists.parquet")
+    (tmp_path / "rows.jsonl").write_text('{"prompt": 0, "proxy": 0.1, "true": 1.0}\n')
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    texts = Columns(prompt_text="prompt", completion="completion")
+    assert default_batch_rows(tmp_path / "flat.parquet") == FLAT_PARQUET_BATCH_ROWS > DEFAULT_BATCH_ROWS
+    assert default_batch_rows(tmp_path / "flat.parquet", texts) == DEFAULT_BATCH_ROWS  # a row may hold long texts
+    assert default_batch_rows(tmp_path / "lists.parquet") == DEFAULT_BATCH_ROWS  # a row holds a prompt's samples
+    assert default_batch_rows(tmp_path / "rows.jsonl") == DEFAULT_BATCH_ROWS
+    assert (
+        default_batch_rows(tmp_path / "rows.jsonl", fmt="parquet") == DEFAULT_BATCH_ROWS
+    )  # not Parquet: the reader says so
+    assert default_batch_rows(tmp_path / "broken.parquet") == DEFAULT_BATCH_ROWS
+    assert default_batch_rows(tmp_path / "missing.parquet") == DEFAULT_BATCH_ROWS
+
+
+def test_analyze_of_flat_parquet_in_its_large_default_batches_equals_small_batches(tmp_path, rng, capsys, monkeypatch):
+    """A file of 3 steps x 700 prompts x 16 samples is read in one default batch, or in 34 of 1,000
+    rows: the very same curves, intervals, predictions and agreement."""
+    steps, prompts, samples = 3, 700, 16
+    true = rng.normal(size=(steps, prompts, samples))
+    proxy = true + rng.standard_t(2, size=true.shape)
+    table = pa.table(
+        {
+            "step": np.repeat(np.arange(steps) * 10, prompts * samples),
+            "prompt_id": np.tile(np.repeat(np.arange(prompts), samples), steps),
+            "proxy": proxy.ravel(),
+            "true": true.ravel(),
+        }
+    )
+    pq.write_table(table, tmp_path / "scores.parquet", row_group_size=4096)
+    monkeypatch.chdir(tmp_path)
+    records = []
+    for name, extra in (("large", []), ("small", ["--batch-rows", "1000"])):
+        assert main(["analyze", "scores.parquet", "--out", "runs", "--run-name", name, "-q", *extra]) == 0
+        records.append(read_records(tmp_path / "runs" / name))
+    capsys.readouterr()
+    for large, small in zip(*records):  # the accumulator's blocks do not depend on the batches
+        assert large.curve.to_dict() == small.curve.to_dict() and large.interval is not None
+        assert (large.interval, large.agreement, large.predictions) == (
+            small.interval,
+            small.agreement,
+            small.predictions,
+        )
+    assert len(records[0]) == steps

@@ -60,6 +60,12 @@ _SUFFIXES = {
     ".pq": "parquet",
 }
 DEFAULT_BATCH_ROWS = 1 << 16
+# Rows per batch of a Parquet file with one sample per row and no texts (ids and scores only, about
+# 32 bytes a row), where the caller does not choose (default_batch_rows): every batch costs each
+# thread of ``bon-tracker analyze`` a few Python-level steps and hand-offs of the GIL, and at 2^16
+# rows these made benchmarks/bench_analyze.py 10 to 15 % slower (2^18 to 2^20 measured; 2^21 slower
+# again). Peak RSS 537 MiB against 441 at 2^16.
+FLAT_PARQUET_BATCH_ROWS = 1 << 19
 # One line of a JSONL or CSV file longer than this is an error (read in bounded pieces, never whole).
 MAX_LINE_BYTES = 64 << 20
 
@@ -157,6 +163,27 @@ def detect_format(path: str | Path) -> str:
     if fmt == "parquet" and path.suffix.lower() == ".gz":
         raise ScoreFileError(f"{path}: Parquet files are compressed internally; do not gzip them")
     return fmt
+
+
+def default_batch_rows(path: str | Path, columns: Columns | None = None, *, fmt: str | None = None) -> int:
+    """Rows per batch for ``path`` where the caller does not choose: :data:`FLAT_PARQUET_BATCH_ROWS`
+    for a Parquet file with one sample per row and no text columns, else :data:`DEFAULT_BATCH_ROWS`
+    (a row of a text format, of texts or of list columns can be large). Never raises: a file that
+    cannot be inspected gets the default, and its reader says what is wrong."""
+    columns = columns or Columns()
+    path = Path(path)
+    try:
+        if (fmt or detect_format(path)) != "parquet" or columns.prompt_text is not None:
+            return DEFAULT_BATCH_ROWS
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+        scores = (columns.proxy, columns.true, *columns.extra_scores)
+        if any(name in schema.names and _is_list(schema.field(name).type) for name in scores):
+            return DEFAULT_BATCH_ROWS
+    except Exception:  # a missing or damaged file, no pyarrow: the reader reports it
+        return DEFAULT_BATCH_ROWS
+    return FLAT_PARQUET_BATCH_ROWS
 
 
 def read_score_batches(

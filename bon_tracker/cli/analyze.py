@@ -63,6 +63,7 @@ from bon_tracker.analysis.score_files import (
     Columns,
     ScoreBatch,
     ScoreFileError,
+    default_batch_rows,
     detect_format,
     read_score_batches,
 )
@@ -120,14 +121,16 @@ def _open_batches(
     columns: Columns,
     fmt: str | None,
     nan_policy: str,
-    batch_rows: int,
+    batch_rows: int | None,
     progress: _Progress,
     counts: dict[str, int],
     reader: Callable[..., Iterator[ScoreBatch]] = read_score_batches,
 ) -> Iterator[ScoreBatch]:
-    """The batches of every file in order. With more than one thread (``BON_TRACKER_THREADS``)
-    a reader thread decodes up to :data:`READ_AHEAD` batches ahead, while this thread computes on
-    the last: the same batches in the same order, and the same errors where they occur."""
+    """The batches of every file in order (``batch_rows`` rows each, None: each file's
+    :func:`~bon_tracker.analysis.score_files.default_batch_rows`). With more than one thread
+    (``BON_TRACKER_THREADS``) a reader thread decodes up to :data:`READ_AHEAD` batches ahead, while
+    this thread computes on the last: the same batches in the same order, and the same errors where
+    they occur."""
 
     def read() -> Iterator[tuple[ScoreBatch | None, int]]:
         for path in files:
@@ -137,7 +140,7 @@ def _open_batches(
                 columns,
                 fmt=fmt,
                 nan_policy=nan_policy,
-                batch_rows=batch_rows,
+                batch_rows=default_batch_rows(path, columns, fmt=fmt) if batch_rows is None else batch_rows,
                 progress=lambda nbytes, pending=pending: pending.__setitem__(0, nbytes),
             )
             try:
@@ -1622,7 +1625,7 @@ def add_parser(commands: Any) -> None:
     )
     output.add_argument("--json", action="store_true", help="print the summary as JSON")
     output.add_argument("-q", "--quiet", action="store_true", help="no progress bars (also Ray's, and its INFO lines)")
-    output.add_argument("--batch-rows", type=int, default=1 << 16, help=argparse.SUPPRESS)
+    output.add_argument("--batch-rows", type=int, default=None, help=argparse.SUPPRESS)
     backend = analyze.add_argument_group("tracking backend (also log the curves to a run)")
     backend.add_argument(
         "--backend",
