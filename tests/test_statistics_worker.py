@@ -224,7 +224,7 @@ def test_the_worker_reads_copies_in_reused_buffers_that_the_caller_cannot_change
     once the worker is done with them); the caller refilling its own arrays right after each
     log_scores changes no record, and every eval of one size shares one bootstrap draw."""
     gate = _Gate(monkeypatch, hold=True)  # each eval's statistics run only after the caller refilled its arrays
-    evals = [_scores(seed, shift=0.1 * seed) for seed in range(4)]
+    evals = [_scores(seed, prompts=1100, shift=0.1 * seed) for seed in range(4)]  # 138 KiB a matrix: kept
     proxy, true = (np.empty_like(a) for a in evals[0])  # the caller's buffers, refilled every eval
     tracker = BonTracker("local", root=tmp_path / "runs", run_name="reuse", charts=False, spool_dir=tmp_path)
     used = []
@@ -247,12 +247,16 @@ def test_the_worker_reads_copies_in_reused_buffers_that_the_caller_cannot_change
         assert record.curve.to_dict() == curve.to_dict()
         assert record.interval == stats.interval and record.interval is not None
         assert record.agreement == stats.agreement and record.predictions == stats.predictions
-    assert set(tracker._draws._entries) == {"indices", "counts"}  # kept: 24 prompts, 1000 resamples
+    assert set(tracker._draws._entries) == {"indices", "counts"}  # kept: 1,100 prompts x 1,000 resamples
 
 
 def test_score_copies_reuse_only_what_was_given_back_and_keep_a_bounded_number():
     copies = tracker_module.ScoreCopies()
-    a = np.arange(12.0).reshape(3, 4)
+    small = np.arange(12.0).reshape(3, 4)
+    assert copies.copy(small) is not copies.copy(small)  # below MIN_BYTES: plain copies, nothing kept
+    copies.give_back([small])
+    assert not copies._free
+    a = np.arange(copies.MIN_BYTES // 8 * 2.0).reshape(64, -1)
     first = copies.copy(a)
     second = copies.copy(a)
     assert first is not second and not np.shares_memory(first, a)  # nothing given back yet: fresh copies
@@ -260,5 +264,6 @@ def test_score_copies_reuse_only_what_was_given_back_and_keep_a_bounded_number()
     third = copies.copy(a + 1.0)
     assert third is first and np.array_equal(third, a + 1.0)
     assert copies.copy(a.astype(np.float32)).dtype == np.float32  # another dtype or shape: a fresh one
-    copies.give_back([np.empty(5) for _ in range(copies.KEEP + 3)] + [np.empty(copies.KEEP_BYTES // 8 + 1)])
+    copies.give_back([np.empty(copies.MIN_BYTES // 8) for _ in range(copies.KEEP + 3)])
+    copies.give_back([np.empty(copies.KEEP_BYTES // 8 + 1)])
     assert len(copies._free) == copies.KEEP and all(b.nbytes <= copies.KEEP_BYTES for b in copies._free)
