@@ -22,16 +22,16 @@ load-everything floor, each in a fresh process, shows that ``analyze`` streams. 
 core's threads (``BON_TRACKER_THREADS``) and pyarrow's CPU pool are pinned to
 ``--threads`` and printed.
 
-Measured on a 2-core machine (numpy 2.4, pyarrow 25, ``--threads 2``, best of 3; two runs here and
-section 5 of bench_core.py): floor 0.29-0.34 s; curves 0.49-0.52 s (1.5-1.7x); analyze without
-charts 0.81-0.86 s (2.5-2.8x); with charts 2.57-2.67 s (matplotlib, about 0.45 s a step). Since
-issue 18 analyze reads grouped input once: the curves' own sort gives each prompt's estimates and
-a step's rows are kept (50 MiB here) until the step is done, instead of a second read and sort of
-the file (the same command reading twice, alternated with it in one process: 1.09-1.20 s against
-0.80-0.92 s), and the bootstrap counts are drawn a few resamples at a time (no 80 MB array of
-indices). Peak RSS: analyze 418-427 MiB, the floor 831-933 MiB. What remains above 2x is CPU on
-the same two cores: each step's interval and predictions (the first step of a size draws the
-resamples), the curves, the read; and the last step's statistics, which start when the file ends.
+Measured on a 2-core machine (numpy 2.4, pyarrow 25, ``--threads 2``, best of 3; three runs here and
+section 5 of bench_core.py): floor 0.22-0.27 s; curves 0.37-0.41 s (1.45-1.71x); analyze without
+charts 0.57-0.66 s (2.1-2.8x); with charts 1.9 s (matplotlib, about 0.35 s a step). analyze reads
+grouped input once (the curves' own sort gives each prompt's estimates; a step's rows, 50 MiB here,
+are kept until the step is done), draws the bootstrap counts a few resamples at a time, and reads
+flat Parquet in batches of 2^19 rows (at 2^16: 0.69-0.74 s, alternated with it in one process).
+Peak RSS: analyze 528-534 MiB, the floor 925-933 MiB. What remains above 2x is CPU on the same two
+cores (1.27 s of it for 0.68 s: the pyarrow decode and conversion on the reader thread, the curves
+on two threads, each step's interval and predictions, the first step's bootstrap draws), and the
+last step's statistics, which start when the file ends.
 """
 
 from __future__ import annotations

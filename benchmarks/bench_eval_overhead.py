@@ -12,7 +12,9 @@ and what the statistics worker computes off it.
    true rewards against one proxy and one true reward (issue 15 goal: <= 3x). Between two
    evals the tracker's background threads finish (``flush``), as training between evals lets
    them; that time is not the training thread's.
-2. Off the training thread (the statistics worker): the time of each part it computes.
+2. Off the training thread (the statistics worker): the time of each part it computes, with
+   the bootstrap draws it keeps between evals of one size (``first``: what an eval adds when it
+   draws them, the first of its size or one past the kept bound).
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ import time
 import numpy as np
 
 from bon_tracker import BonTracker
-from bon_tracker.core import AlertRules, bon_curve, bon_estimate, goodhart_interval, predict_curve, topq_agreement
+from bon_tracker.core import (
+    AlertRules,
+    BootstrapDraws,
+    bon_curve,
+    bon_estimate,
+    goodhart_interval,
+    predict_curve,
+    topq_agreement,
+)
 from bon_tracker.core.threads import thread_count
 from bon_tracker.tracking.alerting import (
     MAX_AGREEMENT_PROMPTS,
@@ -33,6 +43,7 @@ from bon_tracker.tracking.alerting import (
     prediction_ns,
     resamples_for,
 )
+from bon_tracker.tracking.tracker import KEPT_DRAW_BYTES
 
 SIZES = ((64, 16), (1000, 64), (10_000, 256))
 
@@ -66,12 +77,15 @@ def main() -> None:
         f"{ensemble_ms:.2f} ms / plain log_scores {plain_ms:.2f} ms = {ensemble_ms / plain_ms:.2f} (issue 15 goal <= 3)"
     )
     print("2. off the training thread (the statistics worker)")
-    header = ("P x N", "curve", "estimates", "interval", "predict", "agreement", "alerts", "added", "B")
+    header = ("P x N", "curve", "estimates", "interval", "predict", "agreement", "alerts", "added", "first", "B")
     print("".join(f"{h:>12}" for h in header))
     for P, N in SIZES:
         times, B = measure(P, N, args.repeat)
         print(f"{f'{P} x {N}':>12}" + "".join(f"{times[h]:>12.2f}" for h in header[1:-1]) + f"{B:>12}")
-    print("added: all that the worker computes after the curve (estimates, interval, predictions, agreement, alerts)")
+    print(
+        "added: all that the worker computes after the curve (estimates, interval, predictions, agreement, alerts), "
+        "with its kept draws; first: the same, drawing them"
+    )
 
 
 def ensemble_call(P: int, N: int, repeat: int) -> tuple[float, float]:
@@ -141,17 +155,25 @@ def measure(P: int, N: int, repeat: int) -> tuple[dict[str, float], int]:
     curve = bon_curve(proxy, true)
     ns, B = curve.n, resamples_for(P)
     true_pp, proxy_pp = bon_estimate(proxy, true, ns), bon_estimate(proxy, proxy, ns)
-    interval = goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B)
+    draws = BootstrapDraws(max_bytes=KEPT_DRAW_BYTES)  # the worker's, kept between evals of one size
+    interval = goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B, draws=draws)
+    predict_curve(true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B, draws=draws)
     reporter = AlertReporter(AlertRules())
     steps = iter(range(10**9))
     parts = {
         "curve": lambda: bon_curve(proxy, true),
         "estimates": lambda: (bon_estimate(proxy, true, ns), bon_estimate(proxy, proxy, ns)),
-        "interval": lambda: goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B),
-        "predict": lambda: predict_curve(true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B),
+        "interval": lambda: goodhart_interval(true_pp, ns, kl=curve.kl, n_resamples=B, draws=draws),
+        "predict": lambda: predict_curve(
+            true_pp, proxy_pp, ns, prediction_ns(curve, interval), n_resamples=B, draws=draws
+        ),
         "agreement": lambda: topq_agreement(proxy[:MAX_AGREEMENT_PROMPTS], true[:MAX_AGREEMENT_PROMPTS]),
         "alerts": lambda: reporter.update(next(steps), curve, 1.0, interval),
-        "added": lambda: (eval_statistics(proxy, true, curve), reporter.update(next(steps), curve, 1.0, interval)),
+        "added": lambda: (
+            eval_statistics(proxy, true, curve, draws=draws),
+            reporter.update(next(steps), curve, 1.0, interval),
+        ),
+        "first": lambda: (eval_statistics(proxy, true, curve), reporter.update(next(steps), curve, 1.0, interval)),
     }
     return {name: best_ms(fn, repeat) for name, fn in parts.items()}, B
 
