@@ -64,7 +64,7 @@ DEFAULT_BATCH_ROWS = 1 << 16
 # 32 bytes a row), where the caller does not choose (default_batch_rows): every batch costs each
 # thread of ``bon-tracker analyze`` a few Python-level steps and hand-offs of the GIL, and at 2^16
 # rows these made benchmarks/bench_analyze.py 10 to 15 % slower (2^18 to 2^20 measured; 2^21 slower
-# again). Peak RSS 537 MiB against 441 at 2^16.
+# again). Peak RSS about 525 MiB against 430 at 2^16 (the benchmark: 528-534 MiB).
 FLAT_PARQUET_BATCH_ROWS = 1 << 19
 # One line of a JSONL or CSV file longer than this is an error (read in bounded pieces, never whole).
 MAX_LINE_BYTES = 64 << 20
