@@ -86,12 +86,25 @@ def test_steps_outside_int64_and_duplicated_columns_are_errors_naming_the_line(t
         rows_of(path)
 
 
-@pytest.mark.parametrize("step", [-5, 2**64 - 1])
-def test_parquet_steps_outside_int64_are_errors_naming_the_row(tmp_path, step):
+@pytest.mark.parametrize(("steps", "kind"), [([0, 7], "uint32"), ([3, 2**63 - 1], "uint64"), ([-0, 9], "int16")])
+def test_parquet_steps_of_any_integer_type_in_range_read_as_int64(tmp_path, steps, kind):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    kind = pa.uint64() if step > 0 else pa.int64()
+    table = pa.table(
+        {"prompt_id": ["a", "b"], "proxy": [1.0, 2.0], "true": [2.0, 1.0], "step": pa.array(steps, getattr(pa, kind)())}
+    )
+    pq.write_table(table, tmp_path / "s.parquet")
+    (batch,) = rows_of(tmp_path / "s.parquet")
+    assert batch.step.dtype == np.int64 and batch.step.tolist() == steps
+
+
+@pytest.mark.parametrize(("step", "kind"), [(-5, "int64"), (-5, "int32"), (2**64 - 1, "uint64"), (2**63, "uint64")])
+def test_parquet_steps_outside_int64_are_errors_naming_the_row(tmp_path, step, kind):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    kind = getattr(pa, kind)()
     table = pa.table(
         {"prompt_id": ["a", "a"], "proxy": [1.0, 2.0], "true": [2.0, 1.0], "step": pa.array([0, step], kind)}
     )

@@ -1078,11 +1078,12 @@ def _arrow_steps(path: Path, array: Any, column: str, where: Callable[[int], str
         raise _located(path, where(_first_null(array)), column, "missing step (null)")
     if pa.types.is_integer(kind):
         values = np.asarray(array.to_numpy(zero_copy_only=False))
-        bad = np.flatnonzero((values < 0) | (values >= MAX_STEP)) if values.size else values
-        if bad.size:
-            i = int(bad[0])
+        # One pass finds a step out of range: only unsigned 64-bit steps can reach 2^63.
+        unsigned = values.dtype.kind == "u"
+        if values.size and (values.max() >= MAX_STEP if unsigned else values.min() < 0):
+            i = int(np.flatnonzero((values < 0) | (values >= MAX_STEP))[0])
             raise _located(path, where(i), column, f"step {int(values[i])} is out of range; {_STEP_RANGE}")
-        return values.astype(np.int64)
+        return values.astype(np.int64, copy=False)  # int64 steps (the usual) as they are: no copy
     if pa.types.is_floating(kind):
         values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)
         bad = ~(np.isfinite(values) & (values == np.round(values)))
