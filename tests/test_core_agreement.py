@@ -66,3 +66,22 @@ def test_input_errors():
         topq_agreement([[0.0, np.nan, 1.0, 2.0]], [[0.0, 1.0, 2.0, 3.0]])
     with pytest.raises(ValueError, match="min_samples"):
         topq_agreement(np.zeros((2, 4)), np.zeros((2, 4)), min_samples=1)
+
+
+def test_the_best_first_order_is_the_stable_one_with_ties_and_signed_zeros():
+    """Rows without a tie are sorted once (any sort finds their one order), rows with one again,
+    stably: the order is always that of a stable sort, ties (0.0 and -0.0 among them) kept in place."""
+    from bon_tracker.core.agreement import _best_first
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        P, N = int(rng.integers(1, 30)), int(rng.integers(2, 70))
+        proxy = rng.normal(size=(P, N)) if trial % 3 == 0 else rng.integers(0, 4, size=(P, N)).astype(float)
+        if trial % 3 == 2:
+            proxy[rng.random(proxy.shape) < 0.3] = 0.0
+            proxy[rng.random(proxy.shape) < 0.3] = -0.0
+        proxy[0] = rng.permutation(N)  # one tie-free row in every block
+        sorted_proxy, order = _best_first(proxy)
+        want = np.argsort(-proxy, axis=1, kind="stable")
+        np.testing.assert_array_equal(order, want)
+        np.testing.assert_array_equal(sorted_proxy, np.take_along_axis(proxy, want, axis=1))

@@ -68,7 +68,10 @@ def _ranks(x: np.ndarray) -> np.ndarray:
         from scipy.stats import rankdata  # scipy.stats takes ~1.5 s to import: only when used
 
         return rankdata(x, axis=1)
-    return np.argsort(order, axis=1).astype(np.float64)
+    # The inverse permutation, scattered: the same ranks as a second argsort, 2.5x faster.
+    ranks = np.empty(x.shape)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(x.shape[1], dtype=np.float64), x.shape), axis=1)
+    return ranks
 
 
 def _spearman_rows(proxy_desc: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -90,6 +93,21 @@ def _spearman_rows(proxy_desc: np.ndarray, true: np.ndarray) -> np.ndarray:
     den = np.sqrt((rp * rp).sum(axis=1) * (rt * rt).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _best_first(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row sorted by proxy descending, ties in their original order: ``(sorted, order)``.
+
+    A stable sort costs 4-6 times the default one; a row without ties has one order whichever
+    sort finds it, so only the rows with a tie are sorted again, stably."""
+    negated = -p
+    order = np.argsort(negated, axis=1)
+    p_sorted = np.take_along_axis(p, order, axis=1)
+    tied = np.flatnonzero((p_sorted[:, 1:] == p_sorted[:, :-1]).any(axis=1))
+    if tied.size:
+        order[tied] = np.argsort(negated[tied], axis=1, kind="stable")
+        p_sorted[tied] = np.take_along_axis(p[tied], order[tied], axis=1)
+    return p_sorted, order
 
 
 def topq_agreement(proxy: object, true: object, *, min_samples: int = 4) -> TopAgreement:
@@ -128,8 +146,7 @@ def topq_agreement(proxy: object, true: object, *, min_samples: int = 4) -> TopA
     if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 2:
         raise ValueError(f"min_samples must be an integer >= 2, got {min_samples!r}")
     N = p.shape[1]
-    order = np.argsort(-p, axis=1, kind="stable")  # best first
-    p_sorted = np.take_along_axis(p, order, axis=1)
+    p_sorted, order = _best_first(p)
     t_sorted = np.take_along_axis(t, order, axis=1)
     qs, tops, means, ses, counts = [], [], [], [], []
     q = 1.0
