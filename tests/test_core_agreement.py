@@ -24,14 +24,17 @@ def brute_force(proxy, true, m):
     return np.mean(rhos), np.std(rhos, ddof=1) / math.sqrt(len(rhos)), len(rhos)
 
 
-@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("discrete", [False, True, "one tie"])
 def test_against_scipy_spearman_per_prompt(discrete):
     rng = np.random.default_rng(0)
     proxy = rng.normal(size=(40, 32))
     true = proxy - 0.4 * proxy**2 + rng.normal(size=proxy.shape)
-    if discrete:  # ties in both (average ranks), and a prompt with a constant true reward
+    if discrete is True:  # ties in both (average ranks), and a prompt with a constant true reward
         proxy, true = np.round(proxy * 2) / 2, np.round(true)
         true[3] = 1.0
+    if discrete == "one tie":  # one prompt's two best samples by proxy tie in true: the top ranks it averages
+        best = np.argsort(-proxy[5])[:2]
+        true[5, best] = 2.5
     got = topq_agreement(proxy, true)
     assert got.q == (1.0, 0.5, 0.25, 0.125) and got.n_top == (32, 16, 8, 4)
     for i, m in enumerate(got.n_top):
@@ -39,7 +42,7 @@ def test_against_scipy_spearman_per_prompt(discrete):
         assert got.mean[i] == pytest.approx(mean, rel=1e-10)
         assert got.se[i] == pytest.approx(se, rel=1e-10)
         assert got.n_prompts[i] == count
-    if discrete:
+    if discrete is True:
         assert got.n_prompts[0] == 39
 
 

@@ -60,11 +60,11 @@ def agreement_label(q: float) -> str:
     return "top" + f"{float(q):g}".replace(".", "_")
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks along rows (ties share their mean rank); ordinal ranks when tie-free."""
+def _ranks(x: np.ndarray, tie_free: bool = False) -> np.ndarray:
+    """Average ranks along rows (ties share their mean rank); ordinal ranks when tie-free
+    (``tie_free``: known to be, so not checked)."""
     order = np.argsort(x, axis=1)
-    s = np.take_along_axis(x, order, axis=1)
-    if np.any(s[:, 1:] == s[:, :-1]):
+    if not tie_free and _has_tie(np.take_along_axis(x, order, axis=1)):
         from scipy.stats import rankdata  # scipy.stats takes ~1.5 s to import: only when used
 
         return rankdata(x, axis=1)
@@ -74,19 +74,24 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _spearman_rows(proxy_desc: np.ndarray, true: np.ndarray) -> np.ndarray:
+def _has_tie(sorted_rows: np.ndarray) -> bool:
+    return bool(np.any(sorted_rows[:, 1:] == sorted_rows[:, :-1]))
+
+
+def _spearman_rows(proxy_desc: np.ndarray, true: np.ndarray, true_tie_free: bool = False) -> np.ndarray:
     """Spearman correlation of each row pair (average ranks for ties); NaN for constant rows.
 
-    ``proxy_desc`` rows are sorted descending, so tie-free proxy ranks need no sort.
+    ``proxy_desc`` rows are sorted descending, so tie-free proxy ranks need no sort;
+    ``true_tie_free``: no row of ``true`` has a tie (not checked again).
     """
     m = proxy_desc.shape[1]
-    if np.any(proxy_desc[:, 1:] == proxy_desc[:, :-1]):
+    if _has_tie(proxy_desc):
         from scipy.stats import rankdata
 
         rp = rankdata(proxy_desc, axis=1)
     else:
         rp = np.broadcast_to(np.arange(m, 0, -1, dtype=np.float64), proxy_desc.shape)
-    rt = _ranks(true)
+    rt = _ranks(true, tie_free=true_tie_free)
     rp = rp - rp.mean(axis=1, keepdims=True)
     rt -= rt.mean(axis=1, keepdims=True)
     num = (rp * rt).sum(axis=1)
@@ -148,10 +153,12 @@ def topq_agreement(proxy: object, true: object, *, min_samples: int = 4) -> TopA
     N = p.shape[1]
     p_sorted, order = _best_first(p)
     t_sorted = np.take_along_axis(t, order, axis=1)
+    # Without a tie in a whole row there is none among its top samples: one check, not one per q.
+    true_tie_free = not _has_tie(np.sort(t, axis=1))
     qs, tops, means, ses, counts = [], [], [], [], []
     q = 1.0
     while (m := math.floor(q * N)) >= min_samples:
-        rho = _spearman_rows(p_sorted[:, :m], t_sorted[:, :m])
+        rho = _spearman_rows(p_sorted[:, :m], t_sorted[:, :m], true_tie_free)
         ok = rho[np.isfinite(rho)]
         qs.append(q)
         tops.append(m)
