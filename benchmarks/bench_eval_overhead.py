@@ -83,8 +83,8 @@ def main() -> None:
         times, B = measure(P, N, args.repeat)
         print(f"{f'{P} x {N}':>12}" + "".join(f"{times[h]:>12.2f}" for h in header[1:-1]) + f"{B:>12}")
     print(
-        "added: all that the worker computes after the curve (estimates, interval, predictions, agreement, alerts), "
-        "with its kept draws; first: the same, drawing them"
+        "added: all that the worker computes for an eval (interval, predictions, agreement, alerts; the per-prompt "
+        "estimates come with the curve), with its kept draws; first: the same, drawing them"
     )
 
 
@@ -170,10 +170,13 @@ def measure(P: int, N: int, repeat: int) -> tuple[dict[str, float], int]:
         "agreement": lambda: topq_agreement(proxy[:MAX_AGREEMENT_PROMPTS], true[:MAX_AGREEMENT_PROMPTS]),
         "alerts": lambda: reporter.update(next(steps), curve, 1.0, interval),
         "added": lambda: (
-            eval_statistics(proxy, true, curve, draws=draws),
+            eval_statistics(proxy, true, curve, (true_pp, proxy_pp), draws=draws),
             reporter.update(next(steps), curve, 1.0, interval),
         ),
-        "first": lambda: (eval_statistics(proxy, true, curve), reporter.update(next(steps), curve, 1.0, interval)),
+        "first": lambda: (
+            eval_statistics(proxy, true, curve, (true_pp, proxy_pp)),
+            reporter.update(next(steps), curve, 1.0, interval),
+        ),
     }
     return {name: best_ms(fn, repeat) for name, fn in parts.items()}, B
 
