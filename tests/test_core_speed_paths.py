@@ -117,6 +117,24 @@ def test_parts_of_ragged_prompts_and_omitted_samples(rng):
     assert np.isnan(omitted.true[2, 1:]).all() and omitted.true[2, 0] == true[2, 19]
 
 
+def test_the_trackers_parts_are_views_of_the_same_numbers_and_the_public_ones_row_major(rng):
+    """finite_curve_parts (the training thread's) hands over views held by n, the numbers of
+    bon_curve_parts bit for bit, several blocks and a level-counted block included; the public
+    functions return C-contiguous matrices, as before."""
+    from bon_tracker.core.curve import finite_curve_parts
+
+    for P, N in ((64, 16), (9000, 64)):  # 9000 x 64: more than one block
+        proxy, true = rng.normal(size=(P, N)), rng.normal(size=(P, N))
+        proxy[: P // 2] = np.round(proxy[: P // 2])  # few levels in the first blocks
+        fast, public = finite_curve_parts(proxy, true), bon_curve_parts(proxy, true)
+        assert not fast.true.flags.c_contiguous and public.true.flags.c_contiguous
+        assert public.proxy.flags.c_contiguous and bon_estimate(proxy, true, [1, 4]).flags.c_contiguous
+        assert fast.true.tobytes() == public.true.tobytes() and fast.proxy.tobytes() == public.proxy.tobytes()
+        rows = slice(None, None, P // 8)
+        want = exact_matrix(proxy[rows], true[rows], fast.curve.n.tolist())
+        np.testing.assert_allclose(fast.true[rows], want, rtol=1e-12, atol=1e-12)
+
+
 def test_parts_follow_the_grid_as_given(rng):
     proxy, true = rng.normal(size=(30, 16)), rng.normal(size=(30, 16))
     ns = [16, 3, 1, 3, 8]  # unsorted, with a repeat: columns in this order, as bon_estimate's

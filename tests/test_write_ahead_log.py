@@ -234,6 +234,36 @@ def test_a_lines_curve_is_packed_bit_for_bit_and_older_lines_with_numbers_still_
             parse_line(_framed(broken))
 
 
+def test_the_training_threads_line_is_byte_for_byte_the_generic_encoders():
+    """The curve-only line (formatted directly on the training thread) is exactly what the
+    generic encoder writes for it: ties, NaN and inf, no policy, any context and names; a
+    record with anything more, or an int timestamp, takes the generic path."""
+    from bon_tracker.tracking.wal import _curve_only_body
+
+    tied = bon_curve([[1.0, 1.0, 2.0], [0.5, 3.0, 3.0]], [[0.0, 1.0, 2.0], [1.0, 2.0, 0.5]])
+    odd = dataclasses.replace(tied, proxy_mean=np.array([np.nan, np.inf, -np.inf]))
+    cases = [
+        EvalRecord.build(3, tied, policy_kl=0.25, fit=False),
+        EvalRecord.build(2**62, odd, fit=False, context={"lr": 1e-5, "tag": 'a "q"\n\u00e9\u2603', "x": None}),
+        EvalRecord.build(5, bon_curve(*_scores(9)), fit=False, key_prefix="\u00e9/p", proxy_name="r\\m", true_name="t"),
+        dataclasses.replace(EvalRecord.build(6, tied, policy_kl=0.5, fit=False), timestamp=float("nan")),
+    ]
+    assert tied.has_ties
+    for record in cases:
+        entry = Entry(seq=11, record=record)
+        body = _curve_only_body(entry)
+        assert body is not None and body == entry._body()
+        assert json.loads(entry.to_line())["entry"] == json.loads(body)
+    for record in (
+        dataclasses.replace(cases[0], predictions=({"n": 4, "true_mean": 0.5},)),
+        dataclasses.replace(cases[0], timestamp=12),  # json writes an int as one
+        dataclasses.replace(cases[0], alert_states={"gap": 1}),
+    ):
+        assert _curve_only_body(Entry(seq=1, record=record)) is None
+        line = Entry(seq=1, record=record).to_line()
+        assert json.loads(line)["entry"]["record"]["step"] == record.step
+
+
 def test_a_garbled_spec_or_a_bad_log_never_stops_the_other_logs(tmp_path, capsys):
     broken = _log_of_five(tmp_path, "local-aaaaaaaaaaaa")
     broken.spec_path.write_text('{"backend"')  # garbled

@@ -126,42 +126,61 @@ def _dense_input(proxy: object, true: object) -> tuple[np.ndarray, np.ndarray, b
 
 @dataclass
 class PromptEstimates:
-    """Per-prompt estimates, filled block by block: one row per prompt, one column per n of ``grid``.
+    """Per-prompt estimates, filled block by block and held by n: ``by_n[s, j, p]`` is prompt
+    ``p``'s estimate at n = ``grid[j]`` of the true score (``s = 0``), then of the proxy (``s = 1``).
 
-    NaN where a prompt has fewer than n samples. ``proxy`` is None when only one score
-    (``true``) is estimated (:func:`~bon_tracker.core.estimators.bon_estimate`).
+    By n, a block's estimates (one row of the weight product per n) are copied in as whole rows,
+    not scattered one column per prompt. NaN where a prompt has fewer than n samples. ``proxy``
+    is None when only one score (``true``) is estimated (:func:`~bon_tracker.core.estimators.bon_estimate`).
     """
 
     grid: np.ndarray  # ascending, unique
-    true: np.ndarray
-    proxy: np.ndarray | None
+    by_n: np.ndarray  # (scores, len(grid), P)
 
     @classmethod
-    def empty(cls, P: int, grid: np.ndarray, *, with_proxy: bool) -> PromptEstimates:
-        true = np.full((P, len(grid)), np.nan)
-        return cls(grid, true, np.full((P, len(grid)), np.nan) if with_proxy else None)
+    def empty(cls, P: int, grid: np.ndarray, *, with_proxy: bool, filled: bool = False) -> PromptEstimates:
+        """``filled``: every prompt reaches every n of the grid (no NaN needed)."""
+        shape = (2 if with_proxy else 1, len(grid), P)
+        return cls(grid, np.empty(shape) if filled else np.full(shape, np.nan))
 
-    def in_order(self, values: np.ndarray, ns: np.ndarray) -> np.ndarray:
-        """The columns of ``values`` (one per n of ``grid``) in the order of ``ns`` (repeats allowed)."""
-        if len(ns) == len(self.grid) and np.array_equal(ns, self.grid):
-            return values
-        return values[:, np.searchsorted(self.grid, ns)]
+    @property
+    def true(self) -> np.ndarray:
+        """``(P, len(grid))``: a view (column-major) of ``by_n``."""
+        return self.by_n[0].T
+
+    @property
+    def proxy(self) -> np.ndarray | None:
+        return self.by_n[1].T if len(self.by_n) > 1 else None
+
+    def in_order(self, values: np.ndarray, ns: np.ndarray, *, contiguous: bool = True) -> np.ndarray:
+        """The columns of ``values`` (one per n of ``grid``) in the order of ``ns`` (repeats allowed),
+        as a C-contiguous ``(P, len(ns))`` array (``contiguous`` False: a view where it can be)."""
+        if not (ns is self.grid or (len(ns) == len(self.grid) and np.array_equal(ns, self.grid))):
+            values = values[:, np.searchsorted(self.grid, ns)]
+        return np.ascontiguousarray(values) if contiguous else values
 
 
 @dataclass(frozen=True)
 class _GroupOut:
-    """Where one dense group's per-block estimates go: its rows of a :class:`PromptEstimates`."""
+    """Where one dense group's per-block estimates go: its prompts of a :class:`PromptEstimates`."""
 
     estimates: PromptEstimates
     prompts: np.ndarray | None  # the group's prompts among all (None: the group is every prompt)
 
-    def put(self, rows: slice, true_est: np.ndarray, proxy_est: np.ndarray | None) -> None:
-        # The group reaches the grid's first columns only; blocks (and threads) write disjoint rows.
+    def put(self, rows: slice, block: np.ndarray) -> None:
+        """``block``: ``(width, scores, m)``, the block's estimates by n (true, then proxy)."""
+        # The group reaches the grid's first columns only; blocks (and threads) write disjoint prompts.
+        where = rows if self.prompts is None else self.prompts[rows]
+        self.estimates.by_n[:, : block.shape[0], where] = block.transpose(1, 0, 2)
+
+    def put_rows(self, rows: slice, true_est: np.ndarray, proxy_est: np.ndarray | None) -> None:
+        """Estimates by prompt, ``(m, width)`` each."""
         where = rows if self.prompts is None else self.prompts[rows]
         width = true_est.shape[1]
-        self.estimates.true[where, :width] = true_est
-        if self.estimates.proxy is not None and proxy_est is not None:
-            self.estimates.proxy[where, :width] = proxy_est
+        by_n = self.estimates.by_n  # by_n[s] first: with an index array, by_n[s, :w, where] puts prompts first
+        by_n[0][:width, where] = true_est.T
+        if proxy_est is not None and len(by_n) > 1:
+            by_n[1][:width, where] = proxy_est.T
 
 
 def rank_and_estimate(
@@ -240,7 +259,9 @@ def _pass_over_groups(
     if np.any(grid[1:] <= grid[:-1]):
         grid = np.unique(grid)
     total = None
-    estimates = PromptEstimates.empty(P, grid, with_proxy=stats) if keep else None
+    # One group of every prompt, each with N samples: every estimate gets written.
+    filled = len(groups) == 1 and groups[0][0] is None and groups[0][1].shape[1] >= grid[-1]
+    estimates = PromptEstimates.empty(P, grid, with_proxy=stats, filled=filled) if keep else None
     # BLAS held to one thread (see threads.py), except where the products are too small for
     # OpenBLAS to thread them at all, and setting the limit would cost more than the product.
     products = len(grid) * 2 * sum(p.size for _, p, _ in groups)
@@ -289,14 +310,14 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite, *, stats: bo
         masses = level_weights.masses(counts)
         true_est, *proxy_est = level_weights.estimates(counts, masses)
         if out is not None:
-            out.put(rows, true_est, proxy_est[0] if stats else None)
+            out.put_rows(rows, true_est, proxy_est[0] if stats else None)
         return _level_block_stats(counts, true_est, proxy_est[0], cols, bound, kl_mode, N) if stats else None
 
     def from_sorted(ranked, by_n: np.ndarray, rows: slice) -> CurveStats | None:
         """``by_n``: ``(len(cols), scores * m)`` estimates, the true score's prompts then the proxy's."""
         m = rows.stop - rows.start
         if out is not None:
-            out.put(rows, by_n[:, :m].T, by_n[:, m : 2 * m].T if stats else None)
+            out.put(rows, by_n.reshape(len(cols), scores, m))
         return _block_stats(ranked, by_n, cols, bound, kl_mode, N) if stats else None
 
     if N > SCAN_MIN_N and P <= SCAN_MAX_PROMPTS:
@@ -500,7 +521,8 @@ def finite_curve_parts(proxy: np.ndarray, true: np.ndarray, ns: object | None = 
     caller that validates anyway (the tracker) reads its scores once, not twice.
 
     The curve and estimates are those of :func:`bon_curve_parts` (the same pass): the blocks
-    find non-finite values on the way, at no extra cost.
+    find non-finite values on the way, at no extra cost. The estimates are views of one buffer
+    held by n (column-major): made C-contiguous by whoever needs them so, off the caller's thread.
     """
     dense = _dense_input(proxy, true)
     if dense is None or dense[2]:
@@ -513,12 +535,19 @@ def finite_curve_parts(proxy: np.ndarray, true: np.ndarray, ns: object | None = 
         )
     except NonFiniteInput:
         return None
-    return _curve_parts(stats, estimates, n_arr, "auto")
+    return _curve_parts(stats, estimates, n_arr, "auto", contiguous=False)
 
 
-def _curve_parts(stats: CurveStats, estimates: PromptEstimates, n_arr: np.ndarray, kl_mode: KlMode) -> CurveParts:
+def _curve_parts(
+    stats: CurveStats, estimates: PromptEstimates, n_arr: np.ndarray, kl_mode: KlMode, *, contiguous: bool = True
+) -> CurveParts:
     curve = curve_stats_compute(stats, n_arr, kl_mode=kl_mode)
-    return CurveParts(curve, estimates.in_order(estimates.true, n_arr), estimates.in_order(estimates.proxy, n_arr))
+    assert estimates.proxy is not None
+    return CurveParts(
+        curve,
+        estimates.in_order(estimates.true, n_arr, contiguous=contiguous),
+        estimates.in_order(estimates.proxy, n_arr, contiguous=contiguous),
+    )
 
 
 def bon_curve_parts(

@@ -131,6 +131,8 @@ def interval_and_predictions(
     ``curve.n`` (``resamples_for`` the prompts); None for what does not apply (no n = 1 on the
     grid, too few n or prompts to fit)."""
     ns = curve.n
+    # Row-major, as the resampling reads them (finite_curve_parts hands over views held by n).
+    true_pp, proxy_pp = np.ascontiguousarray(true_pp), np.ascontiguousarray(proxy_pp)
     B = resamples_for(int(curve.n_prompts.max()))
     interval = None
     try:
