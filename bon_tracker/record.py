@@ -252,23 +252,24 @@ class EvalRecord:
         goodhart = cls.fit_goodhart(curve) if fit else None
         policy = None
         if policy_kl is not None:
-            at_one = curve.n.tolist().index(1) if 1 in curve.n.tolist() else None
-            if at_one is not None:
+            grid = curve.n.tolist()
+            if 1 in grid:
+                at_one = grid.index(1)
                 kl = as_float(policy_kl, "policy_kl")  # 10**400: a ValueError naming it, not an OverflowError
-                policy = PolicyPoint(kl, float(curve.true_mean[at_one]), float(curve.proxy_mean[at_one]))
+                policy = PolicyPoint(kl, curve.true_mean.item(at_one), curve.proxy_mean.item(at_one))
         return cls(
             step=int(step),
             curve=curve,
             goodhart=goodhart,
             policy=policy,
-            context=_plain_context(context or {}),
+            context=_plain_context(context) if context else {},
             key_prefix=key_prefix,
             proxy_name=proxy_name,
             true_name=true_name,
             interval=interval,
             agreement=agreement,
             predictions=None if predictions is None else tuple(dict(row) for row in predictions),
-            alerts=tuple(alerts),
+            alerts=alerts if type(alerts) is tuple else tuple(alerts),
             alert_states=None if alert_states is None else {str(k): int(v) for k, v in alert_states.items()},
         )
 

@@ -267,3 +267,56 @@ def test_score_copies_reuse_only_what_was_given_back_and_keep_a_bounded_number()
     copies.give_back([np.empty(copies.MIN_BYTES // 8) for _ in range(copies.KEEP + 3)])
     copies.give_back([np.empty(copies.KEEP_BYTES // 8 + 1)])
     assert len(copies._free) == copies.KEEP and all(b.nbytes <= copies.KEEP_BYTES for b in copies._free)
+
+
+def test_the_worker_runs_jobs_in_order_survives_a_failing_one_and_restarts_after_close():
+    """The worker wakes outside its lock (one token per submit): every job runs once, in order,
+    from several submitting threads; wait() and pending see them; a failing job is logged and the
+    next still runs; a job's own wait() returns; after close() a submit starts a new thread;
+    take_pending() returns the jobs not started."""
+    from bon_tracker.tracking.statistics import StatisticsWorker
+
+    worker = StatisticsWorker()
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def job(i: int):
+        def run() -> None:
+            with lock:
+                done.append(i)
+            if i == 5:
+                raise RuntimeError("a failing job")
+            if i == 7:
+                assert worker.wait(1.0) in (True, False)  # never waits for itself
+
+        return run
+
+    def submit_range(start: int) -> None:
+        for i in range(start, start + 50):
+            with lock:  # submission order = the order of `submitted`
+                submitted.append(i)
+                worker.submit(job(i))
+
+    submitted: list[int] = []
+    threads = [threading.Thread(target=submit_range, args=(k * 50,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert worker.wait(30) and worker.pending == 0
+    assert done == submitted and sorted(done) == list(range(150))
+    worker.close()
+    deadline = time.monotonic() + 10
+    while worker._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker._thread is None  # closed and idle: the thread ended
+    worker.submit(job(1000))
+    assert worker.wait(10) and done[-1] == 1000
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(10))
+    worker.submit(job(2000))
+    time.sleep(0.05)
+    left = worker.take_pending()
+    gate.set()
+    assert len(left) == 1 and worker.wait(10) and 2000 not in done
+    worker.close()

@@ -471,10 +471,13 @@ class BonTracker:
 
         # One process with two float64 matrices: their finiteness is checked by the curve's own
         # pass (finite_curve_parts), not by a pass of its own first; all else is validated here.
-        unchecked = self.world_size == 1 and plain_float64_matrices(proxy, true)
-        local = self._validated_local(proxy, true, texts, finite_checked=not unchecked)
-        gathered = all_gather(local)
-        _raise_invalid(gathered, step, self.world_size)
+        world_size = self.world_size
+        unchecked = world_size == 1 and plain_float64_matrices(proxy, true)
+        gathered = None  # one process, two float64 matrices, no texts: nothing more to check here
+        if not (unchecked and texts[0] is None and texts[1] is None):
+            local = self._validated_local(proxy, true, texts, finite_checked=not unchecked)
+            gathered = all_gather(local)
+            _raise_invalid(gathered, step, world_size)
         if not self.is_writer:
             return None
         if not self._is_new_step(step):
@@ -485,12 +488,15 @@ class BonTracker:
             parts = finite_curve_parts(proxy, true, ns=self._grid({proxy.shape[1]}))
             if parts is None:  # a NaN or inf: validated in full, for its error or nan_policy="omit"
                 gathered = [self._validated_local(proxy, true, texts)]
-                _raise_invalid(gathered, step, self.world_size)
-        rows_p, lengths = _joined([item[1] for item in gathered])
-        rows_t, _ = _joined([item[2] for item in gathered])
-        if not lengths:
-            raise ValueError(f"log_scores at step {step}: no rank passed any scores")
-        extras = _EvalExtras.joined([item[3] for item in gathered])
+                _raise_invalid(gathered, step, world_size)
+        if gathered is None:
+            rows_p, rows_t, lengths, extras = proxy, true, {proxy.shape[1]}, _NO_EXTRAS
+        else:
+            rows_p, lengths = _joined([item[1] for item in gathered])
+            rows_t, _ = _joined([item[2] for item in gathered])
+            if not lengths:
+                raise ValueError(f"log_scores at step {step}: no rank passed any scores")
+            extras = _EvalExtras.joined([item[3] for item in gathered])
         if parts is None:
             # The curve and its per-prompt estimates from one sort: the interval and predictions
             # (statistics worker) use the estimates, so no second sort is ever needed.
@@ -1139,6 +1145,9 @@ class _EvalExtras:
         return _EvalExtras(selection, texts, hack_proxy, hack_true)
 
 
+_NO_EXTRAS = _EvalExtras()
+
+
 def _is_selection(proxy: Any) -> bool:
     """Several proxy scores per sample: a mapping of members, or a (K, P, N) array or tensor."""
     return isinstance(proxy, Mapping) or getattr(proxy, "ndim", 0) == 3
@@ -1361,7 +1370,10 @@ def _checked_grid(ns: Any) -> list[int]:
 
 def _check_finite_curve(curve: BonCurve, step: int) -> None:
     """Scores near the float limit make means or SEs overflow to inf: an error, not a curve."""
-    for name in ("true_mean", "proxy_mean", "true_se", "proxy_se"):
+    names = ("true_mean", "proxy_mean", "true_se", "proxy_se")
+    if not np.isinf(np.concatenate([getattr(curve, name) for name in names])).any():
+        return  # one check of all four (on the training thread)
+    for name in names:
         values = getattr(curve, name)
         if np.isinf(values).any():
             raise ValueError(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 import uuid
@@ -96,16 +97,26 @@ _string = json.encoder.encode_basestring_ascii  # json.dumps' own (ensure_ascii,
 
 def _float(value: float) -> str:
     """A float as json.dumps writes it (allow_nan)."""
-    value = float(value)
-    if value != value:
-        return "NaN"
-    if value in (float("inf"), float("-inf")):
-        return "Infinity" if value > 0 else "-Infinity"
-    return repr(value)
+    if math.isfinite(value):
+        return repr(value)
+    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
 
 
-def _ints(values: np.ndarray) -> str:
-    return ",".join(map(str, values.tolist()))
+_grid_text: tuple[bytes, bytes, str] = (b"", b"", "")  # the last curve's n and n_prompts, formatted
+
+
+def _grid_json(curve: Any) -> str:
+    """``"n":[...],"n_prompts":[...]`` of ``curve``: formatted once while they stay the same
+    (every eval of a run, usually), else again."""
+    global _grid_text
+    n, counts = curve.n.tobytes(), curve.n_prompts.tobytes()
+    last = _grid_text
+    if n != last[0] or counts != last[1]:
+        text = (
+            f'"n":[{",".join(map(str, curve.n.tolist()))}],"n_prompts":[{",".join(map(str, curve.n_prompts.tolist()))}]'
+        )
+        last = _grid_text = (n, counts, text)  # one tuple, replaced whole: safe from any thread
+    return last[2]
 
 
 def _curve_only_body(entry: Entry) -> bytes | None:
@@ -129,9 +140,10 @@ def _curve_only_body(entry: Entry) -> bytes | None:
     ):
         return None
     curve, policy = record.curve, record.policy
-    packed = np.concatenate([getattr(curve, name) for name in PACKED_CURVE_FIELDS]).astype("<f8").tobytes().hex()
+    columns = (curve.kl, curve.kl_bound, curve.true_mean, curve.true_se, curve.proxy_mean, curve.proxy_se)
+    packed = np.concatenate(columns, dtype="<f8").tobytes().hex()  # PACKED_CURVE_FIELDS, in order
     width = 16 * len(curve.n)
-    arrays = ",".join(f'"{name}":"{packed[i * width : (i + 1) * width]}"' for i, name in enumerate(PACKED_CURVE_FIELDS))
+    arrays = _PACKED_TEMPLATE % tuple(packed[i : i + width] for i in range(0, 6 * width, width))
     policy_text = (
         "null"
         if policy is None
@@ -139,8 +151,7 @@ def _curve_only_body(entry: Entry) -> bytes | None:
         f'"proxy_mean":{_float(policy.proxy_mean)}}}'
     )
     return (
-        f'{{"seq":{int(entry.seq)},"record":{{"step":{int(record.step)},"curve":{{"n":[{_ints(curve.n)}],'
-        f'"n_prompts":[{_ints(curve.n_prompts)}],"N":{int(curve.N)},'
+        f'{{"seq":{int(entry.seq)},"record":{{"step":{int(record.step)},"curve":{{{_grid_json(curve)},"N":{int(curve.N)},'
         f'"has_ties":{"true" if curve.has_ties else "false"}}},"goodhart":null,"policy":{policy_text},'
         f'"context":{_encode(record.context) if record.context else "{}"},'
         f'"key_prefix":{_string(record.key_prefix)},"timestamp":{_float(record.timestamp)},'
@@ -152,6 +163,7 @@ def _curve_only_body(entry: Entry) -> bytes | None:
 
 # The curve's float arrays, packed as hex in a line (see the module docstring).
 PACKED_CURVE_FIELDS = ("kl", "kl_bound", "true_mean", "true_se", "proxy_mean", "proxy_se")
+_PACKED_TEMPLATE = ",".join(f'"{name}":"%s"' for name in PACKED_CURVE_FIELDS)
 
 
 def _packed(values: np.ndarray) -> str:
