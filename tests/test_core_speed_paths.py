@@ -135,6 +135,40 @@ def test_the_trackers_parts_are_views_of_the_same_numbers_and_the_public_ones_ro
         np.testing.assert_allclose(fast.true[rows], want, rtol=1e-12, atol=1e-12)
 
 
+def test_sorted_scores_are_lent_for_one_tie_free_block_and_give_the_same_agreement(rng):
+    """finite_curve_parts(lend_sorted=True): one block without a tie in the proxy comes with each
+    prompt's samples sorted by proxy, the true scores exactly the input's in that order;
+    topq_agreement of them best first is the input's bit for bit (true ties included); no loan with
+    a tie, several blocks or a level-counted block; given back, two buffers take turns."""
+    from bon_tracker.core import topq_agreement
+    from bon_tracker.core.curve import finite_curve_parts
+
+    P, N = 700, 48
+    proxy, true = rng.normal(size=(P, N)), np.round(rng.normal(size=(P, N)), 1)  # true ties
+    lent = finite_curve_parts(proxy, true, lend_sorted=True).sorted
+    assert lent is not None and (np.diff(lent.proxy, axis=1) > 0).all()
+    order = np.argsort(proxy, axis=1)
+    np.testing.assert_array_equal(lent.proxy, np.take_along_axis(proxy, order, axis=1))
+    np.testing.assert_array_equal(lent.true, np.take_along_axis(true, order, axis=1))
+    assert topq_agreement(lent.proxy[:, ::-1], lent.true[:, ::-1]) == topq_agreement(proxy, true)
+    assert finite_curve_parts(proxy, true).sorted is None  # only when asked
+    tied = proxy.copy()
+    tied[5, 3] = tied[5, 7]
+    assert finite_curve_parts(tied, true, lend_sorted=True).sorted is None
+    big = rng.normal(size=(9000, 64))  # several blocks
+    assert finite_curve_parts(big, big, lend_sorted=True).sorted is None
+    levels = np.round(rng.random((P, N)) * 3)  # few proxy levels: counted, not sorted
+    assert finite_curve_parts(levels, true, lend_sorted=True).sorted is None
+    lent.give_back()
+    seen = set()
+    for _ in range(6):
+        again = finite_curve_parts(proxy, true, lend_sorted=True).sorted
+        np.testing.assert_array_equal(again.true, np.take_along_axis(true, order, axis=1))
+        seen.add(id(again.buffer))
+        again.give_back()
+    assert len(seen) <= 2
+
+
 def test_parts_follow_the_grid_as_given(rng):
     proxy, true = rng.normal(size=(30, 16)), rng.normal(size=(30, 16))
     ns = [16, 3, 1, 3, 8]  # unsorted, with a repeat: columns in this order, as bon_estimate's

@@ -72,6 +72,38 @@ def test_the_statistics_run_off_the_training_thread_and_the_records_equal_a_dire
         assert set(record.alert_states) == {"policy_true_falls", "bon_true_falls", "goodhart_kl", "headroom_shrinks"}
 
 
+def test_the_sorted_scores_lent_to_the_worker_survive_the_callers_next_curves_and_changes(tmp_path, monkeypatch):
+    """Without a tie in the proxy the worker reads the curve's own sorted copy (no copy of the input):
+    the caller filling its arrays and ranking more scores of the same shape on the same thread while
+    the worker waits changes nothing; with ties (no loan) the record is the same as computed directly."""
+    from bon_tracker.core.curve import finite_curve_parts
+
+    gate = _Gate(monkeypatch, hold=True)
+    proxy, true = _scores(4, prompts=300, samples=32)
+    tied_proxy = np.round(proxy)  # ties in every prompt: the worker gets a copy instead
+    assert finite_curve_parts(proxy, true, lend_sorted=True).sorted is not None
+    assert finite_curve_parts(tied_proxy, true, lend_sorted=True).sorted is None
+    originals = [(proxy.copy(), true.copy()), (tied_proxy.copy(), true.copy())]
+    tracker = BonTracker("local", root=tmp_path / "runs", run_name="lent", charts=False, spool_dir=tmp_path)
+    tracker.log_scores(0, proxy, true)
+    rng = np.random.default_rng(9)
+    for _ in range(3):  # the same ranker, the same shape: it must not write the lent buffer
+        bon_curve(rng.normal(size=proxy.shape), rng.normal(size=proxy.shape))
+    proxy.fill(1.0)
+    true.fill(-1.0)
+    gate.open.set()
+    assert tracker.wait(30)
+    tracker.log_scores(1, tied_proxy, originals[1][1])
+    tracker.finish(30)
+    records = read_records(tmp_path / "runs" / "lent")
+    assert [r.step for r in records] == [0, 1]
+    for record, (p, t) in zip(records, originals):
+        curve, stats, _ = _expected(p, t)
+        assert record.curve.to_dict() == curve.to_dict()
+        assert record.agreement == stats.agreement and record.agreement is not None
+        assert record.interval == stats.interval and record.predictions == stats.predictions
+
+
 def test_scores_the_caller_changes_after_log_scores_do_not_change_the_record(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     gate = _Gate(monkeypatch, hold=True)  # the worker computes only after the caller changed everything
@@ -225,6 +257,8 @@ def test_the_worker_reads_copies_in_reused_buffers_that_the_caller_cannot_change
     log_scores changes no record, and every eval of one size shares one bootstrap draw."""
     gate = _Gate(monkeypatch, hold=True)  # each eval's statistics run only after the caller refilled its arrays
     evals = [_scores(seed, prompts=1100, shift=0.1 * seed) for seed in range(4)]  # 138 KiB a matrix: kept
+    for p, _ in evals:
+        p[0, 1] = p[0, 0]  # a tie in the proxy: the curve's sorted copy is not lent, the scores are copied
     proxy, true = (np.empty_like(a) for a in evals[0])  # the caller's buffers, refilled every eval
     tracker = BonTracker("local", root=tmp_path / "runs", run_name="reuse", charts=False, spool_dir=tmp_path)
     used = []

@@ -18,7 +18,14 @@ from bon_tracker.core.accumulator import (
 )
 from bon_tracker.core.kl import KlMode, _discrete_kl_sorted, check_kl_mode, counted_level_kl
 from bon_tracker.core.levels import LevelCounts, LevelWeights, concat_level_counts, count_levels, same_array
-from bon_tracker.core.ranking import NonFiniteInput, block_rows, blocks_by_length, dense_blocks, thread_ranker
+from bon_tracker.core.ranking import (
+    BlockRanker,
+    NonFiniteInput,
+    block_rows,
+    blocks_by_length,
+    dense_blocks,
+    thread_ranker,
+)
 from bon_tracker.core.threads import BlasTurns, map_in_order, single_threaded_blas, thread_count
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores, sample_counts
 from bon_tracker.core.weights import MANY_NS, ScanWeights, TailWeights, rank_weights
@@ -251,10 +258,19 @@ def curve_stats(
 
 
 def _pass_over_groups(
-    groups, P: int, n_arr: np.ndarray, kl_mode: KlMode, workers: int, check_finite: bool, stats: bool, keep: bool
+    groups,
+    P: int,
+    n_arr: np.ndarray,
+    kl_mode: KlMode,
+    workers: int,
+    check_finite: bool,
+    stats: bool,
+    keep: bool,
+    lend: list | None = None,
 ) -> tuple[CurveStats | None, PromptEstimates | None]:
     """Statistics (merged in order) and per-prompt estimates of groups ``(prompts, proxy, true)``,
-    each a dense ``(rows, N)`` pair (``prompts``: their indices among the ``P``, None for all)."""
+    each a dense ``(rows, N)`` pair (``prompts``: their indices among the ``P``, None for all).
+    ``lend``: see :func:`_group_stats`."""
     grid = np.asarray(n_arr, dtype=np.int64)
     if np.any(grid[1:] <= grid[:-1]):
         grid = np.unique(grid)
@@ -269,7 +285,8 @@ def _pass_over_groups(
         turns = BlasTurns(needed=workers > 1 and not limited)
         for prompts, p, t in groups:
             out = None if estimates is None else _GroupOut(estimates, prompts)
-            for part in _group_stats(p, t, grid, kl_mode, workers, turns, check_finite, stats=stats, out=out):
+            parts = _group_stats(p, t, grid, kl_mode, workers, turns, check_finite, stats=stats, out=out, lend=lend)
+            for part in parts:
                 total = part if total is None else merge_curve_stats(total, part)
     if stats and (total is None or not np.array_equal(total.n, grid)):
         total = merge_curve_stats(empty_curve_stats(grid), total or empty_curve_stats(grid))
@@ -287,10 +304,15 @@ def _counted(p: np.ndarray, t: np.ndarray, same: bool, check_finite: bool, with_
     return counts
 
 
-def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite, *, stats: bool = True, out: _GroupOut | None):
+def _group_stats(
+    p, t, grid, kl_mode, workers, turns, check_finite, *, stats: bool = True, out: _GroupOut | None, lend=None
+):
     """One dense group, block by block in order: each block's :class:`CurveStats` (``stats``),
     and its per-prompt estimates into ``out``. Without ``stats`` only ``t`` is estimated and
-    nothing is yielded."""
+    nothing is yielded. ``lend`` (a list): when the group is one block, sorted and without a tie
+    in the proxy, ``(ranker, stacked buffer)`` is appended to it: the buffer (lent by the ranker,
+    :meth:`~bon_tracker.core.ranking.BlockRanker.lend_stacked`) holds each prompt's samples
+    sorted by proxy, the true scores in rows ``:P``, the proxies in rows ``P:2P``."""
     P, N = p.shape
     cols = grid[grid <= N]
     if len(cols) == 0:
@@ -359,7 +381,10 @@ def _group_stats(p, t, grid, kl_mode, workers, turns, check_finite, *, stats: bo
                 by_n = weights.apply_by_n(stacked, out=ranker.product_buffer(len(cols), scores * m))
             if check_after and not np.isfinite(np.add.reduce(by_n[0])):
                 raise NonFiniteInput  # a non-finite proxy or score, or finite ones whose sum overflows
-        return from_sorted(ranked, by_n, rows)
+        part = from_sorted(ranked, by_n, rows)
+        if lend is not None and m == P and len(ranked.tied) == 0:
+            lend.append((ranker, ranker.lend_stacked()))  # the last use of this block's buffer
+        return part
 
     def work(blocks: list[slice]) -> list[CurveStats]:
         """Each block counted by level or sorted; consecutive counted blocks share one reduction."""
@@ -507,15 +532,32 @@ def bon_curve(
     return curve_stats_compute(stats, n_arr, kl_mode=kl_mode)
 
 
+class SortedScores(NamedTuple):
+    """Each prompt's samples sorted by proxy (ascending; no prompt has a tie in it), lent by the
+    curve's own ranker (:func:`finite_curve_parts` with ``lend_sorted``): read them, then
+    :meth:`give_back` the buffer (from any thread) so that later calls reuse it."""
+
+    proxy: np.ndarray  # (P, N), each row ascending
+    true: np.ndarray  # (P, N): the true scores in the same order (exact: no tie was averaged)
+    ranker: BlockRanker
+    buffer: np.ndarray
+
+    def give_back(self) -> None:
+        self.ranker.give_back(self.buffer)
+
+
 class CurveParts(NamedTuple):
     """A curve and the per-prompt estimates it averages (:func:`bon_curve_parts`)."""
 
     curve: BonCurve
     true: np.ndarray  # (P, len(curve.n)): each prompt's estimate of E[true of best-of-n], NaN where N_p < n
     proxy: np.ndarray  # (P, len(curve.n)): the same for the proxy score
+    sorted: SortedScores | None = None  # finite_curve_parts(..., lend_sorted=True) only
 
 
-def finite_curve_parts(proxy: np.ndarray, true: np.ndarray, ns: object | None = None) -> CurveParts | None:
+def finite_curve_parts(
+    proxy: np.ndarray, true: np.ndarray, ns: object | None = None, *, lend_sorted: bool = False
+) -> CurveParts | None:
     """:func:`bon_curve_parts` of two ``(P, N)`` float64 matrices of one shape that have not been
     checked for NaN or inf: None when a value is not finite (or their sum overflows), so that a
     caller that validates anyway (the tracker) reads its scores once, not twice.
@@ -523,19 +565,38 @@ def finite_curve_parts(proxy: np.ndarray, true: np.ndarray, ns: object | None = 
     The curve and estimates are those of :func:`bon_curve_parts` (the same pass): the blocks
     find non-finite values on the way, at no extra cost. The estimates are views of one buffer
     held by n (column-major): made C-contiguous by whoever needs them so, off the caller's thread.
+
+    ``lend_sorted``: where the input was ranked as one block without a tie in the proxy, the
+    sorted samples come with the parts (``parts.sorted``, :class:`SortedScores`), lent by the
+    ranker rather than copied: a caller that must keep the scores past its return (the tracker's
+    worker) takes them instead of a copy of the input.
     """
     dense = _dense_input(proxy, true)
     if dense is None or dense[2]:
         raise ValueError("finite_curve_parts takes two (P, N) float64 matrices of one shape")
     p, t, _ = dense
     n_arr = default_ns(p.shape[1]) if ns is None else check_ns(ns, p.shape[1])[0]
+    lent: list = []
     try:
         stats, estimates = _pass_over_groups(
-            [(None, p, t)], p.shape[0], n_arr, "auto", thread_count(None), True, True, True
+            [(None, p, t)],
+            p.shape[0],
+            n_arr,
+            "auto",
+            thread_count(None),
+            True,
+            True,
+            True,
+            lent if lend_sorted else None,
         )
     except NonFiniteInput:
         return None
-    return _curve_parts(stats, estimates, n_arr, "auto", contiguous=False)
+    parts = _curve_parts(stats, estimates, n_arr, "auto", contiguous=False)
+    if not lent:
+        return parts
+    ranker, buffer = lent[0]
+    P = p.shape[0]
+    return parts._replace(sorted=SortedScores(buffer[P : 2 * P], buffer[:P], ranker, buffer))
 
 
 def _curve_parts(

@@ -94,6 +94,7 @@ class BlockRanker:
         self.mask = np.int64((1 << self.bits) - 1)
         self.steps_down = np.empty((self.rows, self.N), dtype=bool)
         self.stacked = np.empty((2 * self.rows, self.N), dtype=np.float64)
+        self._spares: list[np.ndarray] = []  # stacked buffers lent out and given back (see lend_stacked)
         self._products: np.ndarray | None = None  # see product_buffer
 
     def product_buffer(self, n_cols: int, rows: int) -> np.ndarray:
@@ -108,6 +109,19 @@ class BlockRanker:
         if self._products is None or self._products.size < size:
             self._products = np.empty(size)
         return self._products[:size].reshape(n_cols, rows)
+
+    def lend_stacked(self) -> np.ndarray:
+        """Hand over the stacked buffer of the last block (its sorted rows stay as they are: the
+        ranker never writes it again) and rank the next blocks into a spare one, given back by an
+        earlier borrower (:meth:`give_back`, from any thread), else a fresh one."""
+        lent = self.stacked
+        self.stacked = self._spares.pop() if self._spares else np.empty_like(lent)
+        return lent
+
+    def give_back(self, buffer: np.ndarray) -> None:
+        """Take back a buffer :meth:`lend_stacked` handed over (its borrower is done with it)."""
+        if buffer.shape == self.stacked.shape and len(self._spares) < 2:
+            self._spares.append(buffer)  # one append (atomic): the owning thread may pop meanwhile
 
     def order(self, proxy: np.ndarray, *, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``(flat order, sorted proxy)`` of a C-contiguous ``(m, N)`` block, ``m <= rows``.

@@ -485,7 +485,10 @@ class BonTracker:
 
         parts = None
         if unchecked:
-            parts = finite_curve_parts(proxy, true, ns=self._grid({proxy.shape[1]}))
+            # The worker reads these scores for the agreement only: the curve's ranker lends it its
+            # sorted copy where it made one (one block, no tie in the proxy) instead of a new copy.
+            lend = not self._selection_reads_scores(_NO_EXTRAS) and proxy.shape[0] <= MAX_AGREEMENT_PROMPTS
+            parts = finite_curve_parts(proxy, true, ns=self._grid({proxy.shape[1]}), lend_sorted=lend)
             if parts is None:  # a NaN or inf: validated in full, for its error or nan_policy="omit"
                 gathered = [self._validated_local(proxy, true, texts)]
                 _raise_invalid(gathered, step, world_size)
@@ -514,7 +517,13 @@ class BonTracker:
             fit=False,  # the fit and every other statistic: off this thread (_complete_eval)
         )
 
-        worker_p, worker_t, pooled = self._worker_scores(rows_p, rows_t, proxy, true, extras)
+        lent = parts.sorted  # lent only when the worker reads the scores for the agreement alone
+        if lent is not None:
+            # Best first, as topq_agreement orders them: the very arrays it sorts the input into
+            # (no prompt has a tie in the proxy), so the agreement is the same, bit for bit.
+            worker_p, worker_t, pooled = lent.proxy[:, ::-1], lent.true[:, ::-1], []
+        else:
+            worker_p, worker_t, pooled = self._worker_scores(rows_p, rows_t, proxy, true, extras)
 
         def complete(curve_only: EvalRecord) -> tuple[EvalRecord, list]:
             per_prompt = (parts.true, parts.proxy)
@@ -522,6 +531,8 @@ class BonTracker:
                 return self._complete_eval(curve_only, worker_p, worker_t, policy_kl, extras, per_prompt)
             finally:
                 self._copies.give_back(pooled)  # nothing of the statistics keeps a view of them
+                if lent is not None:
+                    lent.give_back()
 
         self._log(record, complete)
         return curve
@@ -534,7 +545,7 @@ class BonTracker:
         input past ``MAX_AGREEMENT_PROMPTS`` prompts) only the agreement's prompts; the interval
         and predictions use the per-prompt estimates of the curve's own sort. Third: the copies
         taken from ``self._copies``, to give back once the worker is done with them."""
-        selection = self._selection is not None and not (self._selection_auto and extras.selection is None)
+        selection = self._selection_reads_scores(extras)
         if not selection and isinstance(p, np.ndarray) and p.shape[0] > MAX_AGREEMENT_PROMPTS:
             rows = agreement_rows(p.shape[0])
             return p[rows], t[rows], []  # fancy indexing copies
@@ -549,6 +560,10 @@ class BonTracker:
                 worker.append(self._copies.copy(scores))
                 pooled.append(worker[-1])
         return worker[0], worker[1], pooled
+
+    def _selection_reads_scores(self, extras: _EvalExtras) -> bool:
+        """The selection statistics run on this eval (so the worker reads all of its scores)."""
+        return self._selection is not None and not (self._selection_auto and extras.selection is None)
 
     def log_record(self, record: EvalRecord) -> bool:
         """Log an already computed :class:`EvalRecord` (e.g. built from a score file).
