@@ -82,3 +82,15 @@ def test_integrations_ship_inside_the_built_wheel(tmp_path):
         cwd=tmp_path,
     )
     assert out.stdout.strip().startswith(str(site))
+
+
+def test_the_installed_version_is_the_packages_own():
+    """One version: pyproject reads it from bon_tracker/version.py, as the CHANGELOG's current section names it."""
+    import importlib.metadata
+    import re
+
+    import bon_tracker
+
+    assert importlib.metadata.version("bon-tracker") == bon_tracker.__version__
+    heading = re.search(r"^## (\S+)", (Path(__file__).parent.parent / "CHANGELOG.md").read_text(), re.M)
+    assert heading is not None and bon_tracker.__version__.startswith(heading.group(1))
