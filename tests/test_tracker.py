@@ -307,6 +307,40 @@ def test_a_configuration_error_at_first_contact_stops_delivery_loudly_and_keeps_
     assert [e.record.step for e in WriteAheadLog(tracker.wal_path).pending() if e.record] == [5]
 
 
+def test_delivery_is_seen_stopped_only_once_its_configuration_error_is_logged(tmp_path, rng):
+    """flush() returns on a configuration error only after the error's message is out: a slow log
+    handler (here 0.5 s per record) never lets a caller see the stop without the reason."""
+    from bon_tracker.optional import MissingDependencyError
+
+    class NotInstalled(Backend):
+        name = "not-installed"
+
+        def log_eval(self, record):
+            raise MissingDependencyError("pip install 'bon-tracker[x]'")
+
+    class SlowHandler(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.ERROR)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            time.sleep(0.5)
+            self.messages.append(record.getMessage())
+
+    handler = SlowHandler()
+    log = logging.getLogger("bon_tracker")
+    log.addHandler(handler)
+    try:
+        tracker = BonTracker(NotInstalled(), spool_dir=tmp_path)
+        tracker.log_scores(5, *_scores(rng))
+        assert tracker.flush(timeout=10) is False
+        assert tracker.delivery_stats.config_error is not None
+        assert any("not set up correctly" in m for m in handler.messages)
+        tracker.finish(timeout=1)
+    finally:
+        log.removeHandler(handler)
+
+
 def test_a_configuration_error_found_without_the_network_raises_at_construction(tmp_path):
     from bon_tracker.backends import ConfigurationError
 

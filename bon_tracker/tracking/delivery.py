@@ -219,7 +219,6 @@ class Delivery:
                 self._dead_letter(entry, text)
                 return "dead"
             if kind == "config":
-                self.stats.config_error = text
                 logger.error(
                     "bon_tracker: the %s backend is not set up correctly (%s). Nothing more is sent; "
                     "every record is kept in %s. Fix the setup, then run: bon-tracker sync %s",
@@ -228,6 +227,9 @@ class Delivery:
                     self.wal.path,
                     self.wal.path,
                 )
+                # Set once the error is reported: whoever sees delivery stopped (drain, flush) finds
+                # the message already logged.
+                self.stats.config_error = text
                 return "stop"
             if not self._failing:
                 logger.warning(
