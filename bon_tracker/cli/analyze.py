@@ -391,8 +391,10 @@ class _StepEstimates:
             lo, hi = np.searchsorted(self.picks, [self.count, self.count + k])
             rows = self.picks[lo:hi] - self.count
         if len(self.lengths) == 1:  # agreement needs one N: kept only while every prompt has it
-            self.agree_proxy.append(np.array(proxy[rows]))
-            self.agree_true.append(np.array(true[rows]))
+            # Copies (the batch these view is freed): an index array's rows are one already.
+            keep = (lambda a: a[rows]) if isinstance(rows, np.ndarray) else np.array
+            self.agree_proxy.append(keep(proxy))
+            self.agree_true.append(keep(true))
         else:
             self.agree_proxy, self.agree_true = [], []
         self.count += k
@@ -451,8 +453,7 @@ class _StepEstimates:
             self._select()
         self._flush()
         G = len(self.grid)
-        true_pp = np.concatenate(self.true_parts) if self.true_parts else np.empty((0, G))
-        proxy_pp = np.concatenate(self.proxy_parts) if self.proxy_parts else np.empty((0, G))
+        true_pp, proxy_pp = _joined_rows(self.true_parts, G), _joined_rows(self.proxy_parts, G)
         agreement = None
         if len(self.lengths) == 1 and self.agree_proxy:
             try:
@@ -462,6 +463,13 @@ class _StepEstimates:
         self.true_parts, self.proxy_parts, self.agree_proxy, self.agree_true = [], [], [], []
         self._result = (true_pp, proxy_pp, agreement)
         return self._result
+
+
+def _joined_rows(parts: list[np.ndarray], width: int) -> np.ndarray:
+    """The parts' rows as one array (one part as it is: the step's own, not copied again)."""
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.empty((0, width))
 
 
 def _segments(batch: ScoreBatch) -> tuple[np.ndarray, np.ndarray]:
