@@ -27,7 +27,7 @@ import numpy as np
 
 from bon_tracker.backends import BACKENDS, Backend, make_backend
 from bon_tracker.core import Alert, AlertRules, BonCurve, bon_curve_parts
-from bon_tracker.core.curve import finite_curve_parts
+from bon_tracker.core.curve import SortedScores, finite_curve_parts
 from bon_tracker.core.uncertainty import BootstrapDraws
 from bon_tracker.core.validation import NanPolicy, check_nan_policy, check_ns, paired_scores, plain_float64_matrices
 from bon_tracker.files import atomic_write_text
@@ -517,40 +517,37 @@ class BonTracker:
             fit=False,  # the fit and every other statistic: off this thread (_complete_eval)
         )
 
-        lent = parts.sorted  # lent only when the worker reads the scores for the agreement alone
-        if lent is not None:
-            # Best first, as topq_agreement orders them: the very arrays it sorts the input into
-            # (no prompt has a tie in the proxy), so the agreement is the same, bit for bit.
-            worker_p, worker_t, pooled = lent.proxy[:, ::-1], lent.true[:, ::-1], []
-        else:
-            worker_p, worker_t, pooled = self._worker_scores(rows_p, rows_t, proxy, true, extras)
+        worker_p, worker_t, release = self._worker_scores(rows_p, rows_t, proxy, true, extras, parts.sorted)
 
         def complete(curve_only: EvalRecord) -> tuple[EvalRecord, list]:
             per_prompt = (parts.true, parts.proxy)
             try:
                 return self._complete_eval(curve_only, worker_p, worker_t, policy_kl, extras, per_prompt)
             finally:
-                self._copies.give_back(pooled)  # nothing of the statistics keeps a view of them
-                if lent is not None:
-                    lent.give_back()
+                release()  # nothing of the statistics keeps a view of the scores
 
         self._log(record, complete)
         return curve
 
     def _worker_scores(
-        self, p: Any, t: Any, given_p: Any, given_t: Any, extras: _EvalExtras
-    ) -> tuple[Any, Any, list[np.ndarray]]:
+        self, p: Any, t: Any, given_p: Any, given_t: Any, extras: _EvalExtras, lent: SortedScores | None = None
+    ) -> tuple[Any, Any, Callable[[], None]]:
         """The scores the statistics worker reads after log_scores returned, where the caller
         cannot change them: all of them when the selection statistics need them, else (dense
         input past ``MAX_AGREEMENT_PROMPTS`` prompts) only the agreement's prompts; the interval
-        and predictions use the per-prompt estimates of the curve's own sort. Third: the copies
-        taken from ``self._copies``, to give back once the worker is done with them."""
+        and predictions use the per-prompt estimates of the curve's own sort. ``lent``: the
+        curve's own sorted copy (lent only when the worker reads the scores for the agreement
+        alone), read instead of a copy. Third: what gives back the buffers once the worker is done."""
+        if lent is not None:
+            # Best first, as topq_agreement orders them: the very arrays it sorts the input into
+            # (no prompt has a tie in the proxy), so the agreement is the same, bit for bit.
+            return lent.proxy[:, ::-1], lent.true[:, ::-1], lent.give_back
         selection = self._selection_reads_scores(extras)
         if not selection and isinstance(p, np.ndarray) and p.shape[0] > MAX_AGREEMENT_PROMPTS:
             rows = agreement_rows(p.shape[0])
-            return p[rows], t[rows], []  # fancy indexing copies
+            return p[rows], t[rows], _nothing  # fancy indexing copies
         if selection or not isinstance(p, np.ndarray):
-            return _private(p, given_p), _private(t, given_t), []
+            return _private(p, given_p), _private(t, given_t), _nothing
         pooled: list[np.ndarray] = []
         worker = []
         for scores, given in ((p, given_p), (t, given_t)):
@@ -559,7 +556,7 @@ class BonTracker:
             else:
                 worker.append(self._copies.copy(scores))
                 pooled.append(worker[-1])
-        return worker[0], worker[1], pooled
+        return worker[0], worker[1], lambda: self._copies.give_back(pooled)
 
     def _selection_reads_scores(self, extras: _EvalExtras) -> bool:
         """The selection statistics run on this eval (so the worker reads all of its scores)."""
@@ -1161,6 +1158,10 @@ class _EvalExtras:
 
 
 _NO_EXTRAS = _EvalExtras()
+
+
+def _nothing() -> None:
+    """Nothing to give back (the worker's scores are its own)."""
 
 
 def _is_selection(proxy: Any) -> bool:

@@ -140,8 +140,7 @@ def _curve_only_body(entry: Entry) -> bytes | None:
     ):
         return None
     curve, policy = record.curve, record.policy
-    columns = (curve.kl, curve.kl_bound, curve.true_mean, curve.true_se, curve.proxy_mean, curve.proxy_se)
-    packed = np.concatenate(columns, dtype="<f8").tobytes().hex()  # PACKED_CURVE_FIELDS, in order
+    packed = np.concatenate([getattr(curve, name) for name in PACKED_CURVE_FIELDS], dtype="<f8").tobytes().hex()
     width = 16 * len(curve.n)
     arrays = _PACKED_TEMPLATE % tuple(packed[i : i + width] for i in range(0, 6 * width, width))
     policy_text = (
