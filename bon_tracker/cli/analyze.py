@@ -88,7 +88,7 @@ from bon_tracker.cli.common import (
 from bon_tracker.core import BonCurve, TopAgreement, bon_curve, topq_agreement
 from bon_tracker.core.selection import DEFAULT_UWO_LAMBDA, aggregate_members, check_rules, rule_scores, selection_input
 from bon_tracker.core.selection_stats import SelectionStatistics, compute_selection_statistics
-from bon_tracker.core.threads import thread_count
+from bon_tracker.core.threads import single_threaded_blas, thread_count
 from bon_tracker.core.uncertainty import BootstrapDraws
 from bon_tracker.files import atomic_write_text
 from bon_tracker.optional import MissingDependencyError
@@ -1125,6 +1125,10 @@ def _input_files(args: argparse.Namespace) -> tuple[list[Path], Callable[..., It
     return files, reader
 
 
+# BLAS held to one thread for the whole command: its own threads (the core's, the statistics
+# workers, the reader) keep the cores busy, and OpenBLAS's threads spin between products (on two
+# cores that doubled the statistics' CPU time); inside, products give the same bits on every machine.
+@single_threaded_blas()
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from bon_tracker.analysis.grouping import curves_from_batches
     from bon_tracker.backends.local import default_root
