@@ -70,7 +70,7 @@ def test_resampled_means_equal_brute_force_over_the_same_draws():
     )
 
 
-@pytest.mark.parametrize(("P", "B"), [(3000, 50), (70_000, 3), (7, 10_000), (1, 4)])
+@pytest.mark.parametrize(("P", "B"), [(3000, 50), (50_000, 20), (70_000, 3), (7, 10_000), (1, 4)])
 def test_resampling_in_blocks_of_resamples_is_the_whole_gather(P, B):
     """Means gathered a few resamples at a time (and counts bincounted so) are, to the bit, those of
     the whole (B, P) gather and of one bincount over every cell, from the same single draw (the counts
@@ -87,6 +87,21 @@ def test_resampling_in_blocks_of_resamples_is_the_whole_gather(P, B):
     cells = (draws + (np.arange(B) * P)[:, None]).ravel()
     want = np.bincount(cells, minlength=B * P).reshape(B, P).astype(np.float64)
     np.testing.assert_array_equal(prompt_resample_counts(P, B, rng=2), want)
+
+
+@pytest.mark.parametrize("seed", [0, 9, 2**40 + 3])
+def test_uint16_draws_on_whole_arrays_are_numpys_own(seed):
+    """The bootstrap's indices drawn on whole arrays (where numpy's own loop branches on many
+    rejected words) are numpy's to the bit: every rejection rate, both ends of the range, sizes
+    that end inside a block of words and past several."""
+    from bon_tracker.core.uncertainty import _MANY_REJECTED, _lemire_threshold_16, _uint16_integers
+
+    cases = [(1, 5), (2, 999), (3, 7), (1000, 3), (3000, 40), (33_000, 9), (50_000, 7), (65_534, 3), (65_535, 2)]
+    cases += [(40_000, 1), (20_000, 70)]  # 40,000 words: less than one block; 1.4 million: several
+    for P, B in cases:
+        want = np.random.default_rng(seed).integers(0, P, size=(B, P), dtype=np.uint16)
+        np.testing.assert_array_equal(_uint16_integers(seed, P, (B, P)), want, err_msg=f"P={P}, B={B}")
+    assert _lemire_threshold_16(50_000) == 15_536 >= _MANY_REJECTED > _lemire_threshold_16(1000)
 
 
 def test_shared_draws_give_the_same_intervals_and_predictions():
