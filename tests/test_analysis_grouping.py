@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -158,3 +160,65 @@ def test_n_1_and_one_prompt_are_warned_with_an_example_id(rng):
     ]
     _, info = curves_from_batches(batches_of(table(rng, 6, 8), 7, with_run=False))
     assert info["warnings"] == []
+
+
+@pytest.mark.parametrize(("grouped", "ragged"), [(True, False), (True, True), (False, True)])
+def test_chunks_reduced_on_the_reducers_thread_are_merged_in_order_to_the_bit(rng, grouped, ragged, monkeypatch):
+    """The pass hands full chunks to a worker thread and merges them in the order it handed them
+    over: curves, counts and every prompt's estimates are those of reducing each chunk in turn on
+    the pass's own thread (the reducer switched off), bit for bit, with steps peeked at midway."""
+    from bon_tracker.analysis import grouping
+
+    rows = table(rng, 90, rng.integers(3, 40, size=90) if ragged else 24, steps=(0, 10, 20))
+    order = None if grouped else rng.permutation(sum(len(r[3]) for r in rows))
+    threads = []
+    real_submit = grouping._ChunkReducer.submit
+
+    def counted(fn):
+        def run(*args):
+            threads.append(threading.current_thread().name)
+            return fn(*args)
+
+        return run
+
+    def handed_over(self, fn, *args):
+        return real_submit(self, counted(fn), *args)
+
+    real_init = grouping._SizedAccumulator.__init__
+
+    def without_reducer(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.reducer = None  # each chunk reduced and merged at once, on the pass's thread
+
+    def one_pass(reducer: bool):
+        accumulators: dict = {}
+        with monkeypatch.context() as patch:
+            patch.setattr(grouping._ChunkReducer, "submit", handed_over)
+            if not reducer:
+                patch.setattr(grouping._SizedAccumulator, "__init__", without_reducer)
+            curves, info = curves_from_batches(
+                batches_of(rows, 37, with_run=False, order=order),
+                chunk_samples=64,
+                accumulators=accumulators if grouped else None,
+            )
+        kept = {key: acc.estimates_on(curves[None][key[1]].n) for key, acc in accumulators.items()}
+        return curves, info, kept
+
+    with_reducer = one_pass(True)
+    assert len(threads) > 20 and {name.startswith("bon_tracker_curves") for name in threads} == {True}
+    threads.clear()
+    alone = one_pass(False)
+    assert threads == []
+    for step, curve in alone[0][None].items():
+        got = with_reducer[0][None][step]
+        for field in (*FIELDS, "kl_bound", "n"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(curve, field), err_msg=f"{step} {field}")
+    assert with_reducer[1] == alone[1]
+    assert len(alone[2]) == (3 if grouped else 0) and with_reducer[2].keys() == alone[2].keys()
+    for key, estimates in alone[2].items():
+        if ragged:  # prompts on different grids: analyze computes their estimates again
+            assert estimates is None and with_reducer[2][key] is None
+            continue
+        np.testing.assert_array_equal(with_reducer[2][key][0], estimates[0])
+        np.testing.assert_array_equal(with_reducer[2][key][1], estimates[1])
+    check(with_reducer[0], rows)

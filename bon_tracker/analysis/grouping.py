@@ -15,8 +15,10 @@ Parquet one row group, which the file's writer sized):
 
 * **grouped input** (the rows of each prompt at each step are contiguous: sorted
   by step and prompt, or written prompt by prompt), the usual case: the rows of one
-  prompt plus one chunk of ``chunk_samples`` samples (default 2^18, 4 MiB of
-  floats) and the working memory of :func:`~bon_tracker.bon_curve` on it, plus the key
+  prompt plus three chunks of ``chunk_samples`` samples (default 2^18, 4 MiB of
+  floats: the one filling and two handed to the reducer's thread, which sorts them while
+  the pass groups the next rows) and the working memory of :func:`~bon_tracker.bon_curve`
+  on one, plus the key
   of each (run, step, prompt) seen, to notice input that is not grouped after all.
   Prompts complete inside a batch go to the curves as blocks (no Python work per
   prompt). While keys increase (sorted input) they are kept as arrays (16 bytes per
@@ -49,7 +51,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -62,12 +66,49 @@ from bon_tracker.core.accumulator import (
     CurveStats,
     merge_curve_stats,
 )
+from bon_tracker.core.threads import single_threaded_blas
 
 __all__ = ["DEFAULT_CHUNK_SAMPLES", "CurveAccumulator", "curve_warnings", "curves_from_batches"]
 
 logger = logging.getLogger("bon_tracker")
 
 RunSteps = dict[Any, dict[int, BonCurve]]  # run name (None without a run column) -> step -> curve
+
+
+def _done(result: Any) -> Future:
+    done: Future = Future()
+    done.set_result(result)
+    return done
+
+
+class _ChunkReducer:
+    """A worker thread that reduces the accumulators' chunks while the pass goes on grouping the
+    next rows (the pass's thread and the reader's would otherwise leave a core idle between them).
+
+    Each accumulator merges its chunks' results in the order it handed them over, so the
+    statistics and estimates are those of reducing each chunk in turn, to the bit. After
+    :meth:`close` chunks are reduced on the calling thread."""
+
+    IN_FLIGHT = 2  # chunks of one accumulator handed over and not yet merged (what bounds memory)
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self._closed:
+            done: Future = Future()
+            done.set_result(fn(*args))
+            return done
+        if self._pool is None:  # started by the first chunk: a small input never starts it
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="bon_tracker_curves")
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 class _SizedAccumulator(CurveAccumulator):
@@ -78,16 +119,55 @@ class _SizedAccumulator(CurveAccumulator):
     of every prompt, ``rank_and_estimate``) asked to keep the per-prompt estimates it computes on
     the way, and keeps them (``2 x 8`` bytes per prompt and n of the chunk's grid): what
     ``bon-tracker analyze`` would otherwise read the file again to compute (:meth:`estimates_on`).
-    The statistics, hence the curve, are the base class's to the bit."""
+    With a ``reducer`` the chunks are reduced on its thread and merged in order when a result is
+    asked for (and before more than ``IN_FLIGHT`` wait). The statistics, hence the curve, are the
+    base class's to the bit."""
 
-    def __init__(self, ns: Sequence[int] | None, chunk_samples: int, keep_estimates: bool = False):
+    def __init__(
+        self,
+        ns: Sequence[int] | None,
+        chunk_samples: int,
+        keep_estimates: bool = False,
+        reducer: _ChunkReducer | None = None,
+    ):
         super().__init__(ns, chunk_samples=chunk_samples)
         self.min_samples: int | None = None
         self.example: Any = None
         self.keep_estimates = keep_estimates
+        self.reducer = reducer
+        self._in_flight: deque[Future] = deque()  # chunks handed to the reducer, in order, not yet merged
         # Per chunk, in order: (largest N, prompts, chunk grid, true (P, G) or None, proxy (P, G) or None).
         self.estimate_parts: list[tuple[int, int, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
         self._peeked: tuple[tuple[int, ...], CurveStats, tuple] | None = None  # the pending chunk's reduction
+
+    @property
+    def stats(self) -> CurveStats:
+        self._flush()
+        self._merge_in_flight()
+        return self._stats
+
+    @property
+    def N(self) -> int:
+        self._merge_in_flight()
+        return super().N
+
+    @property
+    def n_prompts(self) -> int:
+        self._merge_in_flight()
+        return super().n_prompts
+
+    @property
+    def n_samples(self) -> int:
+        self._merge_in_flight()
+        return super().n_samples
+
+    def _merge_in_flight(self, keep: int = 0) -> None:
+        """Merge the chunks handed to the reducer, oldest first, until ``keep`` are left."""
+        while len(self._in_flight) > keep:
+            part, estimates = self._in_flight.popleft().result()
+            self._stats = merge_curve_stats(self._stats, part)
+            if self.keep_estimates:
+                self.estimate_parts.append(estimates)
 
     def _reduce_pending(self) -> tuple[CurveStats, tuple]:
         """The statistics and estimates of the pending prompts, as ``CurveAccumulator._flush``
@@ -101,20 +181,26 @@ class _SizedAccumulator(CurveAccumulator):
         return part, estimates
 
     def _flush(self) -> None:
-        if not self.keep_estimates:
-            super()._flush()
-            return
         if not self._pending_proxy:
             return
-        part, estimates = self._reduce_pending()
+        if self._peeked is not None:  # reduced already by peek_curve (its estimates too)
+            reduced = _done(self._reduce_pending())
+        elif self.reducer is None:
+            reduced = _done(self._reduce(keep=self.keep_estimates))
+        else:
+            self._merge_in_flight(keep=self.reducer.IN_FLIGHT - 1)
+            chunk = (self._pending_proxy, self._pending_true, self._pending_samples, self.keep_estimates)
+            reduced = self.reducer.submit(self._reduce_chunk, *chunk)
+        self._in_flight.append(reduced)
         self._pending_proxy, self._pending_true, self._pending_samples = [], [], 0
         self._peeked = None
-        self._stats = merge_curve_stats(self._stats, part)
-        self.estimate_parts.append(estimates)
+        if self.reducer is None:
+            self._merge_in_flight()
 
     def peek_curve(self) -> BonCurve:
         """The curve :meth:`curve` would give if no more prompts came, without changing what it
         gives later: the pending chunk is reduced now, and that reduction kept for its flush."""
+        self._merge_in_flight()
         if not self._pending_proxy:
             return self.curve()
         part, _ = self._reduce_pending()
@@ -133,6 +219,7 @@ class _SizedAccumulator(CurveAccumulator):
         step's grid up to the chunk's largest N (ragged prompts: the estimates are recomputed).
         Pending prompts count, reduced as :meth:`peek_curve` reduces them (nothing is flushed)."""
         grid = np.asarray(grid, dtype=np.int64)
+        self._merge_in_flight()
         parts = list(self.estimate_parts)
         if self._pending_proxy:
             parts.append(self._reduce_pending()[1])
@@ -482,20 +569,26 @@ def curves_from_batches(
         most is the curve's ``N``), and ``warnings``: the messages also logged (see
         :func:`curve_warnings`).
     """
-    make = lambda: _SizedAccumulator(ns, chunk_samples)  # noqa: E731
-    keeping = lambda: _SizedAccumulator(ns, chunk_samples, keep_estimates=True)  # noqa: E731
-    try:
-        with _closing(open_batches()) as batches:
-            accumulators = _grouped(batches, make if accumulators is None else keeping, accumulators)
-        grouped = True
-    except _NotGrouped as err:
-        if accumulators is not None:
-            accumulators.clear()
-        if on_ungrouped is not None:
-            on_ungrouped(err.args[0])
-        with _closing(open_batches()) as batches:
-            accumulators = _buffered(batches, make)
-        grouped = False
+    reducer = _ChunkReducer()
+    make = lambda: _SizedAccumulator(ns, chunk_samples, reducer=reducer)  # noqa: E731
+    keeping = lambda: _SizedAccumulator(ns, chunk_samples, keep_estimates=True, reducer=reducer)  # noqa: E731
+    # BLAS held to one thread from this thread for the whole pass: the reducer's thread then never
+    # sets it (threadpoolctl lets only one thread set OpenBLAS's count, and the first to try keeps it).
+    with single_threaded_blas(), contextlib.closing(reducer):
+        try:
+            with _closing(open_batches()) as batches:
+                accumulators = _grouped(batches, make if accumulators is None else keeping, accumulators)
+            grouped = True
+        except _NotGrouped as err:
+            if accumulators is not None:
+                accumulators.clear()
+            if on_ungrouped is not None:
+                on_ungrouped(err.args[0])
+            with _closing(open_batches()) as batches:
+                accumulators = _buffered(batches, make)
+            grouped = False
+        for accumulator in accumulators.values():
+            accumulator.stats  # noqa: B018  every chunk reduced and merged before the reducer stops
     out: RunSteps = {}
     first_seen = list(dict.fromkeys(run for run, _ in accumulators))
     for run in first_seen:

@@ -362,9 +362,14 @@ class CurveAccumulator:
         """The statistics of the pending prompts (left pending), from one sort of them; with ``keep``
         also their per-prompt estimates ``(largest N, prompts, grid, true, proxy)``, ``(P, len(grid))``
         each (None, None when they reach no n of the grid)."""
+        return self._reduce_chunk(self._pending_proxy, self._pending_true, self._pending_samples, keep)
+
+    def _reduce_chunk(
+        self, pending_proxy: list[np.ndarray], pending_true: list[np.ndarray], pending_samples: int, keep: bool
+    ) -> tuple[CurveStats, tuple | None]:
+        """:meth:`_reduce` of the prompts given (a chunk taken from the pending ones)."""
         from bon_tracker.core.curve import default_ns, rank_and_estimate
 
-        pending_proxy, pending_true = self._pending_proxy, self._pending_true
         lengths = {p.shape[-1] for p in pending_proxy}
         prompts = sum(1 if p.ndim == 1 else p.shape[0] for p in pending_proxy)
         largest = max(lengths)
@@ -374,7 +379,7 @@ class CurveAccumulator:
             grid = np.array(sorted({n for n in self.ns if n <= largest}), dtype=np.int64)
             if grid.size == 0:  # these prompts have fewer samples than every n of the grid
                 part = CurveStats(**{**empty_curve_stats().__dict__, "N": largest})
-                counted = _with_counts(part, n_samples=self._pending_samples, n_prompts=prompts)
+                counted = _with_counts(part, n_samples=pending_samples, n_prompts=prompts)
                 return counted, ((largest, prompts, grid, None, None) if keep else None)
         if len(pending_proxy) == 1 and pending_proxy[0].ndim == 2:  # one block: as it is
             proxy, true = pending_proxy[0], pending_true[0]
