@@ -223,21 +223,24 @@ class _SizedAccumulator(CurveAccumulator):
         parts = list(self.estimate_parts)
         if self._pending_proxy:
             parts.append(self._reduce_pending()[1])
-        true_parts, proxy_parts = [], []
+        # Written into the step's two matrices at once (no per-chunk matrices joined after).
+        total = sum(prompts for _, prompts, _, _, _ in parts)
+        true_pp, proxy_pp = np.empty((total, len(grid))), np.empty((total, len(grid)))
+        start = 0
         for largest, prompts, chunk_grid, true_est, proxy_est in parts:
-            true_pp = np.full((prompts, len(grid)), np.nan)
-            proxy_pp = np.full((prompts, len(grid)), np.nan)
+            rows = slice(start, start + prompts)
+            start += prompts
             cols = np.flatnonzero(grid <= largest)
+            unusable = true_est is None or proxy_est is None or not np.array_equal(grid[cols], chunk_grid)
+            if cols.size and unusable:
+                return None
+            if cols.size and cols.size == len(grid):  # the usual case: the chunk reaches every n of the step
+                true_pp[rows], proxy_pp[rows] = true_est, proxy_est
+                continue
+            true_pp[rows], proxy_pp[rows] = np.nan, np.nan
             if cols.size:
-                if true_est is None or proxy_est is None or not np.array_equal(grid[cols], chunk_grid):
-                    return None
-                true_pp[:, cols] = true_est
-                proxy_pp[:, cols] = proxy_est
-            true_parts.append(true_pp)
-            proxy_parts.append(proxy_pp)
-        if not true_parts:
-            return np.empty((0, len(grid))), np.empty((0, len(grid)))
-        return np.concatenate(true_parts), np.concatenate(proxy_parts)
+                true_pp[rows, cols], proxy_pp[rows, cols] = true_est, proxy_est
+        return true_pp, proxy_pp
 
     def add_prompt(self, proxy: np.ndarray, true: np.ndarray) -> None:
         if len(proxy):
