@@ -319,7 +319,7 @@ class _StepEstimates:
         # Called once with this step when its last prompt's estimates are in (all n_prompts of them):
         # its interval and predictions can start while the pass reads on.
         self.on_complete: Callable[[_StepEstimates], None] | None = None
-        self._result: tuple[np.ndarray, np.ndarray, TopAgreement | None] | None = None
+        self._result: tuple[np.ndarray, np.ndarray, _AgreementScores | None] | None = None
 
     def add(
         self,
@@ -444,9 +444,9 @@ class _StepEstimates:
         self.true_parts.append(true_pp)
         self.proxy_parts.append(proxy_pp)
 
-    def result(self) -> tuple[np.ndarray, np.ndarray, TopAgreement | None]:
-        """Each prompt's estimates ``(P, G)`` of the true and the proxy score, and the agreement
-        (computed once: the arrays given to the step's statistics, then freed here)."""
+    def result(self) -> tuple[np.ndarray, np.ndarray, _AgreementScores | None]:
+        """Each prompt's estimates ``(P, G)`` of the true and the proxy score, and the scores of the
+        agreement's prompts (once: the arrays given to the step's statistics, then freed here)."""
         if self._result is not None:
             return self._result
         if self.score_parts:  # fewer prompts than the curves' pass counted (never expected)
@@ -456,13 +456,25 @@ class _StepEstimates:
         true_pp, proxy_pp = _joined_rows(self.true_parts, G), _joined_rows(self.proxy_parts, G)
         agreement = None
         if len(self.lengths) == 1 and self.agree_proxy:
-            try:
-                agreement = topq_agreement(np.concatenate(self.agree_proxy), np.concatenate(self.agree_true))
-            except ValueError:  # fewer than 4 samples per prompt
-                agreement = None
+            agreement = _AgreementScores(self.agree_proxy, self.agree_true)
         self.true_parts, self.proxy_parts, self.agree_proxy, self.agree_true = [], [], [], []
         self._result = (true_pp, proxy_pp, agreement)
         return self._result
+
+
+@dataclasses.dataclass(frozen=True)
+class _AgreementScores:
+    """The scores of a step's agreement prompts, in parts in input order: their tail agreement is a
+    job of its own (:class:`_Statistics`), off the pass's thread and beside the step's interval."""
+
+    proxy: list[np.ndarray]
+    true: list[np.ndarray]
+
+    def agreement(self) -> TopAgreement | None:
+        try:
+            return topq_agreement(np.concatenate(self.proxy), np.concatenate(self.true))
+        except ValueError:  # fewer than 4 samples per prompt
+            return None
 
 
 def _joined_rows(parts: list[np.ndarray], width: int) -> np.ndarray:
@@ -677,7 +689,9 @@ class _Statistics:
     def __init__(self, threads: int | None = None):
         workers = thread_count(threads)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bon_tracker_statistics") if workers > 1 else None
-        self._jobs: dict[tuple[Any, int], Future] = {}
+        # Per step: its interval and predictions, and its agreement when that is still to compute
+        # (a job of its own: the last step's two run side by side while the command waits).
+        self._jobs: dict[tuple[Any, int], tuple[Future, Future | None]] = {}
         self._draws = BootstrapDraws()
 
     def close(self) -> None:
@@ -687,13 +701,22 @@ class _Statistics:
         self._draws = BootstrapDraws()
 
     def submit(self, key: tuple[Any, int], curve: BonCurve, estimates: tuple) -> None:
-        """Start the statistics of the step ``key`` from its ``(true_pp, proxy_pp, agreement)``."""
+        """Start the statistics of the step ``key`` from its ``(true_pp, proxy_pp, agreement)``
+        (``agreement``: a :class:`TopAgreement`, None, or the :class:`_AgreementScores` to compute it from)."""
+        true_pp, proxy_pp, agreement = estimates
+        scores = agreement if isinstance(agreement, _AgreementScores) else None
+        given = None if scores is not None else agreement
         if self._pool is not None:
-            self._jobs[key] = self._pool.submit(_guarded_statistics, curve, *estimates, self._draws)
+            job = self._pool.submit(_guarded_statistics, curve, true_pp, proxy_pp, given, self._draws)
+            self._jobs[key] = (job, None if scores is None else self._pool.submit(scores.agreement))
             return
         done: Future = Future()
-        done.set_result(_guarded_statistics(curve, *estimates, self._draws))
-        self._jobs[key] = done
+        done.set_result(_guarded_statistics(curve, true_pp, proxy_pp, given, self._draws))
+        agreed: Future | None = None
+        if scores is not None:
+            agreed = Future()
+            agreed.set_result(scores.agreement())
+        self._jobs[key] = (done, agreed)
 
     def __contains__(self, key: tuple[Any, int]) -> bool:
         return key in self._jobs
@@ -708,10 +731,13 @@ class _Statistics:
         out = {}
         for run, steps in curves.items():
             for step in steps:
-                job = self._jobs.get((run, step))
-                if job is None:
+                jobs = self._jobs.get((run, step))
+                if jobs is None:
                     continue
+                job, agreed = jobs
                 found = job.result()
+                if agreed is not None and not isinstance(found, Exception):
+                    found = dataclasses.replace(found, agreement=agreed.result())
                 if isinstance(found, Exception):
                     where = f"step {step}" + ("" if run is None else f" of run {run!r}")
                     logger.warning(
