@@ -22,17 +22,17 @@ load-everything floor, each in a fresh process, shows that ``analyze`` streams. 
 core's threads (``BON_TRACKER_THREADS``) and pyarrow's CPU pool are pinned to
 ``--threads`` and printed.
 
-Measured on a 2-core machine (numpy 2.4, pyarrow 25, ``--threads 2``, best of 3; three runs here and
-section 5 of bench_core.py): floor 0.20-0.39 s; curves 0.33-0.36 s (0.90-1.66x); analyze without
-charts 0.52-0.55 s (1.39-2.66x: within 2x in two of the four); with charts 1.8-1.9 s (matplotlib,
-about 0.33 s a step). analyze
-reads grouped input once (the curves' own sort gives each prompt's estimates; a step's rows, 50 MiB
-here, are kept until the step is done), draws the bootstrap counts a few resamples at a time, and
-reads flat Parquet in batches of 2^19 rows (at 2^16: 0.69-0.74 s, alternated with it in one
-process). Peak RSS: analyze 512-543 MiB, the floor 829-931 MiB. What remains above 2x is CPU on the
-same two cores (about 1.0-1.2 s of it: the pyarrow decode and conversion on the reader thread, the
-curves on two threads, each step's interval and predictions, the first step's bootstrap draws):
-the statistics fall behind the pass and finish 60-110 ms after it, then the run folder is written.
+Measured on a 2-core machine (numpy 2.4, pyarrow 25, ``--threads 2``, best of 3; six runs here and
+section 5 of bench_core.py): floor 0.15-0.25 s; curves 0.15-0.28 s (0.77-1.40x); analyze without
+charts 0.34-0.46 s (1.49-2.53x: within 2x in two of the seven); with charts 1.8-2.7 s (matplotlib,
+about 0.35-0.55 s a step). analyze reads grouped input once (the curves' own sort gives each
+prompt's estimates; a step's rows, 50 MiB here, are kept until the step is done), sorts the
+curves' chunks on a worker thread while the pass groups the next rows, holds BLAS to one thread
+(OpenBLAS's threads spinning between products had doubled the statistics' CPU time), and reads
+flat Parquet in batches of 2^19 rows. Peak RSS: analyze 511-539 MiB, the floor 827-934 MiB. What
+remains above 2x is CPU on the same two cores (about 0.6 s of it: the pyarrow decode and
+conversion on the reader thread, the curves, each step's interval, predictions and agreement,
+the first step's bootstrap draws), and a floor that itself varies from 0.15 to 0.42 s between runs.
 """
 
 from __future__ import annotations
