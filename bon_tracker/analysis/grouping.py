@@ -590,19 +590,7 @@ def curves_from_batches(
             with _closing(open_batches()) as batches:
                 accumulators = _buffered(batches, make)
             grouped = False
-        for accumulator in accumulators.values():
-            accumulator.stats  # noqa: B018  every chunk reduced and merged before the reducer stops
-    out: RunSteps = {}
-    first_seen = list(dict.fromkeys(run for run, _ in accumulators))
-    for run in first_seen:
-        steps = sorted(step for r, step in accumulators if r == run)
-        out[run] = {}
-        for step in steps:
-            try:
-                out[run][step] = accumulators[(run, step)].curve()
-            except ValueError as err:
-                where = f"step {step}" + ("" if run is None else f" of run {run!r}")
-                raise ScoreFileError(f"{where}: {err}") from None
+        out = _curves_of(accumulators)  # every chunk reduced and merged before the reducer stops
     info: dict[str, Any] = {
         "grouped": grouped,
         "prompts": {key: acc.n_prompts for key, acc in accumulators.items()},
@@ -614,6 +602,22 @@ def curves_from_batches(
     for message in info["warnings"]:
         logger.warning("bon_tracker: %s", message)
     return out, info
+
+
+def _curves_of(accumulators: dict[tuple[Any, int], CurveAccumulator]) -> RunSteps:
+    """Each (run, step)'s curve: runs in order of first appearance, steps ascending."""
+    out: RunSteps = {}
+    first_seen = list(dict.fromkeys(run for run, _ in accumulators))
+    for run in first_seen:
+        steps = sorted(step for r, step in accumulators if r == run)
+        out[run] = {}
+        for step in steps:
+            try:
+                out[run][step] = accumulators[(run, step)].curve()
+            except ValueError as err:
+                where = f"step {step}" + ("" if run is None else f" of run {run!r}")
+                raise ScoreFileError(f"{where}: {err}") from None
+    return out
 
 
 def _where(step: int, run: Any, more: int) -> str:
