@@ -97,9 +97,7 @@ class _ChunkReducer:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         if self._closed:
-            done: Future = Future()
-            done.set_result(fn(*args))
-            return done
+            return _done(fn(*args))
         if self._pool is None:  # started by the first chunk: a small input never starts it
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="bon_tracker_curves")
         return self._pool.submit(fn, *args)

@@ -187,11 +187,10 @@ def _uint16_integers(seed: int, P: int, shape: tuple[int, int]) -> np.ndarray:
     falls below the threshold, when it is skipped and the next word tried. So the values are the
     kept words' results, in order.
     """
+    if P == 1:
+        return np.zeros(shape, dtype=np.uint16)
     size = shape[0] * shape[1]
     out = np.empty(size, dtype=np.uint16)
-    if P == 1:
-        out[:] = 0
-        return out.reshape(shape)
     bit_generator = np.random.default_rng(seed).bit_generator
     threshold = np.uint32(_lemire_threshold_16(P))
     kept_share = 1.0 - int(threshold) / 65536.0
